@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh CPU machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Pin the CPU wheel first so no dependency pulls a multi-GB CUDA build of torch.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv install install-dev demo test lint clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(VENV)/bin/activate
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[peft,plot]"
+
+install-dev: $(VENV)/bin/activate
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+
+demo: install
+	$(VENV)/bin/sapo demo --output_dir runs/demo
+
+test: install-dev
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info
