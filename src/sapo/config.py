@@ -1,0 +1,135 @@
+"""Training configuration for SAPO.
+
+`SAPOConfig` extends `transformers.TrainingArguments`, so every Trainer option (optimizer, schedule,
+precision, logging, DeepSpeed, FSDP, checkpointing) works unchanged; the fields below add SAPO's own
+settings, named as in TRL where the meaning is the same (`beta`, `loss_type`, `max_length`...).
+Defaults follow the paper's published Mistral-7B SAPO-DPO setting unless a field says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from sapo.losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+
+REF_UPDATE_MODES = ("ema", "policy", "fixed")
+PROMPT_TRUNCATION_MODES = ("left", "drop")
+
+
+@dataclass
+class SAPOConfig(TrainingArguments):
+    """Settings of a SAPO run; see README "Config reference" for the full table."""
+
+    # --- loss -------------------------------------------------------------------------------------
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": f"Preference loss: one of {', '.join(LOSS_TYPES)}. 'sigmoid' is SAPO-DPO, "
+                  "'orpo' is SAPO-ORPO (no reference model)."},
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "DPO/IPO/hinge temperature beta; for 'orpo' the weight lambda of the odds-ratio term."},
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Conservative-DPO label smoothing (loss_type 'sigmoid' only)."}
+    )
+    # --- lengths ----------------------------------------------------------------------------------
+    max_length: int = field(
+        default=1024, metadata={"help": "Maximum tokens of prompt + response; responses are cut to fit."}
+    )
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Maximum prompt tokens; longer prompts are handled by prompt_truncation."}
+    )
+    prompt_truncation: str = field(
+        default="left",
+        metadata={"help": "What to do with prompts longer than max_prompt_length: 'left' keeps their last "
+                  "tokens, 'drop' removes the example (the count is logged)."},
+    )
+    # --- self-augmentation ------------------------------------------------------------------------
+    token_generate_length: int = field(
+        default=256, metadata={"help": "Tokens the EMA model regenerates per rejected response (segment length)."}
+    )
+    ema_beta: float = field(
+        default=0.5,
+        metadata={"help": "EMA decay: theta_ema <- ema_beta * theta_ema + (1 - ema_beta) * theta, once per "
+                  "optimizer step."},
+    )
+    max_replay_buffer_size: int = field(
+        default=2000, metadata={"help": "Replay buffer capacity (FIFO; the oldest entries are evicted)."}
+    )
+    sample_every_n_steps: int = field(
+        default=1, metadata={"help": "Generate rejected segments for the incoming batch every N optimizer steps."}
+    )
+    responses_per_prompt: int = field(
+        default=1, metadata={"help": "Rejected responses sampled per real example in each generation round."}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the EMA model."})
+    top_k: int = field(default=50, metadata={"help": "Top-k of the EMA model's sampling (0 disables)."})
+    top_p: float = field(default=0.95, metadata={"help": "Top-p (nucleus) of the EMA model's sampling (1 disables)."})
+    # --- reference model --------------------------------------------------------------------------
+    ref_update_mode: str = field(
+        default="ema",
+        metadata={"help": "How the reference model is refreshed every ref_update_steps: 'ema' copies the EMA "
+                  "model, 'policy' copies the policy, 'fixed' never refreshes."},
+    )
+    ref_update_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps between reference refreshes; default one epoch."},
+    )
+    # --- efficiency -------------------------------------------------------------------------------
+    logprob_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Rows (tokens) of the vocabulary projection computed at a time when scoring "
+                  "responses, so full-vocabulary fp32 logits of the whole batch are never held at once."},
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Turn dropout off in the policy (as TRL's preference trainers do)."}
+    )
+    # --- overridden TrainingArguments defaults ----------------------------------------------------
+    learning_rate: float = field(default=5e-7, metadata={"help": "Initial learning rate (paper: 5e-7 for DPO)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log metrics every N optimizer steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: SAPO's collator reads its own tokenized columns."}
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_sapo_fields()
+        super().__post_init__()
+
+    @property
+    def uses_reference(self) -> bool:
+        """Reference-free losses (ORPO) never build or query a reference model."""
+        return self.loss_type not in REFERENCE_FREE_LOSS_TYPES
+
+    def _validate_sapo_fields(self) -> None:
+        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        _check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
+        _check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
+        for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
+                     "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SAPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"SAPOConfig.max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}) to leave room for the response"
+            )
+        if not 0.0 <= self.ema_beta <= 1.0:
+            raise ValueError(f"SAPOConfig.ema_beta must be in [0, 1], got {self.ema_beta}")
+        if self.beta <= 0:
+            raise ValueError(f"SAPOConfig.beta must be > 0, got {self.beta}")
+        if self.temperature <= 0:
+            raise ValueError(f"SAPOConfig.temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SAPOConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SAPOConfig.top_k must be >= 0, got {self.top_k}")
+        if self.ref_update_steps is not None and self.ref_update_steps < 1:
+            raise ValueError(f"SAPOConfig.ref_update_steps must be >= 1 or unset, got {self.ref_update_steps}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"SAPOConfig.{name} must be one of {', '.join(choices)}; got {value!r}")

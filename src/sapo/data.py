@@ -1,0 +1,416 @@
+"""Loading, validating and tokenizing demonstration data.
+
+SAPO only needs (prompt, real response) pairs. Users arrive with chat `messages`, with
+`prompt`/`completion`, or with preference records whose `chosen` side is the demonstration; all are
+normalised to (prompt messages, final assistant message) here, with errors that name the file, the
+line and the field, because a traceback from deep inside `datasets` tells a user nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+NAMED_CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+Message = dict[str, str]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names where (file, line, field) and what is wrong."""
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record as read from its source, with a human-readable location for error messages."""
+
+    data: Any
+    location: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """A demonstration normalised to chat form: everything before the last assistant turn, and that turn."""
+
+    prompt: list[Message]
+    response: Message
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading sources
+# ------------------------------------------------------------------------------------------------
+
+
+def read_records(source: str | os.PathLike, split: str = "train") -> list[RawRecord]:
+    """Read every record of a file, a local dataset directory or a hub dataset, keeping locations."""
+    path = Path(source)
+    if path.is_file():
+        return list(_read_file(path))
+    if path.is_dir():
+        return _read_directory(path, split)
+    if str(source).endswith(DATA_FILE_SUFFIXES) or os.sep in str(source) and not _looks_like_hub_id(str(source)):
+        raise DataError(f"{source}: no such file or directory")
+    return _read_hub_dataset(str(source), split)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def _read_file(path: Path) -> Iterator[RawRecord]:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif suffix == ".json":
+        yield from _read_json(path)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(DATA_FILE_SUFFIXES)}")
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRecord]:
+    found = False
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            location = f"{path}:{line_number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{location}: not valid UTF-8 (byte {error.start} of the line)") from None
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{location}: invalid JSON ({error.msg} at column {error.colno})") from None
+            found = True
+            yield RawRecord(record, location)
+    if not found:
+        raise DataError(f"{path}: the file has no records")
+
+
+def _read_json(path: Path) -> Iterator[RawRecord]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 (byte {error.start})") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # JSON Lines stored with a .json suffix
+            yield from _read_jsonl(path)
+            return
+        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+    if isinstance(document, Mapping) and isinstance(document.get("data"), list):
+        document = document["data"]
+    if not isinstance(document, list):
+        raise DataError(f"{path}: expected a JSON array of records (or an object with a 'data' array)")
+    if not document:
+        raise DataError(f"{path}: the file has no records")
+    for index, record in enumerate(document):
+        yield RawRecord(record, f"{path}: record {index}")
+
+
+def _read_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{path}: cannot read as Parquet ({error})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the file has no records")
+    for index, record in enumerate(table.to_pylist()):
+        yield RawRecord(record, f"{path}: row {index}")
+
+
+def _read_directory(path: Path, split: str) -> list[RawRecord]:
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        return _read_saved_dataset(path, split)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_FILE_SUFFIXES)
+    preferred = [p for p in files if p.stem.startswith(split)]
+    chosen = preferred or files
+    if not chosen:
+        raise DataError(
+            f"{path}: directory holds no dataset (no {', '.join(DATA_FILE_SUFFIXES)} files and no "
+            "datasets.save_to_disk output)"
+        )
+    records: list[RawRecord] = []
+    for file in chosen:
+        records.extend(_read_file(file))
+    return records
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[RawRecord]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: no split {split!r}; available: {', '.join(loaded)}")
+        loaded = loaded[split]
+    return [RawRecord(record, f"{path}: row {index}") for index, record in enumerate(loaded)]
+
+
+def _read_hub_dataset(name: str, split: str) -> list[RawRecord]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as error:  # hub/network/format errors come in many types
+        raise DataError(f"{name}: cannot load dataset (not a local file or directory; hub said: {error})") from None
+    return [RawRecord(record, f"{name}[{split}] row {index}") for index, record in enumerate(loaded)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Normalising records
+# ------------------------------------------------------------------------------------------------
+
+
+def normalize_record(record: Any, location: str) -> Example:
+    """Turn any supported record shape into an `Example`; raise `DataError` naming the bad field."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = _messages(record["messages"], location, "messages")
+        return _split_conversation(messages, location, "messages")
+    if "chosen" in record:
+        return _from_preference(record, location)
+    if "completion" in record:
+        prompt = _prompt(record, location)
+        return Example(prompt, _completion(record["completion"], location, "completion"))
+    raise DataError(
+        f"{location}: record has none of the supported fields 'messages', 'prompt'+'completion', "
+        f"'prompt'+'chosen' (found: {', '.join(map(str, record)) or 'nothing'})"
+    )
+
+
+def _from_preference(record: Mapping[str, Any], location: str) -> Example:
+    chosen = record["chosen"]
+    is_conversation = isinstance(chosen, list) and any(
+        isinstance(m, Mapping) and m.get("role") != "assistant" for m in chosen
+    )
+    if is_conversation:
+        return _split_conversation(_messages(chosen, location, "chosen"), location, "chosen")
+    return Example(_prompt(record, location), _completion(chosen, location, "chosen"))
+
+
+def _prompt(record: Mapping[str, Any], location: str) -> list[Message]:
+    if "prompt" not in record:
+        raise DataError(f"{location}: field 'prompt' is missing")
+    value = record["prompt"]
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{location}: field 'prompt' is empty")
+        return [{"role": "user", "content": value}]
+    messages = _messages(value, location, "prompt")
+    if messages[-1]["role"] == "assistant":
+        raise DataError(f"{location}: field 'prompt' ends with an assistant turn; the prompt must end before it")
+    return messages
+
+
+def _completion(value: Any, location: str, field_name: str) -> Message:
+    if isinstance(value, str):
+        message = {"role": "assistant", "content": value}
+    else:
+        messages = _messages(value, location, field_name)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise DataError(f"{location}: field '{field_name}' must be text or a single assistant message")
+        message = messages[0]
+    if not message["content"].strip():
+        raise DataError(f"{location}: field '{field_name}' is an empty response")
+    return message
+
+
+def _messages(value: Any, location: str, field_name: str) -> list[Message]:
+    if not isinstance(value, list):
+        raise DataError(f"{location}: field '{field_name}' must be a list of messages, got {type(value).__name__}")
+    if not value:
+        raise DataError(f"{location}: field '{field_name}' is an empty list")
+    return [_message(item, location, f"{field_name}[{index}]") for index, item in enumerate(value)]
+
+
+def _message(item: Any, location: str, where: str) -> Message:
+    if not isinstance(item, Mapping):
+        raise DataError(f"{location}: field '{where}' must be an object with 'role' and 'content'")
+    for key in ("role", "content"):
+        if key not in item:
+            raise DataError(f"{location}: field '{where}.{key}' is missing")
+        if not isinstance(item[key], str):
+            raise DataError(
+                f"{location}: field '{where}.{key}' must be a string, got {type(item[key]).__name__}"
+            )
+    if item["role"] not in ROLES:
+        raise DataError(f"{location}: field '{where}.role' has unknown role {item['role']!r} "
+                        f"(expected one of {', '.join(ROLES)})")
+    return {"role": item["role"], "content": item["content"]}
+
+
+def _split_conversation(messages: list[Message], location: str, field_name: str) -> Example:
+    last = messages[-1]
+    if last["role"] != "assistant":
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{location}: field '{field_name}' has no assistant turn")
+        raise DataError(
+            f"{location}: field '{field_name}[{len(messages) - 1}]' ends the conversation with a "
+            f"{last['role']!r} turn; the last turn must be the assistant's response"
+        )
+    if len(messages) < 2:
+        raise DataError(f"{location}: field '{field_name}' has no prompt before the assistant turn")
+    if not last["content"].strip():
+        raise DataError(f"{location}: field '{field_name}[{len(messages) - 1}].content' is an empty response")
+    return Example(messages[:-1], last)
+
+
+def load_examples(source: str | os.PathLike, split: str = "train") -> list[Example]:
+    """Read and normalise every record of `source` (file, directory or hub dataset name)."""
+    return [normalize_record(raw.data, raw.location) for raw in read_records(source, split)]
+
+
+def examples_from_records(records: Iterable[Any], origin: str = "train_dataset") -> list[Example]:
+    """Normalise in-memory records (a list of dicts or a `datasets.Dataset`)."""
+    return [normalize_record(record, f"{origin}: row {index}") for index, record in enumerate(records)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer preparation and tokenization
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """Accept a built-in name ('chatml'), a path to a Jinja file, or the template text itself."""
+    if value is None:
+        return None
+    if value in NAMED_CHAT_TEMPLATES:
+        return NAMED_CHAT_TEMPLATES[value]
+    if "{" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise DataError(f"chat_template: {value!r} is neither a file, a built-in name "
+                        f"({', '.join(NAMED_CHAT_TEMPLATES)}) nor a Jinja template")
+    return path.read_text(encoding="utf-8")
+
+
+def prepare_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
+    """Make a tokenizer usable for SAPO: a chat template and a pad token are required."""
+    template = resolve_chat_template(chat_template)
+    if template is not None:
+        tokenizer.chat_template = template
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            "the tokenizer has no chat template: pass chat_template (CLI: --chat_template) as a Jinja string, "
+            "a file holding one, or the built-in name 'chatml'"
+        )
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token: set tokenizer.eos_token (CLI: use a tokenizer that has one)")
+    if tokenizer.pad_token_id is None:
+        logger.warning("tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenize_example(tokenizer: Any, example: Example) -> TokenizedExample:
+    """Prompt = chat template of the prompt turns with the generation prompt; response = the rest + EOS.
+
+    The response is taken as the text the template adds after the prompt, so role markers and
+    end-of-turn tokens of the template are scored like the model will produce them.
+    """
+    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template([*example.prompt, example.response], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise DataError(
+            "the chat template renders the prompt differently when the response follows it, so the response "
+            "cannot be separated; pass a simpler chat_template"
+        )
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    return TokenizedExample(list(prompt_ids), list(response_ids))
+
+
+@dataclass
+class TruncationReport:
+    kept: int = 0
+    prompts_truncated: int = 0
+    prompts_dropped: int = 0
+    responses_truncated: int = 0
+
+
+def fit_lengths(
+    examples: Sequence[TokenizedExample], *, max_length: int, max_prompt_length: int, prompt_truncation: str
+) -> tuple[list[TokenizedExample], TruncationReport]:
+    """Apply the length limits: long prompts lose their beginning (or are dropped), long responses their end."""
+    report = TruncationReport()
+    fitted: list[TokenizedExample] = []
+    for example in examples:
+        prompt = example.prompt_ids
+        if len(prompt) > max_prompt_length:
+            if prompt_truncation == "drop":
+                report.prompts_dropped += 1
+                continue
+            prompt = prompt[-max_prompt_length:]
+            report.prompts_truncated += 1
+        response = example.response_ids
+        room = max_length - len(prompt)
+        if len(response) > room:
+            response = response[:room]
+            report.responses_truncated += 1
+        fitted.append(TokenizedExample(prompt, response))
+    report.kept = len(fitted)
+    return fitted, report
+
+
+def tokenize_examples(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    prompt_truncation: str = "left",
+) -> list[TokenizedExample]:
+    """Tokenize and fit every example; log what was truncated or dropped, fail if nothing is left."""
+    tokenized = [tokenize_example(tokenizer, example) for example in examples]
+    fitted, report = fit_lengths(
+        tokenized, max_length=max_length, max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation
+    )
+    if report.prompts_dropped or report.prompts_truncated or report.responses_truncated:
+        logger.warning(
+            "length limits: %d prompts dropped and %d truncated (max_prompt_length=%d), %d responses truncated "
+            "(max_length=%d); %d examples kept",
+            report.prompts_dropped, report.prompts_truncated, max_prompt_length,
+            report.responses_truncated, max_length, report.kept,
+        )
+    if not fitted:
+        raise DataError(
+            f"no training example is left after the length limits (max_prompt_length={max_prompt_length}, "
+            f"prompt_truncation={prompt_truncation!r})"
+        )
+    return fitted

@@ -1,0 +1,112 @@
+"""EMA and frozen copies of a model's trainable weights.
+
+SAPO keeps two extra versions of the policy: the EMA model (generates rejected segments) and, for
+DPO-style losses, the reference. Both only differ from the policy in its trainable parameters, so
+`ShadowWeights` stores exactly those tensors: for a full fine-tune they are the parameters of a separate
+module (usable directly for generation); with LoRA they are copies of the adapter weights only, swapped
+into the policy for the duration of a forward pass, so no second full model is ever held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def ema_update_(ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], beta: float) -> None:
+    """theta_ema <- beta * theta_ema + (1 - beta) * theta, in place, as one fused multi-tensor op.
+
+    `lerp(ema, theta, 1 - beta)` is exactly that formula; the foreach form launches one kernel per
+    dtype/device group instead of one per tensor, keeping the update a small fraction of a step.
+    """
+    if len(ema) != len(params):
+        raise ValueError(f"ema_update_: {len(ema)} EMA tensors but {len(params)} parameters")
+    if not ema:
+        return
+    same_dtype = all(e.dtype == p.dtype and e.device == p.device for e, p in zip(ema, params, strict=True))
+    with torch.no_grad():
+        if same_dtype:
+            torch._foreach_lerp_(list(ema), [p.detach() for p in params], 1.0 - beta)
+        else:  # e.g. a bf16 EMA of an fp32 policy: cast per tensor
+            for e, p in zip(ema, params, strict=True):
+                e.lerp_(p.detach().to(device=e.device, dtype=e.dtype), 1.0 - beta)
+
+
+def copy_weights_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """Overwrite `targets` with `sources` (reference refresh), fused where dtypes agree."""
+    if len(targets) != len(sources):
+        raise ValueError(f"copy_weights_: {len(targets)} targets but {len(sources)} sources")
+    with torch.no_grad():
+        torch._foreach_copy_(list(targets), [s.detach() for s in sources])
+
+
+def trainable_parameters(module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+    """Names and parameters that the optimizer changes; only these can differ between policy and copies."""
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    return [name for name, _ in named], [p for _, p in named]
+
+
+class ShadowWeights:
+    """A named set of tensors mirroring some parameters of a model (the EMA or a reference).
+
+    Names are kept so that the state can be saved and reloaded by name and checked against the model.
+    """
+
+    def __init__(self, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+        if len(names) != len(tensors):
+            raise ValueError("ShadowWeights: names and tensors differ in length")
+        self.names = list(names)
+        self.tensors = list(tensors)
+
+    @classmethod
+    def clone_of(cls, names: Sequence[str], params: Sequence[torch.Tensor], dtype: torch.dtype | None = None):
+        """Independent copies of `params` (optionally in another dtype)."""
+        return cls(names, [p.detach().clone().to(dtype or p.dtype) for p in params])
+
+    @classmethod
+    def parameters_of(cls, module: nn.Module, names: Sequence[str]) -> ShadowWeights:
+        """The live parameters of a separate module, so updates land in that module directly."""
+        by_name = dict(module.named_parameters())
+        missing = [name for name in names if name not in by_name]
+        if missing:
+            raise ValueError(f"ShadowWeights: the copy lacks parameters {missing[:3]}")
+        return cls(names, [by_name[name].data for name in names])
+
+    def update_ema_(self, params: Sequence[torch.Tensor], beta: float) -> None:
+        ema_update_(self.tensors, params, beta)
+
+    def copy_from_(self, params: Sequence[torch.Tensor]) -> None:
+        copy_weights_(self.tensors, params)
+
+    @contextmanager
+    def swapped_into(self, params: Sequence[nn.Parameter]) -> Iterator[None]:
+        """Temporarily make `params` hold these weights (pointer swap, no copy), restoring them after."""
+        if len(params) != len(self.tensors):
+            raise ValueError("ShadowWeights.swapped_into: parameter count differs")
+        self._swap(params)
+        try:
+            yield
+        finally:
+            self._swap(params)
+
+    def _swap(self, params: Sequence[nn.Parameter]) -> None:
+        for index, param in enumerate(params):
+            shadow = self.tensors[index]
+            if shadow.dtype != param.dtype or shadow.shape != param.shape:
+                raise ValueError(f"ShadowWeights: {self.names[index]} has {shadow.dtype} {tuple(shadow.shape)}, "
+                                 f"the model {param.dtype} {tuple(param.shape)}")
+            self.tensors[index] = param.data
+            param.data = shadow
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().contiguous() for name, tensor in zip(self.names, self.tensors, strict=True)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [name for name in self.names if name not in state]
+        if missing:
+            raise ValueError(f"ShadowWeights: saved state lacks {missing[:3]} (from another model?)")
+        copy_weights_(self.tensors, [state[name].to(t.device, t.dtype) for name, t in zip(self.names, self.tensors,
+                                                                                          strict=True)])

@@ -1,0 +1,344 @@
+"""Built-in tasks with programmatic judges, small enough for the tiny character-level model.
+
+Each family yields chat records whose answers are a few characters long, so a model from
+:mod:`sapo.tiny` can learn them on a CPU in minutes, and whose correctness a short function can check, so
+training runs can be scored without a reward model or a hub download.
+
+Every record has the same keys whatever its family (so ``datasets.Dataset.from_list`` on a mixed suite keeps
+all of them)::
+
+    {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reference}],
+     "task": family, "kind": sub-task, "reference": reference answer,
+     "rejected": a realistic mistaken answer (for preference baselines such as DPO),
+     "params": {"n": int, "char": str, "topic": str, "bound": int}}   # used by the constraint judge
+
+Scoring (:func:`judge`), always in [0, 1], 1.0 only for a fully correct answer; the response is stripped of
+surrounding whitespace first, and any other extra text makes it wrong:
+
+* ``arithmetic`` and ``string`` have one right answer: 1.0 for an exact match, otherwise partial credit
+  ``PARTIAL_CREDIT * difflib ratio(response, reference)``, always below ``PARTIAL_CREDIT`` (0.5), so that a
+  model getting closer (right length, right digits) scores visibly higher before it is fully right.
+* ``constraint`` (IFEval in spirit) has checkable constraints and possibly many valid answers: the score is
+  the fraction of the kind's constraints the response satisfies (see :func:`_constraint_checks`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import random
+import re
+import string
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+TASK_FAMILIES: tuple[str, ...] = ("arithmetic", "string", "constraint")
+SPLITS: tuple[str, ...] = ("train", "heldout")
+HELDOUT_PERCENT = 20
+PARTIAL_CREDIT = 0.5
+
+STRING_KINDS: tuple[str, ...] = ("reverse", "sort", "upper")
+CONSTRAINT_KINDS: tuple[str, ...] = ("repeat", "lower_words", "upper_words", "numbers")
+TOPICS: tuple[str, ...] = (
+    "cats", "dogs", "birds", "fish", "rain", "snow", "trees", "books",
+    "tea", "bread", "boats", "stars", "bees", "frogs", "hats", "songs",
+)  # fmt: skip
+FILLER_WORDS: tuple[str, ...] = (
+    "big", "small", "red", "blue", "warm", "cold", "soft", "fast", "slow", "old",
+    "new", "good", "happy", "like", "love", "see", "many", "few", "wild", "calm",
+)  # fmt: skip
+
+_INTEGER = re.compile(r"-?\d{1,9}")  # bounded so int() never meets a huge digit string
+_LOWER_WORD = re.compile(r"[a-z]+")
+_UPPER_WORD = re.compile(r"[A-Z]+")
+
+Record = dict[str, Any]
+# (kind, prompt, reference, rejected, params) drawn by one family's generator
+Draw = tuple[str, str, str, str, dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Generators
+# ------------------------------------------------------------------------------------------------
+
+
+def _params(n: int = 0, char: str = "", topic: str = "", bound: int = 0) -> dict[str, Any]:
+    """Same keys and types in every record, so Arrow infers one schema for a mixed suite."""
+    return {"n": n, "char": char, "topic": topic, "bound": bound}
+
+
+def _draw_arithmetic(rng: random.Random) -> Draw:
+    """Add or subtract two numbers below 100; differences are kept non-negative."""
+    a, b = rng.randrange(100), rng.randrange(100)
+    if rng.random() < 0.5:
+        return "add", f"{a}+{b}=", str(a + b), str(_addition_slip(a, b, rng)), _params()
+    a, b = max(a, b), min(a, b)
+    return "sub", f"{a}-{b}=", str(a - b), str(_subtraction_slip(a, b, rng)), _params()
+
+
+def _addition_slip(a: int, b: int, rng: random.Random) -> int:
+    """The classic forgotten carry when the units overflow, else an answer one unit or one ten off."""
+    if a % 10 + b % 10 >= 10:
+        return a + b - 10
+    return _off_by_one(a + b, rng)
+
+
+def _subtraction_slip(a: int, b: int, rng: random.Random) -> int:
+    """The classic "smaller digit from larger" borrow error when a borrow is needed, else off by one."""
+    if a % 10 < b % 10:
+        return (a // 10 - b // 10) * 10 + (b % 10 - a % 10)
+    return _off_by_one(a - b, rng)
+
+
+def _off_by_one(value: int, rng: random.Random) -> int:
+    """A nearby wrong value (one unit or one ten away) that is still a non-negative number."""
+    return rng.choice([value + delta for delta in (1, -1, 10, -10) if value + delta >= 0])
+
+
+def _draw_string(rng: random.Random) -> Draw:
+    """Transform a random lowercase word; the rejected answer is the right output with one slip."""
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+    kind = rng.choice(STRING_KINDS)
+    if kind == "upper":
+        answer = word.upper()
+        keep = rng.randrange(len(word))  # one letter left un-capitalised
+        rejected = answer[:keep] + word[keep] + answer[keep + 1 :]
+    else:
+        answer = word[::-1] if kind == "reverse" else "".join(sorted(word))
+        rejected = _swap_adjacent(answer, rng)
+    return kind, f"{kind}: {word}", answer, rejected, _params()
+
+
+def _swap_adjacent(text: str, rng: random.Random) -> str:
+    """Swap two neighbouring different characters (an almost-right order); drop the last one if all match."""
+    positions = [i for i in range(len(text) - 1) if text[i] != text[i + 1]]
+    if not positions:
+        return text[:-1]
+    i = rng.choice(positions)
+    return text[:i] + text[i + 1] + text[i] + text[i + 2 :]
+
+
+def _draw_constraint(rng: random.Random) -> Draw:
+    """Pick an instruction whose constraints are programmatically checkable."""
+    kind = rng.choice(CONSTRAINT_KINDS)
+    if kind == "repeat":
+        return _draw_repeat(rng)
+    if kind == "numbers":
+        return _draw_numbers(rng)
+    return _draw_words(kind, rng)
+
+
+def _draw_repeat(rng: random.Random) -> Draw:
+    """Ask for a letter repeated n times ("repeat the letter x 5 times"); the rejected answer miscounts."""
+    char, n = rng.choice(string.ascii_lowercase), rng.randint(2, 9)
+    rejected = char * (n + rng.choice((1, -1)))
+    return "repeat", f"repeat the letter {char} {n} times", char * n, rejected, _params(n=n, char=char)
+
+
+def _draw_words(kind: str, rng: random.Random) -> Draw:
+    """Ask for n words in one case about a topic; the rejected answer breaks exactly one constraint."""
+    n, topic = rng.randint(2, 4), rng.choice(TOPICS)
+    words = [topic, *rng.sample(FILLER_WORDS, n - 1)]
+    rng.shuffle(words)
+    case = str.lower if kind == "lower_words" else str.upper
+    wrong_case = str.capitalize if kind == "lower_words" else str.lower
+    if rng.random() < 0.5:  # one word in the wrong case
+        i = rng.randrange(n)
+        bad = [case(w) if j != i else wrong_case(w) for j, w in enumerate(words)]
+    else:  # one word too many
+        extra = rng.choice([w for w in FILLER_WORDS if w not in words])
+        bad = [case(w) for w in (*words, extra)]
+    prompt = f"write {n} {'lowercase' if kind == 'lower_words' else 'uppercase'} words about {topic}"
+    reference = " ".join(case(w) for w in words)
+    return kind, prompt, reference, " ".join(bad), _params(n=n, topic=topic)
+
+
+def _draw_numbers(rng: random.Random) -> Draw:
+    """Ask for n numbers above a bound; the rejected answer includes the bound or one number too many."""
+    n, bound = rng.randint(2, 4), rng.randint(10, 89)
+    numbers = sorted(rng.sample(range(bound + 1, bound + 21), n))
+    if rng.random() < 0.5:
+        bad = [bound, *numbers[1:]]
+    else:
+        bad = sorted(rng.sample(range(bound + 1, bound + 21), n + 1))
+    prompt = f"list {n} numbers above {bound}"
+    return "numbers", prompt, _join(numbers), _join(bad), _params(n=n, bound=bound)
+
+
+def _join(numbers: Iterable[int]) -> str:
+    return " ".join(map(str, numbers))
+
+
+_GENERATORS: dict[str, Callable[[random.Random], Draw]] = {
+    "arithmetic": _draw_arithmetic,
+    "string": _draw_string,
+    "constraint": _draw_constraint,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Records and suites
+# ------------------------------------------------------------------------------------------------
+
+
+def split_of(prompt: str) -> str:
+    """Assign a prompt to a split by a stable hash, so train and held-out never share a prompt."""
+    bucket = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 100
+    return "heldout" if bucket < HELDOUT_PERCENT else "train"
+
+
+def make_records(family: str, n: int, *, seed: int, split: str = "train") -> list[Record]:
+    """Draw ``n`` records of one family whose prompts hash into ``split``; same arguments, same records.
+
+    Prompts are distinct while the family's prompt space allows it; once distinct prompts become hard to find
+    (small spaces such as ``constraint`` with large ``n``), repeats are accepted rather than failing.
+    """
+    generator = _GENERATORS.get(family)
+    if generator is None:
+        raise ValueError(f"unknown task family {family!r}; choose from {TASK_FAMILIES}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    rng = random.Random(f"sapo.tasks/{family}/{split}/{seed}")
+    records: list[Record] = []
+    seen: set[str] = set()
+    patience = 20 * n + 1000  # draws allowed before duplicates are accepted
+    draws = 0
+    while len(records) < n:
+        draws += 1
+        kind, prompt, reference, rejected, params = generator(rng)
+        if split_of(prompt) != split or (prompt in seen and draws < patience):
+            continue
+        seen.add(prompt)
+        records.append(_record(family, kind, prompt, reference, rejected, params))
+    return records
+
+
+def _record(family: str, kind: str, prompt: str, reference: str, rejected: str, params: dict) -> Record:
+    return {
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reference}],
+        "task": family,
+        "kind": kind,
+        "reference": reference,
+        "rejected": rejected,
+        "params": params,
+    }
+
+
+def make_suite(
+    n_train: int, n_heldout: int, *, seed: int = 0, families: Sequence[str] = TASK_FAMILIES
+) -> dict[str, list[Record]]:
+    """Train and held-out records, split as evenly as possible across ``families`` and shuffled together."""
+    if not families:
+        raise ValueError("families must name at least one task family")
+    return {
+        split: _mixed_split(split, total, seed, tuple(families))
+        for split, total in (("train", n_train), ("heldout", n_heldout))
+    }
+
+
+def _mixed_split(split: str, total: int, seed: int, families: tuple[str, ...]) -> list[Record]:
+    counts = [total // len(families) + (i < total % len(families)) for i in range(len(families))]
+    records = [
+        record
+        for family, count in zip(families, counts, strict=True)
+        for record in make_records(family, count, seed=seed, split=split)
+    ]
+    random.Random(f"sapo.tasks/suite/{split}/{seed}").shuffle(records)
+    return records
+
+
+def prompt_of(record: Record) -> str:
+    """The record's prompt text: the content of its last user message."""
+    return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user")
+
+
+# ------------------------------------------------------------------------------------------------
+# Judging
+# ------------------------------------------------------------------------------------------------
+
+
+def judge(prompt: str, response: str, record: Record) -> float:
+    """Score ``response`` to ``prompt`` in [0, 1] using the ground truth carried by ``record``.
+
+    ``prompt`` is accepted so the signature matches reward functions; the record alone decides the score.
+    Decode generations with ``skip_special_tokens=True``: a literal ``</s>`` left in the text is junk.
+    Never raises on model output (any string, or a non-string, which scores 0).
+    """
+    scorer = _JUDGES.get(record["task"])
+    if scorer is None:
+        raise ValueError(f"record has unknown task {record['task']!r}; known: {TASK_FAMILIES}")
+    if not isinstance(response, str):
+        return 0.0
+    return min(1.0, max(0.0, scorer(response.strip(), record)))
+
+
+def _exact_with_partial_credit(response: str, record: Record) -> float:
+    """1.0 for the exact reference, else a similarity-based score strictly below ``PARTIAL_CREDIT``."""
+    reference = record["reference"]
+    if response == reference:
+        return 1.0
+    # The reference as the second sequence keeps the matcher's cost linear in the response length.
+    return PARTIAL_CREDIT * difflib.SequenceMatcher(None, response, reference, autojunk=False).ratio()
+
+
+def _judge_constraint(response: str, record: Record) -> float:
+    checks = _constraint_checks(response, record["kind"], record["params"])
+    return sum(checks) / len(checks)
+
+
+def _constraint_checks(response: str, kind: str, params: dict[str, Any]) -> list[bool]:
+    """One boolean per constraint of the instruction; all true means the response is fully correct.
+
+    * ``repeat``: only the requested letter; exactly ``n`` characters.
+    * ``lower_words``/``upper_words``: exactly ``n`` words; every word is all lowercase/uppercase ASCII
+      letters; one word is the topic (any case).
+    * ``numbers``: every item is an integer; exactly ``n`` items; every item is above ``bound``.
+    """
+    n = params["n"]
+    if kind == "repeat":
+        return [bool(response) and set(response) == {params["char"]}, len(response) == n]
+    items = response.split()
+    if kind in ("lower_words", "upper_words"):
+        pattern = _LOWER_WORD if kind == "lower_words" else _UPPER_WORD
+        return [
+            len(items) == n,
+            bool(items) and all(pattern.fullmatch(w) for w in items),
+            any(w.lower() == params["topic"] for w in items),
+        ]
+    if kind == "numbers":
+        integers = [int(w) for w in items if _INTEGER.fullmatch(w)]
+        return [
+            bool(items) and len(integers) == len(items),
+            len(items) == n,
+            bool(integers) and all(i > params["bound"] for i in integers),
+        ]
+    raise ValueError(f"unknown constraint kind {kind!r}; known: {CONSTRAINT_KINDS}")
+
+
+_JUDGES: dict[str, Callable[[str, Record], float]] = {
+    "arithmetic": _exact_with_partial_credit,
+    "string": _exact_with_partial_credit,
+    "constraint": _judge_constraint,
+}
+
+
+def score_responses(records: Sequence[Record], responses: Sequence[str]) -> dict[str, float]:
+    """Mean judge score overall (key ``"overall"``) and per family present (keyed by family name)."""
+    if len(records) != len(responses):
+        raise ValueError(f"{len(records)} records but {len(responses)} responses")
+    by_family: dict[str, list[float]] = {}
+    for record, response in zip(records, responses, strict=True):
+        by_family.setdefault(record["task"], []).append(judge(prompt_of(record), response, record))
+    scores = [s for family_scores in by_family.values() for s in family_scores]
+    result = {"overall": _mean(scores)}
+    result.update({family: _mean(by_family[family]) for family in sorted(by_family, key=_family_order)})
+    return result
+
+
+def _family_order(family: str) -> tuple[int, str]:
+    return (TASK_FAMILIES.index(family) if family in TASK_FAMILIES else len(TASK_FAMILIES), family)
+
+
+def _mean(values: Sequence[float]) -> float:
+    """0.0 for no values, so an empty evaluation reads as "nothing solved" rather than NaN."""
+    return sum(values) / len(values) if values else 0.0

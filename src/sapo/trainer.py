@@ -1,0 +1,451 @@
+"""`SAPOTrainer`: the SAPO loop on top of `transformers.Trainer`.
+
+Each optimizer step (SPEC §1): the EMA model rewrites one segment of every incoming real response
+into a rejected one, the triples go into a FIFO replay buffer, a batch is replayed with weights
+1/(1 + times sampled), and a preference loss (DPO-style against a reference, or ORPO) is minimised.
+After the optimizer step the EMA is updated and, every `ref_update_steps`, the reference refreshed.
+
+Subclassing `Trainer` (as TRL does) means accelerate, DeepSpeed, FSDP, mixed precision, logging
+integrations and checkpoint plumbing come from the ecosystem; this module only adds SAPO's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from sapo.buffer import ReplayBuffer, ReplayEntry
+from sapo.config import SAPOConfig
+from sapo.data import TokenizedExample, examples_from_records, prepare_tokenizer, tokenize_examples
+from sapo.ema import ShadowWeights, trainable_parameters
+from sapo.generation import HFGenerateSampler, SamplingSettings, SegmentSampler, eos_token_ids_of
+from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps, sequence_logps
+from sapo.losses import nll_from_logps, orpo_loss, preference_loss
+from sapo.segments import sample_truncation_point, splice_rejected
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+STATE_DIR = "sapo_state"
+EMA_DIR = "ema"
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Tokenized (prompt, real response) pairs; items are plain lists so no padding happens here."""
+
+    def __init__(self, examples: Sequence[TokenizedExample]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        example = self.examples[index]
+        return {"prompt_ids": example.prompt_ids, "response_ids": example.response_ids}
+
+
+def collate_examples(items: Sequence[dict[str, list[int]]]) -> dict[str, list[list[int]]]:
+    """Keep ragged token lists: the incoming batch only feeds generation, never a forward pass."""
+    return {"prompt_ids": [item["prompt_ids"] for item in items],
+            "response_ids": [item["response_ids"] for item in items]}
+
+
+def pad_pairs(entries: Sequence[ReplayEntry], pad_token_id: int,
+              pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """Real and rejected sequences of the replayed entries in one right-padded batch (real rows first).
+
+    `loss_mask` marks response tokens, the only ones scored.
+    """
+    sequences = [(e.prompt, e.real) for e in entries] + [(e.prompt, e.rejected) for e in entries]
+    width = max(len(p) + len(r) for p, r in sequences)
+    width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (prompt, response) in enumerate(sequences):
+        length = len(prompt) + len(response)
+        input_ids[row, :length] = torch.tensor([*prompt, *response], dtype=torch.long)
+        attention_mask[row, :length] = 1
+        loss_mask[row, len(prompt):length] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+class _SAPOStepHooks(TrainerCallback):
+    """Runs SAPO's once-per-optimizer-step work (EMA, reference refresh) after each optimizer step."""
+
+    def __init__(self, trainer: SAPOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.trainer._set_ref_update_steps(train_dataloader)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._after_optimizer_step()
+
+
+class SAPOTrainer(Trainer):
+    """Self-Augmented Preference Optimization; use like TRL's trainers.
+
+    `train_dataset` holds demonstrations only (chat `messages`, `prompt`/`completion`, or preference
+    records whose `chosen` side is used); rejected responses are made by the EMA model during training.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        args: SAPOConfig | None = None,
+        train_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        ref_model: nn.Module | str | None = None,
+        peft_config: Any = None,
+        sampler: SegmentSampler | None = None,
+        chat_template: str | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        model_init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        args = args or SAPOConfig(output_dir="sapo-output")
+        if not isinstance(args, SAPOConfig):
+            raise TypeError(f"args must be a SAPOConfig, got {type(args).__name__}")
+        if train_dataset is None:
+            raise ValueError("SAPOTrainer needs a train_dataset of demonstrations")
+        model_path = model if isinstance(model, str) else None
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **(model_init_kwargs or {}))
+        if processing_class is None:
+            if model_path is None:
+                raise ValueError("pass processing_class (the tokenizer) when model is an instance")
+            processing_class = AutoTokenizer.from_pretrained(model_path)
+        processing_class = prepare_tokenizer(processing_class, chat_template)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if args.disable_dropout:
+            disable_dropout(model)
+
+        dataset = self._tokenize_dataset(train_dataset, processing_class, args)
+        super().__init__(model=model, args=args, data_collator=collate_examples, train_dataset=dataset,
+                         processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
+        # Our loss is a per-pair mean; let Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+
+        self.is_peft = is_peft_model(self.model)
+        self._param_names, self._params = trainable_parameters(self.model)
+        if not self._params:
+            raise ValueError("the model has no trainable parameters")
+        self.ema_model, self.ema = self._build_ema()
+        self.ref_model, self.ref = self._build_reference(ref_model)
+        self.sampler: SegmentSampler = sampler or HFGenerateSampler(
+            SamplingSettings(args.temperature, args.top_k, args.top_p),
+            pad_token_id=processing_class.pad_token_id,
+            eos_token_ids=eos_token_ids_of(processing_class, self.model),
+        )
+        self.eos_token_ids = eos_token_ids_of(processing_class, self.model)
+        rank_seed = args.seed + args.process_index
+        self.buffer = ReplayBuffer(args.max_replay_buffer_size, seed=rank_seed)
+        self.segment_rng = random.Random(rank_seed)
+        self.ref_update_steps = args.ref_update_steps
+        self._use_hidden_states = self._check_hidden_state_scoring()
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._timing = {"generation": 0.0, "step": 0.0}
+        self.add_callback(_SAPOStepHooks(self))
+
+    # --------------------------------------------------------------------------------------------
+    # Construction helpers
+    # --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _tokenize_dataset(train_dataset: Any, tokenizer: Any, args: SAPOConfig) -> TokenizedDataset:
+        if isinstance(train_dataset, TokenizedDataset):
+            return train_dataset
+        examples = examples_from_records(train_dataset)
+        tokenized = tokenize_examples(tokenizer, examples, max_length=args.max_length,
+                                      max_prompt_length=args.max_prompt_length,
+                                      prompt_truncation=args.prompt_truncation)
+        return TokenizedDataset(tokenized)
+
+    @property
+    def policy(self) -> nn.Module:
+        """The policy without DDP/accelerate wrappers (peft wrapper kept)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def _build_ema(self) -> tuple[nn.Module | None, ShadowWeights]:
+        """Full fine-tune: a separate EMA module; LoRA: copies of the adapter weights only."""
+        if self.is_peft:
+            return None, ShadowWeights.clone_of(self._param_names, self._params)
+        ema_model = self._frozen_copy(self.policy)
+        return ema_model, ShadowWeights.parameters_of(ema_model, self._param_names)
+
+    def _build_reference(self, ref_model: nn.Module | str | None) -> tuple[nn.Module | None, ShadowWeights | None]:
+        if not self.args.uses_reference:
+            return None, None
+        if ref_model is not None:
+            if isinstance(ref_model, str):
+                ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
+            ref_model = ref_model.to(self.args.device)
+            ref_model.eval().requires_grad_(False)
+            shadow = None
+            if self.args.ref_update_mode != "fixed":
+                shadow = ShadowWeights.parameters_of(ref_model, self._param_names)
+            return ref_model, shadow
+        if self.is_peft:
+            if self.args.ref_update_mode == "fixed":
+                return None, None  # the base model with adapters disabled
+            return None, ShadowWeights.clone_of(self._param_names, self._params)
+        ref = self._frozen_copy(self.policy)
+        return ref, ShadowWeights.parameters_of(ref, self._param_names)
+
+    @staticmethod
+    def _frozen_copy(model: nn.Module) -> nn.Module:
+        clone = copy.deepcopy(model)
+        clone.eval().requires_grad_(False)
+        return clone
+
+    def _check_hidden_state_scoring(self) -> bool:
+        probe = torch.tensor([[self.processing_class.eos_token_id] * 4], device=self.args.device)
+        try:
+            exact = hidden_state_scoring_is_exact(self.policy, probe)
+        except Exception as error:  # unusual heads: fall back to ordinary logits
+            logger.info("hidden-state scoring unavailable (%s); using full logits", error)
+            return False
+        if not exact:
+            logger.info("the model's logits are not lm_head(hidden state); scoring with full logits")
+        return exact
+
+    def _set_ref_update_steps(self, train_dataloader: Any) -> None:
+        if self.ref_update_steps is None:
+            batches = len(train_dataloader) if train_dataloader is not None else 1
+            self.ref_update_steps = max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
+
+    # --------------------------------------------------------------------------------------------
+    # Self-augmentation
+    # --------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _ema_generator(self) -> Iterator[nn.Module]:
+        if self.ema_model is not None:
+            yield self.ema_model
+            return
+        with self.ema.swapped_into(self._params):
+            yield self.policy
+
+    def augment(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[ReplayEntry]:
+        """Make rejected responses for a batch of real ones (SPEC §1 step 2) and push them to the buffer."""
+        plans = [sample_truncation_point(len(p), len(y), self.args.token_generate_length, self.args.max_length,
+                                         self.segment_rng) for p, y in zip(prompts, responses, strict=True)]
+        n = self.args.responses_per_prompt
+        contexts = [list(p) + list(y[:k]) for p, y, (k, _) in zip(prompts, responses, plans, strict=True)
+                    for _ in range(n)]
+        started = time.perf_counter()
+        with self._ema_generator() as generator:
+            samples = self.sampler.sample(generator, contexts, max(g for _, g in plans))
+        self._timing["generation"] += time.perf_counter() - started
+        entries = []
+        for index, sample in enumerate(samples):
+            example = index // n
+            k, gen_len = plans[example]
+            rejected, replaced = splice_rejected(responses[example], k, sample, gen_len, self.eos_token_ids)
+            entries.append(ReplayEntry(list(prompts[example]), list(responses[example]), rejected, k, replaced))
+        self.buffer.extend(entries)
+        self._metrics["segment/replaced_length"].extend(float(e.segment_length) for e in entries)
+        self._metrics["segment/start"].extend(float(e.segment_start) for e in entries)
+        return entries
+
+    # --------------------------------------------------------------------------------------------
+    # Training step and loss
+    # --------------------------------------------------------------------------------------------
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        started = time.perf_counter()
+        if self.state.global_step % self.args.sample_every_n_steps == 0:
+            self.augment(inputs["prompt_ids"], inputs["response_ids"])
+        replayed = self.buffer.sample(self.args.per_device_train_batch_size)
+        batch = pad_pairs(replayed, self.processing_class.pad_token_id)
+        loss = super().training_step(model, batch, num_items_in_batch)
+        self._timing["step"] += time.perf_counter() - started
+        self._metrics["buffer/size"].append(float(len(self.buffer)))
+        self._metrics["buffer/mean_times_sampled"].append(self.buffer.stats()["mean_times_sampled"])
+        return loss
+
+    def _token_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                    chunk_size=self.args.logprob_chunk_size,
+                                    use_hidden_states=self._use_hidden_states)
+
+    @torch.no_grad()
+    def _reference_token_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._token_logps(self.ref_model, batch)
+        if self.ref is None:  # LoRA with a fixed reference: the base model
+            with self.policy.disable_adapter():
+                return self._token_logps(model, batch)
+        with self.ref.swapped_into(self._params):
+            return self._token_logps(model, batch)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None):
+        mask = inputs["loss_mask"][:, 1:]
+        token_logps = self._token_logps(model, inputs)
+        sums, means = sequence_logps(token_logps, mask)
+        half = sums.shape[0] // 2
+        if self.args.loss_type == "orpo":
+            output = orpo_loss(means[:half], means[half:], beta=self.args.beta)
+            nll = nll_from_logps(token_logps[:half], mask[:half])
+            loss = nll + output.losses.mean()
+            self._metrics["nll_loss"].append(nll.item())
+        else:
+            ref_sums, ref_means = sequence_logps(self._reference_token_logps(model, inputs), mask)
+            policy, ref = (means, ref_means) if self.args.loss_type == "ipo" else (sums, ref_sums)
+            output = preference_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta=self.args.beta,
+                                     loss_type=self.args.loss_type, label_smoothing=self.args.label_smoothing)
+            loss = output.losses.mean()
+        self._record_pair_metrics(output, sums, mask, half)
+        return (loss, output) if return_outputs else loss
+
+    def _record_pair_metrics(self, output: Any, sums: torch.Tensor, mask: torch.Tensor, half: int) -> None:
+        real, rejected = output.real_rewards.float(), output.rejected_rewards.float()
+        lengths = mask.sum(-1).float()
+        values = {
+            "rewards/real": real.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/margins": (real - rejected).mean(), "rewards/accuracies": (real > rejected).float().mean(),
+            "logps/real": sums[:half].detach().mean(), "logps/rejected": sums[half:].detach().mean(),
+            "length/real": lengths[:half].mean(), "length/rejected": lengths[half:].mean(),
+        }
+        for name, value in values.items():
+            self._metrics[name].append(value.item())
+
+    # --------------------------------------------------------------------------------------------
+    # Once per optimizer step
+    # --------------------------------------------------------------------------------------------
+
+    def _after_optimizer_step(self) -> None:
+        self.ema.update_ema_(self._params, self.args.ema_beta)
+        step = self.state.global_step
+        if self.ref is not None and self.args.ref_update_mode != "fixed" and step % self.ref_update_steps == 0:
+            source = self.ema.tensors if self.args.ref_update_mode == "ema" else self._params
+            self.ref.copy_from_(source)
+            self._metrics["ref/refreshes"].append(1.0)
+
+    # --------------------------------------------------------------------------------------------
+    # Logging
+    # --------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:
+            logs.update(self._reduced_metrics())
+        super().log(logs, start_time)
+        if self.is_world_process_zero():
+            record = {"step": self.state.global_step, "epoch": self.state.epoch, **logs}
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, METRICS_FILE), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _reduced_metrics(self) -> dict[str, float]:
+        """Means since the last log, averaged over ranks."""
+        names = sorted(self._metrics)
+        local = torch.tensor([sum(self._metrics[n]) / max(1, len(self._metrics[n])) for n in names],
+                             device=self.args.device)
+        values = self.accelerator.reduce(local, reduction="mean").tolist()
+        reduced = dict(zip(names, values, strict=True))
+        reduced.pop("ref/refreshes", None)
+        if self._timing["step"] > 0:
+            reduced["time/generation_share"] = self._timing["generation"] / self._timing["step"]
+        self._metrics.clear()
+        self._timing = {"generation": 0.0, "step": 0.0}
+        return reduced
+
+    # --------------------------------------------------------------------------------------------
+    # Saving and resuming
+    # --------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The policy as Trainer saves it; a final save also writes the EMA model to `ema/` beside it."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            self.save_ema(os.path.join(output_dir or self.args.output_dir, EMA_DIR))
+
+    def save_ema(self, directory: str) -> None:
+        if self.ema_model is not None:
+            self.ema_model.save_pretrained(directory)
+        else:
+            with self.ema.swapped_into(self._params):
+                self.policy.save_pretrained(directory)
+        self.processing_class.save_pretrained(directory)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.save_sapo_state(folder / STATE_DIR)
+
+    def save_sapo_state(self, directory: Path) -> None:
+        """EMA, reference (when it moves), replay buffer with counts and the segment RNG, per rank."""
+        directory.mkdir(parents=True, exist_ok=True)
+        rank = self.args.process_index
+        if self.args.should_save:
+            save_file(self.ema.state_dict(), str(directory / "ema.safetensors"))
+            if self.ref is not None:
+                save_file(self.ref.state_dict(), str(directory / "reference.safetensors"))
+            meta = {"ref_update_steps": self.ref_update_steps}
+            (directory / "trainer.json").write_text(json.dumps(meta))
+        self.buffer.save(directory / f"replay_buffer_rank{rank}.safetensors")
+        (directory / f"segment_rng_rank{rank}.json").write_text(json.dumps(_rng_state_to_json(self.segment_rng)))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.load_sapo_state(Path(resume_from_checkpoint) / STATE_DIR)
+
+    def load_sapo_state(self, directory: Path) -> None:
+        rank = self.args.process_index
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory}: checkpoint has no SAPO state (not a sapo checkpoint?)")
+        self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
+        if self.ref is not None and (directory / "reference.safetensors").exists():
+            self.ref.load_state_dict(load_file(str(directory / "reference.safetensors")))
+        meta = json.loads((directory / "trainer.json").read_text())
+        self.ref_update_steps = meta.get("ref_update_steps") or self.ref_update_steps
+        self.buffer = ReplayBuffer.load(directory / f"replay_buffer_rank{rank}.safetensors")
+        state = json.loads((directory / f"segment_rng_rank{rank}.json").read_text())
+        self.segment_rng.setstate(_rng_state_from_json(state))
+
+
+def _rng_state_to_json(rng: random.Random) -> list[Any]:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_state_from_json(state: list[Any]) -> tuple[Any, ...]:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
