@@ -51,7 +51,7 @@ def _chat_ids(tokenizer, messages, **kwargs) -> list[int]:
         "Hello,  world!\n  x = 1 ;\t 'a' . , ?",
         "  leading and trailing spaces  ",
         "line one\nline two\n\n",
-        "don't , . ! ? split",  # clean_up_tokenization_spaces would alter this
+        "don't , . ! ? split",  # spaces before punctuation must survive decoding
         "",
     ],
 )
@@ -64,9 +64,9 @@ def test_round_trip_is_exact_and_one_token_per_character(tokenizer, text):
 
 def test_plain_text_gets_no_automatic_bos_or_eos(tokenizer):
     # Documented choice: only the chat template writes <s>/</s>, so rendered chats never get a double BOS.
-    assert tokenizer("ab", add_special_tokens=True)["input_ids"] == tokenizer("ab", add_special_tokens=False)[
-        "input_ids"
-    ]
+    assert (
+        tokenizer("ab", add_special_tokens=True)["input_ids"] == tokenizer("ab", add_special_tokens=False)["input_ids"]
+    )
     assert len(tokenizer("ab")["input_ids"]) == 2
 
 

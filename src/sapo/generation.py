@@ -25,9 +25,12 @@ class SegmentSampler(Protocol):
 
 @dataclass
 class SamplingSettings:
+    """Sampling of the EMA model (paper: 0.7 / 50 / 0.95); `do_sample=False` gives greedy decoding."""
+
     temperature: float = 0.7
     top_k: int = 50
     top_p: float = 0.95
+    do_sample: bool = True
 
 
 def cut_after_eos(tokens: Sequence[int], eos_token_ids: Collection[int]) -> list[int]:
@@ -72,8 +75,9 @@ class HFGenerateSampler:
 
     def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
         s = self.settings
+        sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p} if s.do_sample else {}
         return GenerationConfig(
-            do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            do_sample=s.do_sample, **sampling,
             max_new_tokens=max_new_tokens, min_new_tokens=0, pad_token_id=self.pad_token_id,
             eos_token_id=sorted(self.eos_token_ids), use_cache=True,
         )

@@ -31,9 +31,11 @@ ORPO_MAX_MEAN_LOGP: float = -1e-6
 
 ``log_odds(s) = s - log(1 - exp(s))`` diverges as ``s -> 0`` (a response the model is certain of), and at
 ``s == 0`` exactly it is ``+inf``, which turns the odds-ratio difference into ``inf - inf = nan`` and poisons
-the step. Clamping ``s`` to at most ``-1e-6`` (a per-token probability of 0.999999) keeps everything finite;
-the clamped examples simply get no gradient through the odds term, which is harmless because their odds are
-already ~1e6. The NLL term, computed separately, is unaffected.
+the step; just below 0 (``s > ~-6e-8`` in float32) the value is finite but the gradient is NaN (see
+:func:`log1mexp`). TRL's ``ORPOTrainer`` has both problems. Clamping ``s`` to at most ``-1e-6`` (a per-token
+probability of 0.999999) keeps everything finite; the clamped examples simply get no gradient through the
+odds term, which is harmless because their odds are already ~1e6. The NLL term, computed separately, is
+unaffected.
 """
 
 _LOG_HALF = -0.6931471805599453  # log(1/2): branch point of the stable log(1 - exp(x)) (Maechler, 2012).
@@ -93,7 +95,7 @@ def sigmoid_loss(logits: Tensor, beta: float, label_smoothing: float = 0.0) -> T
 def ipo_loss(logits: Tensor, beta: float) -> Tensor:
     """IPO (Azar et al., 2023, Eq. 17): regress the log-ratio margin onto ``1 / (2 beta)`` instead of pushing
     it to infinity, which keeps the policy from drifting arbitrarily far on deterministic preferences."""
-    return (logits - 1 / beta) ** 2
+    return (logits - 1 / (2 * beta)) ** 2
 
 
 def hinge_loss(logits: Tensor, beta: float) -> Tensor:
@@ -146,8 +148,12 @@ def preference_loss(
 
 def log1mexp(x: Tensor) -> Tensor:
     """``log(1 - exp(x))`` for ``x < 0`` without cancellation: ``log1p(-exp(x))`` is accurate far from 0 and
-    ``log(-expm1(x))`` near 0, so switch at ``log(1/2)`` (Maechler, 2012). Both branches are finite for
-    ``x < 0``, so ``torch.where`` produces no NaN gradients."""
+    ``log(-expm1(x))`` near 0, so switch at ``log(1/2)`` (Maechler, 2012).
+
+    ``torch.where`` backpropagates through the unused branch too, and in float32 ``log1p(-exp(x))`` is
+    ``-inf`` once ``exp(x)`` rounds to 1 (``x > ~-6e-8``), which gives NaN gradients even where the value is
+    finite (TRL's identical helper does this). Callers must keep ``x <= -1e-6`` or so, as :func:`log_odds`
+    does."""
     return torch.where(x < _LOG_HALF, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 

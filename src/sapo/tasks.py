@@ -156,11 +156,9 @@ def _draw_words(kind: str, rng: random.Random) -> Draw:
 def _draw_numbers(rng: random.Random) -> Draw:
     """Ask for n numbers above a bound; the rejected answer includes the bound or one number too many."""
     n, bound = rng.randint(2, 4), rng.randint(10, 89)
-    numbers = sorted(rng.sample(range(bound + 1, bound + 21), n))
-    if rng.random() < 0.5:
-        bad = [bound, *numbers[1:]]
-    else:
-        bad = sorted(rng.sample(range(bound + 1, bound + 21), n + 1))
+    candidates = range(bound + 1, bound + 21)
+    numbers = sorted(rng.sample(candidates, n))
+    bad = [bound, *numbers[1:]] if rng.random() < 0.5 else sorted(rng.sample(candidates, n + 1))
     prompt = f"list {n} numbers above {bound}"
     return "numbers", prompt, _join(numbers), _join(bad), _params(n=n, bound=bound)
 
@@ -205,6 +203,8 @@ def make_records(family: str, n: int, *, seed: int, split: str = "train") -> lis
     draws = 0
     while len(records) < n:
         draws += 1
+        if draws > 100 * patience:  # only reachable if a family's prompts never hash into this split
+            raise RuntimeError(f"could not draw {n} {family!r} prompts for split {split!r}")
         kind, prompt, reference, rejected, params = generator(rng)
         if split_of(prompt) != split or (prompt in seen and draws < patience):
             continue
@@ -296,7 +296,7 @@ def _constraint_checks(response: str, kind: str, params: dict[str, Any]) -> list
     """
     n = params["n"]
     if kind == "repeat":
-        return [bool(response) and set(response) == {params["char"]}, len(response) == n]
+        return [set(response) == {params["char"]}, len(response) == n]
     items = response.split()
     if kind in ("lower_words", "upper_words"):
         pattern = _LOWER_WORD if kind == "lower_words" else _UPPER_WORD

@@ -66,13 +66,9 @@ def collate_examples(items: Sequence[dict[str, list[int]]]) -> dict[str, list[li
             "response_ids": [item["response_ids"] for item in items]}
 
 
-def pad_pairs(entries: Sequence[ReplayEntry], pad_token_id: int,
-              pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """Real and rejected sequences of the replayed entries in one right-padded batch (real rows first).
-
-    `loss_mask` marks response tokens, the only ones scored.
-    """
-    sequences = [(e.prompt, e.real) for e in entries] + [(e.prompt, e.rejected) for e in entries]
+def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
+                  pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """(prompt, response) token pairs as one right-padded batch; `loss_mask` marks response tokens."""
     width = max(len(p) + len(r) for p, r in sequences)
     width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
@@ -84,6 +80,12 @@ def pad_pairs(entries: Sequence[ReplayEntry], pad_token_id: int,
         attention_mask[row, :length] = 1
         loss_mask[row, len(prompt):length] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def pad_pairs(entries: Sequence[ReplayEntry], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Real and rejected sequences of replayed entries in one batch (real rows first): one forward for both."""
+    sequences = [(e.prompt, e.real) for e in entries] + [(e.prompt, e.rejected) for e in entries]
+    return pad_sequences(sequences, pad_token_id)
 
 
 def disable_dropout(model: nn.Module) -> None:
