@@ -100,7 +100,8 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
         for line_number, raw in enumerate(handle, start=1):
             location = f"{path}:{line_number}"
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig on the first line: editors on Windows often start files with a byte-order mark
+                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 raise DataError(f"{location}: not valid UTF-8 (byte {error.start} of the line)") from None
             if not text.strip():
@@ -117,9 +118,10 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
 
 def _read_json(path: Path) -> Iterator[RawRecord]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not valid UTF-8 (byte {error.start})") from None
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {error.start} of the file)") from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
@@ -153,7 +155,7 @@ def _read_parquet(path: Path) -> Iterator[RawRecord]:
 def _read_directory(path: Path, split: str) -> list[RawRecord]:
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         return _read_saved_dataset(path, split)
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_FILE_SUFFIXES)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_FILE_SUFFIXES)
     preferred = [p for p in files if p.stem.startswith(split)]
     chosen = preferred or files
     if not chosen:
@@ -175,6 +177,8 @@ def _read_saved_dataset(path: Path, split: str) -> list[RawRecord]:
         if split not in loaded:
             raise DataError(f"{path}: no split {split!r}; available: {', '.join(loaded)}")
         loaded = loaded[split]
+    if len(loaded) == 0:
+        raise DataError(f"{path}: the saved dataset has no records")
     return [RawRecord(record, f"{path}: row {index}") for index, record in enumerate(loaded)]
 
 
@@ -197,6 +201,9 @@ def normalize_record(record: Any, location: str) -> Example:
     """Turn any supported record shape into an `Example`; raise `DataError` naming the bad field."""
     if not isinstance(record, Mapping):
         raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
+    # Parquet and `datasets` store a column for every field, so a record lacking a field reads back with None.
+    fields = list(record)
+    record = {key: value for key, value in record.items() if value is not None}
     if "messages" in record:
         messages = _messages(record["messages"], location, "messages")
         return _split_conversation(messages, location, "messages")
@@ -207,7 +214,7 @@ def normalize_record(record: Any, location: str) -> Example:
         return Example(prompt, _completion(record["completion"], location, "completion"))
     raise DataError(
         f"{location}: record has none of the supported fields 'messages', 'prompt'+'completion', "
-        f"'prompt'+'chosen' (found: {', '.join(map(str, record)) or 'nothing'})"
+        f"'prompt'+'chosen' with a non-null value (found: {', '.join(map(str, fields)) or 'nothing'})"
     )
 
 
@@ -349,8 +356,14 @@ def tokenize_example(tokenizer: Any, example: Example) -> TokenizedExample:
             "the chat template renders the prompt differently when the response follows it, so the response "
             "cannot be separated; pass a simpler chat_template"
         )
+    response_text = full_text[len(prompt_text):]
+    # Templates such as ChatML write a newline after the end-of-turn token; when that token is the EOS,
+    # keeping the newline and appending EOS again would teach the model to go on after EOS.
+    eos_token = tokenizer.eos_token
+    if eos_token and response_text.rstrip().endswith(eos_token):
+        response_text = response_text.rstrip()
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     if not response_ids or response_ids[-1] != tokenizer.eos_token_id:
         response_ids = [*response_ids, tokenizer.eos_token_id]
     return TokenizedExample(list(prompt_ids), list(response_ids))
@@ -368,6 +381,12 @@ def fit_lengths(
     examples: Sequence[TokenizedExample], *, max_length: int, max_prompt_length: int, prompt_truncation: str
 ) -> tuple[list[TokenizedExample], TruncationReport]:
     """Apply the length limits: long prompts lose their beginning (or are dropped), long responses their end."""
+    if prompt_truncation not in ("left", "drop"):
+        raise ValueError(f"prompt_truncation must be 'left' or 'drop', got {prompt_truncation!r}")
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(
+            f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length}) to leave room for a response"
+        )
     report = TruncationReport()
     fitted: list[TokenizedExample] = []
     for example in examples:

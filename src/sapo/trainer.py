@@ -283,6 +283,8 @@ class SAPOTrainer(Trainer):
         self.buffer.extend(entries)
         self._metrics["segment/replaced_length"].extend(float(e.segment_length) for e in entries)
         self._metrics["segment/start"].extend(float(e.segment_start) for e in entries)
+        # A rejected response equal to the real one carries no preference signal (its loss gradient is zero).
+        self._metrics["segment/identical_fraction"].extend(float(e.rejected == e.real) for e in entries)
         return entries
 
     # --------------------------------------------------------------------------------------------

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny offline tokenizer/model and a small demonstration set."""
+
+from __future__ import annotations
+
+import pytest
+
+from sapo import tasks, tiny
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny.build_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    return tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def suite():
+    return tasks.make_suite(96, 16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """A saved tiny model + tokenizer directory, loaded by path like a user's SFT checkpoint."""
+    directory = tmp_path_factory.mktemp("tiny_model")
+    tiny.save_pair(tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0), tokenizer,
+                   directory)
+    return directory
