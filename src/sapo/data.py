@@ -172,7 +172,10 @@ def _read_directory(path: Path, split: str) -> list[RawRecord]:
 def _read_saved_dataset(path: Path, split: str) -> list[RawRecord]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:  # corrupt, partial or empty save_to_disk output fails deep inside datasets
+        raise DataError(f"{path}: cannot load the dataset saved there ({type(error).__name__}: {error})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{path}: no split {split!r}; available: {', '.join(loaded)}")

@@ -1,0 +1,566 @@
+"""Tests for ``sapo.data``: every input shape and file type, the error messages, tokenization and length limits.
+
+Everything is offline: data files are written to ``tmp_path`` and the tokenizer is the character-level one of
+:mod:`sapo.tiny`, where every character is one token, so expected ids can be written down character by character
+instead of being recomputed with the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sapo.data import (
+    CHATML_TEMPLATE,
+    DataError,
+    examples_from_records,
+    fit_lengths,
+    load_examples,
+    normalize_record,
+    prepare_tokenizer,
+    read_records,
+    resolve_chat_template,
+    tokenize_example,
+    tokenize_examples,
+)
+from sapo.data import Example as _Example
+from sapo.data import TokenizedExample as _TokenizedExample
+from sapo.tiny import CHAT_TEMPLATE, build_tokenizer
+
+SYSTEM = {"role": "system", "content": "You are terse."}
+USER = {"role": "user", "content": "What is 2+2?"}
+ANSWER = {"role": "assistant", "content": "4"}
+WRONG = {"role": "assistant", "content": "5"}
+
+# The same demonstration in every supported record shape; all must normalise to EXPECTED.
+EXPECTED = _Example(prompt=[USER], response=ANSWER)
+SHAPES: dict[str, dict[str, Any]] = {
+    "messages": {"messages": [USER, ANSWER]},
+    "prompt_completion_text": {"prompt": USER["content"], "completion": ANSWER["content"]},
+    "prompt_completion_messages": {"prompt": [USER], "completion": [ANSWER]},
+    "preference_text": {"prompt": USER["content"], "chosen": "4", "rejected": "5"},
+    "preference_assistant_list": {"prompt": [USER], "chosen": [ANSWER], "rejected": [WRONG]},
+    # argilla/distilabel-capybara-dpo-7k-binarized: prompt is a string duplicate of the first user turn.
+    "preference_conversation": {"prompt": USER["content"], "chosen": [USER, ANSWER], "rejected": [USER, WRONG]},
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to reach the hub is a test bug (and there is no network anyway)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"test tried to load a hub dataset: {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+
+
+@pytest.fixture
+def tok():
+    return build_tokenizer()
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def char_ids(tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` looked up one character at a time (independent of how the tokenizer is called)."""
+    ids = [tokenizer.convert_tokens_to_ids(character) for character in text]
+    assert tokenizer.unk_token_id not in ids
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalising records
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_record_shape_normalises_to_the_same_example(shape: str) -> None:
+    assert normalize_record(SHAPES[shape], "x") == EXPECTED
+
+
+def test_multi_turn_messages_split_at_the_last_assistant_turn() -> None:
+    turns = [SYSTEM, USER, ANSWER, {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}]
+    example = normalize_record({"messages": turns}, "x")
+    assert example.prompt == turns[:4]
+    assert example.response == {"role": "assistant", "content": "6"}
+
+
+def test_prompt_and_completion_message_lists_keep_system_turn() -> None:
+    example = normalize_record({"prompt": [SYSTEM, USER], "completion": [ANSWER]}, "x")
+    assert example == _Example([SYSTEM, USER], ANSWER)
+
+
+def test_capybara_multi_turn_chosen_conversation_ignores_the_prompt_string() -> None:
+    later_user = {"role": "user", "content": "And 3+3?"}
+    final = {"role": "assistant", "content": "6"}
+    record = {
+        "source": "capybara",
+        "prompt": USER["content"],
+        "chosen": [USER, ANSWER, later_user, final],
+        "rejected": [USER, ANSWER, later_user, WRONG],
+        "chosen_rating": 5,
+    }
+    assert normalize_record(record, "x") == _Example([USER, ANSWER, later_user], final)
+
+
+def test_rejected_side_is_ignored_even_when_malformed() -> None:
+    assert normalize_record({"prompt": "What is 2+2?", "chosen": "4", "rejected": 17}, "x") == EXPECTED
+
+
+def test_extra_message_keys_are_dropped() -> None:
+    example = normalize_record({"messages": [{**USER, "name": "bob"}, {**ANSWER, "weight": 1}]}, "x")
+    assert example == EXPECTED
+
+
+def test_null_fields_count_as_absent() -> None:
+    """Columnar sources (Parquet, datasets) give every record every column, missing ones as None."""
+    record = {"messages": None, "prompt": "What is 2+2?", "completion": "4", "chosen": None}
+    assert normalize_record(record, "x") == EXPECTED
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading files and directories
+# ---------------------------------------------------------------------------------------------------------
+
+RECORDS = [SHAPES["messages"], SHAPES["prompt_completion_text"], SHAPES["preference_conversation"]]
+
+
+def test_jsonl_keeps_line_locations_and_skips_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n\n  \n" + json.dumps(RECORDS[1]) + "\n", encoding="utf-8")
+    raws = read_records(path)
+    assert [raw.data for raw in raws] == RECORDS[:2]
+    assert [raw.location for raw in raws] == [f"{path}:1", f"{path}:4"]
+    assert load_examples(path) == [EXPECTED, EXPECTED]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        json.dumps(RECORDS),
+        json.dumps({"data": RECORDS, "meta": {"version": 1}}),
+        "".join(json.dumps(record) + "\n" for record in RECORDS),  # JSON Lines stored as .json
+    ],
+    ids=["array", "data_object", "json_lines"],
+)
+def test_json_file_variants(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(content, encoding="utf-8")
+    assert [raw.data for raw in read_records(path)] == RECORDS
+    assert load_examples(str(path)) == [EXPECTED] * 3
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_utf8_byte_order_mark_is_accepted(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORDS[0]).encode() + b"\n" + json.dumps(RECORDS[1]).encode())
+    assert load_examples(path) == [EXPECTED, EXPECTED]
+
+
+def test_parquet_file(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    rows = [
+        {"messages": [SYSTEM, USER, ANSWER], "id": 0},
+        {"messages": [USER, {"role": "assistant", "content": "four"}], "id": 1},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    raws = read_records(path)
+    assert [raw.location for raw in raws] == [f"{path}: row 0", f"{path}: row 1"]
+    assert load_examples(path) == [
+        _Example([SYSTEM, USER], ANSWER),
+        _Example([USER], {"role": "assistant", "content": "four"}),
+    ]
+
+
+def test_parquet_preference_file_with_null_columns(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    rows = [{"prompt": "What is 2+2?", "chosen": "4", "completion": None}, {"prompt": "What is 2+2?",
+                                                                             "chosen": None, "completion": "4"}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert load_examples(path) == [EXPECTED, EXPECTED]
+
+
+def test_directory_prefers_the_split_file(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", [SHAPES["messages"]])
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "hi", "completion": "hello"}])
+    (tmp_path / "README.md").write_text("not data")
+    (tmp_path / "sub.json").mkdir()  # a folder with a data suffix is not a data file
+    assert load_examples(tmp_path) == [EXPECTED]
+    assert load_examples(tmp_path, split="test") == [
+        _Example([{"role": "user", "content": "hi"}], {"role": "assistant", "content": "hello"})
+    ]
+
+
+def test_directory_without_split_file_reads_all_data_files(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [SHAPES["messages"]])
+    (tmp_path / "b.json").write_text(json.dumps([SHAPES["preference_text"]]))
+    raws = read_records(tmp_path)
+    assert [raw.location for raw in raws] == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'b.json'}: record 0"]
+    assert load_examples(tmp_path) == [EXPECTED, EXPECTED]
+
+
+def test_save_to_disk_dataset(tmp_path: Path) -> None:
+    datasets.Dataset.from_list([SHAPES["preference_conversation"]] * 2).save_to_disk(str(tmp_path / "ds"))
+    assert load_examples(tmp_path / "ds") == [EXPECTED, EXPECTED]
+
+
+def test_save_to_disk_dataset_dict_selects_split(tmp_path: Path) -> None:
+    other = {"messages": [USER, {"role": "assistant", "content": "four"}]}
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list([SHAPES["messages"]]),
+         "test": datasets.Dataset.from_list([other, other])}
+    ).save_to_disk(str(tmp_path / "dd"))
+    assert load_examples(tmp_path / "dd") == [EXPECTED]
+    assert load_examples(tmp_path / "dd", split="test") == [_Example([USER], other["messages"][1])] * 2
+    with pytest.raises(DataError, match=r"no split 'validation'; available: (train, test|test, train)"):
+        load_examples(tmp_path / "dd", split="validation")
+
+
+def test_empty_saved_dataset_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "ds"
+    datasets.Dataset.from_dict({"messages": []}).save_to_disk(str(path))
+    with pytest.raises(DataError, match=rf"^{path}: (cannot load|the saved dataset has no records)"):
+        load_examples(path)
+
+
+def test_broken_saved_dataset_is_a_data_error(tmp_path: Path) -> None:
+    (tmp_path / "dataset_info.json").write_text("{}")  # looks like save_to_disk output, holds nothing
+    with pytest.raises(DataError, match=rf"^{tmp_path}: cannot load the dataset saved there"):
+        load_examples(tmp_path)
+
+
+def test_examples_from_records_accepts_lists_and_datasets() -> None:
+    assert examples_from_records([SHAPES["messages"], SHAPES["prompt_completion_text"]]) == [EXPECTED] * 2
+    assert examples_from_records(datasets.Dataset.from_list([SHAPES["preference_text"]])) == [EXPECTED]
+    with pytest.raises(DataError, match=r"^my_data: row 1: field 'prompt' is missing"):
+        examples_from_records([SHAPES["messages"], {"completion": "4"}], origin="my_data")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: always DataError (a ValueError), naming file, line and field
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_data_error_is_a_value_error() -> None:
+    assert issubclass(DataError, ValueError)
+
+
+def jsonl_error(tmp_path: Path, bad: Any) -> str:
+    """Write two good records then ``bad`` (a record, or raw bytes) on line 3; return the error message."""
+    path = tmp_path / "d.jsonl"
+    line = bad if isinstance(bad, bytes) else json.dumps(bad).encode()
+    good = json.dumps(SHAPES["messages"]).encode()
+    path.write_bytes(good + b"\n" + good + b"\n" + line + b"\n")
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:3: "), message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        (b'{"messages": [', "invalid JSON"),
+        (b'{"prompt": "caf\xe9", "completion": "x"}', "not valid UTF-8"),
+        ({"text": "hi", "label": 1}, "none of the supported fields .*found: text, label"),
+        ({"messages": None}, "none of the supported fields .*found: messages"),
+        ({"prompt": "hi"}, "none of the supported fields"),
+        ([USER, ANSWER], "expected a JSON object, got list"),
+        ({"messages": "hi"}, "field 'messages' must be a list of messages, got str"),
+        ({"messages": []}, "field 'messages' is an empty list"),
+        ({"messages": [USER, "4"]}, r"field 'messages\[1\]' must be an object"),
+        ({"messages": [USER, {"role": "assistant", "content": 4}]}, r"'messages\[1\].content' must be a string, got int"),
+        ({"messages": [USER, {"role": "assistant", "content": None}]}, r"'messages\[1\].content' must be a string"),
+        ({"messages": [USER, {"content": "4"}]}, r"field 'messages\[1\].role' is missing"),
+        ({"messages": [USER, {"role": "bot", "content": "4"}]}, r"'messages\[1\].role' has unknown role 'bot'"),
+        ({"messages": [SYSTEM, USER]}, "field 'messages' has no assistant turn"),
+        ({"messages": [USER, ANSWER, USER]}, r"field 'messages\[2\]' ends the conversation with a 'user' turn"),
+        ({"messages": [ANSWER]}, "field 'messages' has no prompt before the assistant turn"),
+        ({"messages": [USER, {"role": "assistant", "content": ""}]}, r"'messages\[1\].content' is an empty response"),
+        ({"messages": [USER, {"role": "assistant", "content": " \n\t"}]}, "is an empty response"),
+        ({"prompt": "hi", "completion": ""}, "field 'completion' is an empty response"),
+        ({"prompt": "hi", "completion": "   "}, "field 'completion' is an empty response"),
+        ({"prompt": "hi", "completion": [{"role": "assistant", "content": " "}]}, "'completion' is an empty response"),
+        ({"prompt": "hi", "chosen": "  ", "rejected": "x"}, "field 'chosen' is an empty response"),
+        ({"prompt": "hi", "completion": 4}, "field 'completion' must be a list of messages, got int"),
+        ({"prompt": "hi", "completion": [USER]}, "'completion' must be text or a single assistant message"),
+        ({"prompt": "hi", "completion": [ANSWER, ANSWER]}, "'completion' must be text or a single assistant"),
+        ({"prompt": " ", "completion": "x"}, "field 'prompt' is empty"),
+        ({"prompt": 3, "completion": "x"}, "field 'prompt' must be a list of messages, got int"),
+        ({"prompt": [USER, ANSWER], "completion": "x"}, "field 'prompt' ends with an assistant turn"),
+        ({"completion": "x"}, "field 'prompt' is missing"),
+        ({"chosen": "x", "rejected": "y"}, "field 'prompt' is missing"),
+        ({"prompt": "hi", "chosen": [USER, {"role": "critic", "content": "x"}]}, r"'chosen\[1\].role' has unknown"),
+        ({"prompt": "hi", "chosen": [USER]}, "field 'chosen' has no assistant turn"),
+    ],
+)
+def test_jsonl_errors_name_file_line_and_field(tmp_path: Path, bad: Any, expected: str) -> None:
+    message = jsonl_error(tmp_path, bad)
+    assert re.search(expected, message), message
+
+
+def test_invalid_json_document_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"messages": []},\n  {"messages": ]\n]\n')
+    with pytest.raises(DataError, match=rf"^{path}:3: invalid JSON"):
+        read_records(path)
+
+
+def test_json_record_error_names_the_record(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"data": [SHAPES["messages"], {"messages": [USER]}]}))
+    with pytest.raises(DataError, match=rf"^{path}: record 1: field 'messages' has no assistant turn"):
+        load_examples(path)
+
+
+def test_non_utf8_json_document_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[\n{"prompt": "hi", "completion": "ok"},\n{"prompt": "caf\xe9", "completion": "x"}\n]')
+    with pytest.raises(DataError, match=rf"^{path}:3: not valid UTF-8"):
+        read_records(path)
+
+
+def test_parquet_record_error_names_the_row(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "hi", "completion": "ok"}, {"prompt": "hi", "completion": ""}]),
+                   path)
+    with pytest.raises(DataError, match=rf"^{path}: row 1: field 'completion' is an empty response"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("d.jsonl", b"", "the file is empty"),
+        ("d.json", b"", "the file is empty"),
+        ("d.parquet", b"", "the file is empty"),
+        ("d.jsonl", b"\n  \n\n", "the file has no records"),
+        ("d.json", b"[]", "the file has no records"),
+        ("d.json", b'{"data": []}', "the file has no records"),
+        ("d.json", b'{"messages": 3}', "expected a JSON array of records"),
+        ("d.json", b"42", "expected a JSON array of records"),
+        ("d.parquet", b"PAR1 not really parquet", "cannot read as Parquet"),
+        ("d.csv", b"prompt,completion\nhi,ok\n", "unsupported file type '.csv'"),
+        ("d", b'{"prompt": "hi", "completion": "ok"}\n', "unsupported file type ''"),
+    ],
+)
+def test_file_level_errors_name_the_file(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert expected in str(caught.value)
+
+
+def test_empty_parquet_table_has_no_records(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "completion": pa.array([], pa.string())}), path)
+    with pytest.raises(DataError, match=rf"^{path}: the file has no records"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "missing.parquet", "missing_dir", "nested/missing.json"])
+def test_missing_paths_are_data_errors_without_touching_the_hub(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    with pytest.raises(DataError, match=rf"^{path}: no such file or directory"):
+        load_examples(str(path))
+
+
+def test_missing_relative_data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="^missing.jsonl: no such file or directory"):
+        load_examples("missing.jsonl")
+
+
+def test_directory_without_data(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=rf"^{tmp_path}: directory holds no dataset"):
+        load_examples(tmp_path)
+
+
+def test_error_in_second_file_of_a_directory_names_that_file(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train-0.jsonl", [SHAPES["messages"]])
+    write_jsonl(tmp_path / "train-1.jsonl", [SHAPES["messages"], {"messages": [USER, USER]}])
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'train-1.jsonl'}:2: "):
+        load_examples(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chat templates and tokenizer preparation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_chat_template(tmp_path: Path) -> None:
+    assert resolve_chat_template(None) is None
+    assert resolve_chat_template("chatml") == CHATML_TEMPLATE
+    file = tmp_path / "template.jinja"
+    file.write_text(CHAT_TEMPLATE, encoding="utf-8")
+    assert resolve_chat_template(str(file)) == CHAT_TEMPLATE
+    assert resolve_chat_template(CHAT_TEMPLATE) == CHAT_TEMPLATE
+    with pytest.raises(DataError, match="'no_such_template' is neither a file, a built-in name"):
+        resolve_chat_template("no_such_template")
+
+
+def test_prepare_tokenizer_requires_a_chat_template(tok) -> None:
+    tok.chat_template = None
+    with pytest.raises(DataError, match="--chat_template"):
+        prepare_tokenizer(tok)
+    assert prepare_tokenizer(tok, "chatml").chat_template == CHATML_TEMPLATE
+
+
+def test_prepare_tokenizer_keeps_an_existing_template(tok) -> None:
+    assert prepare_tokenizer(tok).chat_template == CHAT_TEMPLATE
+
+
+def test_prepare_tokenizer_uses_eos_for_padding(tok) -> None:
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    prepared = prepare_tokenizer(tok)
+    assert prepared.pad_token == "</s>"
+    assert prepared.pad_token_id == prepared.eos_token_id == 2
+
+
+def test_prepare_tokenizer_requires_eos(tok) -> None:
+    tok.eos_token = None
+    with pytest.raises(DataError, match="no EOS token"):
+        prepare_tokenizer(tok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenization
+# ---------------------------------------------------------------------------------------------------------
+
+MULTI_TURN = _Example(
+    prompt=[SYSTEM, USER, ANSWER, {"role": "user", "content": "And 3+3?"}],
+    response={"role": "assistant", "content": "6, of course."},
+)
+
+
+def test_tokenize_with_the_tiny_template(tok) -> None:
+    tokenized = tokenize_example(tok, MULTI_TURN)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    sys_id, user_id, asst_id = tok.convert_tokens_to_ids(["<|system|>", "<|user|>", "<|assistant|>"])
+    expected_prompt = (
+        [bos, sys_id, *char_ids(tok, "You are terse."), user_id, *char_ids(tok, "What is 2+2?"),
+         asst_id, *char_ids(tok, "4"), eos, user_id, *char_ids(tok, "And 3+3?"), asst_id]
+    )
+    assert tokenized.prompt_ids == expected_prompt
+    templated = tok.apply_chat_template(MULTI_TURN.prompt, tokenize=False, add_generation_prompt=True)
+    assert tokenized.prompt_ids == tok(templated, add_special_tokens=False)["input_ids"]
+    assert tokenized.response_ids == [*char_ids(tok, "6, of course."), eos]
+    assert tokenized.response_ids.count(eos) == 1
+    assert bos not in tokenized.response_ids
+
+
+@pytest.mark.parametrize("how", ["name", "file", "text"])
+def test_tokenize_with_chatml_on_the_tiny_tokenizer(tok, tmp_path: Path, how: str) -> None:
+    file = tmp_path / "chatml.jinja"
+    file.write_text(CHATML_TEMPLATE, encoding="utf-8")
+    template = {"name": "chatml", "file": str(file), "text": CHATML_TEMPLATE}[how]
+    prepare_tokenizer(tok, template)
+    assert tok.chat_template == CHATML_TEMPLATE
+    tokenized = tokenize_example(tok, _Example([SYSTEM, USER], ANSWER))
+    prompt_text = (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert tokenized.prompt_ids == char_ids(tok, prompt_text)
+    # The tiny EOS is </s>, not <|im_end|>: the end-of-turn text is kept and EOS appended once.
+    assert tokenized.response_ids == [*char_ids(tok, "4<|im_end|>\n"), tok.eos_token_id]
+    assert tokenized.response_ids.count(tok.eos_token_id) == 1
+
+
+def test_eos_followed_by_template_whitespace_is_not_duplicated(tok) -> None:
+    """ChatML with an EOS end-of-turn (as in Qwen: eos == <|im_end|>) writes a newline after EOS."""
+    prepare_tokenizer(tok, CHATML_TEMPLATE.replace("<|im_end|>", "</s>"))
+    tokenized = tokenize_example(tok, EXPECTED)
+    assert tokenized.response_ids == [*char_ids(tok, "4"), tok.eos_token_id]
+    assert tokenized.prompt_ids == char_ids(tok, "<|im_start|>user\nWhat is 2+2?") + [tok.eos_token_id] + char_ids(
+        tok, "\n<|im_start|>assistant\n"
+    )
+
+
+def test_template_that_changes_the_prompt_is_rejected(tok) -> None:
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
+    )
+    with pytest.raises(DataError, match="renders the prompt differently"):
+        tokenize_example(tok, EXPECTED)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Length limits
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tex(prompt_length: int, response_length: int) -> _TokenizedExample:
+    return _TokenizedExample(list(range(prompt_length)), list(range(100, 100 + response_length)))
+
+
+def test_left_truncation_keeps_the_last_prompt_tokens_and_cuts_responses() -> None:
+    fitted, report = fit_lengths(
+        [tex(10, 6), tex(4, 3), tex(2, 9)], max_length=7, max_prompt_length=4, prompt_truncation="left"
+    )
+    assert fitted == [
+        _TokenizedExample([6, 7, 8, 9], [100, 101, 102]),  # prompt cut to its last 4, response to 7 - 4
+        _TokenizedExample([0, 1, 2, 3], [100, 101, 102]),  # both exactly at their limits: untouched
+        _TokenizedExample([0, 1], [100, 101, 102, 103, 104]),  # response cut to 7 - 2
+    ]
+    assert (report.kept, report.prompts_truncated, report.prompts_dropped, report.responses_truncated) == (3, 1, 0, 2)
+    assert all(len(f.prompt_ids) + len(f.response_ids) <= 7 for f in fitted)
+
+
+def test_drop_removes_long_prompts_and_counts_them() -> None:
+    fitted, report = fit_lengths(
+        [tex(5, 1), tex(4, 1), tex(9, 1), tex(1, 8)], max_length=6, max_prompt_length=4, prompt_truncation="drop"
+    )
+    assert fitted == [tex(4, 1), _TokenizedExample([0], [100, 101, 102, 103, 104])]
+    assert (report.kept, report.prompts_truncated, report.prompts_dropped, report.responses_truncated) == (2, 0, 2, 1)
+
+
+def test_fit_lengths_does_not_modify_its_input() -> None:
+    examples = [tex(10, 10)]
+    fit_lengths(examples, max_length=8, max_prompt_length=4, prompt_truncation="left")
+    assert examples == [tex(10, 10)]
+
+
+@pytest.mark.parametrize(
+    ("max_length", "max_prompt_length", "mode"), [(4, 4, "left"), (4, 6, "left"), (4, 0, "left"), (8, 4, "right")]
+)
+def test_fit_lengths_rejects_bad_limits(max_length: int, max_prompt_length: int, mode: str) -> None:
+    with pytest.raises(ValueError):
+        fit_lengths([tex(5, 5)], max_length=max_length, max_prompt_length=max_prompt_length, prompt_truncation=mode)
+
+
+def test_tokenize_examples_applies_limits_and_logs(tok, caplog: pytest.LogCaptureFixture) -> None:
+    short = _Example([{"role": "user", "content": "hi"}], {"role": "assistant", "content": "hello there"})
+    long = _Example([{"role": "user", "content": "x" * 50}], ANSWER)
+    with caplog.at_level(logging.WARNING, logger="sapo.data"):
+        fitted = tokenize_examples(tok, [short, long], max_length=12, max_prompt_length=6, prompt_truncation="drop")
+    # prompt of `short` is <s><|user|>hi<|assistant|> = 5 tokens; its response is cut to 12 - 5 tokens.
+    assert fitted == [_TokenizedExample(tokenize_example(tok, short).prompt_ids, char_ids(tok, "hello t"))]
+    assert "1 prompts dropped" in caplog.text and "1 responses truncated" in caplog.text
+
+
+def test_tokenize_examples_fails_when_nothing_is_left(tok) -> None:
+    long = _Example([{"role": "user", "content": "x" * 50}], ANSWER)
+    with pytest.raises(DataError, match="no training example is left"):
+        tokenize_examples(tok, [long, long], max_length=32, max_prompt_length=8, prompt_truncation="drop")
+    kept = tokenize_examples(tok, [long], max_length=32, max_prompt_length=8)  # default: left truncation
+    assert kept[0].prompt_ids == char_ids(tok, "xxxxxxx") + [tok.convert_tokens_to_ids("<|assistant|>")]

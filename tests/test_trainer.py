@@ -1,0 +1,199 @@
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sapo import SAPOConfig, SAPOTrainer
+from sapo.buffer import ReplayEntry
+from sapo.trainer import pad_pairs
+
+
+def config(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
+                    learning_rate=1e-3, token_generate_length=6, max_length=64, max_prompt_length=48,
+                    logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+                    ref_update_mode="fixed", seed=0)
+    settings.update(overrides)
+    return SAPOConfig(**settings)
+
+
+def read_metrics(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if "loss" in row]
+
+
+class ScriptedSampler:
+    """Returns fixed continuations and records what it was asked."""
+
+    def __init__(self, outputs):
+        self.outputs, self.calls = outputs, []
+
+    def sample(self, model, contexts, max_new_tokens):
+        self.calls.append(([list(c) for c in contexts], max_new_tokens))
+        return [list(self.outputs[i % len(self.outputs)]) for i in range(len(contexts))]
+
+
+def test_pad_pairs_puts_real_then_rejected_with_response_masks():
+    entries = [ReplayEntry([1, 2], [3, 4, 5], [6], 0, 1), ReplayEntry([7], [8], [9, 10], 0, 2)]
+    batch = pad_pairs(entries, pad_token_id=0)
+    assert batch["input_ids"].shape == (4, 8)
+    assert batch["input_ids"][:, :5].tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [1, 2, 6, 0, 0], [7, 9, 10, 0, 0]]
+    assert batch["loss_mask"][:, :5].int().tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0],
+                                                        [0, 1, 1, 0, 0]]
+    assert batch["attention_mask"].sum(1).tolist() == [5, 2, 3, 3]
+
+
+def test_augment_splices_sampled_segment(tmp_path, tokenizer, tiny_model, suite):
+    eos = tokenizer.eos_token_id
+    sampler = ScriptedSampler([[90, 91, 92, 93], [90, eos, 92, 93]])
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, token_generate_length=4), train_dataset=suite["train"],
+                          processing_class=tokenizer, sampler=sampler)
+    trainer.segment_rng = random.Random(1)
+    prompt, response = [1, 5, 6, 7, 8], list(range(10, 30))
+    entries = trainer.augment([prompt, prompt], [response, response])
+    draws = random.Random(1)
+    k1, k2 = draws.randint(0, 13), draws.randint(0, 13)  # bound = min(20 - 3 - 4, 64 - 5 - 4)
+    contexts, max_new = sampler.calls[0]
+    assert max_new == 4
+    assert contexts == [prompt + response[:k1], prompt + response[:k2]]
+    assert entries[0].rejected == response[:k1] + [90, 91, 92, 93] + response[k1 + 4:]
+    assert entries[1].rejected == response[:k2] + [90, eos]
+    assert (entries[0].segment_start, entries[0].segment_length) == (k1, 4)
+    assert (entries[1].segment_start, entries[1].segment_length) == (k2, 2)
+    assert len(trainer.buffer) == 2 and trainer.buffer.entries()[0].real == response
+
+
+def test_responses_per_prompt_and_sample_every_n_steps(tmp_path, tokenizer, tiny_model, suite):
+    sampler = ScriptedSampler([[40, 41, 42, 43, 44, 45]])
+    args = config(tmp_path, max_steps=5, responses_per_prompt=3, sample_every_n_steps=2)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer,
+                          sampler=sampler)
+    trainer.train()
+    assert len(sampler.calls) == 3  # global steps 0, 2, 4
+    assert all(len(contexts) == 4 * 3 for contexts, _ in sampler.calls)
+    assert len(trainer.buffer) == 3 * 4 * 3
+
+
+def test_ema_updated_once_per_optimizer_step_with_accumulation(tmp_path, tokenizer, tiny_model, suite):
+    args = config(tmp_path, max_steps=3, gradient_accumulation_steps=2, ema_beta=0.5)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    expected = [t.detach().clone().double() for t in trainer.ema.tensors]
+    calls = []
+    original = trainer._after_optimizer_step
+
+    def spy():
+        nonlocal expected
+        expected = [0.5 * e + 0.5 * p.detach().double() for e, p in zip(expected, trainer._params, strict=True)]
+        calls.append(trainer.state.global_step)
+        original()
+
+    trainer._after_optimizer_step = spy
+    trainer.train()
+    assert calls == [1, 2, 3]
+    for got, want in zip(trainer.ema.tensors, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    policy = dict(trainer.policy.named_parameters())
+    assert not torch.equal(trainer.ema.tensors[0], policy[trainer._param_names[0]].detach())
+
+
+@pytest.mark.parametrize("mode", ["policy", "ema"])
+def test_reference_refresh_copies_source_every_k_steps(tmp_path, tokenizer, tiny_model, suite, mode):
+    args = config(tmp_path, max_steps=3, ref_update_mode=mode, ref_update_steps=2)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    initial = [t.clone() for t in trainer.ref.tensors]
+    snapshots = {}
+    original = trainer._after_optimizer_step
+
+    def spy():
+        original()
+        source = trainer.ema.tensors if mode == "ema" else trainer._params
+        snapshots[trainer.state.global_step] = ([t.detach().clone() for t in source],
+                                                [t.clone() for t in trainer.ref.tensors])
+
+    trainer._after_optimizer_step = spy
+    trainer.train()
+    source1, ref1 = snapshots[1]
+    assert all(torch.equal(r, i) for r, i in zip(ref1, initial, strict=True))  # not yet refreshed
+    source2, ref2 = snapshots[2]
+    assert all(torch.equal(r, s) for r, s in zip(ref2, source2, strict=True))
+    _, ref3 = snapshots[3]
+    assert all(torch.equal(a, b) for a, b in zip(ref3, ref2, strict=True))  # unchanged until step 4
+
+
+def test_fixed_reference_never_changes(tmp_path, tokenizer, tiny_model, suite):
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=3, ref_update_steps=1),
+                          train_dataset=suite["train"], processing_class=tokenizer)
+    before = [p.clone() for p in trainer.ref_model.parameters()]
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.ref_model.parameters(), strict=True))
+
+
+def test_orpo_builds_no_reference(tmp_path, tokenizer, tiny_model, suite):
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, loss_type="orpo", beta=0.05),
+                          train_dataset=suite["train"], processing_class=tokenizer)
+    assert trainer.ref_model is None and trainer.ref is None
+
+
+LOAD_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+assert "sapo" not in sys.modules
+for path in sys.argv[1:]:
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template([{"role": "user", "content": "1+2="}], add_generation_prompt=True,
+                                  return_dict=False)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)
+    print(path, out.shape[1] > len(ids))
+"""
+
+
+def assert_loads_without_sapo(*paths):
+    result = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, *map(str, paths)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("True") == len(paths)
+
+
+@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("orpo", 0.5)])
+def test_end_to_end_margin_rises_and_outputs_load(tmp_path, tokenizer, model_dir, suite, loss_type, beta):
+    args = config(tmp_path, max_steps=30, per_device_train_batch_size=8, learning_rate=2e-3, loss_type=loss_type,
+                  beta=beta, lr_scheduler_type="constant")
+    trainer = SAPOTrainer(model=str(model_dir), args=args, train_dataset=suite["train"])
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    rows = read_metrics(out)
+    assert len(rows) == 30
+    early = sum(r["rewards/margins"] for r in rows[:5]) / 5
+    late = sum(r["rewards/margins"] for r in rows[-5:]) / 5
+    assert late > early + 0.05, (early, late)
+    for key in ("rewards/real", "rewards/rejected", "rewards/accuracies", "buffer/size", "segment/replaced_length",
+                "time/generation_share", "segment/identical_fraction"):
+        assert key in rows[-1]
+    assert rows[-1]["buffer/size"] == min(2000, 30 * 8)
+    assert_loads_without_sapo(out, out / "ema")
+
+
+def test_lora_ema_holds_adapters_only_and_base_is_untouched(tmp_path, tokenizer, tiny_model, suite):
+    peft = pytest.importorskip("peft")
+    base_before = {n: p.clone() for n, p in tiny_model.named_parameters()}
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    args = config(tmp_path, max_steps=6, ref_update_mode="fixed")
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer,
+                          peft_config=lora)
+    assert trainer.ema_model is None and trainer.ref_model is None and trainer.ref is None
+    assert trainer._param_names and all("lora_" in name for name in trainer._param_names)
+    trainer.train()
+    trainer.save_model()
+    for name, param in trainer.policy.named_parameters():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(param, base_before[key]), name
+    lora_b = [t for n, t in zip(trainer._param_names, trainer.ema.tensors, strict=True) if "lora_B" in n]
+    assert any(t.abs().sum() > 0 for t in lora_b)  # the EMA followed the trained adapters
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "out" / "ema" / "adapter_model.safetensors").exists()
