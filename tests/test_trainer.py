@@ -49,8 +49,9 @@ def test_pad_pairs_puts_real_then_rejected_with_response_masks():
 def test_augment_splices_sampled_segment(tmp_path, tokenizer, tiny_model, suite):
     eos = tokenizer.eos_token_id
     sampler = ScriptedSampler([[90, 91, 92, 93], [90, eos, 92, 93]])
-    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, token_generate_length=4), train_dataset=suite["train"],
-                          processing_class=tokenizer, sampler=sampler)
+    args = config(tmp_path, token_generate_length=4)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer,
+                          sampler=sampler)
     trainer.segment_rng = random.Random(1)
     prompt, response = [1, 5, 6, 7, 8], list(range(10, 30))
     entries = trainer.augment([prompt, prompt], [response, response])
