@@ -197,7 +197,6 @@ def test_directory_prefers_the_split_file(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "train.jsonl", [SHAPES["messages"]])
     write_jsonl(tmp_path / "test.jsonl", [{"prompt": "hi", "completion": "hello"}])
     (tmp_path / "README.md").write_text("not data")
-    (tmp_path / "sub.json").mkdir()  # a folder with a data suffix is not a data file
     assert load_examples(tmp_path) == [EXPECTED]
     assert load_examples(tmp_path, split="test") == [
         _Example([{"role": "user", "content": "hi"}], {"role": "assistant", "content": "hello"})
@@ -207,6 +206,7 @@ def test_directory_prefers_the_split_file(tmp_path: Path) -> None:
 def test_directory_without_split_file_reads_all_data_files(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", [SHAPES["messages"]])
     (tmp_path / "b.json").write_text(json.dumps([SHAPES["preference_text"]]))
+    (tmp_path / "c.json").mkdir()  # a folder with a data suffix is not a data file
     raws = read_records(tmp_path)
     assert [raw.location for raw in raws] == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'b.json'}: record 0"]
     assert load_examples(tmp_path) == [EXPECTED, EXPECTED]

@@ -198,3 +198,28 @@ def test_lora_ema_holds_adapters_only_and_base_is_untouched(tmp_path, tokenizer,
     assert any(t.abs().sum() > 0 for t in lora_b)  # the EMA followed the trained adapters
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "ema" / "adapter_model.safetensors").exists()
+
+
+def as_format(record, shape):
+    prompt, answer = record["messages"][0]["content"], record["messages"][1]["content"]
+    user, assistant = {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}
+    return {
+        "messages": {"messages": [user, assistant]},
+        "prompt_completion_text": {"prompt": prompt, "completion": answer},
+        "prompt_completion_messages": {"prompt": [user], "completion": [assistant]},
+        "preference_text": {"prompt": prompt, "chosen": answer, "rejected": record["rejected"]},
+        "preference_conversation": {"prompt": prompt, "chosen": [user, assistant],
+                                    "rejected": [user, {"role": "assistant", "content": record["rejected"]}]},
+    }[shape]
+
+
+@pytest.mark.parametrize("shape", ["messages", "prompt_completion_text", "prompt_completion_messages",
+                                   "preference_text", "preference_conversation"])
+def test_every_input_format_trains_on_the_same_tokens(tmp_path, tokenizer, tiny_model, suite, shape):
+    records = [as_format(r, shape) for r in suite["train"][:8]]
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=1), train_dataset=records,
+                          processing_class=tokenizer)
+    reference = SAPOTrainer._tokenize_dataset(suite["train"][:8], tokenizer, trainer.args)
+    assert trainer.train_dataset.examples == reference.examples
+    trainer.train()
+    assert len(trainer.buffer) == 4

@@ -69,9 +69,9 @@ def build_train_parser():
     from sapo.config import SAPOConfig
 
     parser = HfArgumentParser((ModelArguments, SAPOConfig), prog="sapo train",
-                              description="Train a causal LM with SAPO on demonstrations.")
+                              description="Train a causal LM with SAPO on demonstrations. Errors are reported in one "
+                              "paragraph; add --debug (before or after `train`) to see Python tracebacks.")
     parser.add_argument("--config", default=None, help="YAML file of any options below; flags override it.")
-    parser.add_argument("--debug", action="store_true", help="Show Python tracebacks for errors.")
     return parser
 
 
@@ -93,23 +93,27 @@ def read_yaml_config(path: str, known: set[str]) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise UsageError(f"{path}: expected a mapping of option: value")
     for key in values:
-        if key not in known or key in ("config", "debug"):
+        if key not in known or key == "config":
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UsageError(f"{path}: unknown option {key!r}{hint}")
     return values
 
 
-def parse_train_args(argv: Sequence[str]) -> tuple[Any, Any, bool]:
+def parse_train_args(argv: Sequence[str]) -> tuple[Any, Any]:
     parser = build_train_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         defaults = read_yaml_config(pre.config, known_option_names(parser))
         parser.set_defaults(**defaults)
-    model_args, config, rest = parser.parse_args_into_dataclasses(args=list(argv), return_remaining_strings=True)
+    try:
+        model_args, config, _, rest = parser.parse_args_into_dataclasses(args=list(argv),
+                                                                         return_remaining_strings=True)
+    except ValueError as error:  # SAPOConfig/TrainingArguments validation
+        raise UsageError(f"invalid configuration: {error}") from None
     if rest:
         raise UsageError(f"unknown option(s): {' '.join(rest)} (see `sapo train --help`)")
-    return model_args, config, bool(pre.debug)
+    return model_args, config
 
 
 def load_model_and_tokenizer(model_args: ModelArguments):
@@ -144,7 +148,7 @@ def run_train(argv: Sequence[str]) -> int:
     from sapo.data import load_examples
     from sapo.trainer import SAPOTrainer
 
-    model_args, config, _ = parse_train_args(argv)
+    model_args, config = parse_train_args(argv)
     if model_args.dataset_name is None:
         raise UsageError("--dataset_name is required (a .jsonl/.json/.parquet file, directory or hub name)")
     examples = load_examples(model_args.dataset_name, model_args.dataset_split)
@@ -174,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  demo   run the whole pipeline on a built-in task with a tiny model, no downloads",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
-    debug = "--debug" in argv
+    debug = "--debug" in argv  # sapo's own flag; TrainingArguments' `debug` stays reachable from YAML
+    argv = [arg for arg in argv if arg != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return _run_guarded(commands[argv[0]], argv[1:], debug)
 
@@ -184,7 +189,7 @@ def _run_guarded(command, argv: Sequence[str], debug: bool) -> int:
 
     try:
         return command(argv)
-    except (UsageError, DataError, ValueError, FileNotFoundError, OSError) as error:
+    except (UsageError, DataError) as error:
         if debug:
             raise
         print(f"sapo: error: {error}", file=sys.stderr)

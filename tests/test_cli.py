@@ -1,0 +1,99 @@
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from sapo import tasks
+from sapo.cli import ModelArguments, build_train_parser, config_fields, main, parse_train_args
+
+
+@pytest.fixture()
+def dataset_file(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"messages": r["messages"]} for r in tasks.make_suite(24, 0, seed=1)["train"]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_yaml(tmp_path, model_dir, dataset_file, **extra):
+    values = {"model_name_or_path": str(model_dir), "dataset_name": str(dataset_file),
+              "output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 4,
+              "token_generate_length": 4, "max_length": 64, "max_prompt_length": 48, "use_cpu": True,
+              "report_to": "none", "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True, **extra}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_train_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    names = [f.name for f in config_fields()] + [f.name for f in dataclasses.fields(ModelArguments)]
+    missing = [name for name in names if f"--{name}" not in text]
+    assert not missing
+    assert "--config" in text and "--debug" in text
+
+
+def test_yaml_with_flag_overrides(tmp_path, model_dir, dataset_file):
+    config_file = write_yaml(tmp_path, model_dir, dataset_file, beta=0.3, loss_type="ipo")
+    model_args, config = parse_train_args(["--config", str(config_file), "--beta", "0.25"])
+    assert config.beta == 0.25  # the flag wins over the file
+    assert config.loss_type == "ipo"  # the file wins over the default
+    assert model_args.model_name_or_path == str(model_dir)
+
+
+def test_train_from_yaml_writes_outputs(tmp_path, model_dir, dataset_file, capsys):
+    config_file = write_yaml(tmp_path, model_dir, dataset_file)
+    assert main(["train", "--config", str(config_file), "--loss_type", "orpo", "--beta", "0.05"]) == 0
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").exists() and (out / "ema" / "model.safetensors").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert "nll_loss" in rows[0]
+    assert "EMA model" in capsys.readouterr().out
+
+
+def test_use_peft_flag_trains_adapters(tmp_path, model_dir, dataset_file):
+    pytest.importorskip("peft")
+    config_file = write_yaml(tmp_path, model_dir, dataset_file, max_steps=2)
+    assert main(["train", "--config", str(config_file), "--use_peft", "--lora_r", "4"]) == 0
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"bta": 0.1}, "unknown option 'bta'; did you mean 'beta'?"),
+    ({"max_prompt_length": 64}, "max_prompt_length (64) must be smaller than max_length (64)"),
+    ({"loss_type": "kto"}, "loss_type must be one of"),
+])
+def test_bad_config_is_one_line_error_with_exit_2(tmp_path, model_dir, dataset_file, capsys, extra, message):
+    config_file = write_yaml(tmp_path, model_dir, dataset_file, **extra)
+    assert main(["train", "--config", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_reports_file_and_line(tmp_path, model_dir, dataset_file, capsys):
+    dataset_file.write_text(dataset_file.read_text() + "{not json\n")
+    config_file = write_yaml(tmp_path, model_dir, dataset_file)
+    assert main(["train", "--config", str(config_file)]) == 2
+    assert f"{dataset_file}:25: invalid JSON" in capsys.readouterr().err
+
+
+def test_unknown_flag_and_missing_model(tmp_path, dataset_file, capsys):
+    assert main(["train", "--dataset_name", str(dataset_file), "--no_such_flag", "1"]) == 2
+    assert "--no_such_flag" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--dataset_name", str(dataset_file), "--model_name_or_path", str(empty),
+                 "--output_dir", str(tmp_path / "o")]) == 2
+    assert "directory has no model" in capsys.readouterr().err
+
+
+def test_top_level_usage(capsys):
+    assert main([]) == 2
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
