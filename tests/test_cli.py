@@ -97,3 +97,15 @@ def test_top_level_usage(capsys):
     assert main([]) == 2
     assert main(["--help"]) == 0
     assert "train" in capsys.readouterr().out
+
+
+def test_readme_config_reference_matches_the_dataclasses():
+    from pathlib import Path
+
+    from sapo.cli import config_reference_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    section = readme[readme.index(start) + len(start):readme.index(end)]
+    assert section.strip() == config_reference_markdown().strip(), (
+        "README config reference is stale: run `.venv/bin/python scripts/update_readme_reference.py`")

@@ -196,6 +196,32 @@ def _run_guarded(command, argv: Sequence[str], debug: bool) -> int:
         return EXIT_USAGE
 
 
+def config_reference_markdown() -> str:
+    """The README's option tables, generated from the dataclasses so the docs cannot drift from the code."""
+    sections = [("Model and data (`ModelArguments`)", dataclasses.fields(ModelArguments)),
+                ("SAPO settings (`SAPOConfig`, beyond `transformers.TrainingArguments`)", config_fields()),
+                ("`TrainingArguments` options whose default SAPO changes", changed_trainer_defaults())]
+    lines: list[str] = []
+    for title, fields in sections:
+        lines += [f"**{title}**", "", "| option | default | meaning |", "|---|---|---|"]
+        for item in fields:
+            default = item.default if item.default is not dataclasses.MISSING else "required"
+            help_text = item.metadata.get("help", "").replace("|", "\\|")
+            lines.append(f"| `--{item.name}` | `{default}` | {help_text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def changed_trainer_defaults() -> list[dataclasses.Field]:
+    """Inherited Trainer options that SAPOConfig gives another default (e.g. the paper's learning rate)."""
+    from transformers import TrainingArguments
+
+    from sapo.config import SAPOConfig
+
+    base = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    return [f for f in dataclasses.fields(SAPOConfig) if f.name in base and f.default != base[f.name]]
+
+
 def config_fields() -> list[dataclasses.Field]:
     """SAPO-specific fields of SAPOConfig (those not inherited from TrainingArguments)."""
     from transformers import TrainingArguments
