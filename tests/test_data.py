@@ -21,6 +21,8 @@ import pytest
 from sapo.data import (
     CHATML_TEMPLATE,
     DataError,
+    Example,
+    TokenizedExample,
     examples_from_records,
     fit_lengths,
     load_examples,
@@ -31,8 +33,6 @@ from sapo.data import (
     tokenize_example,
     tokenize_examples,
 )
-from sapo.data import Example as _Example
-from sapo.data import TokenizedExample as _TokenizedExample
 from sapo.tiny import CHAT_TEMPLATE, build_tokenizer
 
 SYSTEM = {"role": "system", "content": "You are terse."}
@@ -41,7 +41,7 @@ ANSWER = {"role": "assistant", "content": "4"}
 WRONG = {"role": "assistant", "content": "5"}
 
 # The same demonstration in every supported record shape; all must normalise to EXPECTED.
-EXPECTED = _Example(prompt=[USER], response=ANSWER)
+EXPECTED = Example(prompt=[USER], response=ANSWER)
 SHAPES: dict[str, dict[str, Any]] = {
     "messages": {"messages": [USER, ANSWER]},
     "prompt_completion_text": {"prompt": USER["content"], "completion": ANSWER["content"]},
@@ -100,7 +100,7 @@ def test_multi_turn_messages_split_at_the_last_assistant_turn() -> None:
 
 def test_prompt_and_completion_message_lists_keep_system_turn() -> None:
     example = normalize_record({"prompt": [SYSTEM, USER], "completion": [ANSWER]}, "x")
-    assert example == _Example([SYSTEM, USER], ANSWER)
+    assert example == Example([SYSTEM, USER], ANSWER)
 
 
 def test_capybara_multi_turn_chosen_conversation_ignores_the_prompt_string() -> None:
@@ -113,7 +113,7 @@ def test_capybara_multi_turn_chosen_conversation_ignores_the_prompt_string() -> 
         "rejected": [USER, ANSWER, later_user, WRONG],
         "chosen_rating": 5,
     }
-    assert normalize_record(record, "x") == _Example([USER, ANSWER, later_user], final)
+    assert normalize_record(record, "x") == Example([USER, ANSWER, later_user], final)
 
 
 def test_rejected_side_is_ignored_even_when_malformed() -> None:
@@ -180,15 +180,17 @@ def test_parquet_file(tmp_path: Path) -> None:
     raws = read_records(path)
     assert [raw.location for raw in raws] == [f"{path}: row 0", f"{path}: row 1"]
     assert load_examples(path) == [
-        _Example([SYSTEM, USER], ANSWER),
-        _Example([USER], {"role": "assistant", "content": "four"}),
+        Example([SYSTEM, USER], ANSWER),
+        Example([USER], {"role": "assistant", "content": "four"}),
     ]
 
 
 def test_parquet_preference_file_with_null_columns(tmp_path: Path) -> None:
     path = tmp_path / "d.parquet"
-    rows = [{"prompt": "What is 2+2?", "chosen": "4", "completion": None}, {"prompt": "What is 2+2?",
-                                                                             "chosen": None, "completion": "4"}]
+    rows = [
+        {"prompt": "What is 2+2?", "chosen": "4", "completion": None},
+        {"prompt": "What is 2+2?", "chosen": None, "completion": "4"},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     assert load_examples(path) == [EXPECTED, EXPECTED]
 
@@ -199,7 +201,7 @@ def test_directory_prefers_the_split_file(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("not data")
     assert load_examples(tmp_path) == [EXPECTED]
     assert load_examples(tmp_path, split="test") == [
-        _Example([{"role": "user", "content": "hi"}], {"role": "assistant", "content": "hello"})
+        Example([{"role": "user", "content": "hi"}], {"role": "assistant", "content": "hello"})
     ]
 
 
@@ -224,7 +226,7 @@ def test_save_to_disk_dataset_dict_selects_split(tmp_path: Path) -> None:
          "test": datasets.Dataset.from_list([other, other])}
     ).save_to_disk(str(tmp_path / "dd"))
     assert load_examples(tmp_path / "dd") == [EXPECTED]
-    assert load_examples(tmp_path / "dd", split="test") == [_Example([USER], other["messages"][1])] * 2
+    assert load_examples(tmp_path / "dd", split="test") == [Example([USER], other["messages"][1])] * 2
     with pytest.raises(DataError, match=r"no split 'validation'; available: (train, test|test, train)"):
         load_examples(tmp_path / "dd", split="validation")
 
@@ -283,7 +285,7 @@ def jsonl_error(tmp_path: Path, bad: Any) -> str:
         ({"messages": "hi"}, "field 'messages' must be a list of messages, got str"),
         ({"messages": []}, "field 'messages' is an empty list"),
         ({"messages": [USER, "4"]}, r"field 'messages\[1\]' must be an object"),
-        ({"messages": [USER, {"role": "assistant", "content": 4}]}, r"'messages\[1\].content' must be a string, got int"),
+        ({"messages": [USER, {"role": "assistant", "content": 4}]}, r"\.content' must be a string, got int"),
         ({"messages": [USER, {"role": "assistant", "content": None}]}, r"'messages\[1\].content' must be a string"),
         ({"messages": [USER, {"content": "4"}]}, r"field 'messages\[1\].role' is missing"),
         ({"messages": [USER, {"role": "bot", "content": "4"}]}, r"'messages\[1\].role' has unknown role 'bot'"),
@@ -446,7 +448,7 @@ def test_prepare_tokenizer_requires_eos(tok) -> None:
 # Tokenization
 # ---------------------------------------------------------------------------------------------------------
 
-MULTI_TURN = _Example(
+MULTI_TURN = Example(
     prompt=[SYSTEM, USER, ANSWER, {"role": "user", "content": "And 3+3?"}],
     response={"role": "assistant", "content": "6, of course."},
 )
@@ -475,7 +477,7 @@ def test_tokenize_with_chatml_on_the_tiny_tokenizer(tok, tmp_path: Path, how: st
     template = {"name": "chatml", "file": str(file), "text": CHATML_TEMPLATE}[how]
     prepare_tokenizer(tok, template)
     assert tok.chat_template == CHATML_TEMPLATE
-    tokenized = tokenize_example(tok, _Example([SYSTEM, USER], ANSWER))
+    tokenized = tokenize_example(tok, Example([SYSTEM, USER], ANSWER))
     prompt_text = (
         "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
         "<|im_start|>assistant\n"
@@ -509,8 +511,8 @@ def test_template_that_changes_the_prompt_is_rejected(tok) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def tex(prompt_length: int, response_length: int) -> _TokenizedExample:
-    return _TokenizedExample(list(range(prompt_length)), list(range(100, 100 + response_length)))
+def tex(prompt_length: int, response_length: int) -> TokenizedExample:
+    return TokenizedExample(list(range(prompt_length)), list(range(100, 100 + response_length)))
 
 
 def test_left_truncation_keeps_the_last_prompt_tokens_and_cuts_responses() -> None:
@@ -518,9 +520,9 @@ def test_left_truncation_keeps_the_last_prompt_tokens_and_cuts_responses() -> No
         [tex(10, 6), tex(4, 3), tex(2, 9)], max_length=7, max_prompt_length=4, prompt_truncation="left"
     )
     assert fitted == [
-        _TokenizedExample([6, 7, 8, 9], [100, 101, 102]),  # prompt cut to its last 4, response to 7 - 4
-        _TokenizedExample([0, 1, 2, 3], [100, 101, 102]),  # both exactly at their limits: untouched
-        _TokenizedExample([0, 1], [100, 101, 102, 103, 104]),  # response cut to 7 - 2
+        TokenizedExample([6, 7, 8, 9], [100, 101, 102]),  # prompt cut to its last 4, response to 7 - 4
+        TokenizedExample([0, 1, 2, 3], [100, 101, 102]),  # both exactly at their limits: untouched
+        TokenizedExample([0, 1], [100, 101, 102, 103, 104]),  # response cut to 7 - 2
     ]
     assert (report.kept, report.prompts_truncated, report.prompts_dropped, report.responses_truncated) == (3, 1, 0, 2)
     assert all(len(f.prompt_ids) + len(f.response_ids) <= 7 for f in fitted)
@@ -530,7 +532,7 @@ def test_drop_removes_long_prompts_and_counts_them() -> None:
     fitted, report = fit_lengths(
         [tex(5, 1), tex(4, 1), tex(9, 1), tex(1, 8)], max_length=6, max_prompt_length=4, prompt_truncation="drop"
     )
-    assert fitted == [tex(4, 1), _TokenizedExample([0], [100, 101, 102, 103, 104])]
+    assert fitted == [tex(4, 1), TokenizedExample([0], [100, 101, 102, 103, 104])]
     assert (report.kept, report.prompts_truncated, report.prompts_dropped, report.responses_truncated) == (2, 0, 2, 1)
 
 
@@ -549,17 +551,17 @@ def test_fit_lengths_rejects_bad_limits(max_length: int, max_prompt_length: int,
 
 
 def test_tokenize_examples_applies_limits_and_logs(tok, caplog: pytest.LogCaptureFixture) -> None:
-    short = _Example([{"role": "user", "content": "hi"}], {"role": "assistant", "content": "hello there"})
-    long = _Example([{"role": "user", "content": "x" * 50}], ANSWER)
+    short = Example([{"role": "user", "content": "hi"}], {"role": "assistant", "content": "hello there"})
+    long = Example([{"role": "user", "content": "x" * 50}], ANSWER)
     with caplog.at_level(logging.WARNING, logger="sapo.data"):
         fitted = tokenize_examples(tok, [short, long], max_length=12, max_prompt_length=6, prompt_truncation="drop")
     # prompt of `short` is <s><|user|>hi<|assistant|> = 5 tokens; its response is cut to 12 - 5 tokens.
-    assert fitted == [_TokenizedExample(tokenize_example(tok, short).prompt_ids, char_ids(tok, "hello t"))]
+    assert fitted == [TokenizedExample(tokenize_example(tok, short).prompt_ids, char_ids(tok, "hello t"))]
     assert "1 prompts dropped" in caplog.text and "1 responses truncated" in caplog.text
 
 
 def test_tokenize_examples_fails_when_nothing_is_left(tok) -> None:
-    long = _Example([{"role": "user", "content": "x" * 50}], ANSWER)
+    long = Example([{"role": "user", "content": "x" * 50}], ANSWER)
     with pytest.raises(DataError, match="no training example is left"):
         tokenize_examples(tok, [long, long], max_length=32, max_prompt_length=8, prompt_truncation="drop")
     kept = tokenize_examples(tok, [long], max_length=32, max_prompt_length=8)  # default: left truncation
