@@ -285,7 +285,7 @@ def jsonl_error(tmp_path: Path, bad: Any) -> str:
         ({"messages": "hi"}, "field 'messages' must be a list of messages, got str"),
         ({"messages": []}, "field 'messages' is an empty list"),
         ({"messages": [USER, "4"]}, r"field 'messages\[1\]' must be an object"),
-        ({"messages": [USER, {"role": "assistant", "content": 4}]}, r"\.content' must be a string, got int"),
+        ({"messages": [USER, {**ANSWER, "content": 4}]}, r"'messages\[1\].content' must be a string, got int"),
         ({"messages": [USER, {"role": "assistant", "content": None}]}, r"'messages\[1\].content' must be a string"),
         ({"messages": [USER, {"content": "4"}]}, r"field 'messages\[1\].role' is missing"),
         ({"messages": [USER, {"role": "bot", "content": "4"}]}, r"'messages\[1\].role' has unknown role 'bot'"),

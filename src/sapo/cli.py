@@ -146,9 +146,11 @@ def lora_config(model_args: ModelArguments):
 
 def run_train(argv: Sequence[str]) -> int:
     from sapo.data import load_examples
-    from sapo.trainer import SAPOTrainer
+    from sapo.trainer import SAPOTrainer, check_output_dir
 
     model_args, config = parse_train_args(argv)
+    check_output_dir(Path(config.output_dir), resuming=bool(config.resume_from_checkpoint),
+                     overwrite=config.overwrite_output_dir)
     if model_args.dataset_name is None:
         raise UsageError("--dataset_name is required (a .jsonl/.json/.parquet file, directory or hub name)")
     examples = load_examples(model_args.dataset_name, model_args.dataset_split)
@@ -186,10 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_guarded(command, argv: Sequence[str], debug: bool) -> int:
     from sapo.data import DataError
+    from sapo.trainer import CheckpointError, OutputDirError, TrainingStopped
 
     try:
         return command(argv)
-    except (UsageError, DataError) as error:
+    except TrainingStopped as stopped:
+        print(f"sapo: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except (UsageError, DataError, CheckpointError, OutputDirError) as error:
         if debug:
             raise
         print(f"sapo: error: {error}", file=sys.stderr)

@@ -87,6 +87,19 @@ class SAPOConfig(TrainingArguments):
     disable_dropout: bool = field(
         default=True, metadata={"help": "Turn dropout off in the policy (as TRL's preference trainers do)."}
     )
+    # --- robustness -------------------------------------------------------------------------------
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata={"help": "Optimizer steps with a non-finite loss or gradient are skipped; this many in a row "
+                  "stop the run with a checkpoint."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow training into a non-empty output_dir that is not being resumed."},
+    )
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "Drop invalid data records (counted in the log) instead of failing."}
+    )
     # --- overridden TrainingArguments defaults ----------------------------------------------------
     learning_rate: float = field(default=5e-7, metadata={"help": "Initial learning rate (paper: 5e-7 for DPO)."})
     logging_steps: float = field(default=10, metadata={"help": "Log metrics every N optimizer steps."})
@@ -108,7 +121,7 @@ class SAPOConfig(TrainingArguments):
         _check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
         _check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
-                     "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size"):
+                     "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SAPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_length >= self.max_length:

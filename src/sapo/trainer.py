@@ -18,6 +18,9 @@ import logging
 import math
 import os
 import random
+import shutil
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -25,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from sapo.buffer import ReplayBuffer, ReplayEntry
 from sapo.config import SAPOConfig
@@ -102,8 +106,17 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+class TrainingStopped(RuntimeError):
+    """Training ended early on purpose (a signal, or repeated non-finite steps) after saving a checkpoint."""
+
+    def __init__(self, message: str, checkpoint: str | None, exit_code: int) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.exit_code = exit_code
+
+
 class _SAPOStepHooks(TrainerCallback):
-    """Runs SAPO's once-per-optimizer-step work (EMA, reference refresh) after each optimizer step."""
+    """SAPO's once-per-optimizer-step work, placed around the Trainer's optimizer step."""
 
     def __init__(self, trainer: SAPOTrainer) -> None:
         self.trainer = trainer
@@ -111,8 +124,14 @@ class _SAPOStepHooks(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self.trainer._set_ref_update_steps(train_dataloader)
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._skip_step_if_nonfinite()
+
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
+        if self.trainer._should_stop():
+            control.should_save = True
+            control.should_training_stop = True
 
 
 class SAPOTrainer(Trainer):
@@ -182,6 +201,10 @@ class SAPOTrainer(Trainer):
         self._use_hidden_states = self._check_hidden_state_scoring()
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._timing = {"generation": 0.0, "step": 0.0}
+        self._step_skipped = False
+        self._nonfinite_in_a_row = 0
+        self.nonfinite_steps = 0
+        self._stop_reason: tuple[str, int] | None = None
         self.add_callback(_SAPOStepHooks(self))
 
     # --------------------------------------------------------------------------------------------
@@ -355,13 +378,106 @@ class SAPOTrainer(Trainer):
     # Once per optimizer step
     # --------------------------------------------------------------------------------------------
 
+    def _skip_step_if_nonfinite(self) -> None:
+        """Drop the gradients of a step whose loss or gradient is NaN/inf, so the optimizer leaves weights alone."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
+        self._step_skipped = not finite
+        if finite:
+            self._nonfinite_in_a_row = 0
+            return
+        for param in self._params:
+            param.grad = None
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        logger.warning("step %d: non-finite loss or gradient; step skipped (%d in a row, %d in total)",
+                       self.state.global_step + 1, self._nonfinite_in_a_row, self.nonfinite_steps)
+        if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+            self._stop_reason = (f"{self._nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                                 "gradient (lower learning_rate, check the data, or use bf16 instead of fp16)", 3)
+
     def _after_optimizer_step(self) -> None:
-        self.ema.update_ema_(self._params, self.args.ema_beta)
+        self._metrics["nonfinite/skipped_steps"].append(float(self.nonfinite_steps))
+        if not self._step_skipped:  # the policy did not move, so neither does its average
+            self.ema.update_ema_(self._params, self.args.ema_beta)
         step = self.state.global_step
         if self.ref is not None and self.args.ref_update_mode != "fixed" and step % self.ref_update_steps == 0:
             source = self.ema.tensors if self.args.ref_update_mode == "ema" else self._params
             self.ref.copy_from_(source)
             self._metrics["ref/refreshes"].append(1.0)
+
+    def _should_stop(self) -> bool:
+        """Whether any rank wants to stop; ranks must agree or the checkpoint save would deadlock."""
+        stop = self._stop_reason is not None
+        if self.args.world_size > 1:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.args.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+            if stop and self._stop_reason is None:
+                self._stop_reason = ("another process asked to stop", 1)
+        return stop
+
+    # --------------------------------------------------------------------------------------------
+    # Training entry point: signals, output directory, resumption checks
+    # --------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """`Trainer.train`, plus: SIGINT/SIGTERM save a checkpoint and stop, repeated non-finite steps stop
+        with a checkpoint (both raise `TrainingStopped` after saving), and a non-empty `output_dir` is only
+        reused when resuming or with `overwrite_output_dir`."""
+        resume_from_checkpoint = self._resolve_resume(resume_from_checkpoint)
+        self._prepare_output_dir(resume_from_checkpoint)
+        with self._stop_on_signals():
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self._stop_reason is not None:
+            reason, code = self._stop_reason
+            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise TrainingStopped(f"training stopped at step {self.state.global_step}: {reason}; checkpoint "
+                                  f"saved to {checkpoint}; resume with --resume_from_checkpoint {checkpoint}",
+                                  checkpoint, code)
+        return result
+
+    def _resolve_resume(self, resume: str | bool | None) -> str | None:
+        if isinstance(resume, str) and resume.lower() in ("true", "false"):
+            resume = resume.lower() == "true"
+        if resume is True:
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if last is None:
+                raise CheckpointError(f"resume_from_checkpoint=true but {self.args.output_dir} has no checkpoint")
+            return last
+        if not resume:
+            return None
+        validate_checkpoint(Path(resume), self._param_names, self._params, self.args.process_index)
+        return str(resume)
+
+    def _prepare_output_dir(self, resume: str | None) -> None:
+        out = Path(self.args.output_dir)
+        check_output_dir(out, resuming=resume is not None, overwrite=self.args.overwrite_output_dir)
+        if self.is_world_process_zero() and (out / METRICS_FILE).exists():
+            resumed_step = _checkpoint_step(resume) if resume else 0
+            _truncate_metrics(out / METRICS_FILE, resumed_step)
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """On SIGINT/SIGTERM finish the current step, save a checkpoint and stop; a second signal kills."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            logger.warning("%s received: saving a checkpoint after the current step (send again to kill)", name)
+            self._stop_reason = (f"{name} received", 128 + signum)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # --------------------------------------------------------------------------------------------
     # Logging
@@ -410,9 +526,29 @@ class SAPOTrainer(Trainer):
         self.processing_class.save_pretrained(directory)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self.save_sapo_state(folder / STATE_DIR)
+        """Write the whole checkpoint into a staging directory, fsync it, then rename it into place.
+
+        A crash at any moment leaves either the complete new checkpoint or none (plus the previous
+        ones, which are only rotated out after the rename).
+        """
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / STAGING_DIR
+        if self.args.should_save and (staging / name).exists():
+            shutil.rmtree(staging / name)
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes (and rotates) in staging
+        try:
+            super()._save_checkpoint(model, trial)
+            self.save_sapo_state(staging / name / STATE_DIR)
+        finally:
+            del self._get_output_dir  # back to the class's method
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            _publish_directory(staging / name, run_dir / name)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
 
     def save_sapo_state(self, directory: Path) -> None:
         """EMA, reference (when it moves), replay buffer with counts and the segment RNG, per rank."""
@@ -453,3 +589,80 @@ def _rng_state_to_json(rng: random.Random) -> list[Any]:
 def _rng_state_from_json(state: list[Any]) -> tuple[Any, ...]:
     version, internal, gauss = state
     return version, tuple(internal), gauss
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed by this run (missing, incomplete, or from another model)."""
+
+
+class OutputDirError(ValueError):
+    """Training would overwrite results of another run."""
+
+
+STAGING_DIR = ".staging"
+
+
+def check_output_dir(out: Path, *, resuming: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run's files with another run's results."""
+    if out.is_dir() and any(out.iterdir()) and not resuming and not overwrite:
+        raise OutputDirError(f"output_dir {out} is not empty; pass --overwrite_output_dir to train into it "
+                             "anyway, or --resume_from_checkpoint to continue the run it holds")
+
+
+def _checkpoint_step(path: str) -> int:
+    state = Path(path) / "trainer_state.json"
+    return int(json.loads(state.read_text())["global_step"]) if state.exists() else 0
+
+
+def _truncate_metrics(path: Path, keep_until_step: int) -> None:
+    """Drop rows logged after the resumed checkpoint (or all rows for a fresh run), so a resumed run's
+    metrics.jsonl reads as if it had never stopped."""
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+    path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+
+
+def validate_checkpoint(path: Path, names: Sequence[str], params: Sequence[torch.Tensor], rank: int) -> None:
+    """Fail early, before anything is written, when `path` cannot resume this run."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    state_dir = path / STATE_DIR
+    required = [path / "trainer_state.json", state_dir / "ema.safetensors", state_dir / "trainer.json",
+                state_dir / f"replay_buffer_rank{rank}.safetensors"]
+    missing = [str(p.relative_to(path)) for p in required if not p.exists()]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete sapo checkpoint (missing {', '.join(missing)})")
+    with safe_open(str(state_dir / "ema.safetensors"), framework="pt") as saved:
+        saved_names = set(saved.keys())
+        for name, param in zip(names, params, strict=True):
+            if name not in saved_names:
+                raise CheckpointError(f"{path}: written by another run: it has no parameter {name!r}")
+            shape = tuple(saved.get_slice(name).get_shape())
+            if shape != tuple(param.shape):
+                raise CheckpointError(f"{path}: written by another run: parameter {name!r} has shape {shape}, "
+                                      f"this model {tuple(param.shape)}")
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _, files in os.walk(root):
+        for file in files:
+            with open(os.path.join(directory, file), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(directory))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish_directory(staged: Path, final: Path) -> None:
+    """Durably move a fully written directory into place (replacing a stale one of the same name)."""
+    _fsync_tree(staged)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
