@@ -153,7 +153,7 @@ def run_train(argv: Sequence[str]) -> int:
                      overwrite=config.overwrite_output_dir)
     if model_args.dataset_name is None:
         raise UsageError("--dataset_name is required (a .jsonl/.json/.parquet file, directory or hub name)")
-    examples = load_examples(model_args.dataset_name, model_args.dataset_split)
+    examples = load_examples(model_args.dataset_name, model_args.dataset_split, skip_invalid=config.skip_invalid)
     model, tokenizer = load_model_and_tokenizer(model_args)
     records = [{"prompt": e.prompt, "completion": [e.response]} for e in examples]
     trainer = SAPOTrainer(model=model, args=config, train_dataset=records, processing_class=tokenizer,

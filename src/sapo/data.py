@@ -42,6 +42,7 @@ class RawRecord:
 
     data: Any
     location: str
+    error: str | None = None  # a line that could not be decoded; raised or skipped by `load_examples`
 
 
 @dataclass(frozen=True)
@@ -103,15 +104,16 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
                 # utf-8-sig on the first line: editors on Windows often start files with a byte-order mark
                 text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError as error:
-                raise DataError(f"{location}: not valid UTF-8 (byte {error.start} of the line)") from None
+                found = True
+                yield RawRecord(None, location, f"{location}: not valid UTF-8 (byte {error.start} of the line)")
+                continue
             if not text.strip():
                 continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{location}: invalid JSON ({error.msg} at column {error.colno})") from None
             found = True
-            yield RawRecord(record, location)
+            try:
+                yield RawRecord(json.loads(text), location)
+            except json.JSONDecodeError as error:
+                yield RawRecord(None, location, f"{location}: invalid JSON ({error.msg} at column {error.colno})")
     if not found:
         raise DataError(f"{path}: the file has no records")
 
@@ -298,14 +300,40 @@ def _split_conversation(messages: list[Message], location: str, field_name: str)
     return Example(messages[:-1], last)
 
 
-def load_examples(source: str | os.PathLike, split: str = "train") -> list[Example]:
-    """Read and normalise every record of `source` (file, directory or hub dataset name)."""
-    return [normalize_record(raw.data, raw.location) for raw in read_records(source, split)]
+def load_examples(source: str | os.PathLike, split: str = "train", *, skip_invalid: bool = False) -> list[Example]:
+    """Read and normalise every record of `source` (file, directory or hub dataset name).
+
+    The first invalid record raises `DataError`; with `skip_invalid` invalid records are dropped and
+    counted in a warning instead (with the first few reasons), and only an all-invalid source fails.
+    """
+    return _normalise_all(read_records(source, split), skip_invalid, str(source))
 
 
-def examples_from_records(records: Iterable[Any], origin: str = "train_dataset") -> list[Example]:
+def examples_from_records(records: Iterable[Any], origin: str = "train_dataset", *,
+                          skip_invalid: bool = False) -> list[Example]:
     """Normalise in-memory records (a list of dicts or a `datasets.Dataset`)."""
-    return [normalize_record(record, f"{origin}: row {index}") for index, record in enumerate(records)]
+    raws = (RawRecord(record, f"{origin}: row {index}") for index, record in enumerate(records))
+    return _normalise_all(raws, skip_invalid, origin)
+
+
+def _normalise_all(raws: Iterable[RawRecord], skip_invalid: bool, origin: str) -> list[Example]:
+    examples: list[Example] = []
+    problems: list[str] = []
+    for raw in raws:
+        try:
+            if raw.error is not None:
+                raise DataError(raw.error)
+            examples.append(normalize_record(raw.data, raw.location))
+        except DataError as error:
+            if not skip_invalid:
+                raise
+            problems.append(str(error))
+    if problems:
+        logger.warning("skip_invalid: dropped %d invalid record(s) of %s, kept %d; first: %s", len(problems),
+                       origin, len(examples), " | ".join(problems[:3]))
+        if not examples:
+            raise DataError(f"{origin}: every record is invalid ({len(problems)}); first: {problems[0]}")
+    return examples
 
 
 # ------------------------------------------------------------------------------------------------

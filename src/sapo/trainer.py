@@ -177,6 +177,7 @@ class SAPOTrainer(Trainer):
             disable_dropout(model)
 
         dataset = self._tokenize_dataset(train_dataset, processing_class, args)
+        self._created_output_dir = not Path(args.output_dir).exists()  # Trainer creates it; undone on early errors
         super().__init__(model=model, args=args, data_collator=collate_examples, train_dataset=dataset,
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
         # Our loss is a per-pair mean; let Trainer divide it by the accumulation steps.
@@ -215,7 +216,7 @@ class SAPOTrainer(Trainer):
     def _tokenize_dataset(train_dataset: Any, tokenizer: Any, args: SAPOConfig) -> TokenizedDataset:
         if isinstance(train_dataset, TokenizedDataset):
             return train_dataset
-        examples = examples_from_records(train_dataset)
+        examples = examples_from_records(train_dataset, skip_invalid=args.skip_invalid)
         tokenized = tokenize_examples(tokenizer, examples, max_length=args.max_length,
                                       max_prompt_length=args.max_prompt_length,
                                       prompt_truncation=args.prompt_truncation)
@@ -424,8 +425,14 @@ class SAPOTrainer(Trainer):
         """`Trainer.train`, plus: SIGINT/SIGTERM save a checkpoint and stop, repeated non-finite steps stop
         with a checkpoint (both raise `TrainingStopped` after saving), and a non-empty `output_dir` is only
         reused when resuming or with `overwrite_output_dir`."""
-        resume_from_checkpoint = self._resolve_resume(resume_from_checkpoint)
-        self._prepare_output_dir(resume_from_checkpoint)
+        try:
+            resume_from_checkpoint = self._resolve_resume(resume_from_checkpoint)
+            self._prepare_output_dir(resume_from_checkpoint)
+        except (CheckpointError, OutputDirError):
+            out = Path(self.args.output_dir)
+            if self._created_output_dir and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # leave no trace of a run that never started
+            raise
         with self._stop_on_signals():
             result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self._stop_reason is not None:

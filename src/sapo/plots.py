@@ -1,0 +1,190 @@
+"""`sapo plot`: training curves of one or more SAPO runs from their `metrics.jsonl`.
+
+Each run's `output_dir/metrics.jsonl` has one JSON object per logging step (see `SAPOTrainer.log`).
+Rows with a `loss` are training rows; they are plotted against `step`, one PNG per group of metrics,
+with the runs overlaid (legend: run directory name). A run resumed from a checkpoint appends rows for
+steps it already logged; the row written last wins for each step.
+
+matplotlib is optional (`pip install sapo[plot]`) and only imported when plotting; figures are drawn
+with the Agg canvas directly, so pyplot's global state and the user's backend are never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FIGURES", "FigureSpec", "load_metrics", "main", "plot_runs"]
+
+METRICS_FILE = "metrics.jsonl"  # must match sapo.trainer.METRICS_FILE (checked by the tests)
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One PNG (`name`.png): a row of panels, one metric per panel, all runs overlaid in each."""
+
+    name: str
+    title: str
+    panels: tuple[tuple[str, str], ...]  # (metric key, panel title)
+
+
+FIGURES: tuple[FigureSpec, ...] = (
+    FigureSpec("loss", "Training loss", (("loss", "loss"), ("nll_loss", "NLL of the real response (ORPO)"))),
+    FigureSpec("rewards", "Implicit rewards", (("rewards/real", "real"), ("rewards/rejected", "rejected"),
+                                               ("rewards/margins", "margin (real - rejected)"))),
+    FigureSpec("accuracy", "Reward accuracy",
+               (("rewards/accuracies", "fraction with reward(real) > reward(rejected)"),)),
+    FigureSpec("buffer", "Replay buffer", (("buffer/size", "fill (entries)"),
+                                           ("buffer/mean_times_sampled", "sample reuse (mean times sampled)"))),
+    FigureSpec("segment", "Regenerated segment",
+               (("segment/replaced_length", "replaced length (tokens)"),
+                ("segment/identical_fraction", "fraction identical to the real"))),
+    FigureSpec("generation_share", "Generation time",
+               (("time/generation_share", "share of step time spent generating"),)),
+)
+
+
+def _metrics_path(run: Path) -> Path:
+    return run if run.is_file() or run.suffix == ".jsonl" else run / METRICS_FILE
+
+
+def load_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Training rows (those with a `loss`) of a run directory's metrics.jsonl, or of that file itself.
+
+    Raises ValueError naming the file when it is missing, empty, has no training rows or holds a
+    malformed line; an incomplete last line (a run still writing) is ignored.
+    """
+    path = _metrics_path(Path(run))
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (a SAPO output_dir has metrics.jsonl after its first log step)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break  # being written right now
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
+        if isinstance(row, dict) and "loss" in row:
+            rows.append(row)
+    if not rows:
+        what = "is empty" if not any(line.strip() for line in lines) else "has no training rows (with 'loss')"
+        raise ValueError(f"{path}: {what}")
+    return rows
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of one metric, sorted by step, the last row winning for a repeated step."""
+    by_step: dict[float, float] = {}
+    for row in rows:
+        step, value = row.get("step"), row.get(key)
+        if _is_number(step) and _is_number(value):
+            by_step[float(step)] = float(value)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _run_labels(paths: Sequence[Path]) -> list[str]:
+    """Run directory names; the full path where two runs share a name."""
+    names = [(p.parent if p.is_file() or p.suffix == ".jsonl" else p).resolve().name or str(p) for p in paths]
+    return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names, strict=True)]
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure as MplFigure
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install sapo[plot]") from error
+    return MplFigure, FigureCanvasAgg
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write one PNG per metric group present in any run to ``out_dir``; returns the paths written.
+
+    ``run_dirs`` are SAPO output directories (or their metrics.jsonl files). Panels whose metric no run
+    logged are left out, and so are figures with no panel left.
+    """
+    if not run_dirs:
+        raise ValueError("plot_runs needs at least one run directory")
+    paths = [Path(r) for r in run_dirs]
+    runs = list(zip(_run_labels(paths), [load_metrics(p) for p in paths], strict=True))
+    mpl_figure, canvas_class = _matplotlib()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for spec in FIGURES:
+        panels = [(key, title, [(label, *_series(rows, key)) for label, rows in runs]) for key, title in spec.panels]
+        panels = [(key, title, series) for key, title, series in panels if any(steps for _, steps, _ in series)]
+        if not panels:
+            continue
+        figure = mpl_figure(figsize=(5.0 * len(panels), 3.6), dpi=100, layout="constrained")
+        canvas_class(figure)
+        axes = figure.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (key, title, series) in zip(axes, panels, strict=True):
+            for index, (label, steps, values) in enumerate(series):
+                if steps:
+                    ax.plot(steps, values, label=label, color=f"C{index % 10}", linewidth=1.5,
+                            marker="o" if len(steps) <= 20 else None, markersize=3)
+            ax.set_title(title, fontsize="medium")
+            ax.set_xlabel("step")
+            ax.set_ylabel(key, fontsize="small")
+            ax.grid(True, alpha=0.3)
+            if _fraction_metric(key, series):
+                ax.set_ylim(-0.02, 1.02)
+            ax.legend(fontsize="small")
+        figure.suptitle(spec.title)
+        path = out / f"{spec.name}.png"
+        figure.savefig(path, format="png")
+        written.append(path)
+    return written
+
+
+def _fraction_metric(key: str, series: Sequence[tuple[str, list[float], list[float]]]) -> bool:
+    """Fractions in [0, 1] get a fixed axis so runs and time ranges compare at a glance."""
+    if key not in ("rewards/accuracies", "segment/identical_fraction", "time/generation_share"):
+        return False
+    values = [v for _, _, vs in series for v in vs if not math.isnan(v)]
+    return all(0.0 <= v <= 1.0 for v in values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sapo plot",
+                                     description="Plot training curves of SAPO runs from their metrics.jsonl.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="SAPO output directories to overlay")
+    parser.add_argument("--out", default=None, metavar="DIR", help="where to write the PNGs "
+                        "(default: RUN_DIR/plots of the first run)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sapo.cli import UsageError
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    first = Path(args.run_dirs[0])
+    out = Path(args.out) if args.out else (first.parent if first.is_file() else first) / "plots"
+    try:
+        paths = plot_runs(args.run_dirs, out)
+    except (ImportError, ValueError, OSError) as error:
+        raise UsageError(str(error)) from None
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
