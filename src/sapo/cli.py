@@ -149,7 +149,10 @@ def run_train(argv: Sequence[str]) -> int:
     from sapo.trainer import SAPOTrainer, check_output_dir
 
     model_args, config = parse_train_args(argv)
-    check_output_dir(Path(config.output_dir), resuming=bool(config.resume_from_checkpoint),
+    resume = config.resume_from_checkpoint
+    if resume and resume.lower() not in ("true", "false") and not Path(resume).is_dir():
+        raise UsageError(f"{resume}: checkpoint directory not found")
+    check_output_dir(Path(config.output_dir), resuming=bool(resume) and resume.lower() != "false",
                      overwrite=config.overwrite_output_dir)
     if model_args.dataset_name is None:
         raise UsageError("--dataset_name is required (a .jsonl/.json/.parquet file, directory or hub name)")

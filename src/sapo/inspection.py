@@ -198,7 +198,7 @@ def buffer_statistics(entries: Sequence[ReplayEntry]) -> dict[str, float]:
     n = len(entries)
     if n == 0:
         return {"size": 0.0, "mean_times_sampled": 0.0, "max_times_sampled": 0.0, "mean_segment_start": 0.0,
-                "mean_replaced_length": 0.0, "identical_fraction": 0.0, "ends_in_segment_fraction": 0.0}
+                "mean_replaced_length": 0.0, "identical_fraction": 0.0, "no_suffix_fraction": 0.0}
     return {
         "size": float(n),
         "mean_times_sampled": sum(e.times_sampled for e in entries) / n,
@@ -207,8 +207,8 @@ def buffer_statistics(entries: Sequence[ReplayEntry]) -> dict[str, float]:
         "mean_replaced_length": sum(e.segment_length for e in entries) / n,
         # A rejected response equal to the real one gives no preference signal.
         "identical_fraction": sum(e.rejected == e.real for e in entries) / n,
-        # The sample hit EOS, so the rejected response has no real suffix after the segment.
-        "ends_in_segment_fraction": sum(len(e.rejected) == e.segment_start + e.segment_length
+        # The rejected response ends with the segment: the sample hit EOS, or the segment ran to the end.
+        "no_suffix_fraction": sum(len(e.rejected) == e.segment_start + e.segment_length
                                         for e in entries) / n,
     }
 
@@ -220,7 +220,7 @@ _STAT_LABELS = (
     ("mean_segment_start", "mean segment start (tokens)", "{:.1f}"),
     ("mean_replaced_length", "mean replaced length (tokens)", "{:.1f}"),
     ("identical_fraction", "rejected identical to real", "{:.1%}"),
-    ("ends_in_segment_fraction", "rejected ends in the segment (EOS sampled)", "{:.1%}"),
+    ("no_suffix_fraction", "rejected keeps no real text after the segment", "{:.1%}"),
 )
 
 
@@ -241,9 +241,9 @@ def _entry_texts(entry: ReplayEntry, tokenizer: Any) -> dict[str, Any]:
 
 def _entry_meta(index: int, entry: ReplayEntry) -> str:
     start, end = replaced_span(entry, "real")
-    return (f"entry {index}: segment starts at token {entry.segment_start}, {entry.segment_length} new tokens "
-            f"replace {end - start} real tokens; sampled {entry.times_sampled} times"
-            + ("; identical to the real response" if entry.rejected == entry.real else ""))
+    return (f"entry {index}: segment at token {entry.segment_start}, {entry.segment_length} new tokens "
+            f"replace {end - start} real tokens, times sampled {entry.times_sampled}"
+            + (", identical to the real response" if entry.rejected == entry.real else ""))
 
 
 def _selected(entries: Sequence[ReplayEntry], limit: int, newest_first: bool) -> list[tuple[int, ReplayEntry]]:
@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("path", help="run directory (latest checkpoint-N is used), checkpoint directory, "
                         "sapo_state directory or replay_buffer_rank<R>.safetensors file")
-    parser.add_argument("--limit", type=_non_negative, default=5, help="entries to show (default 5; 0: statistics only)")
+    parser.add_argument("--limit", type=_non_negative, default=5,
+                        help="entries to show (default 5; 0: statistics only)")
     parser.add_argument("--newest", action="store_true", help="show the newest entries instead of the oldest")
     parser.add_argument("--rank", type=_non_negative, default=0, help="process whose buffer to read (default 0)")
     parser.add_argument("--html", type=Path, default=None, metavar="FILE", help="write an HTML page to FILE")
