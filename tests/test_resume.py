@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer, tasks
-from sapo.trainer import CheckpointError, OutputDirError, TrainingStopped, validate_checkpoint
+from sapo.trainer import CheckpointError, OutputDirError, TrainingStopped
 
 
 def config(out, **overrides):
@@ -112,7 +111,7 @@ def test_save_interrupted_half_way_leaves_previous_checkpoint(tmp_path, tokenize
     with pytest.raises(OSError, match="simulated"):
         trainer.train()
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3"]
-    validate_checkpoint(tmp_path / "run" / "checkpoint-3", trainer._param_names, trainer._params, 0)
+    trainer.validate_checkpoint(tmp_path / "run" / "checkpoint-3")
     resumed = trainer_for(tmp_path / "run", tokenizer, suite)
     resumed.train(resume_from_checkpoint="true")
     assert resumed.state.global_step == 6
@@ -177,7 +176,7 @@ def test_repeated_non_finite_steps_stop_with_checkpoint(tmp_path, tokenizer, sui
         trainer.train()
     assert stopped.value.exit_code == 3
     assert stopped.value.checkpoint.endswith("checkpoint-4")
-    validate_checkpoint(Path(stopped.value.checkpoint), trainer._param_names, trainer._params, 0)
+    trainer.validate_checkpoint(Path(stopped.value.checkpoint))
 
 
 # ------------------------------------------------------------------------------------------------

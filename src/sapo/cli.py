@@ -174,13 +174,27 @@ def run_demo(argv: Sequence[str]) -> int:
     return demo_main(argv)
 
 
+def run_plot(argv: Sequence[str]) -> int:
+    from sapo.plots import main as plot_main
+
+    return plot_main(argv)
+
+
+def run_inspect(argv: Sequence[str]) -> int:
+    from sapo.inspection import main as inspect_main
+
+    return inspect_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": run_train, "demo": run_demo}
+    commands = {"train": run_train, "demo": run_demo, "plot": run_plot, "inspect": run_inspect}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: sapo {train,demo} [options]\n\n"
-              "  train  train a model with SAPO (sapo train --help lists every option)\n"
-              "  demo   run the whole pipeline on a built-in task with a tiny model, no downloads",
+        print("usage: sapo {train,demo,plot,inspect} [options]\n\n"
+              "  train    train a model (sapo train --help lists every option)\n"
+              "  demo     run the whole pipeline on a built-in task with a tiny model, no downloads\n"
+              "  plot     plot training curves of runs from their metrics.jsonl (sapo plot RUN_DIR... [--out DIR])\n"
+              "  inspect  show replay-buffer entries with the rewritten segment highlighted (sapo inspect PATH)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
     debug = "--debug" in argv  # sapo's own flag; TrainingArguments' `debug` stays reachable from YAML

@@ -15,6 +15,9 @@ from transformers import TrainingArguments
 from sapo.losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 
 REF_UPDATE_MODES = ("ema", "policy", "fixed")
+RECIPES = ("sapo", "sapo-dpo", "sapo-orpo", "sft", "dpo", "orpo", "spin")
+SELF_AUGMENTING_RECIPES = ("sapo", "sapo-dpo", "sapo-orpo")
+OFFLINE_PAIR_RECIPES = ("dpo", "orpo")
 PROMPT_TRUNCATION_MODES = ("left", "drop")
 
 
@@ -22,6 +25,17 @@ PROMPT_TRUNCATION_MODES = ("left", "drop")
 class SAPOConfig(TrainingArguments):
     """Settings of a SAPO run; see README "Config reference" for the full table."""
 
+    # --- recipe -----------------------------------------------------------------------------------
+    recipe: str = field(
+        default="sapo",
+        metadata={"help": f"What to train: one of {', '.join(RECIPES)}. 'sapo' uses loss_type as given; "
+                  "'sapo-dpo'/'sapo-orpo' fix it to sigmoid/orpo; 'sft' is supervised fine-tuning; 'dpo'/'orpo' "
+                  "train offline on the data's chosen/rejected pairs; 'spin' is SPIN (the frozen previous iterate "
+                  "generates whole responses, then DPO of real vs generated, spin_iterations times)."},
+    )
+    spin_iterations: int = field(
+        default=3, metadata={"help": "SPIN only: iterations (opponent refreshes) over the run's optimizer steps."}
+    )
     # --- loss -------------------------------------------------------------------------------------
     loss_type: str = field(
         default="sigmoid",
@@ -108,20 +122,43 @@ class SAPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._apply_recipe()
         self._validate_sapo_fields()
         super().__post_init__()
 
     @property
     def uses_reference(self) -> bool:
-        """Reference-free losses (ORPO) never build or query a reference model."""
-        return self.loss_type not in REFERENCE_FREE_LOSS_TYPES
+        """Reference-free losses (ORPO) and SFT never build or query a reference model."""
+        return self.recipe != "sft" and self.loss_type not in REFERENCE_FREE_LOSS_TYPES
+
+    @property
+    def self_augmenting(self) -> bool:
+        """SAPO proper: EMA model, segment regeneration and replay buffer."""
+        return self.recipe in SELF_AUGMENTING_RECIPES
+
+    @property
+    def needs_rejected_data(self) -> bool:
+        return self.recipe in OFFLINE_PAIR_RECIPES
+
+    def _apply_recipe(self) -> None:
+        """Recipes fix the loss where it is part of their definition; conflicting settings are errors."""
+        _check_choice("recipe", self.recipe, RECIPES)
+        required = {"sapo-orpo": "orpo", "orpo": "orpo"}.get(self.recipe)
+        if required is not None:
+            self.loss_type = required
+        elif self.recipe in ("sapo-dpo", "dpo", "spin") and self.loss_type in REFERENCE_FREE_LOSS_TYPES:
+            raise ValueError(f"SAPOConfig.recipe {self.recipe!r} needs a reference loss (sigmoid, ipo or hinge), "
+                             f"got loss_type {self.loss_type!r}")
+        if self.recipe in ("dpo", "spin") and self.ref_update_mode != "fixed":
+            self.ref_update_mode = "fixed"  # the reference is the SFT model (dpo) or managed per iteration (spin)
 
     def _validate_sapo_fields(self) -> None:
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
         _check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
         _check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
-                     "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps"):
+                     "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
+                     "spin_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SAPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_length >= self.max_length:

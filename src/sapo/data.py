@@ -51,12 +51,14 @@ class Example:
 
     prompt: list[Message]
     response: Message
+    rejected: Message | None = None  # only read for the offline preference baselines (dpo, orpo)
 
 
 @dataclass(frozen=True)
 class TokenizedExample:
     prompt_ids: list[int]
     response_ids: list[int]
+    rejected_ids: list[int] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,8 +204,26 @@ def _read_hub_dataset(name: str, split: str) -> list[RawRecord]:
 # ------------------------------------------------------------------------------------------------
 
 
-def normalize_record(record: Any, location: str) -> Example:
-    """Turn any supported record shape into an `Example`; raise `DataError` naming the bad field."""
+def normalize_record(record: Any, location: str, with_rejected: bool = False) -> Example:
+    """Turn any supported record shape into an `Example`; raise `DataError` naming the bad field.
+
+    `rejected` is only parsed (and required) with `with_rejected`: SAPO itself ignores it.
+    """
+    example = _normalize_chosen(record, location)
+    if not with_rejected:
+        return example
+    if record.get("rejected") is None:
+        raise DataError(f"{location}: field 'rejected' is missing (offline preference recipes need pairs)")
+    return Example(example.prompt, example.response, _rejected(record["rejected"], location))
+
+
+def _rejected(value: Any, location: str) -> Message:
+    if isinstance(value, list) and any(isinstance(m, Mapping) and m.get("role") != "assistant" for m in value):
+        return _split_conversation(_messages(value, location, "rejected"), location, "rejected").response
+    return _completion(value, location, "rejected")
+
+
+def _normalize_chosen(record: Any, location: str) -> Example:
     if not isinstance(record, Mapping):
         raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
     # Parquet and `datasets` store a column for every field, so a record lacking a field reads back with None.
@@ -300,30 +320,32 @@ def _split_conversation(messages: list[Message], location: str, field_name: str)
     return Example(messages[:-1], last)
 
 
-def load_examples(source: str | os.PathLike, split: str = "train", *, skip_invalid: bool = False) -> list[Example]:
+def load_examples(source: str | os.PathLike, split: str = "train", *, skip_invalid: bool = False,
+                  with_rejected: bool = False) -> list[Example]:
     """Read and normalise every record of `source` (file, directory or hub dataset name).
 
     The first invalid record raises `DataError`; with `skip_invalid` invalid records are dropped and
     counted in a warning instead (with the first few reasons), and only an all-invalid source fails.
     """
-    return _normalise_all(read_records(source, split), skip_invalid, str(source))
+    return _normalise_all(read_records(source, split), skip_invalid, str(source), with_rejected)
 
 
 def examples_from_records(records: Iterable[Any], origin: str = "train_dataset", *,
-                          skip_invalid: bool = False) -> list[Example]:
+                          skip_invalid: bool = False, with_rejected: bool = False) -> list[Example]:
     """Normalise in-memory records (a list of dicts or a `datasets.Dataset`)."""
     raws = (RawRecord(record, f"{origin}: row {index}") for index, record in enumerate(records))
-    return _normalise_all(raws, skip_invalid, origin)
+    return _normalise_all(raws, skip_invalid, origin, with_rejected)
 
 
-def _normalise_all(raws: Iterable[RawRecord], skip_invalid: bool, origin: str) -> list[Example]:
+def _normalise_all(raws: Iterable[RawRecord], skip_invalid: bool, origin: str,
+                   with_rejected: bool = False) -> list[Example]:
     examples: list[Example] = []
     problems: list[str] = []
     for raw in raws:
         try:
             if raw.error is not None:
                 raise DataError(raw.error)
-            examples.append(normalize_record(raw.data, raw.location))
+            examples.append(normalize_record(raw.data, raw.location, with_rejected))
         except DataError as error:
             if not skip_invalid:
                 raise
@@ -381,7 +403,16 @@ def tokenize_example(tokenizer: Any, example: Example) -> TokenizedExample:
     end-of-turn tokens of the template are scored like the model will produce them.
     """
     prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template([*example.prompt, example.response], tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = _response_ids(tokenizer, example.prompt, example.response, prompt_text)
+    rejected_ids = None
+    if example.rejected is not None:
+        rejected_ids = _response_ids(tokenizer, example.prompt, example.rejected, prompt_text)
+    return TokenizedExample(list(prompt_ids), response_ids, rejected_ids)
+
+
+def _response_ids(tokenizer: Any, prompt: list[Message], response: Message, prompt_text: str) -> list[int]:
+    full_text = tokenizer.apply_chat_template([*prompt, response], tokenize=False)
     if not full_text.startswith(prompt_text):
         raise DataError(
             "the chat template renders the prompt differently when the response follows it, so the response "
@@ -393,11 +424,10 @@ def tokenize_example(tokenizer: Any, example: Example) -> TokenizedExample:
     eos_token = tokenizer.eos_token
     if eos_token and response_text.rstrip().endswith(eos_token):
         response_text = response_text.rstrip()
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    response_ids = list(tokenizer(response_text, add_special_tokens=False)["input_ids"])
     if not response_ids or response_ids[-1] != tokenizer.eos_token_id:
-        response_ids = [*response_ids, tokenizer.eos_token_id]
-    return TokenizedExample(list(prompt_ids), list(response_ids))
+        response_ids.append(tokenizer.eos_token_id)
+    return response_ids
 
 
 @dataclass
@@ -428,12 +458,14 @@ def fit_lengths(
                 continue
             prompt = prompt[-max_prompt_length:]
             report.prompts_truncated += 1
-        response = example.response_ids
         room = max_length - len(prompt)
+        response, rejected = example.response_ids, example.rejected_ids
         if len(response) > room:
             response = response[:room]
             report.responses_truncated += 1
-        fitted.append(TokenizedExample(prompt, response))
+        if rejected is not None:
+            rejected = rejected[:room]
+        fitted.append(TokenizedExample(prompt, response, rejected))
     report.kept = len(fitted)
     return fitted, report
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
@@ -59,15 +58,15 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
-        return {"prompt_ids": example.prompt_ids, "response_ids": example.response_ids}
+        return {"index": index, "prompt_ids": example.prompt_ids, "response_ids": example.response_ids,
+                "rejected_ids": example.rejected_ids}
 
 
-def collate_examples(items: Sequence[dict[str, list[int]]]) -> dict[str, list[list[int]]]:
-    """Keep ragged token lists: the incoming batch only feeds generation, never a forward pass."""
-    return {"prompt_ids": [item["prompt_ids"] for item in items],
-            "response_ids": [item["response_ids"] for item in items]}
+def collate_examples(items: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Keep ragged token lists: each recipe builds its own padded batch from them."""
+    return {key: [item[key] for item in items] for key in ("index", "prompt_ids", "response_ids", "rejected_ids")}
 
 
 def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
@@ -187,7 +186,7 @@ class SAPOTrainer(Trainer):
         self._param_names, self._params = trainable_parameters(self.model)
         if not self._params:
             raise ValueError("the model has no trainable parameters")
-        self.ema_model, self.ema = self._build_ema()
+        self.ema_model, self.ema = self._build_ema() if args.self_augmenting else (None, None)
         self.ref_model, self.ref = self._build_reference(ref_model)
         self.sampler: SegmentSampler = sampler or HFGenerateSampler(
             SamplingSettings(args.temperature, args.top_k, args.top_p),
@@ -206,6 +205,8 @@ class SAPOTrainer(Trainer):
         self._nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
         self._stop_reason: tuple[str, int] | None = None
+        self.spin_iteration = -1
+        self.spin_rejected: dict[int, list[int]] = {}  # SPIN: the opponent's response per example, this iteration
         self.add_callback(_SAPOStepHooks(self))
 
     # --------------------------------------------------------------------------------------------
@@ -216,7 +217,8 @@ class SAPOTrainer(Trainer):
     def _tokenize_dataset(train_dataset: Any, tokenizer: Any, args: SAPOConfig) -> TokenizedDataset:
         if isinstance(train_dataset, TokenizedDataset):
             return train_dataset
-        examples = examples_from_records(train_dataset, skip_invalid=args.skip_invalid)
+        examples = examples_from_records(train_dataset, skip_invalid=args.skip_invalid,
+                                         with_rejected=args.needs_rejected_data)
         tokenized = tokenize_examples(tokenizer, examples, max_length=args.max_length,
                                       max_prompt_length=args.max_prompt_length,
                                       prompt_truncation=args.prompt_truncation)
@@ -247,7 +249,7 @@ class SAPOTrainer(Trainer):
                 shadow = ShadowWeights.parameters_of(ref_model, self._param_names)
             return ref_model, shadow
         if self.is_peft:
-            if self.args.ref_update_mode == "fixed":
+            if self.args.ref_update_mode == "fixed" and self.args.recipe != "spin":
                 return None, None  # the base model with adapters disabled
             return None, ShadowWeights.clone_of(self._param_names, self._params)
         ref = self._frozen_copy(self.policy)
@@ -318,15 +320,66 @@ class SAPOTrainer(Trainer):
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         started = time.perf_counter()
-        if self.state.global_step % self.args.sample_every_n_steps == 0:
-            self.augment(inputs["prompt_ids"], inputs["response_ids"])
-        replayed = self.buffer.sample(self.args.per_device_train_batch_size)
-        batch = pad_pairs(replayed, self.processing_class.pad_token_id)
+        pad = self.processing_class.pad_token_id
+        if self.args.recipe == "sft":
+            batch = pad_sequences(list(zip(inputs["prompt_ids"], inputs["response_ids"], strict=True)), pad)
+        else:
+            batch = pad_pairs(self._pairs_for_step(inputs), pad)
         loss = super().training_step(model, batch, num_items_in_batch)
         self._timing["step"] += time.perf_counter() - started
-        self._metrics["buffer/size"].append(float(len(self.buffer)))
-        self._metrics["buffer/mean_times_sampled"].append(self.buffer.stats()["mean_times_sampled"])
         return loss
+
+    def _pairs_for_step(self, inputs: dict[str, Any]) -> list[ReplayEntry]:
+        """The (prompt, real, rejected) pairs this micro-batch trains on, by recipe."""
+        if self.args.self_augmenting:
+            if self.state.global_step % self.args.sample_every_n_steps == 0:
+                self.augment(inputs["prompt_ids"], inputs["response_ids"])
+            replayed = self.buffer.sample(self.args.per_device_train_batch_size)
+            self._metrics["buffer/size"].append(float(len(self.buffer)))
+            self._metrics["buffer/mean_times_sampled"].append(self.buffer.stats()["mean_times_sampled"])
+            return replayed
+        spin = self.args.recipe == "spin"
+        rejected = self._spin_opponent_responses(inputs) if spin else inputs["rejected_ids"]
+        return [ReplayEntry(list(p), list(y), list(r), 0, len(r))
+                for p, y, r in zip(inputs["prompt_ids"], inputs["response_ids"], rejected, strict=True)]
+
+    @property
+    def spin_steps_per_iteration(self) -> int:
+        return max(1, math.ceil(self.state.max_steps / self.args.spin_iterations))
+
+    def _spin_opponent_responses(self, inputs: dict[str, Any]) -> list[list[int]]:
+        """SPIN: whole responses of the frozen previous iterate, made once per example and iteration.
+
+        At each iteration boundary the opponent (the reference) becomes the current policy. Responses
+        are generated lazily for the examples of each batch: the opponent is frozen within an
+        iteration, so this equals generating for all prompts up front, without the up-front pass.
+        """
+        iteration = self.state.global_step // self.spin_steps_per_iteration
+        if iteration != self.spin_iteration:
+            if iteration > 0:
+                self.ref.copy_from_(self._params)
+            self.spin_iteration, self.spin_rejected = iteration, {}
+            self._metrics["spin/iteration"].append(float(iteration))
+        missing = [i for i, index in enumerate(inputs["index"]) if index not in self.spin_rejected]
+        if missing:
+            prompts = [inputs["prompt_ids"][i] for i in missing]
+            budget = max(self.args.max_length - len(p) for p in prompts)
+            started = time.perf_counter()
+            with self._opponent_generator() as generator:
+                samples = self.sampler.sample(generator, prompts, budget)
+            self._timing["generation"] += time.perf_counter() - started
+            for i, sample in zip(missing, samples, strict=True):
+                room = self.args.max_length - len(inputs["prompt_ids"][i])
+                self.spin_rejected[inputs["index"][i]] = list(sample[:room])
+        return [self.spin_rejected[index] for index in inputs["index"]]
+
+    @contextlib.contextmanager
+    def _opponent_generator(self) -> Iterator[nn.Module]:
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        with self.ref.swapped_into(self._params):
+            yield self.policy
 
     def _token_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
@@ -347,6 +400,10 @@ class SAPOTrainer(Trainer):
                      num_items_in_batch: Any = None):
         mask = inputs["loss_mask"][:, 1:]
         token_logps = self._token_logps(model, inputs)
+        if self.args.recipe == "sft":
+            loss = nll_from_logps(token_logps, mask)
+            self._metrics["nll_loss"].append(loss.item())
+            return (loss, None) if return_outputs else loss
         sums, means = sequence_logps(token_logps, mask)
         half = sums.shape[0] // 2
         if self.args.loss_type == "orpo":
@@ -399,10 +456,11 @@ class SAPOTrainer(Trainer):
 
     def _after_optimizer_step(self) -> None:
         self._metrics["nonfinite/skipped_steps"].append(float(self.nonfinite_steps))
-        if not self._step_skipped:  # the policy did not move, so neither does its average
+        if self.ema is not None and not self._step_skipped:  # a skipped step leaves the average alone too
             self.ema.update_ema_(self._params, self.args.ema_beta)
         step = self.state.global_step
-        if self.ref is not None and self.args.ref_update_mode != "fixed" and step % self.ref_update_steps == 0:
+        refreshing = self.args.self_augmenting and self.args.ref_update_mode != "fixed"
+        if self.ref is not None and refreshing and step % self.ref_update_steps == 0:
             source = self.ema.tensors if self.args.ref_update_mode == "ema" else self._params
             self.ref.copy_from_(source)
             self._metrics["ref/refreshes"].append(1.0)
@@ -453,7 +511,7 @@ class SAPOTrainer(Trainer):
             return last
         if not resume:
             return None
-        validate_checkpoint(Path(resume), self._param_names, self._params, self.args.process_index)
+        self.validate_checkpoint(Path(resume))
         return str(resume)
 
     def _prepare_output_dir(self, resume: str | None) -> None:
@@ -521,7 +579,7 @@ class SAPOTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The policy as Trainer saves it; a final save also writes the EMA model to `ema/` beside it."""
         super().save_model(output_dir, _internal_call)
-        if not _internal_call and self.args.should_save:
+        if not _internal_call and self.args.should_save and self.ema is not None:
             self.save_ema(os.path.join(output_dir or self.args.output_dir, EMA_DIR))
 
     def save_ema(self, directory: str) -> None:
@@ -557,18 +615,36 @@ class SAPOTrainer(Trainer):
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
 
+    def sapo_state_files(self) -> list[str]:
+        """Files of `sapo_state/` this run writes (and needs to resume), for this rank."""
+        rank = self.args.process_index
+        files = [MANIFEST_FILE, "trainer.json", f"segment_rng_rank{rank}.json"]
+        if self.ema is not None:
+            files += ["ema.safetensors", f"replay_buffer_rank{rank}.safetensors"]
+        if self.ref is not None:
+            files.append("reference.safetensors")
+        if self.args.recipe == "spin":
+            files.append(f"spin_rank{rank}.json")
+        return files
+
     def save_sapo_state(self, directory: Path) -> None:
-        """EMA, reference (when it moves), replay buffer with counts and the segment RNG, per rank."""
+        """EMA, reference, replay buffer with counts, RNG and SPIN state, per rank; safetensors and JSON."""
         directory.mkdir(parents=True, exist_ok=True)
         rank = self.args.process_index
         if self.args.should_save:
-            save_file(self.ema.state_dict(), str(directory / "ema.safetensors"))
+            manifest = {name: list(p.shape) for name, p in zip(self._param_names, self._params, strict=True)}
+            (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+            if self.ema is not None:
+                save_file(self.ema.state_dict(), str(directory / "ema.safetensors"))
             if self.ref is not None:
                 save_file(self.ref.state_dict(), str(directory / "reference.safetensors"))
-            meta = {"ref_update_steps": self.ref_update_steps}
-            (directory / "trainer.json").write_text(json.dumps(meta))
-        self.buffer.save(directory / f"replay_buffer_rank{rank}.safetensors")
+            (directory / "trainer.json").write_text(json.dumps({"ref_update_steps": self.ref_update_steps}))
+        if self.ema is not None:
+            self.buffer.save(directory / f"replay_buffer_rank{rank}.safetensors")
         (directory / f"segment_rng_rank{rank}.json").write_text(json.dumps(_rng_state_to_json(self.segment_rng)))
+        if self.args.recipe == "spin":
+            spin = {"iteration": self.spin_iteration, "rejected": {str(k): v for k, v in self.spin_rejected.items()}}
+            (directory / f"spin_rank{rank}.json").write_text(json.dumps(spin))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -576,16 +652,23 @@ class SAPOTrainer(Trainer):
 
     def load_sapo_state(self, directory: Path) -> None:
         rank = self.args.process_index
-        if not directory.is_dir():
-            raise FileNotFoundError(f"{directory}: checkpoint has no SAPO state (not a sapo checkpoint?)")
-        self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
-        if self.ref is not None and (directory / "reference.safetensors").exists():
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
+            self.buffer = ReplayBuffer.load(directory / f"replay_buffer_rank{rank}.safetensors")
+        if self.ref is not None:
             self.ref.load_state_dict(load_file(str(directory / "reference.safetensors")))
         meta = json.loads((directory / "trainer.json").read_text())
         self.ref_update_steps = meta.get("ref_update_steps") or self.ref_update_steps
-        self.buffer = ReplayBuffer.load(directory / f"replay_buffer_rank{rank}.safetensors")
         state = json.loads((directory / f"segment_rng_rank{rank}.json").read_text())
         self.segment_rng.setstate(_rng_state_from_json(state))
+        if self.args.recipe == "spin":
+            spin = json.loads((directory / f"spin_rank{rank}.json").read_text())
+            self.spin_iteration = spin["iteration"]
+            self.spin_rejected = {int(k): v for k, v in spin["rejected"].items()}
+
+    def validate_checkpoint(self, path: Path) -> None:
+        """Fail early, before anything is written, when `path` cannot resume this run."""
+        validate_checkpoint(path, dict(zip(self._param_names, self._params, strict=True)), self.sapo_state_files())
 
 
 def _rng_state_to_json(rng: random.Random) -> list[Any]:
@@ -607,6 +690,7 @@ class OutputDirError(ValueError):
 
 
 STAGING_DIR = ".staging"
+MANIFEST_FILE = "parameters.json"
 
 
 def check_output_dir(out: Path, *, resuming: bool, overwrite: bool) -> None:
@@ -629,25 +713,22 @@ def _truncate_metrics(path: Path, keep_until_step: int) -> None:
     path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
 
 
-def validate_checkpoint(path: Path, names: Sequence[str], params: Sequence[torch.Tensor], rank: int) -> None:
-    """Fail early, before anything is written, when `path` cannot resume this run."""
+def validate_checkpoint(path: Path, params: dict[str, torch.Tensor], state_files: Sequence[str]) -> None:
+    """Check that `path` is a complete sapo checkpoint of a model with exactly these trainable parameters."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
-    state_dir = path / STATE_DIR
-    required = [path / "trainer_state.json", state_dir / "ema.safetensors", state_dir / "trainer.json",
-                state_dir / f"replay_buffer_rank{rank}.safetensors"]
+    required = [path / "trainer_state.json", *(path / STATE_DIR / name for name in state_files)]
     missing = [str(p.relative_to(path)) for p in required if not p.exists()]
     if missing:
-        raise CheckpointError(f"{path}: not a complete sapo checkpoint (missing {', '.join(missing)})")
-    with safe_open(str(state_dir / "ema.safetensors"), framework="pt") as saved:
-        saved_names = set(saved.keys())
-        for name, param in zip(names, params, strict=True):
-            if name not in saved_names:
-                raise CheckpointError(f"{path}: written by another run: it has no parameter {name!r}")
-            shape = tuple(saved.get_slice(name).get_shape())
-            if shape != tuple(param.shape):
-                raise CheckpointError(f"{path}: written by another run: parameter {name!r} has shape {shape}, "
-                                      f"this model {tuple(param.shape)}")
+        raise CheckpointError(f"{path}: not a complete sapo checkpoint of this kind of run "
+                              f"(missing {', '.join(missing)})")
+    manifest = json.loads((path / STATE_DIR / MANIFEST_FILE).read_text())
+    for name, param in params.items():
+        if name not in manifest:
+            raise CheckpointError(f"{path}: written by another run: it has no parameter {name!r}")
+        if tuple(manifest[name]) != tuple(param.shape):
+            raise CheckpointError(f"{path}: written by another run: parameter {name!r} has shape "
+                                  f"{tuple(manifest[name])}, this model {tuple(param.shape)}")
 
 
 def _fsync_tree(root: Path) -> None:

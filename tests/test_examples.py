@@ -1,0 +1,64 @@
+"""Every examples/*.yaml is a valid `sapo train --config` file (keys and values), without downloading anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import transformers.training_args
+
+from sapo.cli import build_train_parser, known_option_names, parse_train_args, read_yaml_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
+
+# Settings each example promises in its name and comments (the paper's, for the 7B/8B ones).
+EXPECTED = {
+    "mistral-7b-sapo-dpo.yaml": {
+        "model_name_or_path": "wandb/mistral-7b-zephyr-sft",
+        "dataset_name": "argilla/distilabel-capybara-dpo-7k-binarized",
+        "learning_rate": 5e-7, "optim": "rmsprop", "lr_scheduler_type": "linear", "warmup_steps": 0.1,
+        "num_train_epochs": 4, "per_device_train_batch_size": 8, "max_length": 2048, "max_prompt_length": 1792,
+        "beta": 0.1, "loss_type": "sigmoid", "token_generate_length": 256, "ema_beta": 0.5,
+        "max_replay_buffer_size": 2000, "bf16": True, "gradient_checkpointing": True, "ref_update_mode": "ema",
+    },
+    "llama3-8b-sapo-orpo.yaml": {
+        "model_name_or_path": "meta-llama/Meta-Llama-3-8B",
+        "dataset_name": "argilla/distilabel-capybara-dpo-7k-binarized",
+        "learning_rate": 5e-6, "optim": "adamw_bnb_8bit", "lr_scheduler_type": "inverse_sqrt", "warmup_steps": 100,
+        "loss_type": "orpo", "beta": 0.05, "chat_template": "chatml", "num_train_epochs": 4,
+        "per_device_train_batch_size": 8, "max_length": 2048, "max_prompt_length": 1792,
+        "token_generate_length": 256, "ema_beta": 0.5, "max_replay_buffer_size": 2000, "bf16": True,
+        "gradient_checkpointing": True,
+    },
+    "lora-single-gpu.yaml": {"use_peft": True, "lora_r": 16, "ref_update_mode": "fixed", "bf16": True,
+                             "gradient_checkpointing": True},
+    "demo.yaml": {"model_name_or_path": "runs/demo/sft", "use_cpu": True, "bf16": False},
+}
+
+
+def _value(model_args, config, name: str):
+    value = getattr(model_args, name) if hasattr(model_args, name) else getattr(config, name)
+    return getattr(value, "value", value)  # enums (optim, lr_scheduler_type) compare by their string
+
+
+def test_examples_are_present() -> None:
+    assert {p.name for p in CONFIGS} >= set(EXPECTED)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing.*` is deprecated:FutureWarning")
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_example_is_a_valid_config(path: Path) -> None:
+    parser = build_train_parser()
+    values = read_yaml_config(str(path), known_option_names(parser))  # unknown keys raise
+    assert values, f"{path.name} sets nothing"
+    # bf16 is validated against the local hardware; the GPU examples are checked here on any machine.
+    with mock.patch.object(transformers.training_args, "is_torch_bf16_gpu_available", return_value=True):
+        model_args, config = parse_train_args(["--config", str(path)])
+    assert model_args.model_name_or_path and model_args.dataset_name and config.output_dir
+    for name, value in values.items():  # every key in the file reaches the parsed configuration
+        expected = [] if (name, value) == ("report_to", "none") else value  # TrainingArguments' normal form
+        assert _value(model_args, config, name) == expected, name
+    for name, value in EXPECTED.get(path.name, {}).items():
+        assert _value(model_args, config, name) == value, name
