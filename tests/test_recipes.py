@@ -1,0 +1,93 @@
+"""Every recipe runs end to end in the one trainer; SPIN swaps its opponent at iteration boundaries."""
+
+import json
+
+import pytest
+import torch
+
+from sapo import SAPOConfig, SAPOTrainer
+
+
+def config(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
+                    learning_rate=1e-3, token_generate_length=4, max_length=64, max_prompt_length=48,
+                    logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    settings.update(overrides)
+    return SAPOConfig(**settings)
+
+
+def rows(tmp_path):
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+@pytest.mark.parametrize("recipe,loss_type", [("sapo-dpo", "sigmoid"), ("sapo-orpo", "orpo"), ("sft", None),
+                                              ("dpo", "sigmoid"), ("orpo", "orpo"), ("spin", "sigmoid")])
+def test_recipe_runs_and_builds_only_what_it_needs(tmp_path, tokenizer, tiny_model, suite, recipe, loss_type):
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, recipe=recipe), train_dataset=suite["train"],
+                          processing_class=tokenizer)
+    if loss_type:
+        assert trainer.args.loss_type == loss_type
+    assert (trainer.ema is not None) == recipe.startswith("sapo")
+    assert (trainer.ref is not None) == (recipe in ("sapo-dpo", "dpo", "spin"))
+    before = [p.detach().clone() for p in trainer._params]
+    trainer.train()
+    trainer.save_model()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer._params, strict=True))
+    logged = rows(tmp_path)
+    assert len(logged) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
+    assert ("rewards/margins" in logged[0]) == (recipe != "sft")
+    assert ("buffer/size" in logged[0]) == recipe.startswith("sapo")
+    assert (tmp_path / "out" / "ema").exists() == recipe.startswith("sapo")
+
+
+def test_offline_dpo_trains_on_the_datas_rejected_responses(tmp_path, tokenizer, tiny_model, suite):
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, recipe="dpo"), train_dataset=suite["train"],
+                          processing_class=tokenizer)
+    example = trainer.train_dataset.examples[0]
+    expected = list(tokenizer(suite["train"][0]["rejected"], add_special_tokens=False)["input_ids"])
+    assert example.rejected_ids == expected + [tokenizer.eos_token_id]
+    pairs = trainer._pairs_for_step(trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]]))
+    assert pairs[0].real == example.response_ids and pairs[0].rejected == example.rejected_ids
+
+
+def test_offline_recipe_without_rejected_field_names_the_record(tmp_path, tokenizer, tiny_model, suite):
+    from sapo.data import DataError
+
+    records = [{"messages": r["messages"]} for r in suite["train"][:4]]
+    with pytest.raises(DataError, match="row 0: field 'rejected' is missing"):
+        SAPOTrainer(model=tiny_model, args=config(tmp_path, recipe="orpo"), train_dataset=records,
+                    processing_class=tokenizer)
+
+
+def test_conflicting_recipe_and_loss_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="recipe 'dpo' needs a reference loss"):
+        config(tmp_path, recipe="dpo", loss_type="orpo")
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        config(tmp_path, recipe="kto")
+
+
+def test_spin_opponent_is_previous_iterate_and_responses_are_whole(tmp_path, tokenizer, tiny_model, suite):
+    args = config(tmp_path, recipe="spin", max_steps=6, spin_iterations=3)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    initial = [t.clone() for t in trainer.ref.tensors]
+    seen = {}
+    hooks = trainer._after_optimizer_step
+
+    def spy():
+        hooks()
+        seen[trainer.state.global_step] = ([p.detach().clone() for p in trainer._params],
+                                           [t.clone() for t in trainer.ref.tensors], trainer.spin_iteration,
+                                           dict(trainer.spin_rejected))
+
+    trainer._after_optimizer_step = spy
+    trainer.train()
+    assert trainer.spin_steps_per_iteration == 2
+    assert [seen[s][2] for s in range(1, 7)] == [0, 0, 1, 1, 2, 2]
+    for step in (1, 2):  # iteration 0: the opponent is the starting model
+        assert all(torch.equal(r, i) for r, i in zip(seen[step][1], initial, strict=True))
+    for step, source in ((3, 2), (5, 4)):  # the opponent becomes the policy as it was at the boundary
+        assert all(torch.equal(r, p) for r, p in zip(seen[step][1], seen[source][0], strict=True))
+    responses = seen[6][3]
+    assert len(responses) == 8  # two batches of 4 in iteration 2, each example generated once
+    assert all(len(tokens) >= 1 for tokens in responses.values())
