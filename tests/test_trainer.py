@@ -223,3 +223,14 @@ def test_every_input_format_trains_on_the_same_tokens(tmp_path, tokenizer, tiny_
     assert trainer.train_dataset.examples == reference.examples
     trainer.train()
     assert len(trainer.buffer) == 4
+
+
+def test_generation_batch_size_queues_batches_into_larger_rounds(tmp_path, tokenizer, tiny_model, suite):
+    sampler = ScriptedSampler([[40, 41, 42, 43, 44, 45]])
+    args = config(tmp_path, max_steps=7, generation_batch_size=12)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer,
+                          sampler=sampler)
+    trainer.train()
+    # step 1: empty buffer, so its batch is generated at once; then every third batch completes a round of 12
+    assert [len(contexts) for contexts, _ in sampler.calls] == [4, 12, 12]
+    assert len(trainer.buffer) == 28 and len(trainer.pending) == 0

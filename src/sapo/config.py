@@ -79,6 +79,13 @@ class SAPOConfig(TrainingArguments):
     responses_per_prompt: int = field(
         default=1, metadata={"help": "Rejected responses sampled per real example in each generation round."}
     )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Examples per generation round. Default: each incoming batch is augmented at once. "
+                  "Larger values queue incoming batches and generate their segments together (the replay "
+                  "buffer is off-policy, so segments may come from a slightly older EMA model), which "
+                  "amortises decoding cost over many steps."},
+    )
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the EMA model."})
     top_k: int = field(default=50, metadata={"help": "Top-k of the EMA model's sampling (0 disables)."})
     top_p: float = field(default=0.95, metadata={"help": "Top-p (nucleus) of the EMA model's sampling (1 disables)."})
@@ -176,6 +183,9 @@ class SAPOConfig(TrainingArguments):
             raise ValueError(f"SAPOConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"SAPOConfig.top_k must be >= 0, got {self.top_k}")
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            raise ValueError(f"SAPOConfig.generation_batch_size must be >= 1 or unset, "
+                             f"got {self.generation_batch_size}")
         if self.ref_update_steps is not None and self.ref_update_steps < 1:
             raise ValueError(f"SAPOConfig.ref_update_steps must be >= 1 or unset, got {self.ref_update_steps}")
 

@@ -205,6 +205,7 @@ class SAPOTrainer(Trainer):
         self._nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
         self._stop_reason: tuple[str, int] | None = None
+        self.pending: list[tuple[list[int], list[int]]] = []  # examples queued for the next generation round
         self.spin_iteration = -1
         self.spin_rejected: dict[int, list[int]] = {}  # SPIN: the opponent's response per example, this iteration
         self.add_callback(_SAPOStepHooks(self))
@@ -333,7 +334,7 @@ class SAPOTrainer(Trainer):
         """The (prompt, real, rejected) pairs this micro-batch trains on, by recipe."""
         if self.args.self_augmenting:
             if self.state.global_step % self.args.sample_every_n_steps == 0:
-                self.augment(inputs["prompt_ids"], inputs["response_ids"])
+                self._queue_for_augmentation(inputs)
             replayed = self.buffer.sample(self.args.per_device_train_batch_size)
             self._metrics["buffer/size"].append(float(len(self.buffer)))
             self._metrics["buffer/mean_times_sampled"].append(self.buffer.stats()["mean_times_sampled"])
@@ -342,6 +343,15 @@ class SAPOTrainer(Trainer):
         rejected = self._spin_opponent_responses(inputs) if spin else inputs["rejected_ids"]
         return [ReplayEntry(list(p), list(y), list(r), 0, len(r))
                 for p, y, r in zip(inputs["prompt_ids"], inputs["response_ids"], rejected, strict=True)]
+
+    def _queue_for_augmentation(self, inputs: dict[str, Any]) -> None:
+        """Augment once `generation_batch_size` examples are waiting (or the buffer is still empty)."""
+        self.pending.extend(zip(inputs["prompt_ids"], inputs["response_ids"], strict=True))
+        round_size = self.args.generation_batch_size or len(inputs["prompt_ids"])
+        if len(self.pending) >= round_size or len(self.buffer) == 0:
+            prompts, responses = zip(*self.pending, strict=True)
+            self.pending = []
+            self.augment(list(prompts), list(responses))
 
     @property
     def spin_steps_per_iteration(self) -> int:
@@ -620,7 +630,7 @@ class SAPOTrainer(Trainer):
         rank = self.args.process_index
         files = [MANIFEST_FILE, "trainer.json", f"segment_rng_rank{rank}.json"]
         if self.ema is not None:
-            files += ["ema.safetensors", f"replay_buffer_rank{rank}.safetensors"]
+            files += ["ema.safetensors", f"replay_buffer_rank{rank}.safetensors", f"pending_rank{rank}.json"]
         if self.ref is not None:
             files.append("reference.safetensors")
         if self.args.recipe == "spin":
@@ -641,6 +651,7 @@ class SAPOTrainer(Trainer):
             (directory / "trainer.json").write_text(json.dumps({"ref_update_steps": self.ref_update_steps}))
         if self.ema is not None:
             self.buffer.save(directory / f"replay_buffer_rank{rank}.safetensors")
+            (directory / f"pending_rank{rank}.json").write_text(json.dumps(self.pending))
         (directory / f"segment_rng_rank{rank}.json").write_text(json.dumps(_rng_state_to_json(self.segment_rng)))
         if self.args.recipe == "spin":
             spin = {"iteration": self.spin_iteration, "rejected": {str(k): v for k, v in self.spin_rejected.items()}}
@@ -655,6 +666,7 @@ class SAPOTrainer(Trainer):
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
             self.buffer = ReplayBuffer.load(directory / f"replay_buffer_rank{rank}.safetensors")
+            self.pending = [tuple(pair) for pair in json.loads((directory / f"pending_rank{rank}.json").read_text())]
         if self.ref is not None:
             self.ref.load_state_dict(load_file(str(directory / "reference.safetensors")))
         meta = json.loads((directory / "trainer.json").read_text())
