@@ -188,12 +188,11 @@ class SAPOTrainer(Trainer):
             raise ValueError("the model has no trainable parameters")
         self.ema_model, self.ema = self._build_ema() if args.self_augmenting else (None, None)
         self.ref_model, self.ref = self._build_reference(ref_model)
+        self.eos_token_ids = eos_token_ids_of(processing_class, self.model)
         self.sampler: SegmentSampler = sampler or HFGenerateSampler(
             SamplingSettings(args.temperature, args.top_k, args.top_p),
-            pad_token_id=processing_class.pad_token_id,
-            eos_token_ids=eos_token_ids_of(processing_class, self.model),
+            pad_token_id=processing_class.pad_token_id, eos_token_ids=self.eos_token_ids,
         )
-        self.eos_token_ids = eos_token_ids_of(processing_class, self.model)
         rank_seed = args.seed + args.process_index
         self.buffer = ReplayBuffer(args.max_replay_buffer_size, seed=rank_seed)
         self.segment_rng = random.Random(rank_seed)
@@ -245,16 +244,21 @@ class SAPOTrainer(Trainer):
                 ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
             ref_model = ref_model.to(self.args.device)
             ref_model.eval().requires_grad_(False)
-            shadow = None
-            if self.args.ref_update_mode != "fixed":
-                shadow = ShadowWeights.parameters_of(ref_model, self._param_names)
+            shadow = ShadowWeights.parameters_of(ref_model, self._param_names) if self.reference_moves else None
             return ref_model, shadow
         if self.is_peft:
-            if self.args.ref_update_mode == "fixed" and self.args.recipe != "spin":
+            if not self.reference_moves:
                 return None, None  # the base model with adapters disabled
             return None, ShadowWeights.clone_of(self._param_names, self._params)
         ref = self._frozen_copy(self.policy)
         return ref, ShadowWeights.parameters_of(ref, self._param_names)
+
+    @property
+    def reference_moves(self) -> bool:
+        """Whether the reference ever changes (SPIN opponents, refreshed SAPO references); a fixed one is
+        rebuilt from the starting model on resume instead of being written into every checkpoint."""
+        refreshed = self.args.self_augmenting and self.args.ref_update_mode != "fixed"
+        return self.args.uses_reference and (refreshed or self.args.recipe == "spin")
 
     @staticmethod
     def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -631,7 +635,7 @@ class SAPOTrainer(Trainer):
         files = [MANIFEST_FILE, "trainer.json", f"segment_rng_rank{rank}.json"]
         if self.ema is not None:
             files += ["ema.safetensors", f"replay_buffer_rank{rank}.safetensors", f"pending_rank{rank}.json"]
-        if self.ref is not None:
+        if self.reference_moves:
             files.append("reference.safetensors")
         if self.args.recipe == "spin":
             files.append(f"spin_rank{rank}.json")
@@ -646,7 +650,7 @@ class SAPOTrainer(Trainer):
             (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
             if self.ema is not None:
                 save_file(self.ema.state_dict(), str(directory / "ema.safetensors"))
-            if self.ref is not None:
+            if self.reference_moves:
                 save_file(self.ref.state_dict(), str(directory / "reference.safetensors"))
             (directory / "trainer.json").write_text(json.dumps({"ref_update_steps": self.ref_update_steps}))
         if self.ema is not None:
@@ -667,7 +671,7 @@ class SAPOTrainer(Trainer):
             self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
             self.buffer = ReplayBuffer.load(directory / f"replay_buffer_rank{rank}.safetensors")
             self.pending = [tuple(pair) for pair in json.loads((directory / f"pending_rank{rank}.json").read_text())]
-        if self.ref is not None:
+        if self.reference_moves:
             self.ref.load_state_dict(load_file(str(directory / "reference.safetensors")))
         meta = json.loads((directory / "trainer.json").read_text())
         self.ref_update_steps = meta.get("ref_update_steps") or self.ref_update_steps
