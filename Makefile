@@ -24,11 +24,11 @@ demo: install
 	$(VENV)/bin/sapo demo --output_dir runs/demo
 
 test: install-dev
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts benchmarks
 	$(PY) -m pytest -q
 
 lint: install-dev
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -188,15 +188,23 @@ def run_inspect(argv: Sequence[str]) -> int:
     return inspect_main(argv)
 
 
+def run_eval(argv: Sequence[str]) -> int:
+    from sapo.evaluation import main as eval_main
+
+    return eval_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": run_train, "demo": run_demo, "plot": run_plot, "inspect": run_inspect}
+    commands = {"train": run_train, "demo": run_demo, "plot": run_plot, "inspect": run_inspect, "eval": run_eval}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: sapo {train,demo,plot,inspect} [options]\n\n"
+        print("usage: sapo {train,demo,plot,inspect,eval} [options]\n\n"
               "  train    train a model (sapo train --help lists every option)\n"
               "  demo     run the whole pipeline on a built-in task with a tiny model, no downloads\n"
               "  plot     plot training curves of runs from their metrics.jsonl (sapo plot RUN_DIR... [--out DIR])\n"
-              "  inspect  show replay-buffer entries with the rewritten segment highlighted (sapo inspect PATH)",
+              "  inspect  show replay-buffer entries with the rewritten segment highlighted (sapo inspect PATH)\n"
+              "  eval     compare model dirs on prompts with a judge: scores, per-family means, pairwise win rates\n"
+              "           (sapo eval MODEL_DIR... --suite heldout | --data FILE [--judge module:function])",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
     debug = "--debug" in argv  # sapo's own flag; TrainingArguments' `debug` stays reachable from YAML

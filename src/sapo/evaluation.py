@@ -1,8 +1,25 @@
-"""Generating responses to held-out prompts and scoring them with a programmatic judge."""
+"""Generating responses to held-out prompts and scoring them with a programmatic judge; `sapo eval`.
+
+`sapo eval MODEL_DIR [MODEL_DIR...]` loads each directory with plain `AutoModelForCausalLM` /
+`AutoTokenizer`, answers the same prompts with every model (greedy unless `--sample`), scores each
+response with a judge `(prompt, response, record) -> float`, and reports per model the mean score, the
+mean response length (characters) and, when records carry a `task` field, the mean per task family; for
+every pair of models it reports per-prompt wins, ties and losses and the win rate (a tie counts as half a
+win). The pure pieces (:func:`load_judge`, :func:`win_rates`, :func:`build_report`, :func:`format_table`)
+work without a model.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -11,6 +28,8 @@ from sapo.data import Message
 from sapo.generation import HFGenerateSampler, SamplingSettings, eos_token_ids_of
 
 Judge = Callable[[str, str, dict[str, Any]], float]
+
+DEFAULT_JUDGE = "sapo.tasks:judge"
 
 
 def prompt_ids(tokenizer: Any, prompt: Sequence[Message]) -> list[int]:
@@ -42,3 +61,302 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]]
     return {"score": sum(scores) / max(1, len(scores)),
             "mean_length": sum(len(r) for r in responses) / max(1, len(responses)),
             "scores": scores, "responses": responses}
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure pieces of `sapo eval`: judge loading, win rates, report and table
+# ------------------------------------------------------------------------------------------------
+
+
+def load_judge(spec: str) -> Judge:
+    """Resolve ``module:function`` (or ``path/to/file.py:function``) to a callable judge.
+
+    The current directory is importable, as with ``python -m``. A bad spec raises `sapo.cli.UsageError`.
+    """
+    from sapo.cli import UsageError  # lazily: sapo.cli dispatches to this module
+
+    module_name, colon, attribute = spec.rpartition(":")
+    if not colon or not module_name.strip() or not attribute.strip():
+        raise UsageError(f"--judge {spec!r}: expected module:function, e.g. {DEFAULT_JUDGE} or my_judges.py:score")
+    if module_name.endswith(".py"):
+        module = _module_from_file(spec, module_name)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise UsageError(f"--judge {spec!r}: cannot import module {module_name!r} ({error})") from None
+    target: Any = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(f"--judge {spec!r}: module {module_name!r} has no attribute {attribute!r}") from None
+    if not callable(target):
+        raise UsageError(f"--judge {spec!r}: {attribute!r} is a {type(target).__name__}, not a callable "
+                         "(prompt, response, record) -> float")
+    return target
+
+
+def _module_from_file(spec: str, file_name: str) -> Any:
+    from sapo.cli import UsageError
+
+    path = Path(file_name)
+    if not path.is_file():
+        raise UsageError(f"--judge {spec!r}: no such file {file_name!r}")
+    module_spec = importlib.util.spec_from_file_location(f"sapo_judge_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise UsageError(f"--judge {spec!r}: cannot load {file_name!r} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:  # the user's file failed while importing
+        raise UsageError(f"--judge {spec!r}: importing {file_name!r} failed "
+                         f"({type(error).__name__}: {error})") from None
+    return module
+
+
+def win_rates(scores_by_model: Mapping[str, Sequence[float]], *,
+              tolerance: float = 0.0) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-prompt head-to-head comparison of every ordered pair of models.
+
+    ``result[a][b]`` counts, over the prompts, ``wins`` (a's score higher than b's by more than
+    ``tolerance``), ``ties`` and ``losses``, with ``n`` prompts and
+    ``win_rate = (wins + 0.5 * ties) / n``: a tie counts as half a win, so two identical models score 0.5
+    and ``win_rate[a][b] + win_rate[b][a] == 1``. All score lists must have the same, non-zero length.
+    """
+    lengths = {name: len(scores) for name, scores in scores_by_model.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"every model needs one score per prompt; got lengths {lengths}")
+    if any(n == 0 for n in lengths.values()):
+        raise ValueError("win rates need at least one prompt")
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for a, a_scores in scores_by_model.items():
+        result[a] = {}
+        for b, b_scores in scores_by_model.items():
+            if a == b:
+                continue
+            wins = sum(x - y > tolerance for x, y in zip(a_scores, b_scores, strict=True))
+            losses = sum(y - x > tolerance for x, y in zip(a_scores, b_scores, strict=True))
+            n = len(a_scores)
+            ties = n - wins - losses
+            result[a][b] = {"wins": wins, "ties": ties, "losses": losses, "n": n, "win_rate": (wins + 0.5 * ties) / n}
+    return result
+
+
+def family_order(family: str) -> tuple[int, str]:
+    """Built-in families in their usual order, then any others alphabetically."""
+    from sapo.tasks import TASK_FAMILIES
+
+    return (TASK_FAMILIES.index(family) if family in TASK_FAMILIES else len(TASK_FAMILIES), family)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def build_report(prompts: Sequence[Sequence[Message]], records: Sequence[Any],
+                 responses_by_model: Mapping[str, Sequence[str]], judge: Judge, *,
+                 judge_name: str = "judge", settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Score every model's responses and compare the models; no model is needed.
+
+    ``prompts[i]`` (chat messages) and ``records[i]`` (the raw record handed to the judge) describe prompt
+    ``i``; ``responses_by_model[label][i]`` is that model's response. Judge failures and non-numeric or
+    non-finite scores raise `sapo.cli.UsageError` naming the prompt.
+    """
+    from sapo.cli import UsageError
+
+    if len(prompts) != len(records):
+        raise ValueError(f"{len(prompts)} prompts but {len(records)} records")
+    tasks_ = [record.get("task") if isinstance(record, Mapping) else None for record in records]
+    families = sorted({t for t in tasks_ if isinstance(t, str)}, key=family_order)
+    models: dict[str, dict[str, Any]] = {}
+    scores_by_model: dict[str, list[float]] = {}
+    for label, responses in responses_by_model.items():
+        if len(responses) != len(prompts):
+            raise ValueError(f"{label}: {len(responses)} responses for {len(prompts)} prompts")
+        scores = [_judge_one(judge, judge_name, index, prompt, response, record, UsageError)
+                  for index, (prompt, response, record) in enumerate(zip(prompts, responses, records, strict=True))]
+        scores_by_model[label] = scores
+        by_family = {family: _mean([s for s, t in zip(scores, tasks_, strict=True) if t == family])
+                     for family in families}
+        models[label] = {"score": _mean(scores), "mean_length": _mean([len(r) for r in responses]),
+                         "by_family": by_family, "n": len(scores)}
+    per_prompt = [{"prompt": last_user_turn(prompt), "task": task,
+                   "responses": {label: responses[index] for label, responses in responses_by_model.items()},
+                   "scores": {label: scores[index] for label, scores in scores_by_model.items()}}
+                  for index, (prompt, task) in enumerate(zip(prompts, tasks_, strict=True))]
+    return {"judge": judge_name, "n_prompts": len(prompts), "families": families, "settings": dict(settings or {}),
+            "models": models,
+            "win_rates": win_rates(scores_by_model) if len(scores_by_model) > 1 and prompts else {},
+            "per_prompt": per_prompt}
+
+
+def _judge_one(judge: Judge, judge_name: str, index: int, prompt: Sequence[Message], response: str, record: Any,
+               usage_error: type[Exception]) -> float:
+    try:
+        value = judge(last_user_turn(prompt), response, record)
+    except Exception as error:
+        hint = ""
+        if judge_name == DEFAULT_JUDGE:
+            hint = ("; the default judge only scores records of the built-in suite (fields 'task', 'reference', "
+                    "'kind', 'params'): pass --judge module:function for other data")
+        raise usage_error(f"judge {judge_name} failed on prompt {index} ({type(error).__name__}: {error}){hint}") \
+            from error
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise usage_error(f"judge {judge_name} returned {value!r} for prompt {index}; expected a number") from None
+    if not math.isfinite(score):
+        raise usage_error(f"judge {judge_name} returned {score} for prompt {index}; expected a finite number")
+    return score
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """Plain-text tables of a :func:`build_report` result: scores per model, then pairwise win rates."""
+    models, families = report["models"], report["families"]
+    width = max([len("model"), *(len(label) for label in models)])
+    header = f"{'model':<{width}}  {'score':>7}  {'length':>7}" + "".join(f"  {f:>10}" for f in families)
+    lines = [f"judge {report['judge']} on {report['n_prompts']} prompts: mean score (length = mean characters)",
+             header, "-" * len(header)]
+    for label, result in models.items():
+        lines.append(f"{label:<{width}}  {result['score']:>7.3f}  {result['mean_length']:>7.1f}"
+                     + "".join(f"  {result['by_family'][f]:>10.3f}" for f in families))
+    if report["win_rates"]:
+        labels = list(models)
+        pair_width = max(len(a) + len(b) + 4 for a in labels for b in labels if a != b)
+        lines += ["", "pairwise, per prompt: win = higher judge score; win rate = (wins + 0.5 * ties) / prompts",
+                  f"{'A vs B':<{pair_width}}  {'wins':>5}  {'ties':>5}  {'losses':>6}  {'A win rate':>10}"]
+        lines.append("-" * len(lines[-1]))
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                r = report["win_rates"][a][b]
+                lines.append(f"{f'{a} vs {b}':<{pair_width}}  {r['wins']:>5}  {r['ties']:>5}  {r['losses']:>6}  "
+                             f"{r['win_rate']:>10.3f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# `sapo eval`
+# ------------------------------------------------------------------------------------------------
+
+
+def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message]], list[Any]]:
+    """Prompts (chat messages before the final assistant turn) and raw records, from --data or --suite."""
+    from sapo.cli import UsageError
+    from sapo.data import DataError, normalize_record, read_records
+
+    if (args.data is None) == (args.suite is None):
+        raise UsageError("give exactly one of --data FILE and --suite {train,heldout}")
+    if args.suite is not None:
+        from sapo import tasks
+
+        if args.n < 1:
+            raise UsageError(f"--n must be >= 1, got {args.n}")
+        records = tasks.make_suite(args.n if args.suite == "train" else 0, args.n if args.suite == "heldout" else 0,
+                                   seed=args.seed)[args.suite]
+        return [list(r["messages"][:-1]) for r in records], records
+    prompts, records = [], []
+    for raw in read_records(args.data, args.split):
+        if raw.error is not None:
+            raise DataError(raw.error)
+        prompts.append(list(normalize_record(raw.data, raw.location).prompt))
+        records.append(raw.data)
+    if not prompts:
+        raise DataError(f"{args.data}: no records")
+    return prompts, records
+
+
+def load_model(path: str, *, device: str = "cpu", chat_template: str | None = None) -> tuple[nn.Module, Any]:
+    """A model directory loaded as a user would: `AutoModelForCausalLM` / `AutoTokenizer`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sapo.cli import UsageError
+    from sapo.data import prepare_tokenizer
+
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"{path}: not a model directory (config.json missing)")
+    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    model.eval()
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), chat_template)
+    return model, tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sapo eval",
+        description="Answer the same prompts with each model, score the responses with a judge, and compare the "
+                    "models (mean score, mean response length, per-family means, pairwise win rates).")
+    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                        help="model directories (AutoModelForCausalLM + AutoTokenizer), e.g. sapo train outputs")
+    source = parser.add_argument_group("prompts (exactly one of --data and --suite)")
+    source.add_argument("--data", default=None, metavar="FILE",
+                        help="chat records: .jsonl/.json/.parquet file or dataset directory, any format sapo "
+                             "train reads; the prompt is everything before the last assistant turn")
+    source.add_argument("--split", default="train", help="split to read when --data is a dataset directory")
+    source.add_argument("--suite", choices=("heldout", "train"), default=None,
+                        help="use the built-in task suite (sapo.tasks) instead of a file")
+    source.add_argument("--n", type=int, default=300, help="--suite: number of prompts (default 300)")
+    source.add_argument("--seed", type=int, default=0, help="--suite: suite seed; also seeds --sample (default 0)")
+    parser.add_argument("--judge", default=DEFAULT_JUDGE, metavar="MODULE:FUNCTION",
+                        help="callable (prompt, response, record) -> float; MODULE may be a .py file path "
+                             f"(default {DEFAULT_JUDGE}, which scores records of the built-in suite)")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="response length limit in tokens (64)")
+    parser.add_argument("--batch_size", type=int, default=64, help="prompts generated at once (64)")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7, help="--sample: temperature (0.7)")
+    parser.add_argument("--top_p", type=float, default=0.95, help="--sample: nucleus top-p (0.95)")
+    parser.add_argument("--top_k", type=int, default=0, help="--sample: top-k, 0 disables (0)")
+    parser.add_argument("--chat_template", default=None,
+                        help="chat template (Jinja string, file or 'chatml') for tokenizers without one")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--output", default=None, metavar="FILE",
+                        help="write the full report (scores, win rates, every response) as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from sapo.cli import UsageError
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per model
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if len(set(args.model_dirs)) != len(args.model_dirs):
+        raise UsageError("the same MODEL_DIR is given twice")
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.sample and (args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
+        raise UsageError("--sample needs --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
+    for path in args.model_dirs:  # fail before any generation, not after the first model
+        if not (Path(path) / "config.json").is_file():
+            raise UsageError(f"{path}: not a model directory (config.json missing)")
+    judge = load_judge(args.judge)
+    prompts, records = load_eval_records(args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    settings = SamplingSettings(args.temperature, args.top_k, args.top_p, do_sample=True) if args.sample else None
+    responses_by_model: dict[str, list[str]] = {}
+    for path in args.model_dirs:
+        print(f"sapo eval: {path}: answering {len(prompts)} prompts", file=sys.stderr)
+        model, tokenizer = load_model(path, device=device, chat_template=args.chat_template)
+        if args.sample:
+            torch.manual_seed(args.seed)
+        responses_by_model[path] = generate_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                                      batch_size=args.batch_size, settings=settings)
+        del model
+    run_settings = {"data": args.data, "split": args.split if args.data else None, "suite": args.suite,
+                    "n": args.n if args.suite else None, "seed": args.seed, "decoding": "sample" if args.sample
+                    else "greedy", "max_new_tokens": args.max_new_tokens}
+    if args.sample:
+        run_settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    report = build_report(prompts, records, responses_by_model, judge, judge_name=args.judge, settings=run_settings)
+    print(format_table(report))
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        print(f"\nreport written to {output}")
+    return 0
