@@ -48,3 +48,293 @@ def test_sampling_is_seeded_and_varies(tiny_model, tokenizer):
     tiny_model.train()  # the sampler switches to eval for decoding and must restore training mode
     sampler.sample(tiny_model, contexts[:1], max_new_tokens=2)
     assert tiny_model.training
+
+
+# ------------------------------------------------------------------------------------------------
+# StaticCacheSampler: same tokens as `generate` (greedy), same distribution (sampling)
+# ------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers.generation.logits_process import (  # noqa: E402
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from sapo.generation import (  # noqa: E402
+    StaticCacheSampler,
+    make_sampler,
+    sample_from_logits,
+    sampling_probabilities,
+)
+
+PAD, EOS = 0, 2
+
+
+def build_decoder(kind: str, vocab_size: int, seed: int = 0):
+    """A tiny Llama or Qwen2 (grouped-query attention) with weights large enough that greedy decoding varies."""
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_class, model_class = classes[kind]
+    config = config_class(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                          initializer_range=0.5, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
+                          tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config).eval()
+
+
+@pytest.fixture(params=["llama", "qwen2"], scope="module")
+def decoder(request, tokenizer):
+    return build_decoder(request.param, len(tokenizer))
+
+
+def varied_contexts(vocab_size: int, count: int = 6, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [3, 17, 9, 25, 1, 12, 6, 20][:count]
+    return [torch.randint(7, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def reference_greedy(model, contexts, max_new_tokens, eos):
+    """Plain `model.generate`, one unpadded context at a time (the ground truth)."""
+    outputs = []
+    for context in contexts:
+        ids = torch.tensor([context])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=PAD, eos_token_id=sorted(eos))
+        outputs.append(cut_after_eos(out[0, len(context):].tolist(), eos))
+    return outputs
+
+
+def test_static_greedy_matches_generate(decoder, tokenizer):
+    contexts = varied_contexts(len(tokenizer))
+    max_new = 14
+    # Make one row stop early: declare the 4th greedy token of row 0 an EOS as well.
+    plain = reference_greedy(decoder, contexts, max_new, {EOS})
+    early = plain[0][3]
+    assert early not in plain[0][:3]
+    eos = {EOS, early}
+    expected = reference_greedy(decoder, contexts, max_new, eos)
+    assert len(expected[0]) == 4 and expected[0][-1] == early
+    assert any(len(row) == max_new for row in expected)  # and some rows run to the max_new_tokens bound
+    for batch_size, check_every in ((None, 16), (4, 1), (4, 3), (1, 5)):
+        sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids=eos,
+                                     batch_size=batch_size, check_every=check_every)
+        assert sampler.sample(decoder, contexts, max_new) == expected, (batch_size, check_every)
+    hf = HFGenerateSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids=eos, batch_size=3)
+    assert hf.sample(decoder, contexts, max_new) == expected
+
+
+def test_static_greedy_stops_early_and_respects_the_bound(decoder, tokenizer):
+    contexts = varied_contexts(len(tokenizer), count=4)
+    first_tokens = [row[0] for row in reference_greedy(decoder, contexts, 1, {EOS})]
+    sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD,
+                                 eos_token_ids=set(first_tokens), check_every=2)
+    assert sampler.sample(decoder, contexts, 40) == [[t] for t in first_tokens]
+    assert sampler.last_stats["decode_steps"] == 2  # every row ended at once: the loop stopped at its first check
+    bounded = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS})
+    assert [len(r) <= 1 for r in bounded.sample(decoder, contexts, 1)] == [True] * 4
+    assert bounded.sample(decoder, contexts, 0) == [[]] * 4
+    assert bounded.sample(decoder, [], 5) == []
+    with pytest.raises(ValueError, match="at least one token"):
+        bounded.sample(decoder, [[5], []], 3)
+
+
+def test_static_sampler_restores_mode_and_runs_in_bf16(tokenizer):
+    model = build_decoder("llama", len(tokenizer)).to(torch.bfloat16).train()
+    sampler = StaticCacheSampler(SamplingSettings(), pad_token_id=PAD, eos_token_ids={EOS}, batch_size=2)
+    out = sampler.sample(model, varied_contexts(len(tokenizer), count=3), 6)
+    assert model.training
+    assert len(out) == 3 and all(0 < len(row) <= 6 for row in out)
+    assert all(0 <= t < len(tokenizer) for row in out for t in row)
+
+
+def test_static_greedy_matches_generate_under_lora(tokenizer):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build_decoder("llama", len(tokenizer)),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False)).eval()
+    contexts = varied_contexts(len(tokenizer), count=4)
+    hf = HFGenerateSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS})
+    static = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS})
+    assert static.sample(model, contexts, 8) == hf.sample(model, contexts, 8)
+
+
+def hf_filtered_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """The distribution `generate` samples from: its own warpers, in its own order, then softmax."""
+    scores = logits.float()
+    if settings.temperature != 1.0:
+        scores = TemperatureLogitsWarper(settings.temperature)(None, scores)
+    if settings.top_k > 0:
+        scores = TopKLogitsWarper(settings.top_k)(None, scores)
+    if settings.top_p < 1.0:
+        scores = TopPLogitsWarper(settings.top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+SETTINGS = [
+    SamplingSettings(temperature=0.7, top_k=50, top_p=0.95),
+    SamplingSettings(temperature=1.0, top_k=0, top_p=1.0),
+    SamplingSettings(temperature=1.3, top_k=5, top_p=1.0),
+    SamplingSettings(temperature=0.5, top_k=0, top_p=0.8),
+    SamplingSettings(temperature=1.0, top_k=5000, top_p=0.5),  # top_k above the vocabulary size
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"T{s.temperature}-k{s.top_k}-p{s.top_p}")
+def test_sampling_probabilities_equal_generate_warpers(settings):
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    ours, theirs = sampling_probabilities(logits, settings), hf_filtered_probs(logits, settings)
+    assert torch.equal(ours > 0, theirs > 0)  # the same support
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_top_k_top_p_never_sample_outside_the_allowed_set():
+    probs = torch.tensor([0.05, 0.5, 0.0001, 0.2, 0.15, 0.0999, 0.0])
+    logits = probs.clamp(min=1e-30).log().expand(20000, -1).clone()
+    torch.manual_seed(0)
+    cases = [  # settings, allowed tokens
+        (SamplingSettings(temperature=1.0, top_k=3, top_p=1.0), {1, 3, 4}),
+        (SamplingSettings(temperature=1.0, top_k=0, top_p=0.6), {1, 3}),  # 0.5 < 0.6 <= 0.5 + 0.2
+        (SamplingSettings(temperature=1.0, top_k=2, top_p=0.4), {1}),
+        (SamplingSettings(temperature=2.0, top_k=4, top_p=1.0), {1, 3, 4, 5}),
+        (SamplingSettings(temperature=0.7, top_k=1, top_p=1.0), {1}),
+    ]
+    for settings, allowed in cases:
+        drawn = sample_from_logits(logits, settings)
+        assert set(drawn.unique().tolist()) == allowed, settings
+    assert (sample_from_logits(logits, SamplingSettings(do_sample=False)) == 1).all()
+
+
+def assert_matches_distribution(samples: torch.Tensor, expected: torch.Tensor, sigmas: float = 5.0) -> None:
+    """Empirical frequencies within `sigmas` binomial standard deviations of `expected`; no impossible token."""
+    n = samples.numel()
+    counts = torch.bincount(samples, minlength=expected.numel()).double() / n
+    assert counts[expected == 0].sum() == 0
+    tolerance = sigmas * (expected.double() * (1 - expected.double()) / n).sqrt() + 1e-3
+    assert ((counts - expected.double()).abs() <= tolerance).all(), (counts, expected)
+
+
+def first_tokens(sampler, model, context, rows=2000):
+    return torch.tensor([row[0] for row in sampler.sample(model, [context] * rows, 1)])
+
+
+FIRST_TOKEN_SETTINGS = [SETTINGS[0], SamplingSettings(temperature=1.0, top_k=0, top_p=0.9)]
+
+
+@pytest.mark.parametrize("settings", FIRST_TOKEN_SETTINGS, ids=lambda s: f"T{s.temperature}-k{s.top_k}-p{s.top_p}")
+def test_first_token_distribution_matches_filtered_softmax(decoder, tokenizer, settings):
+    context = varied_contexts(len(tokenizer), count=2)[1]
+    with torch.no_grad():
+        logits = decoder(input_ids=torch.tensor([context])).logits[0, -1]
+    expected = hf_filtered_probs(logits[None], settings)[0]
+    assert 3 <= int((expected > 0).sum()) < len(tokenizer) - 10  # the filters matter for this context
+    torch.manual_seed(1)
+    static = StaticCacheSampler(settings, pad_token_id=PAD, eos_token_ids=set())
+    assert_matches_distribution(first_tokens(static, decoder, context), expected)
+
+
+def test_generate_first_token_distribution_is_the_same(tokenizer):
+    """The reference side of the comparison: `generate` draws from that same filtered softmax."""
+    model, settings = build_decoder("llama", len(tokenizer)), SETTINGS[0]
+    context = varied_contexts(len(tokenizer), count=2)[1]
+    with torch.no_grad():
+        expected = hf_filtered_probs(model(input_ids=torch.tensor([context])).logits[:, -1], settings)[0]
+    torch.manual_seed(1)
+    hf = HFGenerateSampler(settings, pad_token_id=PAD, eos_token_ids={EOS})
+    assert_matches_distribution(first_tokens(hf, model, context), expected)
+
+
+def test_later_tokens_match_generate_statistically(tokenizer):
+    """Two-sample check on the 3rd token and on the length (EOS timing) of longer samples."""
+    model = build_decoder("qwen2", len(tokenizer), seed=1)
+    settings = SamplingSettings(temperature=1.0, top_k=20, top_p=0.9)
+    contexts = [varied_contexts(len(tokenizer), count=2)[0]] * 2000
+    eos = {EOS, 40, 41, 42, 43}
+    torch.manual_seed(2)
+    ours = StaticCacheSampler(settings, pad_token_id=PAD, eos_token_ids=eos).sample(model, contexts, 6)
+    theirs = HFGenerateSampler(settings, pad_token_id=PAD, eos_token_ids=eos).sample(model, contexts, 6)
+
+    def third_tokens(samples):
+        return torch.tensor([row[2] for row in samples if len(row) > 2])
+
+    def frequencies(values, size):
+        return torch.bincount(values, minlength=size).double() / max(1, values.numel())
+
+    a, b = third_tokens(ours), third_tokens(theirs)
+    assert min(a.numel(), b.numel()) > 500
+    pooled = (frequencies(a, len(tokenizer)) + frequencies(b, len(tokenizer))) / 2
+    spread = (pooled * (1 - pooled) * (1 / a.numel() + 1 / b.numel())).sqrt()
+    assert ((frequencies(a, len(tokenizer)) - frequencies(b, len(tokenizer))).abs() <= 5 * spread + 2e-3).all()
+    mean_a = sum(map(len, ours)) / len(ours)
+    mean_b = sum(map(len, theirs)) / len(theirs)
+    assert abs(mean_a - mean_b) < 6 * 2.5 / math.sqrt(len(ours))  # lengths lie in [1, 6]: sd <= 2.5
+
+
+def test_make_sampler():
+    settings = SamplingSettings()
+    assert isinstance(make_sampler("hf", settings, PAD, {EOS}, 4), HFGenerateSampler)
+    static = make_sampler("static", settings, PAD, {EOS}, 4, check_every=4)
+    assert isinstance(static, StaticCacheSampler) and static.batch_size == 4 and static.check_every == 4
+    assert not static.uses_compile(torch.device("cpu"))
+    assert static.uses_compile(torch.device("cuda")) if static.compile is None else True
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("vllm", settings, PAD, {EOS})
+
+
+@pytest.mark.slow
+def test_compiled_static_sampler_on_cpu_matches_generate(tokenizer):
+    """`torch.compile` of the decode step (inductor on CPU: no CUDA graphs) decodes the same tokens."""
+    model = build_decoder("llama", len(tokenizer))
+    contexts = varied_contexts(len(tokenizer))
+    sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS},
+                                 batch_size=4, compile=True, compile_mode=None)
+    assert sampler.sample(model, contexts, 10) == reference_greedy(model, contexts, 10, {EOS})
+    assert sampler._compile_works and not sampler._compile_failed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_cuda_compiled_static_sampler(kind, tokenizer):
+    """On CUDA: compiled decode (CUDA graphs) gives generate's greedy tokens in fp32, and the decode loop
+    synchronises with the host only at its every-`check_every`-steps exit check."""
+    model = build_decoder(kind, len(tokenizer)).cuda()
+    contexts = varied_contexts(len(tokenizer))
+    expected = reference_greedy(model, contexts, 24, {EOS})
+    sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS},
+                                 batch_size=8)
+    assert sampler.uses_compile(torch.device("cuda"))
+    for _ in range(2):  # the second call replays the captured graphs
+        assert sampler.sample(model, contexts, 24) == expected
+    assert sampler._compile_works and not sampler._compile_failed
+    sampled = make_sampler("static", SamplingSettings(), PAD, {EOS}, 8).sample(model.to(torch.bfloat16), contexts, 24)
+    assert all(0 < len(row) <= 24 for row in sampled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decode_loop_syncs_only_at_its_checks(tokenizer):
+    """The eager decode loop on CUDA: extra decode steps add host synchronisations only at the EOS checks."""
+    import warnings
+
+    model = build_decoder("llama", len(tokenizer)).cuda()
+    contexts = varied_contexts(len(tokenizer))
+    sampler = StaticCacheSampler(SamplingSettings(), pad_token_id=PAD, eos_token_ids=set(), compile=False,
+                                 check_every=8)
+
+    def syncs(max_new_tokens: int) -> int:
+        sampler.sample(model, contexts, max_new_tokens)  # warm-up (allocations, lazy initialisation)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sampler.sample(model, contexts, max_new_tokens)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    short, long = syncs(16), syncs(80)
+    assert long - short <= (80 - 16) // 8 + 1, (short, long)
