@@ -1,6 +1,24 @@
-import torch
+"""Samplers: `HFGenerateSampler` and `StaticCacheSampler` against plain `model.generate` and its warpers."""
 
-from sapo.generation import HFGenerateSampler, SamplingSettings, cut_after_eos, eos_token_ids_of, left_pad
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from sapo.generation import (
+    HFGenerateSampler,
+    SamplingSettings,
+    StaticCacheSampler,
+    cut_after_eos,
+    eos_token_ids_of,
+    left_pad,
+    make_sampler,
+    sample_from_logits,
+    sampling_probabilities,
+)
 
 
 def test_cut_after_eos():
@@ -54,24 +72,17 @@ def test_sampling_is_seeded_and_varies(tiny_model, tokenizer):
 # StaticCacheSampler: same tokens as `generate` (greedy), same distribution (sampling)
 # ------------------------------------------------------------------------------------------------
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-from transformers.generation.logits_process import (  # noqa: E402
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
-
-from sapo.generation import (  # noqa: E402
-    StaticCacheSampler,
-    make_sampler,
-    sample_from_logits,
-    sampling_probabilities,
-)
-
 PAD, EOS = 0, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two spinning threads made
+    this file 20x slower; the setting is restored for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def build_decoder(kind: str, vocab_size: int, seed: int = 0):
@@ -294,6 +305,9 @@ def test_compiled_static_sampler_on_cpu_matches_generate(tokenizer):
                                  batch_size=4, compile=True, compile_mode=None)
     assert sampler.sample(model, contexts, 10) == reference_greedy(model, contexts, 10, {EOS})
     assert sampler._compile_works and not sampler._compile_failed
+    model.to(torch.bfloat16)  # same module, new dtype: the kept cache must not be reused
+    assert all(0 < len(row) <= 10 for row in sampler.sample(model, contexts, 10))
+    assert not sampler._compile_failed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -317,8 +331,6 @@ def test_cuda_compiled_static_sampler(kind, tokenizer):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_decode_loop_syncs_only_at_its_checks(tokenizer):
     """The eager decode loop on CUDA: extra decode steps add host synchronisations only at the EOS checks."""
-    import warnings
-
     model = build_decoder("llama", len(tokenizer)).cuda()
     contexts = varied_contexts(len(tokenizer))
     sampler = StaticCacheSampler(SamplingSettings(), pad_token_id=PAD, eos_token_ids=set(), compile=False,

@@ -76,3 +76,15 @@ def test_soft_capped_model_detected_and_scored_exactly():
 def test_plain_llama_uses_hidden_state_scoring(tiny_model):
     ids, _, _ = batch(tiny_model.config.vocab_size)
     assert hidden_state_scoring_is_exact(tiny_model, ids[:1])
+
+
+def test_chunked_handles_fp32_hidden_states_with_a_bf16_head():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 30).to(torch.bfloat16)
+    hidden = torch.randn(5, 8, requires_grad=True)  # what accelerate's mixed precision hands back
+    labels = torch.randint(0, 30, (5,))
+    got = chunked_token_logps(hidden, labels, head, chunk_size=2)
+    want = token_logps_from_logits(head(hidden.to(torch.bfloat16)), labels)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()

@@ -324,6 +324,11 @@ class StaticCacheSampler:
             return False
         return self.compile if self.compile is not None else device.type == "cuda"
 
+    @property
+    def compile_failed(self) -> bool:
+        """True once `torch.compile` of the decode step has failed (decoding continues eagerly)."""
+        return self._compile_failed
+
     def release(self) -> None:
         """Free the kept static cache and compiled steps (they are rebuilt on the next call)."""
         self._cache, self._cache_key = None, None
@@ -349,7 +354,8 @@ class StaticCacheSampler:
         return self._decode(model, contexts, max_new_tokens, compiled=False)
 
     def _static_cache(self, model: nn.Module, batch: int, cache_len: int, device: torch.device) -> StaticCache:
-        key = (id(model), batch, cache_len, device)
+        dtypes = tuple(sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()}))
+        key = (id(model), batch, cache_len, device, dtypes)
         if self._cache is not None and self._cache_key == key:
             self._cache.reset()
             return self._cache

@@ -32,7 +32,9 @@ def token_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 def _project_chunk(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
-    return token_logps_from_logits(F.linear(hidden, weight, bias), labels)
+    # Under mixed precision accelerate returns fp32 hidden states while the head stays bf16; the
+    # projection runs outside autocast here, so match the head's dtype explicitly.
+    return token_logps_from_logits(F.linear(hidden.to(weight.dtype), weight, bias), labels)
 
 
 def chunked_token_logps(
