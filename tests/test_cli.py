@@ -109,3 +109,12 @@ def test_readme_config_reference_matches_the_dataclasses():
     section = readme[readme.index(start) + len(start):readme.index(end)]
     assert section.strip() == config_reference_markdown().strip(), (
         "README config reference is stale: run `.venv/bin/python scripts/update_readme_reference.py`")
+
+
+def test_final_output_has_a_model_card_with_the_command(tmp_path, model_dir, dataset_file):
+    config_file = write_yaml(tmp_path, model_dir, dataset_file, beta=0.2)
+    assert main(["train", "--config", str(config_file)]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"sapo train --config {config_file}" in card
+    assert str(dataset_file) in card and str(model_dir) in card
+    assert "| `beta` | `0.2` |" in card and "## Final training metrics" in card and "| `loss` |" in card

@@ -234,3 +234,18 @@ def test_generation_batch_size_queues_batches_into_larger_rounds(tmp_path, token
     # step 1: empty buffer, so its batch is generated at once; then every third batch completes a round of 12
     assert [len(contexts) for contexts, _ in sampler.calls] == [4, 12, 12]
     assert len(trainer.buffer) == 28 and len(trainer.pending) == 0
+
+
+def test_report_to_tensorboard_writes_sapo_metrics(tmp_path, tokenizer, tiny_model, suite):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = config(tmp_path, max_steps=2, report_to="tensorboard")
+    SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer).train()
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/rewards/margins", "train/buffer/size"} <= tags
+    assert [e.step for e in accumulator.Scalars("train/rewards/margins")] == [1, 2]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,6 +163,8 @@ def run_train(argv: Sequence[str]) -> int:
     trainer = SAPOTrainer(model=model, args=config, train_dataset=records, processing_class=tokenizer,
                           peft_config=lora_config(model_args) if model_args.use_peft else None,
                           chat_template=model_args.chat_template)
+    trainer.data_source = model_args.dataset_name
+    trainer.command = shlex.join(["sapo", "train", *argv])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
     if trainer.is_world_process_zero():

@@ -205,6 +205,8 @@ class SAPOTrainer(Trainer):
         self.nonfinite_steps = 0
         self._stop_reason: tuple[str, int] | None = None
         self.pending: list[tuple[list[int], list[int]]] = []  # examples queued for the next generation round
+        self.data_source: str | None = None  # shown in the model card; the CLI sets both
+        self.command: str | None = None
         self.spin_iteration = -1
         self.spin_rejected: dict[int, list[int]] = {}  # SPIN: the opponent's response per example, this iteration
         self.add_callback(_SAPOStepHooks(self))
@@ -593,8 +595,24 @@ class SAPOTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The policy as Trainer saves it; a final save also writes the EMA model to `ema/` beside it."""
         super().save_model(output_dir, _internal_call)
-        if not _internal_call and self.args.should_save and self.ema is not None:
-            self.save_ema(os.path.join(output_dir or self.args.output_dir, EMA_DIR))
+        if _internal_call or not self.args.should_save:
+            return
+        directory = output_dir or self.args.output_dir
+        if self.ema is not None:
+            self.save_ema(os.path.join(directory, EMA_DIR))
+        self.write_model_card(directory)
+
+    def write_model_card(self, directory: str) -> None:
+        """README.md beside the final model: base model, data, recipe, settings, final metrics, command."""
+        from sapo.cli import config_fields
+        from sapo.model_card import card_settings, final_metrics, render_model_card
+
+        card = render_model_card(
+            base_model=getattr(getattr(self.policy, "config", None), "_name_or_path", None) or None,
+            data=self.data_source, recipe=self.args.recipe,
+            settings=card_settings(self.args, [f.name for f in config_fields()]),
+            metrics=final_metrics(self.state.log_history), command=self.command)
+        Path(directory, "README.md").write_text(card, encoding="utf-8")
 
     def save_ema(self, directory: str) -> None:
         if self.ema_model is not None:
