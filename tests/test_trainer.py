@@ -249,3 +249,26 @@ def test_report_to_tensorboard_writes_sapo_metrics(tmp_path, tokenizer, tiny_mod
     tags = set(accumulator.Tags()["scalars"])
     assert {"train/loss", "train/rewards/margins", "train/buffer/size"} <= tags
     assert [e.step for e in accumulator.Scalars("train/rewards/margins")] == [1, 2]
+
+
+def test_progress_bar_shows_live_metrics_and_throughput(tmp_path, tokenizer, tiny_model, suite):
+    from transformers.trainer_callback import ProgressCallback
+
+    args = config(tmp_path, max_steps=2, disable_tqdm=False)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    postfixes = []
+    progress = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback))
+    begin = progress.on_train_begin
+
+    def spy_begin(*a, **k):
+        begin(*a, **k)
+        original = progress.training_bar.set_postfix
+        progress.training_bar.set_postfix = lambda values, **kw: (postfixes.append(dict(values)),
+                                                                   original(values, **kw))
+
+    progress.on_train_begin = spy_begin
+    trainer.train()
+    assert postfixes and {"loss", "margin", "acc", "buffer", "gen tok/s"} <= set(postfixes[0])
+    assert postfixes[-1]["buffer"] == "8/2000"
+    rows = read_metrics(tmp_path / "out")
+    assert all(r["generation/tokens_per_second"] > 0 for r in rows)

@@ -477,9 +477,13 @@ def tokenize_examples(
     max_length: int,
     max_prompt_length: int,
     prompt_truncation: str = "left",
+    progress: bool = False,
 ) -> list[TokenizedExample]:
     """Tokenize and fit every example; log what was truncated or dropped, fail if nothing is left."""
-    tokenized = [tokenize_example(tokenizer, example) for example in examples]
+    from tqdm.auto import tqdm
+
+    tokenized = [tokenize_example(tokenizer, example)
+                 for example in tqdm(examples, desc="tokenizing", unit="example", disable=not progress)]
     fitted, report = fit_lengths(
         tokenized, max_length=max_length, max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation
     )

@@ -40,11 +40,18 @@ def prompt_ids(tokenizer: Any, prompt: Sequence[Message]) -> list[int]:
 
 def generate_responses(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[Message]], *,
                        max_new_tokens: int = 64, batch_size: int = 64,
-                       settings: SamplingSettings | None = None) -> list[str]:
+                       settings: SamplingSettings | None = None, progress: bool = False) -> list[str]:
     """Decoded responses (greedy unless `settings` says otherwise), special tokens removed."""
+    from tqdm.auto import tqdm
+
     sampler = HFGenerateSampler(settings or SamplingSettings(do_sample=False), pad_token_id=tokenizer.pad_token_id,
-                                eos_token_ids=eos_token_ids_of(tokenizer, model), batch_size=batch_size)
-    tokens = sampler.sample(model, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens)
+                                eos_token_ids=eos_token_ids_of(tokenizer, model))
+    contexts = [prompt_ids(tokenizer, p) for p in prompts]
+    tokens: list[list[int]] = []
+    with tqdm(total=len(contexts), desc="generating", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(contexts), batch_size):
+            tokens.extend(sampler.sample(model, contexts[start:start + batch_size], max_new_tokens))
+            bar.update(min(batch_size, len(contexts) - start))
     return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
 
@@ -311,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat_template", default=None,
                         help="chat template (Jinja string, file or 'chatml') for tokenizers without one")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--output", default=None, metavar="FILE",
                         help="write the full report (scores, win rates, every response) as JSON")
     return parser
@@ -345,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sample:
             torch.manual_seed(args.seed)
         responses_by_model[path] = generate_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                                      batch_size=args.batch_size, settings=settings)
+                                                      batch_size=args.batch_size, settings=settings,
+                                                      progress=not args.quiet)
         del model
     run_settings = {"data": args.data, "split": args.split if args.data else None, "suite": args.suite,
                     "n": args.n if args.suite else None, "seed": args.seed, "decoding": "sample" if args.sample

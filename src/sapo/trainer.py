@@ -133,6 +133,27 @@ class _SAPOStepHooks(TrainerCallback):
             control.should_training_stop = True
 
 
+LIVE_METRICS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "acc",
+                "buffer/size": "buffer", "generation/tokens_per_second": "gen tok/s"}
+
+
+class _LiveProgress(TrainerCallback):
+    """Shows the latest loss, margin, accuracy, buffer fill and generation throughput on the training bar."""
+
+    def __init__(self, trainer: SAPOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bar = next((getattr(cb, "training_bar", None) for cb in self.trainer.callback_handler.callbacks
+                    if getattr(cb, "training_bar", None) is not None), None)
+        postfix = {short: f"{logs[key]:.3g}" for key, short in LIVE_METRICS.items() if key in (logs or {})}
+        if bar is None or not postfix:  # e.g. the end-of-training summary row
+            return
+        if "buffer" in postfix:
+            postfix["buffer"] = f"{int(logs['buffer/size'])}/{self.trainer.args.max_replay_buffer_size}"
+        bar.set_postfix(postfix, refresh=True)
+
+
 class SAPOTrainer(Trainer):
     """Self-Augmented Preference Optimization; use like TRL's trainers.
 
@@ -199,7 +220,7 @@ class SAPOTrainer(Trainer):
         self.ref_update_steps = args.ref_update_steps
         self._use_hidden_states = self._check_hidden_state_scoring()
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._timing = {"generation": 0.0, "step": 0.0}
+        self._timing = {"generation": 0.0, "step": 0.0, "generated_tokens": 0.0}
         self._step_skipped = False
         self._nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
@@ -210,6 +231,7 @@ class SAPOTrainer(Trainer):
         self.spin_iteration = -1
         self.spin_rejected: dict[int, list[int]] = {}  # SPIN: the opponent's response per example, this iteration
         self.add_callback(_SAPOStepHooks(self))
+        self.add_callback(_LiveProgress(self))
 
     # --------------------------------------------------------------------------------------------
     # Construction helpers
@@ -223,7 +245,8 @@ class SAPOTrainer(Trainer):
                                          with_rejected=args.needs_rejected_data)
         tokenized = tokenize_examples(tokenizer, examples, max_length=args.max_length,
                                       max_prompt_length=args.max_prompt_length,
-                                      prompt_truncation=args.prompt_truncation)
+                                      prompt_truncation=args.prompt_truncation,
+                                      progress=not args.disable_tqdm and args.process_index == 0)
         return TokenizedDataset(tokenized)
 
     @property
@@ -306,7 +329,7 @@ class SAPOTrainer(Trainer):
         started = time.perf_counter()
         with self._ema_generator() as generator:
             samples = self.sampler.sample(generator, contexts, max(g for _, g in plans))
-        self._timing["generation"] += time.perf_counter() - started
+        self._record_generation(samples, time.perf_counter() - started)
         entries = []
         for index, sample in enumerate(samples):
             example = index // n
@@ -319,6 +342,10 @@ class SAPOTrainer(Trainer):
         # A rejected response equal to the real one carries no preference signal (its loss gradient is zero).
         self._metrics["segment/identical_fraction"].extend(float(e.rejected == e.real) for e in entries)
         return entries
+
+    def _record_generation(self, samples: Sequence[Sequence[int]], seconds: float) -> None:
+        self._timing["generation"] += seconds
+        self._timing["generated_tokens"] += sum(map(len, samples))
 
     # --------------------------------------------------------------------------------------------
     # Training step and loss
@@ -383,7 +410,7 @@ class SAPOTrainer(Trainer):
             started = time.perf_counter()
             with self._opponent_generator() as generator:
                 samples = self.sampler.sample(generator, prompts, budget)
-            self._timing["generation"] += time.perf_counter() - started
+            self._record_generation(samples, time.perf_counter() - started)
             for i, sample in zip(missing, samples, strict=True):
                 room = self.args.max_length - len(inputs["prompt_ids"][i])
                 self.spin_rejected[inputs["index"][i]] = list(sample[:room])
@@ -584,8 +611,10 @@ class SAPOTrainer(Trainer):
         reduced.pop("ref/refreshes", None)
         if self._timing["step"] > 0:
             reduced["time/generation_share"] = self._timing["generation"] / self._timing["step"]
+        if self._timing["generation"] > 0:
+            reduced["generation/tokens_per_second"] = self._timing["generated_tokens"] / self._timing["generation"]
         self._metrics.clear()
-        self._timing = {"generation": 0.0, "step": 0.0}
+        self._timing = {"generation": 0.0, "step": 0.0, "generated_tokens": 0.0}
         return reduced
 
     # --------------------------------------------------------------------------------------------
