@@ -118,3 +118,21 @@ def test_final_output_has_a_model_card_with_the_command(tmp_path, model_dir, dat
     assert f"sapo train --config {config_file}" in card
     assert str(dataset_file) in card and str(model_dir) in card
     assert "| `beta` | `0.2` |" in card and "## Final training metrics" in card and "| `loss` |" in card
+
+
+def test_every_option_in_the_readme_reference_is_in_train_help(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
+    documented = re.findall(r"^\| `(--[a-z_]+)` \| `([^`]*)` \|", section, flags=re.MULTILINE)
+    assert len(documented) > 30
+    with pytest.raises(SystemExit):
+        build_train_parser().parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    parser = build_train_parser()
+    defaults = {action.option_strings[0]: action.default for action in parser._actions if action.option_strings}
+    for option, default in documented:
+        assert option in help_text, option
+        assert str(defaults[option]) == default or default == "required", (option, default, defaults[option])
