@@ -272,3 +272,14 @@ def test_progress_bar_shows_live_metrics_and_throughput(tmp_path, tokenizer, tin
     assert postfixes[-1]["buffer"] == "8/2000"
     rows = read_metrics(tmp_path / "out")
     assert all(r["generation/tokens_per_second"] > 0 for r in rows)
+
+
+def test_static_generation_engine_trains(tmp_path, tokenizer, tiny_model, suite):
+    from sapo.generation import StaticCacheSampler
+
+    args = config(tmp_path, max_steps=2, generation_engine="static")
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    assert isinstance(trainer.sampler, StaticCacheSampler)
+    trainer.train()
+    assert len(trainer.buffer) == 8
+    assert all(e.rejected[:e.segment_start] == e.real[:e.segment_start] for e in trainer.buffer.entries())

@@ -79,6 +79,12 @@ class SAPOConfig(TrainingArguments):
     responses_per_prompt: int = field(
         default=1, metadata={"help": "Rejected responses sampled per real example in each generation round."}
     )
+    generation_engine: str = field(
+        default="hf",
+        metadata={"help": "How the EMA model samples: 'hf' (model.generate) or 'static' (sapo's static-KV-cache "
+                  "decode loop, sampling on the device, compiled with CUDA graphs on GPUs; greedy-identical to "
+                  "generate). A `sampler=` passed to SAPOTrainer overrides it."},
+    )
     generation_batch_size: int | None = field(
         default=None,
         metadata={"help": "Examples per generation round. Default: each incoming batch is augmented at once. "
@@ -163,6 +169,7 @@ class SAPOConfig(TrainingArguments):
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
         _check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
         _check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
+        _check_choice("generation_engine", self.generation_engine, ("hf", "static"))
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
                      "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
                      "spin_iterations"):

@@ -37,7 +37,7 @@ from sapo.buffer import ReplayBuffer, ReplayEntry
 from sapo.config import SAPOConfig
 from sapo.data import TokenizedExample, examples_from_records, prepare_tokenizer, tokenize_examples
 from sapo.ema import ShadowWeights, trainable_parameters
-from sapo.generation import HFGenerateSampler, SamplingSettings, SegmentSampler, eos_token_ids_of
+from sapo.generation import SamplingSettings, SegmentSampler, eos_token_ids_of, make_sampler
 from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps, sequence_logps
 from sapo.losses import nll_from_logps, orpo_loss, preference_loss
 from sapo.segments import sample_truncation_point, splice_rejected
@@ -210,8 +210,8 @@ class SAPOTrainer(Trainer):
         self.ema_model, self.ema = self._build_ema() if args.self_augmenting else (None, None)
         self.ref_model, self.ref = self._build_reference(ref_model)
         self.eos_token_ids = eos_token_ids_of(processing_class, self.model)
-        self.sampler: SegmentSampler = sampler or HFGenerateSampler(
-            SamplingSettings(args.temperature, args.top_k, args.top_p),
+        self.sampler: SegmentSampler = sampler or make_sampler(
+            args.generation_engine, SamplingSettings(args.temperature, args.top_k, args.top_p),
             pad_token_id=processing_class.pad_token_id, eos_token_ids=self.eos_token_ids,
         )
         rank_seed = args.seed + args.process_index
