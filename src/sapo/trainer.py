@@ -312,11 +312,13 @@ class SAPOTrainer(Trainer):
     # --------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _ema_generator(self) -> Iterator[nn.Module]:
-        if self.ema_model is not None:
-            yield self.ema_model
+    def _weights_as_model(self, module: nn.Module | None, shadow: ShadowWeights) -> Iterator[nn.Module]:
+        """A model holding `shadow`'s weights: its own module for a full copy, else the policy with the
+        shadow (adapter) weights swapped in for the duration."""
+        if module is not None:
+            yield module
             return
-        with self.ema.swapped_into(self._params):
+        with shadow.swapped_into(self._params):
             yield self.policy
 
     def augment(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[ReplayEntry]:
@@ -327,7 +329,7 @@ class SAPOTrainer(Trainer):
         contexts = [list(p) + list(y[:k]) for p, y, (k, _) in zip(prompts, responses, plans, strict=True)
                     for _ in range(n)]
         started = time.perf_counter()
-        with self._ema_generator() as generator:
+        with self._weights_as_model(self.ema_model, self.ema) as generator:
             samples = self.sampler.sample(generator, contexts, max(g for _, g in plans))
         self._record_generation(samples, time.perf_counter() - started)
         entries = []
@@ -408,21 +410,13 @@ class SAPOTrainer(Trainer):
             prompts = [inputs["prompt_ids"][i] for i in missing]
             budget = max(self.args.max_length - len(p) for p in prompts)
             started = time.perf_counter()
-            with self._opponent_generator() as generator:
+            with self._weights_as_model(self.ref_model, self.ref) as generator:
                 samples = self.sampler.sample(generator, prompts, budget)
             self._record_generation(samples, time.perf_counter() - started)
             for i, sample in zip(missing, samples, strict=True):
                 room = self.args.max_length - len(inputs["prompt_ids"][i])
                 self.spin_rejected[inputs["index"][i]] = list(sample[:room])
         return [self.spin_rejected[index] for index in inputs["index"]]
-
-    @contextlib.contextmanager
-    def _opponent_generator(self) -> Iterator[nn.Module]:
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        with self.ref.swapped_into(self._params):
-            yield self.policy
 
     def _token_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
@@ -644,11 +638,8 @@ class SAPOTrainer(Trainer):
         Path(directory, "README.md").write_text(card, encoding="utf-8")
 
     def save_ema(self, directory: str) -> None:
-        if self.ema_model is not None:
-            self.ema_model.save_pretrained(directory)
-        else:
-            with self.ema.swapped_into(self._params):
-                self.policy.save_pretrained(directory)
+        with self._weights_as_model(self.ema_model, self.ema) as ema:
+            ema.save_pretrained(directory)
         self.processing_class.save_pretrained(directory)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
