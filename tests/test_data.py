@@ -566,3 +566,11 @@ def test_tokenize_examples_fails_when_nothing_is_left(tok) -> None:
         tokenize_examples(tok, [long, long], max_length=32, max_prompt_length=8, prompt_truncation="drop")
     kept = tokenize_examples(tok, [long], max_length=32, max_prompt_length=8)  # default: left truncation
     assert kept[0].prompt_ids == char_ids(tok, "xxxxxxx") + [tok.convert_tokens_to_ids("<|assistant|>")]
+
+
+def test_directory_with_split_named_files_refuses_a_missing_split(tmp_path: Path) -> None:
+    record = {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match="no data file for split 'test' \\(found train.jsonl\\)"):
+        read_records(tmp_path, split="test")
+    assert len(read_records(tmp_path, split="train")) == 1

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval", "heldout")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -161,6 +162,9 @@ def _read_directory(path: Path, split: str) -> list[RawRecord]:
         return _read_saved_dataset(path, split)
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_FILE_SUFFIXES)
     preferred = [p for p in files if p.stem.startswith(split)]
+    split_named = [p for p in files if p.stem.startswith(SPLIT_NAMES)]
+    if not preferred and split_named:  # files are named by split, just not this one: never train on another split
+        raise DataError(f"{path}: no data file for split {split!r} (found {', '.join(p.name for p in split_named)})")
     chosen = preferred or files
     if not chosen:
         raise DataError(
