@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from sapo import tasks
-from sapo.cli import ModelArguments, build_train_parser, config_fields, main, parse_train_args
+from sapo.cli import ModelArguments, build_train_parser, main, parse_train_args
+from sapo.config import sapo_fields
 
 
 @pytest.fixture()
@@ -31,7 +32,7 @@ def test_help_documents_every_option(capsys):
         build_train_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    names = [f.name for f in config_fields()] + [f.name for f in dataclasses.fields(ModelArguments)]
+    names = [f.name for f in sapo_fields()] + [f.name for f in dataclasses.fields(ModelArguments)]
     missing = [name for name in names if f"--{name}" not in text]
     assert not missing
     assert "--config" in text and "--debug" in text

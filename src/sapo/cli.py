@@ -234,8 +234,10 @@ def _run_guarded(command, argv: Sequence[str], debug: bool) -> int:
 
 def config_reference_markdown() -> str:
     """The README's option tables, generated from the dataclasses so the docs cannot drift from the code."""
+    from sapo.config import sapo_fields
+
     sections = [("Model and data (`ModelArguments`)", dataclasses.fields(ModelArguments)),
-                ("SAPO settings (`SAPOConfig`, beyond `transformers.TrainingArguments`)", config_fields()),
+                ("SAPO settings (`SAPOConfig`, beyond `transformers.TrainingArguments`)", sapo_fields()),
                 ("`TrainingArguments` options whose default SAPO changes", changed_trainer_defaults())]
     lines: list[str] = []
     for title, fields in sections:
@@ -256,16 +258,6 @@ def changed_trainer_defaults() -> list[dataclasses.Field]:
 
     base = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     return [f for f in dataclasses.fields(SAPOConfig) if f.name in base and f.default != base[f.name]]
-
-
-def config_fields() -> list[dataclasses.Field]:
-    """SAPO-specific fields of SAPOConfig (those not inherited from TrainingArguments)."""
-    from transformers import TrainingArguments
-
-    from sapo.config import SAPOConfig
-
-    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return [f for f in dataclasses.fields(SAPOConfig) if f.name not in inherited]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Defaults follow the paper's published Mistral-7B SAPO-DPO setting unless a field
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -200,3 +201,9 @@ class SAPOConfig(TrainingArguments):
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"SAPOConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def sapo_fields() -> list[dataclasses.Field]:
+    """SAPO's own fields of SAPOConfig (those not inherited from TrainingArguments)."""
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f for f in dataclasses.fields(SAPOConfig) if f.name not in inherited]

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from sapo.buffer import ReplayBuffer, ReplayEntry
-from sapo.config import SAPOConfig
+from sapo.config import SAPOConfig, sapo_fields
 from sapo.data import TokenizedExample, examples_from_records, prepare_tokenizer, tokenize_examples
 from sapo.ema import ShadowWeights, trainable_parameters
 from sapo.generation import SamplingSettings, SegmentSampler, eos_token_ids_of, make_sampler
@@ -627,13 +627,12 @@ class SAPOTrainer(Trainer):
 
     def write_model_card(self, directory: str) -> None:
         """README.md beside the final model: base model, data, recipe, settings, final metrics, command."""
-        from sapo.cli import config_fields
         from sapo.model_card import card_settings, final_metrics, render_model_card
 
         card = render_model_card(
             base_model=getattr(getattr(self.policy, "config", None), "_name_or_path", None) or None,
             data=self.data_source, recipe=self.args.recipe,
-            settings=card_settings(self.args, [f.name for f in config_fields()]),
+            settings=card_settings(self.args, [f.name for f in sapo_fields()]),
             metrics=final_metrics(self.state.log_history), command=self.command)
         Path(directory, "README.md").write_text(card, encoding="utf-8")
 
