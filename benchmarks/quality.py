@@ -9,8 +9,8 @@ Protocol (identical for every recipe, so that only the recipe differs):
 * Data: the built-in suite (:mod:`sapo.tasks`: arithmetic, string transformations, instruction constraints),
   drawn once with suite seed 0; train and held-out prompts never overlap (hash split). Only ``dpo`` and ``orpo``
   read the records' ``rejected`` answers (realistic mistakes); the others use the demonstrations only.
-* Starting point: ONE SFT checkpoint, trained here with ``sapo.demo.sft_warmup`` on the train split (seed 0),
-  saved with ``sapo.tiny.save_pair`` and loaded by path by every run. It is shared by all seeds, so the seeds
+* Starting point: ONE SFT checkpoint, trained here with ``sapo.demo.train_sft_checkpoint`` on the train split
+  (seed 0), saved to a directory and loaded by path by every run. It is shared by all seeds, so the seeds
   vary the post-SFT stage only (data order, EMA/SPIN sampling, segment positions) and the comparison is not
   blurred by SFT-to-SFT variance. It is evaluated once (greedy decoding is deterministic): the first table row.
 * Recipes ``sft`` (more SFT on the same demonstrations), ``dpo``, ``orpo``, ``spin``, ``sapo-dpo``,
@@ -47,9 +47,8 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from sapo import tasks, tiny
+from sapo import demo, tasks
 from sapo.config import SAPOConfig
-from sapo.demo import sft_warmup
 from sapo.evaluation import evaluate, win_rates
 from sapo.trainer import SAPOTrainer
 
@@ -144,14 +143,12 @@ class HeldOutCurve(TrainerCallback):
 
 
 def train_sft_checkpoint(settings: Settings, records: Sequence[dict], directory: Path) -> dict[str, Any]:
-    tokenizer = tiny.build_tokenizer()
-    model = tiny.build_model(tokenizer, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
-                             seed=SUITE_SEED)
-    torch.manual_seed(SUITE_SEED)
+    torch.manual_seed(SUITE_SEED)  # build_model leaves the caller's RNG alone, so seeding first is equivalent
     started = time.perf_counter()
-    losses = sft_warmup(model, tokenizer, records, steps=settings.sft_steps, batch_size=settings.sft_batch_size,
-                        learning_rate=settings.sft_learning_rate, seed=SUITE_SEED)
-    tiny.save_pair(model, tokenizer, directory)
+    _, _, losses = demo.train_sft_checkpoint(records, directory, hidden_size=settings.hidden_size,
+                                             num_layers=settings.num_layers, steps=settings.sft_steps,
+                                             batch_size=settings.sft_batch_size,
+                                             learning_rate=settings.sft_learning_rate, seed=SUITE_SEED)
     return {"dir": str(directory), "steps": settings.sft_steps, "loss_first": losses[0], "loss_last": losses[-1],
             "seconds": time.perf_counter() - started}
 

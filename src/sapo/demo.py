@@ -91,6 +91,21 @@ def write_jsonl(path: Path, records: Sequence[dict]) -> None:
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
 
 
+def train_sft_checkpoint(records: Sequence[dict], directory: Path, *, hidden_size: int, num_layers: int,
+                         steps: int, batch_size: int, learning_rate: float, seed: int):
+    """Build the tiny tokenizer and model, SFT-warm them on `records` and save both to `directory`.
+
+    Shared by the demo and `benchmarks/quality.py`, so both start SAPO from the same kind of checkpoint.
+    Returns (model, tokenizer, per-step SFT losses).
+    """
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    losses = sft_warmup(model, tokenizer, records, steps=steps, batch_size=batch_size,
+                        learning_rate=learning_rate, seed=seed)
+    tiny.save_pair(model, tokenizer, directory)
+    return model, tokenizer, losses
+
+
 def held_out_score(model, tokenizer, records: Sequence[dict]) -> dict:
     result = evaluate(model, tokenizer, records, tasks.judge, max_new_tokens=40)
     families = tasks.score_responses(records, result["responses"])
@@ -103,18 +118,15 @@ def run(settings: DemoSettings) -> dict:
         torch.set_num_threads(settings.num_threads)
     torch.manual_seed(settings.seed)
     suite = tasks.make_suite(settings.n_train, settings.n_heldout, seed=settings.seed)
-    tokenizer = tiny.build_tokenizer()
-    model = tiny.build_model(tokenizer, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
-                             seed=settings.seed)
     started = time.perf_counter()
     timing: dict[str, float] = {}
     clock = time.perf_counter()
     print(f"[1/3] SFT warm-up: {settings.sft_steps} steps on {len(suite['train'])} demonstrations")
-    losses = sft_warmup(model, tokenizer, suite["train"], steps=settings.sft_steps,
-                        batch_size=settings.sft_batch_size, learning_rate=settings.sft_learning_rate,
-                        seed=settings.seed)
     sft_dir = out / "sft"
-    tiny.save_pair(model, tokenizer, sft_dir)
+    model, tokenizer, losses = train_sft_checkpoint(
+        suite["train"], sft_dir, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
+        steps=settings.sft_steps, batch_size=settings.sft_batch_size, learning_rate=settings.sft_learning_rate,
+        seed=settings.seed)
     write_jsonl(out / "train.jsonl", suite["train"])  # so `sapo train --config examples/demo.yaml` can reuse them
     write_jsonl(out / "heldout.jsonl", suite["heldout"])
     timing["sft"], clock = time.perf_counter() - clock, time.perf_counter()
