@@ -29,3 +29,26 @@ def model_dir(tmp_path_factory, tokenizer):
     tiny.save_pair(tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0), tokenizer,
                    directory)
     return directory
+
+
+def clones(tensors):
+    return [t.detach().clone() for t in tensors]
+
+
+@pytest.fixture()
+def snapshot_each_step():
+    """`snapshot_each_step(trainer, take)` -> dict filled with `take()` right after SAPO's once-per-optimizer-step
+    work (EMA update, reference refresh) of every step, keyed by global step."""
+
+    def install(trainer, take):
+        snapshots = {}
+        hooks = trainer._after_optimizer_step
+
+        def spy():
+            hooks()
+            snapshots[trainer.state.global_step] = take()
+
+        trainer._after_optimizer_step = spy
+        return snapshots
+
+    return install

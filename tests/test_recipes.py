@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import clones
 
 from sapo import SAPOConfig, SAPOTrainer
 
@@ -67,20 +68,13 @@ def test_conflicting_recipe_and_loss_is_an_error(tmp_path):
         config(tmp_path, recipe="kto")
 
 
-def test_spin_opponent_is_previous_iterate_and_responses_are_whole(tmp_path, tokenizer, tiny_model, suite):
+def test_spin_opponent_is_previous_iterate_and_responses_are_whole(tmp_path, tokenizer, tiny_model, suite,
+                                                                   snapshot_each_step):
     args = config(tmp_path, recipe="spin", max_steps=6, spin_iterations=3)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
-    initial = [t.clone() for t in trainer.ref.tensors]
-    seen = {}
-    hooks = trainer._after_optimizer_step
-
-    def spy():
-        hooks()
-        seen[trainer.state.global_step] = ([p.detach().clone() for p in trainer._params],
-                                           [t.clone() for t in trainer.ref.tensors], trainer.spin_iteration,
-                                           dict(trainer.spin_rejected))
-
-    trainer._after_optimizer_step = spy
+    initial = clones(trainer.ref.tensors)
+    seen = snapshot_each_step(trainer, lambda: (clones(trainer._params), clones(trainer.ref.tensors),
+                                                trainer.spin_iteration, dict(trainer.spin_rejected)))
     trainer.train()
     assert trainer.spin_steps_per_iteration == 2
     assert [seen[s][2] for s in range(1, 7)] == [0, 0, 1, 1, 2, 2]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import clones
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -148,18 +149,10 @@ def poison_steps(trainer, steps):
     trainer.compute_loss = compute_loss
 
 
-def test_non_finite_step_is_skipped_and_counted(tmp_path, tokenizer, suite):
+def test_non_finite_step_is_skipped_and_counted(tmp_path, tokenizer, suite, snapshot_each_step):
     trainer = trainer_for(tmp_path / "run", tokenizer, suite, max_steps=4, save_strategy="no")
     poison_steps(trainer, {2})
-    seen = {}
-    hooks = trainer._after_optimizer_step
-
-    def spy():
-        hooks()
-        seen[trainer.state.global_step] = ([p.detach().clone() for p in trainer._params],
-                                           [t.clone() for t in trainer.ema.tensors])
-
-    trainer._after_optimizer_step = spy
+    seen = snapshot_each_step(trainer, lambda: (clones(trainer._params), clones(trainer.ema.tensors)))
     trainer.train()
     for before, after in zip(seen[1], seen[2], strict=True):  # policy and EMA unchanged by the poisoned step
         assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import clones
 
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.buffer import ReplayEntry
@@ -101,20 +102,13 @@ def test_ema_updated_once_per_optimizer_step_with_accumulation(tmp_path, tokeniz
 
 
 @pytest.mark.parametrize("mode", ["policy", "ema"])
-def test_reference_refresh_copies_source_every_k_steps(tmp_path, tokenizer, tiny_model, suite, mode):
+def test_reference_refresh_copies_source_every_k_steps(tmp_path, tokenizer, tiny_model, suite, mode,
+                                                       snapshot_each_step):
     args = config(tmp_path, max_steps=3, ref_update_mode=mode, ref_update_steps=2)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
-    initial = [t.clone() for t in trainer.ref.tensors]
-    snapshots = {}
-    original = trainer._after_optimizer_step
-
-    def spy():
-        original()
-        source = trainer.ema.tensors if mode == "ema" else trainer._params
-        snapshots[trainer.state.global_step] = ([t.detach().clone() for t in source],
-                                                [t.clone() for t in trainer.ref.tensors])
-
-    trainer._after_optimizer_step = spy
+    initial = clones(trainer.ref.tensors)
+    source = trainer.ema.tensors if mode == "ema" else trainer._params
+    snapshots = snapshot_each_step(trainer, lambda: (clones(source), clones(trainer.ref.tensors)))
     trainer.train()
     source1, ref1 = snapshots[1]
     assert all(torch.equal(r, i) for r, i in zip(ref1, initial, strict=True))  # not yet refreshed
