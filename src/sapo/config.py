@@ -20,6 +20,7 @@ RECIPES = ("sapo", "sapo-dpo", "sapo-orpo", "sft", "dpo", "orpo", "spin")
 SELF_AUGMENTING_RECIPES = ("sapo", "sapo-dpo", "sapo-orpo")
 OFFLINE_PAIR_RECIPES = ("dpo", "orpo")
 PROMPT_TRUNCATION_MODES = ("left", "drop")
+COPY_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -115,6 +116,19 @@ class SAPOConfig(TrainingArguments):
     disable_dropout: bool = field(
         default=True, metadata={"help": "Turn dropout off in the policy (as TRL's preference trainers do)."}
     )
+    copies_dtype: str = field(
+        default="auto",
+        metadata={"help": f"Dtype of the EMA model and the reference: one of {', '.join(COPY_DTYPES)}; 'auto' keeps "
+                  "the policy's parameter dtype. 'bfloat16' halves their memory under fp32 (mixed-precision) "
+                  "training and makes generation faster. LoRA copies stay in the adapters' dtype."},
+    )
+    offload_copies: bool = field(
+        default=False,
+        metadata={"help": "Keep the EMA model and the reference in CPU memory between uses: the EMA is gathered onto "
+                  "the device once per generation round, the reference is copied into the policy's weights for "
+                  "each reference forward (and the policy's weights put back). Saves their device memory at the "
+                  "cost of host-device copies every step. No effect with LoRA (the copies are adapter weights)."},
+    )
     # --- robustness -------------------------------------------------------------------------------
     max_nonfinite_steps: int = field(
         default=5,
@@ -171,6 +185,7 @@ class SAPOConfig(TrainingArguments):
         _check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
         _check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
         _check_choice("generation_engine", self.generation_engine, ("hf", "static"))
+        _check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
                      "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
                      "spin_iterations"):

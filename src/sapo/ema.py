@@ -40,7 +40,11 @@ def copy_weights_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tenso
     if len(targets) != len(sources):
         raise ValueError(f"copy_weights_: {len(targets)} targets but {len(sources)} sources")
     with torch.no_grad():
-        torch._foreach_copy_(list(targets), [s.detach() for s in sources])
+        if all(t.device == s.device for t, s in zip(targets, sources, strict=True)):
+            torch._foreach_copy_(list(targets), [s.detach() for s in sources])
+        else:  # offloaded copies: host <-> device per tensor
+            for target, source in zip(targets, sources, strict=True):
+                target.copy_(source.detach())
 
 
 def trainable_parameters(module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
@@ -108,5 +112,9 @@ class ShadowWeights:
         missing = [name for name in self.names if name not in state]
         if missing:
             raise ValueError(f"ShadowWeights: saved state lacks {missing[:3]} (from another model?)")
+        for name, tensor in zip(self.names, self.tensors, strict=True):
+            if state[name].shape != tensor.shape:
+                raise ValueError(f"ShadowWeights: saved {name} has shape {tuple(state[name].shape)}, this run holds "
+                                 f"{tuple(tensor.shape)} (saved with another number of processes or sharding?)")
         copy_weights_(self.tensors, [state[name].to(t.device, t.dtype) for name, t in zip(self.names, self.tensors,
                                                                                           strict=True)])

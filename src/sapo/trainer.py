@@ -41,6 +41,15 @@ from sapo.generation import SamplingSettings, SegmentSampler, eos_token_ids_of, 
 from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps, sequence_logps
 from sapo.losses import nll_from_logps, orpo_loss, preference_loss
 from sapo.segments import sample_truncation_point, splice_rejected
+from sapo.sharding import (
+    any_rank,
+    detect_engine,
+    global_shape,
+    loaded_into,
+    local_shard,
+    materialized,
+    release_gathered,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +216,15 @@ class SAPOTrainer(Trainer):
         self._param_names, self._params = trainable_parameters(self.model)
         if not self._params:
             raise ValueError("the model has no trainable parameters")
-        self.ema_model, self.ema = self._build_ema() if args.self_augmenting else (None, None)
-        self.ref_model, self.ref = self._build_reference(ref_model)
+        self.engine = "replicated"  # how the policy's weights are stored; known once the engine has wrapped it
+        self.sharded = self._will_shard()
+        self._copies_deferred = self._defer_copies(ref_model)
+        self._copies_placed = False
+        if self._copies_deferred:  # built from the policy's shards once the engine has prepared it
+            self.ema_model, self.ema, self.ref_model, self.ref = None, None, None, None
+        else:
+            self.ema_model, self.ema = self._build_ema() if args.self_augmenting else (None, None)
+            self.ref_model, self.ref = self._build_reference(ref_model)
         self.eos_token_ids = eos_token_ids_of(processing_class, self.model)
         self.sampler: SegmentSampler = sampler or make_sampler(
             args.generation_engine, SamplingSettings(args.temperature, args.top_k, args.top_p),
@@ -218,7 +234,8 @@ class SAPOTrainer(Trainer):
         self.buffer = ReplayBuffer(args.max_replay_buffer_size, seed=rank_seed)
         self.segment_rng = random.Random(rank_seed)
         self.ref_update_steps = args.ref_update_steps
-        self._use_hidden_states = self._check_hidden_state_scoring()
+        # Sharded heads cannot be applied outside the engine's forward: score through ordinary logits there.
+        self._use_hidden_states = not self.sharded and self._check_hidden_state_scoring()
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._timing = {"generation": 0.0, "step": 0.0, "generated_tokens": 0.0}
         self._step_skipped = False
@@ -253,6 +270,83 @@ class SAPOTrainer(Trainer):
     def policy(self) -> nn.Module:
         """The policy without DDP/accelerate wrappers (peft wrapper kept)."""
         return self.accelerator.unwrap_model(self.model)
+
+    def _will_shard(self) -> bool:
+        """Whether the engine will shard the policy's parameters (FSDP2, ZeRO-3), known before it does."""
+        if self.is_fsdp_enabled:
+            if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+                raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (or "
+                                 "fsdp_config={'fsdp_version': 2}); see examples/accelerate/fsdp2-8gpu.yaml")
+            return True
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+
+    def _defer_copies(self, ref_model: Any) -> bool:
+        """Sharded or offloaded copies are plain tensors made from the prepared policy, not modules."""
+        deferred = self.sharded or self.args.offload_copies
+        if self.is_peft:
+            if self.sharded:
+                raise ValueError("LoRA/peft models with FSDP or DeepSpeed ZeRO-3 are not supported: with LoRA the EMA "
+                                 "and reference are adapter weights only, so use DDP or ZeRO-2 instead")
+            return False  # adapter copies are small; offloading them would save nothing
+        if deferred and ref_model is not None:
+            raise ValueError("ref_model= cannot be combined with FSDP, DeepSpeed ZeRO-3 or offload_copies: there the "
+                             "reference starts as a copy of the policy")
+        return deferred
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None):
+        """After the engine has wrapped the policy: find its parameters again (FSDP2 replaces them), put the
+        EMA/reference where they belong, and only then load SAPO's state of a resumed checkpoint."""
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        self._bind_copies()
+        if resume_from_checkpoint is not None:
+            self.load_sapo_state(Path(resume_from_checkpoint) / STATE_DIR)
+        return model, train_dataloader
+
+    def _bind_copies(self) -> None:
+        self.engine = detect_engine(self.policy)
+        self._param_names, self._params = trainable_parameters(self.model)
+        if self._copies_deferred:
+            if self.ema is None and self.args.self_augmenting:
+                self.ema = self._shadow_of_policy()
+            if self.ref is None and self.args.uses_reference:
+                self.ref = self._shadow_of_policy()
+        elif not self._copies_placed:
+            self._place_module_copies()
+        self._copies_placed = True
+
+    def _copy_dtype(self, policy_dtype: torch.dtype) -> torch.dtype:
+        name = self.args.copies_dtype
+        return policy_dtype if name == "auto" else getattr(torch, name)
+
+    def _policy_shards(self) -> list[torch.Tensor]:
+        """This rank's storage of each trainable parameter (the whole tensor unless sharded)."""
+        return [local_shard(p, self.engine) for p in self._params]
+
+    def _shadow_of_policy(self) -> ShadowWeights:
+        """Copies of this rank's shards of the policy, on the CPU (pinned) when offloading."""
+        tensors = []
+        for shard in self._policy_shards():
+            device = "cpu" if self.args.offload_copies else shard.device
+            tensor = shard.detach().to(device=device, dtype=self._copy_dtype(shard.dtype), copy=True)
+            if self.args.offload_copies and torch.cuda.is_available():
+                tensor = tensor.pin_memory()
+            tensors.append(tensor)
+        return ShadowWeights(self._param_names, tensors)
+
+    def _place_module_copies(self) -> None:
+        """Module copies made before the engine moved (DeepSpeed) or cast the policy follow it to its device
+        and dtype (or to copies_dtype)."""
+        policy_dtype = self._params[0].dtype
+        for attr in ("ema", "ref"):
+            module = getattr(self, f"{attr}_model")
+            shadow = getattr(self, attr)
+            if module is None:
+                continue
+            module.to(device=self.args.device)
+            if shadow is not None:  # a copy of ours (not a fixed ref_model= given by the user)
+                module.to(dtype=self._copy_dtype(policy_dtype))
+                setattr(self, attr, ShadowWeights.parameters_of(module, self._param_names))
 
     def _build_ema(self) -> tuple[nn.Module | None, ShadowWeights]:
         """Full fine-tune: a separate EMA module; LoRA: copies of the adapter weights only."""
@@ -312,14 +406,21 @@ class SAPOTrainer(Trainer):
     # --------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _weights_as_model(self, module: nn.Module | None, shadow: ShadowWeights) -> Iterator[nn.Module]:
-        """A model holding `shadow`'s weights: its own module for a full copy, else the policy with the
-        shadow (adapter) weights swapped in for the duration."""
+    def _weights_as_model(self, module: nn.Module | None, shadow: ShadowWeights,
+                          device: torch.device | str | None = None) -> Iterator[nn.Module]:
+        """A model holding `shadow`'s weights: its own module for a full copy; the policy with the shadow
+        (adapter) weights swapped in for LoRA; for sharded or offloaded copies a plain module gathered from
+        the shards for the duration (every rank must enter: the gathers are collectives)."""
         if module is not None:
             yield module
-            return
-        with shadow.swapped_into(self._params):
-            yield self.policy
+        elif self.is_peft:
+            with shadow.swapped_into(self._params):
+                yield self.policy
+        else:
+            weights = dict(zip(shadow.names, shadow.tensors, strict=True))
+            dtype = shadow.tensors[0].dtype
+            with materialized(self.policy, self.engine, weights, dtype, device or self.args.device) as plain:
+                yield plain
 
     def augment(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[ReplayEntry]:
         """Make rejected responses for a batch of real ones (SPEC §1 step 2) and push them to the buffer."""
@@ -402,7 +503,7 @@ class SAPOTrainer(Trainer):
         iteration = self.state.global_step // self.spin_steps_per_iteration
         if iteration != self.spin_iteration:
             if iteration > 0:
-                self.ref.copy_from_(self._params)
+                self.ref.copy_from_(self._policy_shards())
             self.spin_iteration, self.spin_rejected = iteration, {}
             self._metrics["spin/iteration"].append(float(iteration))
         missing = [i for i, index in enumerate(inputs["index"]) if index not in self.spin_rejected]
@@ -430,12 +531,23 @@ class SAPOTrainer(Trainer):
         if self.ref is None:  # LoRA with a fixed reference: the base model
             with self.policy.disable_adapter():
                 return self._token_logps(model, batch)
-        with self.ref.swapped_into(self._params):
-            return self._token_logps(model, batch)
+        if self.is_peft:
+            with self.ref.swapped_into(self._params):
+                return self._token_logps(model, batch)
+        # Sharded or offloaded: the reference's shards go into the policy's storage for this forward only.
+        release_gathered(self.policy, self.engine, self.model_wrapped)
+        with loaded_into(self._policy_shards(), self.ref.tensors):
+            try:
+                return self._token_logps(model, batch)
+            finally:
+                release_gathered(self.policy, self.engine, self.model_wrapped)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
         mask = inputs["loss_mask"][:, 1:]
+        # The reference goes first: with sharded copies its forward borrows the policy's parameter storage.
+        needs_reference = self.args.recipe != "sft" and self.args.loss_type != "orpo"
+        ref_token_logps = self._reference_token_logps(model, inputs) if needs_reference else None
         token_logps = self._token_logps(model, inputs)
         if self.args.recipe == "sft":
             loss = nll_from_logps(token_logps, mask)
@@ -449,7 +561,7 @@ class SAPOTrainer(Trainer):
             loss = nll + output.losses.mean()
             self._metrics["nll_loss"].append(nll.item())
         else:
-            ref_sums, ref_means = sequence_logps(self._reference_token_logps(model, inputs), mask)
+            ref_sums, ref_means = sequence_logps(ref_token_logps, mask)
             policy, ref = (means, ref_means) if self.args.loss_type == "ipo" else (sums, ref_sums)
             output = preference_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta=self.args.beta,
                                      loss_type=self.args.loss_type, label_smoothing=self.args.label_smoothing)
@@ -475,8 +587,10 @@ class SAPOTrainer(Trainer):
 
     def _skip_step_if_nonfinite(self) -> None:
         """Drop the gradients of a step whose loss or gradient is NaN/inf, so the optimizer leaves weights alone."""
-        grads = [p.grad for p in self._params if p.grad is not None]
+        grads = [_local(p.grad) for p in self._params if p.grad is not None]
         finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
+        if self.sharded:  # each rank sees its own shard of the gradient: skip on all or none
+            finite = not any_rank(not finite, self.args.device)
         self._step_skipped = not finite
         if finite:
             self._nonfinite_in_a_row = 0
@@ -494,11 +608,11 @@ class SAPOTrainer(Trainer):
     def _after_optimizer_step(self) -> None:
         self._metrics["nonfinite/skipped_steps"].append(float(self.nonfinite_steps))
         if self.ema is not None and not self._step_skipped:  # a skipped step leaves the average alone too
-            self.ema.update_ema_(self._params, self.args.ema_beta)
+            self.ema.update_ema_(self._policy_shards(), self.args.ema_beta)
         step = self.state.global_step
         refreshing = self.args.self_augmenting and self.args.ref_update_mode != "fixed"
         if self.ref is not None and refreshing and step % self.ref_update_steps == 0:
-            source = self.ema.tensors if self.args.ref_update_mode == "ema" else self._params
+            source = self.ema.tensors if self.args.ref_update_mode == "ema" else self._policy_shards()
             self.ref.copy_from_(source)
             self._metrics["ref/refreshes"].append(1.0)
 
@@ -618,12 +732,13 @@ class SAPOTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The policy as Trainer saves it; a final save also writes the EMA model to `ema/` beside it."""
         super().save_model(output_dir, _internal_call)
-        if _internal_call or not self.args.should_save:
+        if _internal_call:
             return
         directory = output_dir or self.args.output_dir
         if self.ema is not None:
-            self.save_ema(os.path.join(directory, EMA_DIR))
-        self.write_model_card(directory)
+            self.save_ema(os.path.join(directory, EMA_DIR))  # every rank: sharded copies are gathered
+        if self.args.should_save:
+            self.write_model_card(directory)
 
     def write_model_card(self, directory: str) -> None:
         """README.md beside the final model: base model, data, recipe, settings, final metrics, command."""
@@ -637,9 +752,11 @@ class SAPOTrainer(Trainer):
         Path(directory, "README.md").write_text(card, encoding="utf-8")
 
     def save_ema(self, directory: str) -> None:
-        with self._weights_as_model(self.ema_model, self.ema) as ema:
-            ema.save_pretrained(directory)
-        self.processing_class.save_pretrained(directory)
+        """The EMA model as a loadable model directory; every rank calls it, the main process writes."""
+        with self._weights_as_model(self.ema_model, self.ema, device="cpu") as ema:
+            if self.args.should_save:
+                ema.save_pretrained(directory)
+                self.processing_class.save_pretrained(directory)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Write the whole checkpoint into a staging directory, fsync it, then rename it into place.
@@ -666,14 +783,26 @@ class SAPOTrainer(Trainer):
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
 
+    @property
+    def _copies_suffix(self) -> str:
+        """Sharded copies are saved per rank (each rank's shards), whole ones once."""
+        return f"_rank{self.args.process_index}" if self.sharded else ""
+
+    @property
+    def saves_reference(self) -> bool:
+        """A reference that moves, or one built from the prepared policy (which on resume is no longer the
+        starting model), is written into checkpoints."""
+        return self.reference_moves or (self._copies_deferred and self.args.uses_reference)
+
     def sapo_state_files(self) -> list[str]:
         """Files of `sapo_state/` this run writes (and needs to resume), for this rank."""
         rank = self.args.process_index
         files = [MANIFEST_FILE, "trainer.json", f"segment_rng_rank{rank}.json"]
-        if self.ema is not None:
-            files += ["ema.safetensors", f"replay_buffer_rank{rank}.safetensors", f"pending_rank{rank}.json"]
-        if self.reference_moves:
-            files.append("reference.safetensors")
+        if self.args.self_augmenting:
+            files += [f"ema{self._copies_suffix}.safetensors", f"replay_buffer_rank{rank}.safetensors",
+                      f"pending_rank{rank}.json"]
+        if self.saves_reference:
+            files.append(f"reference{self._copies_suffix}.safetensors")
         if self.args.recipe == "spin":
             files.append(f"spin_rank{rank}.json")
         return files
@@ -683,13 +812,15 @@ class SAPOTrainer(Trainer):
         directory.mkdir(parents=True, exist_ok=True)
         rank = self.args.process_index
         if self.args.should_save:
-            manifest = {name: list(p.shape) for name, p in zip(self._param_names, self._params, strict=True)}
+            manifest = {name: list(global_shape(p)) for name, p in zip(self._param_names, self._params, strict=True)}
             (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
-            if self.ema is not None:
-                save_file(self.ema.state_dict(), str(directory / "ema.safetensors"))
-            if self.reference_moves:
-                save_file(self.ref.state_dict(), str(directory / "reference.safetensors"))
             (directory / "trainer.json").write_text(json.dumps({"ref_update_steps": self.ref_update_steps}))
+        if self.args.should_save or self.sharded:
+            suffix = self._copies_suffix
+            if self.ema is not None:
+                save_file(self.ema.state_dict(), str(directory / f"ema{suffix}.safetensors"))
+            if self.saves_reference:
+                save_file(self.ref.state_dict(), str(directory / f"reference{suffix}.safetensors"))
         if self.ema is not None:
             self.buffer.save(directory / f"replay_buffer_rank{rank}.safetensors")
             (directory / f"pending_rank{rank}.json").write_text(json.dumps(self.pending))
@@ -698,18 +829,15 @@ class SAPOTrainer(Trainer):
             spin = {"iteration": self.spin_iteration, "rejected": {str(k): v for k, v in self.spin_rejected.items()}}
             (directory / f"spin_rank{rank}.json").write_text(json.dumps(spin))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.load_sapo_state(Path(resume_from_checkpoint) / STATE_DIR)
-
     def load_sapo_state(self, directory: Path) -> None:
         rank = self.args.process_index
+        suffix = self._copies_suffix
         if self.ema is not None:
-            self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
+            self.ema.load_state_dict(load_file(str(directory / f"ema{suffix}.safetensors")))
             self.buffer = ReplayBuffer.load(directory / f"replay_buffer_rank{rank}.safetensors")
             self.pending = [tuple(pair) for pair in json.loads((directory / f"pending_rank{rank}.json").read_text())]
-        if self.reference_moves:
-            self.ref.load_state_dict(load_file(str(directory / "reference.safetensors")))
+        if self.saves_reference:
+            self.ref.load_state_dict(load_file(str(directory / f"reference{suffix}.safetensors")))
         meta = json.loads((directory / "trainer.json").read_text())
         self.ref_update_steps = meta.get("ref_update_steps") or self.ref_update_steps
         state = json.loads((directory / f"segment_rng_rank{rank}.json").read_text())
@@ -722,6 +850,11 @@ class SAPOTrainer(Trainer):
     def validate_checkpoint(self, path: Path) -> None:
         """Fail early, before anything is written, when `path` cannot resume this run."""
         validate_checkpoint(path, dict(zip(self._param_names, self._params, strict=True)), self.sapo_state_files())
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly DTensor) gradient."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _rng_state_to_json(rng: random.Random) -> list[Any]:
@@ -779,9 +912,9 @@ def validate_checkpoint(path: Path, params: dict[str, torch.Tensor], state_files
     for name, param in params.items():
         if name not in manifest:
             raise CheckpointError(f"{path}: written by another run: it has no parameter {name!r}")
-        if tuple(manifest[name]) != tuple(param.shape):
+        if tuple(manifest[name]) != global_shape(param):
             raise CheckpointError(f"{path}: written by another run: parameter {name!r} has shape "
-                                  f"{tuple(manifest[name])}, this model {tuple(param.shape)}")
+                                  f"{tuple(manifest[name])}, this model {global_shape(param)}")
 
 
 def _fsync_tree(root: Path) -> None:
