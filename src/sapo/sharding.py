@@ -46,17 +46,14 @@ def _is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_tensor") and hasattr(param, "ds_numel")
 
 
-def _is_persistent(param: torch.Tensor) -> bool:
-    """ZeRO-3 keeps small parameters whole on every rank (`ds_persist`) and uses them without gathering."""
-    return bool(getattr(param, "ds_persist", False))
-
-
 def local_shard(param: torch.Tensor, engine: str) -> torch.Tensor:
     """The storage this rank holds for `param`, which the engine gathers from at forward time."""
     if engine == "fsdp2" and hasattr(param, "to_local"):
         return param.to_local()
-    if engine == "zero3" and _is_zero3_partitioned(param) and not _is_persistent(param):
-        return param.ds_tensor
+    if engine == "zero3" and _is_zero3_partitioned(param):
+        # Every parameter, even a small one ZeRO-3 keeps gathered ("persistent"), has its partition here, and
+        # the optimizer updates the partitions; gathered copies are refreshed from them.
+        return param.ds_tensor.data
     return param.data
 
 
@@ -73,7 +70,7 @@ def gather_full(param: torch.Tensor, shard: torch.Tensor, engine: str) -> torch.
         local = shard.to(param.to_local().device)
         return DTensor.from_local(local, device_mesh=param.device_mesh, placements=param.placements,
                                   run_check=False, shape=param.shape, stride=param.stride()).full_tensor()
-    if engine == "zero3" and _is_zero3_partitioned(param) and not _is_persistent(param):
+    if engine == "zero3" and _is_zero3_partitioned(param):
         group = getattr(param, "ds_process_group", None)
         local = shard.to(param.ds_tensor.device).contiguous().view(-1)
         out = local.new_empty(local.numel() * dist.get_world_size(group))
@@ -86,8 +83,8 @@ def release_gathered(model: nn.Module, engine: str, wrapper: nn.Module | None = 
     """Drop any weights the engine still holds gathered, so the next forward gathers from the shards again.
 
     Needed around a forward run with swapped-in reference shards: FSDP2 with `reshard_after_forward=False`
-    and ZeRO-3's parameter reuse cache would otherwise serve the policy's (or the reference's) gathered
-    weights to the other model.
+    and ZeRO-3's parameter reuse cache and persistent (always gathered) small parameters would otherwise
+    serve the policy's (or the reference's) gathered weights to the other model.
     """
     if engine == "fsdp2":
         from torch.distributed.fsdp import FSDPModule
@@ -125,6 +122,7 @@ def materialized(model: nn.Module, engine: str, weights: Mapping[str, torch.Tens
 
     Every rank must enter together (the gathers are collectives). The module is freed on exit.
     """
+    release_gathered(model, engine)  # FSDP2 registers its sharded parameters on the modules again
     module = empty_like_model(model, dtype, device)
     targets = dict(module.named_parameters())
     with torch.no_grad():

@@ -730,11 +730,22 @@ class SAPOTrainer(Trainer):
     # --------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The policy as Trainer saves it; a final save also writes the EMA model to `ema/` beside it."""
-        super().save_model(output_dir, _internal_call)
+        """The policy as Trainer saves it; a final save also writes the EMA model to `ema/` beside it.
+
+        Under FSDP2/ZeRO-3 the final policy is gathered here into an ordinary model directory, whatever the
+        engine's state_dict_type or 16-bit-gather settings (checkpoints keep the engine's own sharded format).
+        """
+        directory = output_dir or self.args.output_dir
+        if _internal_call or self.engine == "replicated":
+            super().save_model(output_dir, _internal_call)
+        else:
+            dtype = self._params[0].dtype
+            with materialized(self.policy, self.engine, {}, dtype, "cpu") as policy:
+                if self.args.should_save:
+                    policy.save_pretrained(directory)
+                    self.processing_class.save_pretrained(directory)
         if _internal_call:
             return
-        directory = output_dir or self.args.output_dir
         if self.ema is not None:
             self.save_ema(os.path.join(directory, EMA_DIR))  # every rank: sharded copies are gathered
         if self.args.should_save:

@@ -1,37 +1,160 @@
-"""Worker for tests/test_distributed.py: trains SAPO-DPO under torchrun and reports per-rank state hashes."""
+"""Worker for tests/test_distributed.py: trains SAPO-DPO under torchrun with one engine and reports, per rank,
+hashes of the whole (gathered) policy, EMA and reference, the rank's buffer, and checks of the sharded paths.
+
+Engines: ddp (plain accelerate DDP), zero2 / zero3 (DeepSpeed), fsdp2 (torch FSDP2 through accelerate), and
+ddp-offload (DDP with offload_copies and copies_dtype bfloat16). Accelerate refuses FSDP on CPU processes, so
+for fsdp2 its state is told to use the FSDP plugin anyway (the sharding itself is torch's and runs on gloo).
+"""
 
 import hashlib
 import json
 import sys
 
 import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer, tasks, tiny
+from sapo.trainer import pad_pairs
+
+
+def allow_fsdp_on_cpu() -> None:
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    original = state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    state.AcceleratorState.__init__ = init
+
+
+def allow_deepspeed_on_cpu() -> None:
+    """Accelerate finds no backend for DeepSpeed on a CPU-only machine and then counts one process; DeepSpeed
+    itself runs on gloo there, so give accelerate the same backend."""
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    original = state.PartialState._prepare_backend
+
+    def prepare(self, cpu=False, sagemaker_dp=False, backend=None):
+        backend, kind = original(self, cpu, sagemaker_dp, backend)
+        if backend is None and not torch.cuda.is_available():
+            return "gloo", DistributedType.MULTI_CPU
+        return backend, kind
+
+    state.PartialState._prepare_backend = prepare
+
+
+def engine_arguments(engine: str) -> dict:
+    if engine == "fsdp2":
+        return {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True,
+                                                      "state_dict_type": "SHARDED_STATE_DICT",
+                                                      "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+    if engine in ("zero2", "zero3"):
+        stage = int(engine[-1])
+        return {"use_cpu": False, "deepspeed": {"zero_optimization": {"stage": stage},
+                                                "train_micro_batch_size_per_gpu": "auto",
+                                                "gradient_accumulation_steps": "auto"}}
+    if engine == "ddp-offload":
+        return {"offload_copies": True, "copies_dtype": "bfloat16"}
+    return {}
+
+
+def full_policy(trainer) -> list[torch.Tensor]:
+    """The whole policy weights, gathered without sapo's own code."""
+    params = trainer._params
+    if trainer.engine == "fsdp2":
+        return [p.full_tensor().detach().clone() for p in params]
+    if trainer.engine == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.data.detach().clone() for p in params]
+    return [p.detach().clone() for p in params]
+
+
+def full_copy(trainer, shadow, module) -> list[torch.Tensor]:
+    with trainer._weights_as_model(module, shadow, device="cpu") as plain:
+        weights = dict(plain.named_parameters())
+        return [weights[name].detach().float().clone() for name in trainer._param_names]
 
 
 def digest(tensors) -> str:
     hasher = hashlib.sha256()
     for tensor in tensors:
-        hasher.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        hasher.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return hasher.hexdigest()
 
 
-def main(out: str, max_steps: int, resume: str | None) -> None:
+class ExpectedEMA(TrainerCallback):
+    """The EMA by its formula, from the gathered policy after every optimizer step of this process."""
+
+    def __init__(self, trainer, beta: float) -> None:
+        self.trainer, self.beta, self.ema = trainer, beta, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.ema = full_copy(self.trainer, self.trainer.ema, self.trainer.ema_model)  # fresh, or as resumed
+
+    def on_step_end(self, args, state, control, **kwargs):
+        policy = [t.float().cpu() for t in full_policy(self.trainer)]
+        self.ema = [self.beta * e + (1 - self.beta) * p for e, p in zip(self.ema, policy, strict=True)]
+
+
+def reference_check(trainer) -> dict:
+    """The reference forward through the engine equals a plain module holding the reference's weights, and the
+    policy's own forward is unchanged afterwards (its shards were put back and nothing stale stayed gathered)."""
+    entries = trainer.buffer.entries()[: trainer.args.per_device_train_batch_size]
+    batch = {k: v.to(trainer.args.device) for k, v in pad_pairs(entries, trainer.processing_class.pad_token_id).items()}
+    model = trainer.model_wrapped
+    model.eval()
+    with torch.no_grad():
+        before = trainer._token_logps(model, batch)
+        through_engine = trainer._reference_token_logps(model, batch)
+        after = trainer._token_logps(model, batch)
+    with trainer._weights_as_model(trainer.ref_model, trainer.ref) as plain, torch.no_grad():
+        expected = trainer._token_logps(plain.to(trainer.args.device), batch)
+    return {"ref_error": float((through_engine - expected).abs().max()),
+            "policy_restored_error": float((before - after).abs().max()),
+            "ref_differs_from_policy": float((through_engine - before).abs().max())}
+
+
+def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
+    if engine == "fsdp2":
+        allow_fsdp_on_cpu()
+    if engine.startswith("zero"):
+        allow_deepspeed_on_cpu()
     tokenizer = tiny.build_tokenizer()
     model = tiny.build_model(tokenizer, hidden_size=32, seed=0)
-    args = SAPOConfig(output_dir=out, max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3,
-                      token_generate_length=4, max_length=64, max_prompt_length=48, logging_steps=1,
-                      report_to="none", save_steps=2, use_cpu=True, disable_tqdm=True, ref_update_steps=2, seed=0)
+    settings = {"output_dir": out, "max_steps": max_steps, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
+                "token_generate_length": 4, "max_length": 64, "max_prompt_length": 48, "logging_steps": 1,
+                "report_to": "none", "save_steps": 2, "use_cpu": True, "disable_tqdm": True, "ref_update_steps": 3,
+                "seed": 0}
+    args = SAPOConfig(**{**settings, **engine_arguments(engine)})
     trainer = SAPOTrainer(model=model, args=args, train_dataset=tasks.make_suite(64, 0, seed=3)["train"],
                           processing_class=tokenizer)
+    expected = ExpectedEMA(trainer, args.ema_beta)
+    trainer.add_callback(expected)
     trainer.train(resume_from_checkpoint=resume)
-    report = {"world_size": args.world_size, "step": trainer.state.global_step,
-              "policy": digest(trainer._params), "ema": digest(trainer.ema.tensors),
-              "ref": digest(trainer.ref.tensors), "buffer": [e.real for e in trainer.buffer.entries()]}
+    ema = full_copy(trainer, trainer.ema, trainer.ema_model)
+    ref = full_copy(trainer, trainer.ref, trainer.ref_model)
+    report = {"world_size": args.world_size, "engine": trainer.engine, "step": trainer.state.global_step,
+              "policy": digest(full_policy(trainer)),
+              "ema": digest(ema), "ref": digest(ref),
+              "ema_error": max(float((a - b).abs().max()) for a, b in zip(ema, expected.ema, strict=True)),
+              "local_ema_numel": sum(t.numel() for t in trainer.ema.tensors),
+              "full_numel": sum(t.numel() for t in ema),
+              "ema_device": str(trainer.ema.tensors[0].device), "ema_dtype": str(trainer.ema.tensors[0].dtype),
+              "buffer": [e.real for e in trainer.buffer.entries()], **reference_check(trainer)}
+    trainer.save_model()
     with open(f"{out}/rank{args.process_index}.json", "w") as handle:
         json.dump(report, handle)
-    torch.distributed.barrier()
+    dist.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
