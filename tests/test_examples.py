@@ -62,3 +62,33 @@ def test_example_is_a_valid_config(path: Path) -> None:
         assert _value(model_args, config, name) == expected, name
     for name, value in EXPECTED.get(path.name, {}).items():
         assert _value(model_args, config, name) == value, name
+
+
+ACCELERATE_CONFIGS = {  # file: (engine flags accelerate launch derives, ZeRO stage or FSDP version)
+    "ddp-8gpu.yaml": {"use_deepspeed": False, "use_fsdp": False},
+    "zero2-8gpu.yaml": {"use_deepspeed": True, "use_fsdp": False, "zero_stage": 2},
+    "zero3-8gpu.yaml": {"use_deepspeed": True, "use_fsdp": False, "zero_stage": 3},
+    "fsdp2-8gpu.yaml": {"use_deepspeed": False, "use_fsdp": True, "fsdp_version": 2},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_accelerate_config_launches_eight_processes_with_its_engine(name: str, monkeypatch) -> None:
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    path = EXAMPLES / "accelerate" / name
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "sapo.cli", "train"])
+    args = _validate_launch_command(args)[0]
+    assert args.num_processes == 8 and args.num_machines == 1 and args.mixed_precision == "bf16"
+    for field, value in ACCELERATE_CONFIGS[name].items():
+        assert getattr(args, field) == value, field
+    if args.use_fsdp:  # what the launched processes' accelerate will read
+        env = prepare_multi_gpu_env(args)
+        assert env["FSDP_VERSION"] == "2" and env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
+    assert "sapo.cli train" in path.read_text()  # the file says how to launch sapo with it
+
+
+def test_paper_example_points_at_the_zero3_config() -> None:
+    text = (EXAMPLES / "mistral-7b-sapo-dpo.yaml").read_text()
+    assert "examples/accelerate/zero3-8gpu.yaml" in text

@@ -1,3 +1,4 @@
+import copy
 import json
 import random
 import subprocess
@@ -277,3 +278,56 @@ def test_static_generation_engine_trains(tmp_path, tokenizer, tiny_model, suite)
     trainer.train()
     assert len(trainer.buffer) == 8
     assert all(e.rejected[:e.segment_start] == e.real[:e.segment_start] for e in trainer.buffer.entries())
+
+
+def test_bf16_copies_are_bf16_modules_that_follow_the_ema_formula(tmp_path, tokenizer, tiny_model, suite,
+                                                                   snapshot_each_step):
+    args = config(tmp_path, max_steps=3, copies_dtype="bfloat16", ref_update_mode="ema", ref_update_steps=2)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    snapshots = snapshot_each_step(trainer, lambda: (clones(trainer._params), clones(trainer.ema.tensors)))
+    trainer.train()
+    assert {p.dtype for p in trainer.ema_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.ref_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer._params} == {torch.float32}  # the policy is untouched
+    (_, ema1), (params2, ema2) = snapshots[1], snapshots[2]
+    for before, param, after in zip(ema1, params2, ema2, strict=True):  # EMA step computed in bf16
+        expected = (0.5 * before.float() + 0.5 * param).to(torch.bfloat16)
+        torch.testing.assert_close(after, expected, atol=1e-2, rtol=1e-2)
+    assert all(torch.equal(r, e) for r, e in zip(trainer.ref.tensors, snapshots[2][1], strict=True))
+
+
+def test_offloaded_copies_are_plain_tensors_and_the_reference_is_the_starting_model(tmp_path, tokenizer, tiny_model,
+                                                                                     suite, snapshot_each_step):
+    start = clones(p for p in tiny_model.parameters() if p.requires_grad)
+    args = config(tmp_path, max_steps=3, offload_copies=True, save_strategy="steps", save_steps=3)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    snapshots = snapshot_each_step(trainer, lambda: (clones(trainer._params), clones(trainer.ema.tensors)))
+    trainer.train()
+    assert trainer.ema_model is None and trainer.ref_model is None
+    assert all(torch.equal(r, s) for r, s in zip(trainer.ref.tensors, start, strict=True))  # fixed reference
+    (_, ema1), (params2, ema2) = snapshots[1], snapshots[2]
+    for before, param, after in zip(ema1, params2, ema2, strict=True):
+        torch.testing.assert_close(after, 0.5 * before + 0.5 * param, rtol=0, atol=1e-7)
+    # the reference forward (reference weights loaded into the policy) equals the starting model's, and the
+    # policy's own weights come back
+    batch = pad_pairs(trainer.buffer.entries()[:4], tokenizer.pad_token_id)
+    policy_before = clones(trainer._params)
+    reference_logps = trainer._reference_token_logps(trainer.model, batch)
+    assert all(torch.equal(a, b) for a, b in zip(trainer._params, policy_before, strict=True))
+    with trainer._weights_as_model(None, trainer.ref) as starting_model:
+        torch.testing.assert_close(reference_logps, trainer._token_logps(starting_model, batch))
+    state = tmp_path / "out" / "checkpoint-3" / "sapo_state"
+    assert (state / "ema.safetensors").exists() and (state / "reference.safetensors").exists()
+    trainer.save_model()
+    assert (tmp_path / "out" / "ema" / "model.safetensors").exists()
+
+
+def test_offloading_rejects_a_separate_reference_model(tmp_path, tokenizer, tiny_model, suite):
+    with pytest.raises(ValueError, match="ref_model= cannot be combined"):
+        SAPOTrainer(model=tiny_model, args=config(tmp_path, offload_copies=True), train_dataset=suite["train"],
+                    processing_class=tokenizer, ref_model=copy.deepcopy(tiny_model))
+
+
+def test_unknown_copies_dtype_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="copies_dtype must be one of auto, bfloat16, float16, float32"):
+        config(tmp_path, copies_dtype="int8")
