@@ -369,6 +369,7 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
             eos_token_ids_of(tokenizer, model), None, **sampler_options))
         trainer = SAPOTrainer(model=model, args=args, train_dataset=sapo_records(records),
                               processing_class=tokenizer, sampler=sampler)
+        ema_seconds = time_ema_updates(device)
         timer = step_timer_callback()
         generation_per_step: list[tuple[float, int]] = []  # (seconds, tokens) generated during each step
         last = {"seconds": 0.0, "tokens": 0}
@@ -391,7 +392,9 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         "generation_rounds": sampler.rounds, "generated_tokens": sampler.tokens,
         "generation_tokens_per_s": timed_tokens / timed_generation if timed_generation else float("nan"),
         "device": str(device),
+        "ema_update_ms": 1000 * statistics.mean(ema_seconds) if ema_seconds else float("nan"),
     })
+    result["ema_update_share"] = result["ema_update_ms"] / 1000 / result["step_mean_s"]
     if options["sampler"] == "static":
         inner = sampler.inner
         result["static_compiled"] = inner.uses_compile(device)
@@ -586,6 +589,28 @@ def step_row(label: str, r: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:>9.0f} {r['peak_mib']:>9.0f}")
 
 
+def time_ema_updates(device: Any) -> list[float]:
+    """Wall seconds of every EMA update (`sapo.ema.ema_update_`, the fused lerp), synchronised on CUDA."""
+    import torch
+
+    import sapo.ema
+
+    seconds: list[float] = []
+    original = sapo.ema.ema_update_
+
+    def timed(ema, params, beta):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        original(ema, params, beta)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+
+    sapo.ema.ema_update_ = timed
+    return seconds
+
+
 def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env: dict[str, Any]) -> str:
     lines = [f"config {args.config}{' (dry run)' if args.dry_run else ''}: {shape.arch} hidden {shape.hidden}, "
              f"{shape.layers} layers, {shape.heads}/{shape.kv_heads} heads, vocab {shape.vocab or 'char'}, "
@@ -619,6 +644,8 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
                          f"{r['generation_rounds']} rounds in all, one every {r['generation_period_steps']} steps"
                          + (f", compiled decode: {r['static_compiled']}" if "static_compiled" in r else "")
                          + (" (torch.compile FAILED, fell back to eager)" if r.get("static_compile_failed") else ""))
+            lines.append(f"SAPO EMA update{suffix}: {r['ema_update_ms']:.2f} ms per optimizer step, "
+                         f"{r['ema_update_share'] * 100:.2f}% of the mean step")
     if "gen" in results:
         g = results["gen"]
         lines.append(f"generation alone ({g['rows']} rows, context {g['context_len']}, {g['new_tokens']} new tokens, "
