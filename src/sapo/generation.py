@@ -103,7 +103,9 @@ class HFGenerateSampler:
         was_training = model.training
         model.eval()
         try:
-            output = model.generate(input_ids=ids, attention_mask=mask,
+            # The model is always whole here (sharded EMAs are gathered first), so ranks need not decode in
+            # lock-step, which transformers would otherwise impose under ZeRO-3 with a collective per token.
+            output = model.generate(input_ids=ids, attention_mask=mask, synced_gpus=False,
                                     generation_config=self._generation_config(max_new_tokens))
         finally:
             model.train(was_training)

@@ -507,9 +507,12 @@ class SAPOTrainer(Trainer):
             self.spin_iteration, self.spin_rejected = iteration, {}
             self._metrics["spin/iteration"].append(float(iteration))
         missing = [i for i, index in enumerate(inputs["index"]) if index not in self.spin_rejected]
-        if missing:
+        generate = bool(missing)
+        if self.sharded:  # gathering the opponent is collective: every rank joins if any rank needs it
+            generate = any_rank(generate, self.args.device)
+        if generate:
             prompts = [inputs["prompt_ids"][i] for i in missing]
-            budget = max(self.args.max_length - len(p) for p in prompts)
+            budget = max((self.args.max_length - len(p) for p in prompts), default=0)
             started = time.perf_counter()
             with self._weights_as_model(self.ref_model, self.ref) as generator:
                 samples = self.sampler.sample(generator, prompts, budget)
