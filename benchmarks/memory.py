@@ -45,8 +45,10 @@ Reported per option:
 Model: ``Qwen2ForCausalLM`` from a ``Qwen2Config`` of the Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads,
 2 KV heads, intermediate 4864, vocab 151936, tied embeddings), random init (seed 0), no hub access, with
 ``sapo.tiny``'s character tokenizer (only the vocabulary size matters for memory; ids above the character range
-are never decoded). Data: ``benchmarks/speed.py``'s synthetic chat records, prompt 64 + response 64 tokens,
-batch 2, token_generate_length 32, 3 optimizer steps (``max_steps=3``).
+are never decoded). Data: ``benchmarks/speed.py``'s synthetic chat records, prompt 32 + response 32 tokens,
+batch 2, token_generate_length 16, 3 optimizer steps (``max_steps=3``): short, so that all six options run in
+about ten minutes on a 2-core CPU (the copies' bytes do not depend on the lengths; activations do, so use
+``--prompt_len``/``--response_len``/``--token_generate_length`` for realistic peaks on a GPU).
 
 Precision: the policy's weights are fp32 by default on CPU and GPU alike (``--dtype``), since that is where
 ``copies_dtype="bfloat16"`` matters; on CUDA ``--bf16`` adds mixed precision (``SAPOConfig(bf16=True)``, autocast)
@@ -54,8 +56,8 @@ for the usual fp32-master-weights setup. ``--dtype bfloat16`` trains purely in b
 does), where the ``bf16`` option is a no-op by construction.
 
 ``--dry_run``: Qwen2 with hidden 64, 2 layers, 4 heads, 2 KV heads, intermediate 128, the tokenizer's own
-vocabulary (107), prompt 32 + response 32, token_generate_length 16, 2 steps, and LoRA rank 2 (rank scaled
-with the hidden size, so the adapters are a similarly small fraction of the model as at full size).
+vocabulary (107), the same lengths, 2 steps, and LoRA rank 2 (rank scaled with the hidden size, so the adapters
+are a similarly small fraction of the model as at full size).
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ def _load_speed():
 
 speed = _load_speed()
 
-FULL_SHAPE = replace(speed.CONFIGS["gpu"], name="qwen2-0.5b", bf16=False, prompt_len=64, response_len=64, batch=2,
-                     token_generate_length=32, gradient_checkpointing=False, threads=None)
+FULL_SHAPE = replace(speed.CONFIGS["gpu"], name="qwen2-0.5b", bf16=False, prompt_len=32, response_len=32, batch=2,
+                     token_generate_length=16, gradient_checkpointing=False, threads=None)
 
 
 def dry_run_shape(shape):
@@ -253,6 +255,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the policy's weights (default float32: copies_dtype=bfloat16 then halves the copies)")
     parser.add_argument("--bf16", action="store_true",
                         help="SAPOConfig(bf16=True): mixed precision (autocast) over fp32 weights; CUDA only")
+    parser.add_argument("--prompt_len", type=int, default=None, help=f"default {FULL_SHAPE.prompt_len}")
+    parser.add_argument("--response_len", type=int, default=None, help=f"default {FULL_SHAPE.response_len}")
+    parser.add_argument("--token_generate_length", type=int, default=None,
+                        help=f"default {FULL_SHAPE.token_generate_length}")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (max_steps); default 3, dry run 2")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--use_cpu", action="store_true", help="run on the CPU even if CUDA is available")
@@ -273,7 +279,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def shape_of(args: argparse.Namespace):
     shape = replace(FULL_SHAPE, bf16=args.dtype == "bfloat16")
-    return dry_run_shape(shape) if args.dry_run else shape
+    shape = dry_run_shape(shape) if args.dry_run else shape
+    lengths = {key: getattr(args, key) for key in ("prompt_len", "response_len", "token_generate_length")}
+    return replace(shape, **{key: value for key, value in lengths.items() if value is not None})
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
