@@ -67,7 +67,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -302,21 +301,6 @@ def run_option_here(args: argparse.Namespace) -> None:
     args._result.write_text(json.dumps(result))
 
 
-def run_option_subprocess(option: str, argv: list[str]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as scratch:
-        result_file = Path(scratch) / "result.json"
-        command = [sys.executable, os.path.abspath(__file__), *argv, "--_option", option,
-                   "--_result", str(result_file)]
-        started = time.perf_counter()
-        completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if completed.returncode != 0 or not result_file.exists():
-            sys.stdout.write(completed.stdout[-6000:])
-            raise SystemExit(f"option {option} failed (exit status {completed.returncode})")
-        result = json.loads(result_file.read_text())
-        result["option_wall_s"] = time.perf_counter() - started
-        return result
-
-
 def environment() -> dict[str, Any]:
     import torch
     import transformers
@@ -374,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for option in args.option_list:
         print(f"running option {option} ...", file=sys.stderr, flush=True)
-        results[option] = run_option_subprocess(option, argv)
+        results[option] = speed.run_isolated(__file__, argv, "option", option)
     env["loadavg_end"] = os.getloadavg()
     env["wall_s"] = time.perf_counter() - started
     if args.json:

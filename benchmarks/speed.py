@@ -558,17 +558,19 @@ def run_phase_here(args: argparse.Namespace) -> None:
     args._result.write_text(json.dumps(result))
 
 
-def run_phase_subprocess(args: argparse.Namespace, phase: str, argv: list[str]) -> dict[str, Any]:
+def run_isolated(script: str, argv: list[str], kind: str, name: str) -> dict[str, Any]:
+    """Run `script` again in a fresh Python process with `argv --_<kind> <name>` and return the JSON result it
+    writes, so peak-memory numbers and allocator caches of one phase (or option) cannot leak into the next."""
     with tempfile.TemporaryDirectory() as scratch:
         result_file = Path(scratch) / "result.json"
-        command = [sys.executable, os.path.abspath(__file__), *argv, "--_phase", phase, "--_result", str(result_file)]
+        command = [sys.executable, os.path.abspath(script), *argv, f"--_{kind}", name, "--_result", str(result_file)]
         started = time.perf_counter()
         completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if completed.returncode != 0 or not result_file.exists():
             sys.stdout.write(completed.stdout[-6000:])
-            raise SystemExit(f"phase {phase} failed (exit status {completed.returncode})")
+            raise SystemExit(f"{kind} {name} failed (exit status {completed.returncode})")
         result = json.loads(result_file.read_text())
-        result["phase_wall_s"] = time.perf_counter() - started
+        result[f"{kind}_wall_s"] = time.perf_counter() - started
         return result
 
 
@@ -692,11 +694,11 @@ def main(argv: list[str] | None = None) -> int:
         run: dict[str, Any] = {}
         for phase in (p for p in phases if p != "gen"):
             print(f"running phase {phase} (run {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
-            run[phase] = run_phase_subprocess(args, phase, argv)
+            run[phase] = run_isolated(__file__, argv, "phase", phase)
         results["runs"].append(run)
     if "gen" in phases:
         print("running phase gen ...", file=sys.stderr, flush=True)
-        results["gen"] = run_phase_subprocess(args, "gen", argv)
+        results["gen"] = run_isolated(__file__, argv, "phase", "gen")
     env["loadavg_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps({"shape": asdict(shape), "options": options_of(args), "environment": env,

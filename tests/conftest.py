@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 
 from sapo import tasks, tiny
@@ -52,3 +56,15 @@ def snapshot_each_step():
         return snapshots
 
     return install
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks are scripts, not part of the package); yields it, then
+    forgets it."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"sapo_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)

@@ -59,6 +59,11 @@ def check_run(reports, engine, bf16_copies=False):
         assert report["ref_error"] < tolerance
         assert report["policy_restored_error"] == 0.0
         assert report["ref_differs_from_policy"] > 1e-3  # the check above compared two different models
+    for report in reports:  # decoding is communication-free; sharded copies are gathered once per round
+        traffic = report["generation_traffic"]
+        assert traffic["rounds"] >= 1 and traffic["collectives_while_decoding"] == 0
+        expected_gathers = traffic["parameters"] if engine in SHARDED or engine == "ddp-offload" else 0
+        assert traffic["gathers_per_round"] == expected_gathers
     if engine in SHARDED:  # each rank holds about half of every copy
         locals_ = [r["local_ema_numel"] for r in reports]
         assert all(n < 0.6 * reports[0]["full_numel"] for n in locals_)

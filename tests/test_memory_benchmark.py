@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_benchmark
 from torch import nn
 
 from sapo import tiny
@@ -21,12 +21,7 @@ BENCHMARK = ROOT / "benchmarks" / "memory.py"
 
 @pytest.fixture(scope="module")
 def memory():
-    spec = importlib.util.spec_from_file_location("sapo_benchmark_memory", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_benchmark("memory")
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,54 @@ class ExpectedEMA(TrainerCallback):
         self.ema = [self.beta * e + (1 - self.beta) * p for e, p in zip(self.ema, policy, strict=True)]
 
 
+COLLECTIVES = ("all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor")
+
+
+def count_generation_traffic(trainer) -> dict:
+    """Counts, per generation round, the whole-tensor gathers sapo makes to build the generator and every
+    torch.distributed collective issued while the sampler decodes (there should be none)."""
+    import sapo.sharding
+
+    counts = {"rounds": 0, "gathers": 0, "collectives_while_decoding": 0}
+    gather, augment, in_round = sapo.sharding.gather_full, trainer.augment, [False]
+
+    def counted_gather(*args, **kwargs):
+        counts["gathers"] += in_round[0]
+        return gather(*args, **kwargs)
+
+    def marked_augment(*args, **kwargs):
+        in_round[0] = True
+        try:
+            return augment(*args, **kwargs)
+        finally:
+            in_round[0] = False
+
+    sapo.sharding.gather_full = counted_gather
+    trainer.augment = marked_augment
+    sample = trainer.sampler.sample
+
+    def counted_sample(model, contexts, max_new_tokens):
+        originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+        def counting(name):
+            def call(*args, **kwargs):
+                counts["collectives_while_decoding"] += 1
+                return originals[name](*args, **kwargs)
+            return call
+
+        for name in COLLECTIVES:
+            setattr(dist, name, counting(name))
+        try:
+            counts["rounds"] += 1
+            return sample(model, contexts, max_new_tokens)
+        finally:
+            for name, original in originals.items():
+                setattr(dist, name, original)
+
+    trainer.sampler.sample = counted_sample
+    return counts
+
+
 def reference_check(trainer) -> dict:
     """The reference forward through the engine equals a plain module holding the reference's weights, and the
     policy's own forward is unchanged afterwards (its shards were put back and nothing stale stayed gathered)."""
@@ -139,7 +187,10 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
                           processing_class=tokenizer)
     expected = ExpectedEMA(trainer, args.ema_beta)
     trainer.add_callback(expected)
+    traffic = count_generation_traffic(trainer)
     trainer.train(resume_from_checkpoint=resume)
+    traffic["gathers_per_round"] = traffic["gathers"] / max(1, traffic["rounds"])
+    traffic["parameters"] = len(list(trainer.policy.parameters()))
     ema = full_copy(trainer, trainer.ema, trainer.ema_model)
     ref = full_copy(trainer, trainer.ref, trainer.ref_model)
     report = {"world_size": args.world_size, "engine": trainer.engine, "step": trainer.state.global_step,
@@ -149,7 +200,8 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
               "local_ema_numel": sum(t.numel() for t in trainer.ema.tensors),
               "full_numel": sum(t.numel() for t in ema),
               "ema_device": str(trainer.ema.tensors[0].device), "ema_dtype": str(trainer.ema.tensors[0].dtype),
-              "buffer": [e.real for e in trainer.buffer.entries()], **reference_check(trainer)}
+              "buffer": [e.real for e in trainer.buffer.entries()], "generation_traffic": traffic,
+              **reference_check(trainer)}
     trainer.save_model()
     with open(f"{out}/rank{args.process_index}.json", "w") as handle:
         json.dump(report, handle)
