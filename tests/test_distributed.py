@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).parent / "workers" / "distributed_train.py"
-SHARDED = {"fsdp2", "zero3"}
-NEEDS_DEEPSPEED = {"zero2", "zero3"}
+SHARDED = {"fsdp2", "zero3", "zero3-by-path"}
+NEEDS_DEEPSPEED = {"zero2", "zero3", "zero3-by-path"}
 
 
 def torchrun(engine, out, steps, *extra):
@@ -47,7 +47,7 @@ def ddp_run(tmp_path_factory):
 
 
 def check_run(reports, engine, bf16_copies=False):
-    expected_engine = engine if engine in SHARDED else "replicated"
+    expected_engine = {"fsdp2": "fsdp2", "zero3": "zero3", "zero3-by-path": "zero3"}.get(engine, "replicated")
     assert [r["world_size"] for r in reports] == [2, 2]
     assert [r["engine"] for r in reports] == [expected_engine] * 2
     for key in ("policy", "ema", "ref"):
@@ -118,6 +118,14 @@ def test_zero2_matches_ddp(ddp_run, tmp_path):
     out = tmp_path / "run"
     check_run(torchrun("zero2", out, 4), "zero2")
     assert_close_to(out, ddp_run[0], atol=1e-6)
+
+
+def test_zero3_model_loaded_by_path_is_partitioned_as_it_loads_and_trains_the_same(ddp_run, tmp_path):
+    out = tmp_path / "run"
+    reports = torchrun("zero3-by-path", out, 4)
+    assert all(r["partitioned_at_load"] for r in reports)  # zero.Init: never whole on a rank
+    check_run(reports, "zero3-by-path")
+    assert_close_to(out, ddp_run[0], atol=1e-5)
 
 
 def test_offloaded_bf16_copies_train_like_full_precision_ones(ddp_run, tmp_path):

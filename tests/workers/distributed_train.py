@@ -8,6 +8,7 @@ for fsdp2 its state is told to use the FSDP plugin anyway (the sharding itself i
 
 import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -55,8 +56,8 @@ def engine_arguments(engine: str) -> dict:
         return {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True,
                                                       "state_dict_type": "SHARDED_STATE_DICT",
                                                       "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
-    if engine in ("zero2", "zero3"):
-        stage = int(engine[-1])
+    if engine in ("zero2", "zero3", "zero3-by-path"):
+        stage = 2 if engine == "zero2" else 3
         return {"use_cpu": False, "deepspeed": {"zero_optimization": {"stage": stage},
                                                 "train_micro_batch_size_per_gpu": "auto",
                                                 "gradient_accumulation_steps": "auto"}}
@@ -178,6 +179,10 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
         allow_deepspeed_on_cpu()
     tokenizer = tiny.build_tokenizer()
     model = tiny.build_model(tokenizer, hidden_size=32, seed=0)
+    if engine == "zero3-by-path":  # loaded after the ZeRO-3 config exists: partitioned as it loads (zero.Init)
+        model_dir = f"{out}-model-rank{os.environ['RANK']}"  # same weights; no two processes write one file
+        tiny.save_pair(model, tokenizer, model_dir)
+        model = model_dir
     settings = {"output_dir": out, "max_steps": max_steps, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
                 "token_generate_length": 4, "max_length": 64, "max_prompt_length": 48, "logging_steps": 1,
                 "report_to": "none", "save_steps": 2, "use_cpu": True, "disable_tqdm": True, "ref_update_steps": 3,
@@ -185,6 +190,7 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
     args = SAPOConfig(**{**settings, **engine_arguments(engine)})
     trainer = SAPOTrainer(model=model, args=args, train_dataset=tasks.make_suite(64, 0, seed=3)["train"],
                           processing_class=tokenizer)
+    partitioned_at_load = any(hasattr(p, "ds_tensor") for p in trainer.model.parameters())
     expected = ExpectedEMA(trainer, args.ema_beta)
     trainer.add_callback(expected)
     traffic = count_generation_traffic(trainer)
@@ -201,6 +207,7 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
               "full_numel": sum(t.numel() for t in ema),
               "ema_device": str(trainer.ema.tensors[0].device), "ema_dtype": str(trainer.ema.tensors[0].dtype),
               "buffer": [e.real for e in trainer.buffer.entries()], "generation_traffic": traffic,
+              "partitioned_at_load": partitioned_at_load,
               **reference_check(trainer)}
     trainer.save_model()
     with open(f"{out}/rank{args.process_index}.json", "w") as handle:
