@@ -67,7 +67,7 @@ def gather_full(param: torch.Tensor, shard: torch.Tensor, engine: str) -> torch.
     if engine == "fsdp2" and hasattr(param, "device_mesh"):
         from torch.distributed.tensor import DTensor
 
-        local = shard.to(param.to_local().device)
+        local = shard.to(param.device_mesh.device_type)  # the mesh's device, even if parameters are offloaded
         return DTensor.from_local(local, device_mesh=param.device_mesh, placements=param.placements,
                                   run_check=False, shape=param.shape, stride=param.stride()).full_tensor()
     if engine == "zero3" and _is_zero3_partitioned(param):
