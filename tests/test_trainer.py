@@ -331,3 +331,25 @@ def test_offloading_rejects_a_separate_reference_model(tmp_path, tokenizer, tiny
 def test_unknown_copies_dtype_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="copies_dtype must be one of auto, bfloat16, float16, float32"):
         config(tmp_path, copies_dtype="int8")
+
+
+def test_a_sampler_is_told_to_release_what_it_kept_for_each_gathered_generator(tmp_path, tokenizer, tiny_model,
+                                                                              suite):
+    class ReleasingSampler(ScriptedSampler):
+        def __init__(self, outputs):
+            super().__init__(outputs)
+            self.models, self.releases = [], 0
+
+        def sample(self, model, contexts, max_new_tokens):
+            self.models.append(model)
+            return super().sample(model, contexts, max_new_tokens)
+
+        def release(self):
+            self.releases += 1
+
+    sampler = ReleasingSampler([[90, 91, 92, 93, 94, 95]])
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=3, offload_copies=True),
+                          train_dataset=suite["train"], processing_class=tokenizer, sampler=sampler)
+    trainer.train()
+    assert len(sampler.calls) == 3 and sampler.releases == 3  # one generator module per round, then released
+    assert all(m is not trainer.policy for m in sampler.models)  # a plain module gathered for the round

@@ -421,6 +421,9 @@ class SAPOTrainer(Trainer):
             dtype = shadow.tensors[0].dtype
             with materialized(self.policy, self.engine, weights, dtype, device or self.args.device) as plain:
                 yield plain
+            release = getattr(self.sampler, "release", None)
+            if release is not None:  # caches/compiled steps keyed to a module that is gone after this round
+                release()
 
     def augment(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[ReplayEntry]:
         """Make rejected responses for a batch of real ones (SPEC §1 step 2) and push them to the buffer."""
