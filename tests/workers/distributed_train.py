@@ -1,9 +1,11 @@
 """Worker for tests/test_distributed.py: trains SAPO-DPO under torchrun with one engine and reports, per rank,
 hashes of the whole (gathered) policy, EMA and reference, the rank's buffer, and checks of the sharded paths.
 
-Engines: ddp (plain accelerate DDP), zero2 / zero3 (DeepSpeed), fsdp2 (torch FSDP2 through accelerate), and
-ddp-offload (DDP with offload_copies and copies_dtype bfloat16). Accelerate refuses FSDP on CPU processes, so
-for fsdp2 its state is told to use the FSDP plugin anyway (the sharding itself is torch's and runs on gloo).
+Engines: ddp (plain accelerate DDP), zero2 / zero3 (DeepSpeed), zero3-by-path (the model loaded by path, i.e.
+partitioned as it loads), fsdp2 (torch FSDP2 through accelerate), and ddp-offload (DDP with offload_copies and
+copies_dtype bfloat16). Accelerate refuses FSDP on CPU processes, so for fsdp2 its state is told to use the FSDP
+plugin anyway (the sharding itself is torch's and runs on gloo); on a CUDA machine the worker runs on the GPUs
+without those patches, e.g. `torchrun --nproc_per_node 1 tests/workers/distributed_train.py OUT 4 fsdp2`.
 """
 
 import hashlib
@@ -185,8 +187,8 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
         model = model_dir
     settings = {"output_dir": out, "max_steps": max_steps, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
                 "token_generate_length": 4, "max_length": 64, "max_prompt_length": 48, "logging_steps": 1,
-                "report_to": "none", "save_steps": 2, "use_cpu": True, "disable_tqdm": True, "ref_update_steps": 3,
-                "seed": 0}
+                "report_to": "none", "save_steps": 2, "use_cpu": not torch.cuda.is_available(), "disable_tqdm": True,
+                "ref_update_steps": 3, "seed": 0}
     args = SAPOConfig(**{**settings, **engine_arguments(engine)})
     trainer = SAPOTrainer(model=model, args=args, train_dataset=tasks.make_suite(64, 0, seed=3)["train"],
                           processing_class=tokenizer)
