@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) per engine: DDP, FSDP2, DeepSpeed ZeRO-2/3, and DDP with offloaded bf16 copies.
+"""Two CPU processes (torchrun, gloo) per engine: DDP, FSDP2, DeepSpeed ZeRO-2/3, DDP with offloaded bf16 copies,
+and the SPIN recipe under DDP, FSDP2 and ZeRO-3.
 
 Each run checks, on every rank, that the EMA equals its formula over the gathered policy, that the reference
 forward through the engine equals a plain model with the reference's weights and leaves the policy as it was,
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 
 WORKER = Path(__file__).parent / "workers" / "distributed_train.py"
 SHARDED = {"fsdp2", "zero3", "zero3-by-path"}
-NEEDS_DEEPSPEED = {"zero2", "zero3", "zero3-by-path"}
+NEEDS_DEEPSPEED = {"zero2", "zero3", "zero3-by-path", "zero3-spin"}
 
 
 def torchrun(engine, out, steps, *extra):
@@ -132,3 +133,22 @@ def test_offloaded_bf16_copies_train_like_full_precision_ones(ddp_run, tmp_path)
     out = tmp_path / "run"
     check_run(torchrun("ddp-offload", out, 4), "ddp-offload", bf16_copies=True)
     assert_close_to(out, ddp_run[0], atol=5e-3)
+
+
+def test_spin_under_sharded_engines_trains_like_ddp(tmp_path):
+    """SPIN's opponent (the reference) generates whole responses: gathered like the EMA, refreshed per iteration."""
+    runs = {}
+    for engine in ("ddp-spin", "fsdp2-spin", "zero3-spin"):
+        out = tmp_path / engine
+        reports = torchrun(engine, out, 4)
+        assert [r["spin_iteration"] for r in reports] == [1, 1]  # the opponent was refreshed once
+        for key in ("policy", "ref"):
+            assert reports[0][key] == reports[1][key], (engine, key)
+        for report in reports:
+            assert report["ref_error"] < 1e-6 and report["policy_restored_error"] == 0.0
+        runs[engine] = out
+    for engine in ("fsdp2-spin", "zero3-spin"):
+        ours = load_file(str(runs[engine] / "model.safetensors"))
+        for name, tensor in load_file(str(runs["ddp-spin"] / "model.safetensors")).items():
+            if name in ours:
+                torch.testing.assert_close(ours[name], tensor, atol=1e-5, rtol=0)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer, tasks, tiny
+from sapo.buffer import ReplayEntry
 from sapo.trainer import pad_pairs
 
 
@@ -160,6 +161,10 @@ def reference_check(trainer) -> dict:
     """The reference forward through the engine equals a plain module holding the reference's weights, and the
     policy's own forward is unchanged afterwards (its shards were put back and nothing stale stayed gathered)."""
     entries = trainer.buffer.entries()[: trainer.args.per_device_train_batch_size]
+    if not entries:  # SPIN has no buffer: score a few real responses against themselves
+        items = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
+        entries = [ReplayEntry(list(x["prompt_ids"]), list(x["response_ids"]), list(x["response_ids"]), 0, 0)
+                   for x in items]
     batch = {k: v.to(trainer.args.device) for k, v in pad_pairs(entries, trainer.processing_class.pad_token_id).items()}
     model = trainer.model_wrapped
     model.eval()
@@ -175,6 +180,8 @@ def reference_check(trainer) -> dict:
 
 
 def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
+    spin = engine.endswith("-spin")  # the SPIN recipe under the engine named before the suffix
+    engine = engine.removesuffix("-spin")
     if engine == "fsdp2":
         allow_fsdp_on_cpu()
     if engine.startswith("zero"):
@@ -189,10 +196,20 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
                 "token_generate_length": 4, "max_length": 64, "max_prompt_length": 48, "logging_steps": 1,
                 "report_to": "none", "save_steps": 2, "use_cpu": not torch.cuda.is_available(), "disable_tqdm": True,
                 "ref_update_steps": 3, "seed": 0}
+    if spin:
+        settings.update(recipe="spin", spin_iterations=2)
     args = SAPOConfig(**{**settings, **engine_arguments(engine)})
     trainer = SAPOTrainer(model=model, args=args, train_dataset=tasks.make_suite(64, 0, seed=3)["train"],
                           processing_class=tokenizer)
     partitioned_at_load = any(hasattr(p, "ds_tensor") for p in trainer.model.parameters())
+    if spin:
+        trainer.train(resume_from_checkpoint=resume)
+        ref = full_copy(trainer, trainer.ref, trainer.ref_model)
+        report = {"world_size": args.world_size, "engine": trainer.engine, "step": trainer.state.global_step,
+                  "policy": digest(full_policy(trainer)), "ref": digest(ref), "spin_iteration": trainer.spin_iteration,
+                  **reference_check(trainer)}
+        trainer.save_model()
+        return finish(out, args, report)
     expected = ExpectedEMA(trainer, args.ema_beta)
     trainer.add_callback(expected)
     traffic = count_generation_traffic(trainer)
@@ -212,6 +229,10 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
               "partitioned_at_load": partitioned_at_load,
               **reference_check(trainer)}
     trainer.save_model()
+    finish(out, args, report)
+
+
+def finish(out: str, args, report: dict) -> None:
     with open(f"{out}/rank{args.process_index}.json", "w") as handle:
         json.dump(report, handle)
     dist.barrier()
