@@ -2,10 +2,11 @@
 hashes of the whole (gathered) policy, EMA and reference, the rank's buffer, and checks of the sharded paths.
 
 Engines: ddp (plain accelerate DDP), zero2 / zero3 (DeepSpeed), zero3-by-path (the model loaded by path, i.e.
-partitioned as it loads), fsdp2 (torch FSDP2 through accelerate), and ddp-offload (DDP with offload_copies and
-copies_dtype bfloat16). Accelerate refuses FSDP on CPU processes, so for fsdp2 its state is told to use the FSDP
-plugin anyway (the sharding itself is torch's and runs on gloo); on a CUDA machine the worker runs on the GPUs
-without those patches, e.g. `torchrun --nproc_per_node 1 tests/workers/distributed_train.py OUT 4 fsdp2`.
+partitioned as it loads), fsdp2 (torch FSDP2 through accelerate), fsdp2-keep-gathered (reshard_after_forward
+off), ddp-offload (DDP with offload_copies and copies_dtype bfloat16); a "-spin" suffix trains SPIN instead.
+Accelerate refuses FSDP on CPU processes, so for fsdp2 its state is told to use the FSDP plugin anyway (the
+sharding itself is torch's and runs on gloo); on a CUDA machine the worker runs on the GPUs without those
+patches, e.g. `torchrun --nproc_per_node 1 tests/workers/distributed_train.py OUT 4 fsdp2`.
 """
 
 import hashlib
@@ -55,14 +56,17 @@ def allow_deepspeed_on_cpu() -> None:
 
 
 def engine_arguments(engine: str) -> dict:
-    if engine == "fsdp2":
-        return {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True,
+    if engine in ("fsdp2", "fsdp2-keep-gathered"):  # the latter keeps weights gathered after forward (ZeRO-2-like)
+        return {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2,
+                                                      "reshard_after_forward": engine == "fsdp2",
                                                       "state_dict_type": "SHARDED_STATE_DICT",
                                                       "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
     if engine in ("zero2", "zero3", "zero3-by-path"):
         stage = 2 if engine == "zero2" else 3
-        return {"use_cpu": False, "deepspeed": {"zero_optimization": {"stage": stage},
-                                                "train_micro_batch_size_per_gpu": "auto",
+        zero = {"stage": stage}
+        if engine == "zero3":  # every parameter partitioned and fetched per forward, as in large models; the tiny
+            zero["stage3_param_persistence_threshold"] = 0  # model's are otherwise all small enough to persist
+        return {"use_cpu": False, "deepspeed": {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
                                                 "gradient_accumulation_steps": "auto"}}
     if engine == "ddp-offload":
         return {"offload_copies": True, "copies_dtype": "bfloat16"}
@@ -182,7 +186,7 @@ def reference_check(trainer) -> dict:
 def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
     spin = engine.endswith("-spin")  # the SPIN recipe under the engine named before the suffix
     engine = engine.removesuffix("-spin")
-    if engine == "fsdp2":
+    if engine.startswith("fsdp2"):
         allow_fsdp_on_cpu()
     if engine.startswith("zero"):
         allow_deepspeed_on_cpu()
