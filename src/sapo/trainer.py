@@ -219,7 +219,6 @@ class SAPOTrainer(Trainer):
         self.engine = "replicated"  # how the policy's weights are stored; known once the engine has wrapped it
         self.sharded = self._will_shard()
         self._copies_deferred = self._defer_copies(ref_model)
-        self._copies_placed = False
         if self._copies_deferred:  # built from the policy's shards once the engine has prepared it
             self.ema_model, self.ema, self.ref_model, self.ref = None, None, None, None
         else:
@@ -311,9 +310,8 @@ class SAPOTrainer(Trainer):
                 self.ema = self._shadow_of_policy()
             if self.ref is None and self.args.uses_reference:
                 self.ref = self._shadow_of_policy()
-        elif not self._copies_placed:
+        else:
             self._place_module_copies()
-        self._copies_placed = True
 
     def _copy_dtype(self, policy_dtype: torch.dtype) -> torch.dtype:
         name = self.args.copies_dtype
@@ -336,7 +334,7 @@ class SAPOTrainer(Trainer):
 
     def _place_module_copies(self) -> None:
         """Module copies made before the engine moved (DeepSpeed) or cast the policy follow it to its device
-        and dtype (or to copies_dtype)."""
+        and dtype (or to copies_dtype); a no-op once they have."""
         policy_dtype = self._params[0].dtype
         for attr in ("ema", "ref"):
             module = getattr(self, f"{attr}_model")
@@ -593,7 +591,7 @@ class SAPOTrainer(Trainer):
 
     def _skip_step_if_nonfinite(self) -> None:
         """Drop the gradients of a step whose loss or gradient is NaN/inf, so the optimizer leaves weights alone."""
-        grads = [_local(p.grad) for p in self._params if p.grad is not None]
+        grads = [local_shard(p.grad, self.engine) for p in self._params if p.grad is not None]
         finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
         if self.sharded:  # each rank sees its own shard of the gradient: skip on all or none
             finite = not any_rank(not finite, self.args.device)
@@ -624,12 +622,9 @@ class SAPOTrainer(Trainer):
 
     def _should_stop(self) -> bool:
         """Whether any rank wants to stop; ranks must agree or the checkpoint save would deadlock."""
-        stop = self._stop_reason is not None
-        if self.args.world_size > 1:
-            flag = torch.tensor([1.0 if stop else 0.0], device=self.args.device)
-            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-            if stop and self._stop_reason is None:
-                self._stop_reason = ("another process asked to stop", 1)
+        stop = any_rank(self._stop_reason is not None, self.args.device)
+        if stop and self._stop_reason is None:
+            self._stop_reason = ("another process asked to stop", 1)
         return stop
 
     # --------------------------------------------------------------------------------------------
@@ -745,11 +740,8 @@ class SAPOTrainer(Trainer):
         if _internal_call or self.engine == "replicated":
             super().save_model(output_dir, _internal_call)
         else:
-            dtype = self._params[0].dtype
-            with materialized(self.policy, self.engine, {}, dtype, "cpu") as policy:
-                if self.args.should_save:
-                    policy.save_pretrained(directory)
-                    self.processing_class.save_pretrained(directory)
+            policy = materialized(self.policy, self.engine, {}, self._params[0].dtype, "cpu")
+            self._write_model_directory(policy, directory)
         if _internal_call:
             return
         if self.ema is not None:
@@ -770,9 +762,13 @@ class SAPOTrainer(Trainer):
 
     def save_ema(self, directory: str) -> None:
         """The EMA model as a loadable model directory; every rank calls it, the main process writes."""
-        with self._weights_as_model(self.ema_model, self.ema, device="cpu") as ema:
+        self._write_model_directory(self._weights_as_model(self.ema_model, self.ema, device="cpu"), directory)
+
+    def _write_model_directory(self, model_context: contextlib.AbstractContextManager, directory: str) -> None:
+        """Enter `model_context` on every rank (it may gather shards); the main process saves model + tokenizer."""
+        with model_context as model:
             if self.args.should_save:
-                ema.save_pretrained(directory)
+                model.save_pretrained(directory)
                 self.processing_class.save_pretrained(directory)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -867,11 +863,6 @@ class SAPOTrainer(Trainer):
     def validate_checkpoint(self, path: Path) -> None:
         """Fail early, before anything is written, when `path` cannot resume this run."""
         validate_checkpoint(path, dict(zip(self._param_names, self._params, strict=True)), self.sapo_state_files())
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a (possibly DTensor) gradient."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _rng_state_to_json(rng: random.Random) -> list[Any]:
