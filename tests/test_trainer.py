@@ -214,7 +214,7 @@ def test_every_input_format_trains_on_the_same_tokens(tmp_path, tokenizer, tiny_
     records = [as_format(r, shape) for r in suite["train"][:8]]
     trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=1), train_dataset=records,
                           processing_class=tokenizer)
-    reference = SAPOTrainer._tokenize_dataset(suite["train"][:8], tokenizer, trainer.args)
+    reference = SAPOTrainer._tokenize_dataset(suite["train"][:8], tokenizer, trainer.args, trainer.eos_token_ids)
     assert trainer.train_dataset.examples == reference.examples
     trainer.train()
     assert len(trainer.buffer) == 4

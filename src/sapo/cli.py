@@ -157,10 +157,10 @@ def run_train(argv: Sequence[str]) -> int:
                      overwrite=config.overwrite_output_dir)
     if model_args.dataset_name is None:
         raise UsageError("--dataset_name is required (a .jsonl/.json/.parquet file, directory or hub name)")
-    examples = load_examples(model_args.dataset_name, model_args.dataset_split, skip_invalid=config.skip_invalid)
+    examples = load_examples(model_args.dataset_name, model_args.dataset_split, skip_invalid=config.skip_invalid,
+                             with_rejected=config.needs_rejected_data)
     model, tokenizer = load_model_and_tokenizer(model_args)
-    records = [{"prompt": e.prompt, "completion": [e.response]} for e in examples]
-    trainer = SAPOTrainer(model=model, args=config, train_dataset=records, processing_class=tokenizer,
+    trainer = SAPOTrainer(model=model, args=config, train_dataset=examples, processing_class=tokenizer,
                           peft_config=lora_config(model_args) if model_args.use_peft else None,
                           chat_template=model_args.chat_template)
     trainer.data_source = model_args.dataset_name

@@ -21,6 +21,9 @@ SELF_AUGMENTING_RECIPES = ("sapo", "sapo-dpo", "sapo-orpo")
 OFFLINE_PAIR_RECIPES = ("dpo", "orpo")
 PROMPT_TRUNCATION_MODES = ("left", "drop")
 COPY_DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEFAULT_LOSS_TYPE = "sigmoid"
+DPO_BETA = 0.1  # paper, SAPO-DPO (Mistral-7B)
+ORPO_LAMBDA = 0.05  # paper and authors' code, SAPO-ORPO (LLaMA-3-8B)
 
 
 @dataclass
@@ -30,23 +33,42 @@ class SAPOConfig(TrainingArguments):
     # --- recipe -----------------------------------------------------------------------------------
     recipe: str = field(
         default="sapo",
-        metadata={"help": f"What to train: one of {', '.join(RECIPES)}. 'sapo' uses loss_type as given; "
-                  "'sapo-dpo'/'sapo-orpo' fix it to sigmoid/orpo; 'sft' is supervised fine-tuning; 'dpo'/'orpo' "
-                  "train offline on the data's chosen/rejected pairs; 'spin' is SPIN (the frozen previous iterate "
-                  "generates whole responses, then DPO of real vs generated, spin_iterations times)."},
+        metadata={"help": f"What to train: one of {', '.join(RECIPES)}. 'sapo': self-augmented pairs with any "
+                  "loss_type (default sigmoid). 'sapo-dpo': the same with a reference loss (sigmoid, ipo, hinge; "
+                  "orpo refused). 'sapo-orpo': fixes loss_type orpo (no reference; beta = lambda, default 0.05). "
+                  "'sft': NLL of the real responses (loss, reference and generation settings unused). 'dpo': "
+                  "offline on the data's chosen/rejected pairs with a fixed reference (sigmoid, ipo or hinge). "
+                  "'orpo': offline pairs, fixes loss_type orpo. 'spin': SPIN, whole responses of the frozen previous "
+                  "iterate vs the real ones with a reference loss, spin_iterations times; fixes ref_update_mode "
+                  "fixed and samples with the spin_* settings. A loss_type a recipe cannot use is an error."},
     )
     spin_iterations: int = field(
         default=3, metadata={"help": "SPIN only: iterations (opponent refreshes) over the run's optimizer steps."}
     )
-    # --- loss -------------------------------------------------------------------------------------
-    loss_type: str = field(
-        default="sigmoid",
-        metadata={"help": f"Preference loss: one of {', '.join(LOSS_TYPES)}. 'sigmoid' is SAPO-DPO, "
-                  "'orpo' is SAPO-ORPO (no reference model)."},
+    spin_do_sample: bool = field(
+        default=False,
+        metadata={"help": "SPIN only: sample the opponent's responses at spin_temperature (no top-k/top-p, as the "
+                  "SPIN code's vLLM path) instead of greedy decoding (the SPIN code's default generate path)."},
     )
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "DPO/IPO/hinge temperature beta; for 'orpo' the weight lambda of the odds-ratio term."},
+    spin_temperature: float = field(
+        default=1.0, metadata={"help": "SPIN only: sampling temperature when spin_do_sample is on."}
+    )
+    spin_max_new_tokens: int = field(
+        default=256,
+        metadata={"help": "SPIN only: maximum tokens of each opponent response (the SPIN code's budget), further "
+                  "limited by max_length."},
+    )
+    # --- loss -------------------------------------------------------------------------------------
+    loss_type: str | None = field(
+        default=None,
+        metadata={"help": f"Preference loss: one of {', '.join(LOSS_TYPES)}. 'sigmoid' is SAPO-DPO, "
+                  "'orpo' is SAPO-ORPO (no reference model). Default: orpo for the sapo-orpo and orpo recipes, "
+                  "sigmoid otherwise."},
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "DPO/IPO/hinge temperature beta; for 'orpo' the weight lambda of the odds-ratio term. "
+                  "Default: the paper's values, 0.1 for reference losses and 0.05 for orpo."},
     )
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Conservative-DPO label smoothing (loss_type 'sigmoid' only)."}
@@ -169,14 +191,20 @@ class SAPOConfig(TrainingArguments):
         return self.recipe in OFFLINE_PAIR_RECIPES
 
     def _apply_recipe(self) -> None:
-        """Recipes fix the loss where it is part of their definition; conflicting settings are errors."""
+        """Recipes fix the loss where it is part of their definition, and defaults follow the paper (beta 0.1
+        for DPO-style losses, lambda 0.05 for ORPO); a setting a recipe cannot use is an error, not ignored."""
         _check_choice("recipe", self.recipe, RECIPES)
         required = {"sapo-orpo": "orpo", "orpo": "orpo"}.get(self.recipe)
-        if required is not None:
-            self.loss_type = required
-        elif self.recipe in ("sapo-dpo", "dpo", "spin") and self.loss_type in REFERENCE_FREE_LOSS_TYPES:
+        if required is not None and self.loss_type not in (None, required):
+            raise ValueError(f"SAPOConfig.recipe {self.recipe!r} fixes loss_type {required!r}; "
+                             f"got loss_type {self.loss_type!r}")
+        if self.loss_type is None:
+            self.loss_type = required or DEFAULT_LOSS_TYPE
+        if self.recipe in ("sapo-dpo", "dpo", "spin") and self.loss_type in REFERENCE_FREE_LOSS_TYPES:
             raise ValueError(f"SAPOConfig.recipe {self.recipe!r} needs a reference loss (sigmoid, ipo or hinge), "
                              f"got loss_type {self.loss_type!r}")
+        if self.beta is None:
+            self.beta = ORPO_LAMBDA if self.loss_type in REFERENCE_FREE_LOSS_TYPES else DPO_BETA
         if self.recipe in ("dpo", "spin") and self.ref_update_mode != "fixed":
             self.ref_update_mode = "fixed"  # the reference is the SFT model (dpo) or managed per iteration (spin)
 
@@ -188,7 +216,7 @@ class SAPOConfig(TrainingArguments):
         _check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
                      "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
-                     "spin_iterations"):
+                     "spin_iterations", "spin_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SAPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_length >= self.max_length:
@@ -200,8 +228,9 @@ class SAPOConfig(TrainingArguments):
             raise ValueError(f"SAPOConfig.ema_beta must be in [0, 1], got {self.ema_beta}")
         if self.beta <= 0:
             raise ValueError(f"SAPOConfig.beta must be > 0, got {self.beta}")
-        if self.temperature <= 0:
-            raise ValueError(f"SAPOConfig.temperature must be > 0, got {self.temperature}")
+        for name in ("temperature", "spin_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SAPOConfig.{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SAPOConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class Example:
     prompt: list[Message]
     response: Message
     rejected: Message | None = None  # only read for the offline preference baselines (dpo, orpo)
+    location: str = field(default="", compare=False)  # where the record came from, for messages about it
 
 
 @dataclass(frozen=True)
@@ -214,11 +215,12 @@ def normalize_record(record: Any, location: str, with_rejected: bool = False) ->
     `rejected` is only parsed (and required) with `with_rejected`: SAPO itself ignores it.
     """
     example = _normalize_chosen(record, location)
-    if not with_rejected:
-        return example
-    if record.get("rejected") is None:
-        raise DataError(f"{location}: field 'rejected' is missing (offline preference recipes need pairs)")
-    return Example(example.prompt, example.response, _rejected(record["rejected"], location))
+    rejected = None
+    if with_rejected:
+        if record.get("rejected") is None:
+            raise DataError(f"{location}: field 'rejected' is missing (offline preference recipes need pairs)")
+        rejected = _rejected(record["rejected"], location)
+    return Example(example.prompt, example.response, rejected, location)
 
 
 def _rejected(value: Any, location: str) -> Message:
@@ -336,9 +338,24 @@ def load_examples(source: str | os.PathLike, split: str = "train", *, skip_inval
 
 def examples_from_records(records: Iterable[Any], origin: str = "train_dataset", *,
                           skip_invalid: bool = False, with_rejected: bool = False) -> list[Example]:
-    """Normalise in-memory records (a list of dicts or a `datasets.Dataset`)."""
+    """Normalise in-memory records (a list of dicts or a `datasets.Dataset`).
+
+    `Example`s (what `load_examples` returns) pass through unchanged, so data read by the CLI is read and
+    normalised once and its errors keep naming the file and line.
+    """
+    if isinstance(records, Sequence) and records and all(isinstance(r, Example) for r in records):
+        return _checked_examples(records, with_rejected)
     raws = (RawRecord(record, f"{origin}: row {index}") for index, record in enumerate(records))
     return _normalise_all(raws, skip_invalid, origin, with_rejected)
+
+
+def _checked_examples(examples: Sequence[Example], with_rejected: bool) -> list[Example]:
+    if with_rejected:
+        unpaired = next((e for e in examples if e.rejected is None), None)
+        if unpaired is not None:
+            raise DataError(f"{unpaired.location or 'an example'}: field 'rejected' is missing (offline preference "
+                            "recipes need pairs; load the data with with_rejected=True)")
+    return list(examples)
 
 
 def _normalise_all(raws: Iterable[RawRecord], skip_invalid: bool, origin: str,
@@ -400,38 +417,67 @@ def prepare_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
     return tokenizer
 
 
-def tokenize_example(tokenizer: Any, example: Example) -> TokenizedExample:
-    """Prompt = chat template of the prompt turns with the generation prompt; response = the rest + EOS.
+def tokenize_example(tokenizer: Any, example: Example,
+                     end_token_ids: Collection[int] | None = None) -> TokenizedExample:
+    """Token ids of the whole rendered conversation, split at the prompt boundary.
 
-    The response is taken as the text the template adds after the prompt, so role markers and
-    end-of-turn tokens of the template are scored like the model will produce them.
+    Tokenizing the response on its own gives other ids than the model sees after the prompt
+    (SentencePiece adds a word-start marker, byte-level BPE merges a leading newline with the template's),
+    so the conversation is tokenized once and split where its ids stop agreeing with the prompt's: prompt
+    ids + response ids are exactly the conversation's ids, up to and including the final turn's end token.
+    Use `tokenize_examples` to also get the warning about records whose boundary token merged.
     """
+    return _tokenize_with_boundary(tokenizer, example, end_token_ids)[0]
+
+
+def _tokenize_with_boundary(tokenizer: Any, example: Example,
+                            end_token_ids: Collection[int] | None) -> tuple[TokenizedExample, bool]:
+    """The tokenized example, and whether the prompt's own ids differ from the conversation's prefix."""
+    ends = set(end_token_ids) if end_token_ids else {tokenizer.eos_token_id}
     prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = _response_ids(tokenizer, example.prompt, example.response, prompt_text)
-    rejected_ids = None
-    if example.rejected is not None:
-        rejected_ids = _response_ids(tokenizer, example.prompt, example.rejected, prompt_text)
-    return TokenizedExample(list(prompt_ids), response_ids, rejected_ids)
+    prompt_alone = _ids(tokenizer, prompt_text)
+    answers = [example.response] if example.rejected is None else [example.response, example.rejected]
+    conversations = [_ids(tokenizer, _conversation_text(tokenizer, example, answer, prompt_text))
+                     for answer in answers]
+    boundary = _common_prefix_length([prompt_alone, *conversations])
+    responses = [_through_end_token(ids[boundary:], ends, tokenizer.eos_token_id) for ids in conversations]
+    rejected = responses[1] if len(responses) > 1 else None
+    tokenized = TokenizedExample(conversations[0][:boundary], responses[0], rejected)
+    return tokenized, boundary != len(prompt_alone)
 
 
-def _response_ids(tokenizer: Any, prompt: list[Message], response: Message, prompt_text: str) -> list[int]:
-    full_text = tokenizer.apply_chat_template([*prompt, response], tokenize=False)
-    if not full_text.startswith(prompt_text):
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    # The chat template writes BOS (and every other special token) itself where the model expects it.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _conversation_text(tokenizer: Any, example: Example, answer: Message, prompt_text: str) -> str:
+    text = tokenizer.apply_chat_template([*example.prompt, answer], tokenize=False)
+    if not text.startswith(prompt_text):
         raise DataError(
-            "the chat template renders the prompt differently when the response follows it, so the response "
-            "cannot be separated; pass a simpler chat_template"
+            f"{example.location or 'a record'}: the chat template renders the prompt differently when the response "
+            "follows it (e.g. it drops earlier reasoning or changes the last prompt turn), so the response cannot be "
+            "separated from the prompt; pass a chat_template that renders earlier turns the same way in both cases"
         )
-    response_text = full_text[len(prompt_text):]
-    # Templates such as ChatML write a newline after the end-of-turn token; when that token is the EOS,
-    # keeping the newline and appending EOS again would teach the model to go on after EOS.
-    eos_token = tokenizer.eos_token
-    if eos_token and response_text.rstrip().endswith(eos_token):
-        response_text = response_text.rstrip()
-    response_ids = list(tokenizer(response_text, add_special_tokens=False)["input_ids"])
-    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:
-        response_ids.append(tokenizer.eos_token_id)
-    return response_ids
+    return text
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    length = 0
+    for column in zip(*sequences, strict=False):
+        if any(token != column[0] for token in column):
+            break
+        length += 1
+    return length
+
+
+def _through_end_token(response: list[int], end_token_ids: Collection[int], eos_token_id: int) -> list[int]:
+    """The response up to and including its last end-of-turn token (text a template writes after it, such as
+    ChatML's or zephyr's newline, is never generated: decoding stops at that token); EOS appended if it has none."""
+    last_end = max((i for i, token in enumerate(response) if token in end_token_ids), default=None)
+    if last_end is None:
+        return [*response, eos_token_id]
+    return response[: last_end + 1]
 
 
 @dataclass
@@ -481,13 +527,28 @@ def tokenize_examples(
     max_length: int,
     max_prompt_length: int,
     prompt_truncation: str = "left",
+    end_token_ids: Collection[int] | None = None,
     progress: bool = False,
 ) -> list[TokenizedExample]:
-    """Tokenize and fit every example; log what was truncated or dropped, fail if nothing is left."""
+    """Tokenize and fit every example; log what was truncated or dropped, fail if nothing is left.
+
+    `end_token_ids` are the ids at which generation stops (the tokenizer's EOS and the model's
+    generation_config EOS ids): each response ends at its last one, as the model's own answers do.
+    """
     from tqdm.auto import tqdm
 
-    tokenized = [tokenize_example(tokenizer, example)
-                 for example in tqdm(examples, desc="tokenizing", unit="example", disable=not progress)]
+    tokenized, merged_at = [], []
+    for example in tqdm(examples, desc="tokenizing", unit="example", disable=not progress):
+        result, merged = _tokenize_with_boundary(tokenizer, example, end_token_ids)
+        tokenized.append(result)
+        if merged:
+            merged_at.append(example.location or f"example {len(tokenized) - 1}")
+    if merged_at:
+        logger.warning(
+            "%d record(s) (first: %s): the last prompt token merges with the response's first characters when the "
+            "whole conversation is tokenized; their prompt ends before that token and the merged token is scored as "
+            "part of the response, so training sees exactly the conversation's tokens",
+            len(merged_at), ", ".join(merged_at[:3]))
     fitted, report = fit_lengths(
         tokenized, max_length=max_length, max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation
     )

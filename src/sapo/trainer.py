@@ -100,6 +100,14 @@ def pad_pairs(entries: Sequence[ReplayEntry], pad_token_id: int) -> dict[str, to
     return pad_sequences(sequences, pad_token_id)
 
 
+def sampling_settings(args: SAPOConfig) -> SamplingSettings:
+    """SAPO's EMA samples with the paper's temperature/top-k/top-p; SPIN's opponent as the SPIN code does
+    (greedy, or plain temperature sampling)."""
+    if args.recipe == "spin":
+        return SamplingSettings(temperature=args.spin_temperature, top_k=0, top_p=1.0, do_sample=args.spin_do_sample)
+    return SamplingSettings(args.temperature, args.top_k, args.top_p)
+
+
 def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -205,7 +213,8 @@ class SAPOTrainer(Trainer):
         if args.disable_dropout:
             disable_dropout(model)
 
-        dataset = self._tokenize_dataset(train_dataset, processing_class, args)
+        eos_token_ids = eos_token_ids_of(processing_class, model)
+        dataset = self._tokenize_dataset(train_dataset, processing_class, args, eos_token_ids)
         self._created_output_dir = not Path(args.output_dir).exists()  # Trainer creates it; undone on early errors
         super().__init__(model=model, args=args, data_collator=collate_examples, train_dataset=dataset,
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
@@ -224,10 +233,10 @@ class SAPOTrainer(Trainer):
         else:
             self.ema_model, self.ema = self._build_ema() if args.self_augmenting else (None, None)
             self.ref_model, self.ref = self._build_reference(ref_model)
-        self.eos_token_ids = eos_token_ids_of(processing_class, self.model)
+        self.eos_token_ids = eos_token_ids
         self.sampler: SegmentSampler = sampler or make_sampler(
-            args.generation_engine, SamplingSettings(args.temperature, args.top_k, args.top_p),
-            pad_token_id=processing_class.pad_token_id, eos_token_ids=self.eos_token_ids,
+            args.generation_engine, sampling_settings(args), pad_token_id=processing_class.pad_token_id,
+            eos_token_ids=self.eos_token_ids,
         )
         rank_seed = args.seed + args.process_index
         self.buffer = ReplayBuffer(args.max_replay_buffer_size, seed=rank_seed)
@@ -254,14 +263,15 @@ class SAPOTrainer(Trainer):
     # --------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _tokenize_dataset(train_dataset: Any, tokenizer: Any, args: SAPOConfig) -> TokenizedDataset:
+    def _tokenize_dataset(train_dataset: Any, tokenizer: Any, args: SAPOConfig,
+                          eos_token_ids: set[int]) -> TokenizedDataset:
         if isinstance(train_dataset, TokenizedDataset):
             return train_dataset
         examples = examples_from_records(train_dataset, skip_invalid=args.skip_invalid,
                                          with_rejected=args.needs_rejected_data)
         tokenized = tokenize_examples(tokenizer, examples, max_length=args.max_length,
                                       max_prompt_length=args.max_prompt_length,
-                                      prompt_truncation=args.prompt_truncation,
+                                      prompt_truncation=args.prompt_truncation, end_token_ids=eos_token_ids,
                                       progress=not args.disable_tqdm and args.process_index == 0)
         return TokenizedDataset(tokenized)
 
@@ -430,10 +440,7 @@ class SAPOTrainer(Trainer):
         n = self.args.responses_per_prompt
         contexts = [list(p) + list(y[:k]) for p, y, (k, _) in zip(prompts, responses, plans, strict=True)
                     for _ in range(n)]
-        started = time.perf_counter()
-        with self._weights_as_model(self.ema_model, self.ema) as generator:
-            samples = self.sampler.sample(generator, contexts, max(g for _, g in plans))
-        self._record_generation(samples, time.perf_counter() - started)
+        samples = self._generate(self.ema_model, self.ema, contexts, max(g for _, g in plans))
         entries = []
         for index, sample in enumerate(samples):
             example = index // n
@@ -447,9 +454,16 @@ class SAPOTrainer(Trainer):
         self._metrics["segment/identical_fraction"].extend(float(e.rejected == e.real) for e in entries)
         return entries
 
-    def _record_generation(self, samples: Sequence[Sequence[int]], seconds: float) -> None:
-        self._timing["generation"] += seconds
+    def _generate(self, module: nn.Module | None, shadow: ShadowWeights, contexts: Sequence[Sequence[int]],
+                  max_new_tokens: int) -> list[list[int]]:
+        """Sample with the model holding `shadow`'s weights, under the policy's precision policy (the copies
+        are not wrapped by accelerate, so mixed precision must be entered here), timed for the metrics."""
+        started = time.perf_counter()
+        with self._weights_as_model(module, shadow) as generator, self.accelerator.autocast():
+            samples = self.sampler.sample(generator, contexts, max_new_tokens)
+        self._timing["generation"] += time.perf_counter() - started
         self._timing["generated_tokens"] += sum(map(len, samples))
+        return samples
 
     # --------------------------------------------------------------------------------------------
     # Training step and loss
@@ -513,20 +527,20 @@ class SAPOTrainer(Trainer):
             generate = any_rank(generate, self.args.device)
         if generate:
             prompts = [inputs["prompt_ids"][i] for i in missing]
-            budget = max((self.args.max_length - len(p) for p in prompts), default=0)
-            started = time.perf_counter()
-            with self._weights_as_model(self.ref_model, self.ref) as generator:
-                samples = self.sampler.sample(generator, prompts, budget)
-            self._record_generation(samples, time.perf_counter() - started)
+            room = max((self.args.max_length - len(p) for p in prompts), default=0)
+            samples = self._generate(self.ref_model, self.ref, prompts, min(room, self.args.spin_max_new_tokens))
             for i, sample in zip(missing, samples, strict=True):
                 room = self.args.max_length - len(inputs["prompt_ids"][i])
                 self.spin_rejected[inputs["index"][i]] = list(sample[:room])
         return [self.spin_rejected[index] for index in inputs["index"]]
 
     def _token_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                    chunk_size=self.args.logprob_chunk_size,
-                                    use_hidden_states=self._use_hidden_states)
+        """Scored under the accelerator's autocast, so the policy, its reference and the head projection that
+        runs outside the prepared forward all see the same precision policy."""
+        with self.accelerator.autocast():
+            return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                        chunk_size=self.args.logprob_chunk_size,
+                                        use_hidden_states=self._use_hidden_states)
 
     @torch.no_grad()
     def _reference_token_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
