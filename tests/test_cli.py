@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import pytest
 import yaml
@@ -137,3 +138,73 @@ def test_every_option_in_the_readme_reference_is_in_train_help(capsys):
     for option, default in documented:
         assert option in help_text, option
         assert str(defaults[option]) == default or default == "required", (option, default, defaults[option])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every recipe from the command line, on every record format it accepts
+# ---------------------------------------------------------------------------------------------------------
+
+RECIPES = ("sapo", "sapo-dpo", "sapo-orpo", "sft", "dpo", "orpo", "spin")
+PAIRED_FORMATS = ("preference_text", "preference_conversation")
+FORMATS = ("messages", "prompt_completion_text", "prompt_completion_messages", *PAIRED_FORMATS)
+
+
+def record_in_format(record, shape):
+    prompt, answer, wrong = record["messages"][0]["content"], record["messages"][1]["content"], record["rejected"]
+    user, assistant = {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}
+    return {
+        "messages": {"messages": [user, assistant]},
+        "prompt_completion_text": {"prompt": prompt, "completion": answer},
+        "prompt_completion_messages": {"prompt": [user], "completion": [assistant]},
+        "preference_text": {"prompt": prompt, "chosen": answer, "rejected": wrong},
+        "preference_conversation": {"chosen": [user, assistant], "rejected": [user, {"role": "assistant",
+                                                                                     "content": wrong}]},
+    }[shape]
+
+
+def write_format(tmp_path, shape):
+    path = tmp_path / f"{shape}.jsonl"
+    rows = [record_in_format(r, shape) for r in tasks.make_suite(8, 0, seed=2)["train"]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("shape", FORMATS)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_trains_from_the_command_line(tmp_path, model_dir, capsys, recipe, shape):
+    data = write_format(tmp_path, shape)
+    out = tmp_path / "out"
+    argv = ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
+            "--recipe", recipe, "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+            "--token_generate_length", "4", "--spin_max_new_tokens", "6", "--max_length", "64",
+            "--max_prompt_length", "48", "--use_cpu", "true", "--report_to", "none", "--logging_steps", "1",
+            "--save_strategy", "no", "--disable_tqdm", "true"]
+    code = main(argv)
+    if recipe in ("dpo", "orpo") and shape not in PAIRED_FORMATS:
+        assert code == 2
+        assert f"{data}:1: field 'rejected' is missing" in capsys.readouterr().err
+        assert not out.exists()
+        return
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert (out / "model.safetensors").exists()
+    assert (out / "ema" / "model.safetensors").exists() == recipe.startswith("sapo")
+    assert ("rewards/margins" in rows[0]) == (recipe != "sft")
+
+
+def test_recipe_defaults_follow_the_paper_and_conflicts_are_errors(capsys):
+    from sapo.config import SAPOConfig
+
+    def made(**kwargs):
+        return SAPOConfig(output_dir="unused", use_cpu=True, report_to="none", **kwargs)
+
+    assert (made(recipe="sapo-orpo").loss_type, made(recipe="sapo-orpo").beta) == ("orpo", 0.05)
+    assert (made(recipe="orpo").beta, made(recipe="sapo", loss_type="orpo").beta) == (0.05, 0.05)
+    assert (made(recipe="sapo-dpo").loss_type, made(recipe="sapo-dpo").beta) == ("sigmoid", 0.1)
+    assert made(recipe="sapo-orpo", beta=0.2).beta == 0.2  # given explicitly: kept
+    with pytest.raises(ValueError, match="fixes loss_type 'orpo'; got loss_type 'sigmoid'"):
+        made(recipe="sapo-orpo", loss_type="sigmoid")
+    assert main(["train", "--recipe", "sapo-dpo", "--loss_type", "orpo", "--output_dir", "x"]) == 2
+    assert "needs a reference loss" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 import copy
 import json
+import math
 import random
 import subprocess
 import sys
@@ -353,3 +354,34 @@ def test_a_sampler_is_told_to_release_what_it_kept_for_each_gathered_generator(t
     trainer.train()
     assert len(sampler.calls) == 3 and sampler.releases == 3  # one generator module per round, then released
     assert all(m is not trainer.policy for m in sampler.models)  # a plain module gathered for the round
+
+
+class AutocastRecordingSampler(ScriptedSampler):
+    """Records whether the generator runs under the CPU autocast the policy's forward gets."""
+
+    def sample(self, model, contexts, max_new_tokens):
+        self.autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        return super().sample(model, contexts, max_new_tokens)
+
+
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_mixed_precision_scores_policy_and_reference_alike(tmp_path, tokenizer, tiny_model, suite,
+                                                                 weights_dtype):
+    """At step 0 policy and reference hold the same weights: the DPO loss must be exactly log 2 under bf16."""
+    sampler = AutocastRecordingSampler([[40, 41, 42, 43, 44, 45]])
+    trainer = SAPOTrainer(model=tiny_model.to(weights_dtype), args=config(tmp_path, max_steps=1, bf16=True),
+                          train_dataset=suite["train"], processing_class=tokenizer, sampler=sampler)
+    seen = []
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, output = compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        seen.append((loss.item(), (output.real_rewards - output.rejected_rewards).abs().max().item()))
+        return (loss, output) if return_outputs else loss
+
+    trainer.compute_loss = recording
+    trainer.train()
+    loss, margin = seen[0]
+    assert abs(loss - math.log(2)) < 1e-6
+    assert margin == 0.0
+    assert sampler.autocast == (True, torch.bfloat16)
