@@ -111,10 +111,13 @@ class SAPOConfig(TrainingArguments):
     )
     generation_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Examples per generation round. Default: each incoming batch is augmented at once. "
-                  "Larger values queue incoming batches and generate their segments together (the replay "
-                  "buffer is off-policy, so segments may come from a slightly older EMA model), which "
-                  "amortises decoding cost over many steps."},
+        metadata={"help": "Examples per generation round. Default: each incoming batch is augmented at once, every "
+                  "step. A larger value queues incoming batches and generates their segments together once this "
+                  "many are waiting, which amortises decoding over m = generation_batch_size / "
+                  "per_device_train_batch_size steps; the replay buffer then lags by up to m-1 steps (a batch's "
+                  "rejected responses enter it up to m-1 steps after the batch arrives, and between rounds the "
+                  "newest entries come from an EMA model up to m-1 steps old). The first round runs at step 0 on "
+                  "the first batch alone, since the buffer must not be empty."},
     )
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the EMA model."})
     top_k: int = field(default=50, metadata={"help": "Top-k of the EMA model's sampling (0 disables)."})
