@@ -85,3 +85,40 @@ def test_spin_opponent_is_previous_iterate_and_responses_are_whole(tmp_path, tok
     responses = seen[6][3]
     assert len(responses) == 8  # two batches of 4 in iteration 2, each example generated once
     assert all(len(tokens) >= 1 for tokens in responses.values())
+
+
+def test_spin_restarts_the_schedule_at_every_iteration(tmp_path, tokenizer, tiny_model, suite):
+    args = config(tmp_path, recipe="spin", max_steps=6, spin_iterations=3, lr_scheduler_type="linear", warmup_steps=1)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    trainer.train()
+    rates = [r["learning_rate"] for r in rows(tmp_path)]
+    assert rates[0:2] == rates[2:4] == rates[4:6]
+    assert rates[0] != rates[1]  # warm-up then decay within each iteration
+
+
+@pytest.mark.parametrize("do_sample,expected", [(False, (False, 1.0, 0, 1.0)), (True, (True, 0.8, 0, 1.0))])
+def test_spin_samples_as_the_spin_code_does(tmp_path, tokenizer, tiny_model, suite, do_sample, expected):
+    args = config(tmp_path, recipe="spin", spin_do_sample=do_sample, spin_temperature=0.8 if do_sample else 1.0)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    settings = trainer.sampler.settings
+    assert (settings.do_sample, settings.temperature, settings.top_k, settings.top_p) == expected
+    assert args.spin_max_new_tokens == 256
+
+
+def test_spin_budget_is_spin_max_new_tokens_within_max_length(tmp_path, tokenizer, tiny_model, suite):
+    class Recording:
+        def __init__(self):
+            self.calls = []
+
+        def sample(self, model, contexts, max_new_tokens):
+            self.calls.append((contexts, max_new_tokens))
+            return [[tokenizer.eos_token_id] for _ in contexts]
+
+    for budget in (5, 500):
+        args = config(tmp_path, recipe="spin", max_steps=1, spin_max_new_tokens=budget, overwrite_output_dir=True)
+        sampler = Recording()
+        SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer,
+                    sampler=sampler).train()
+        contexts, given = sampler.calls[0]
+        assert given == min(budget, max(args.max_length - len(c) for c in contexts))
+        assert given == 5 if budget == 5 else given < 500

@@ -504,6 +504,21 @@ class SAPOTrainer(Trainer):
             self.pending = []
             self.augment(list(prompts), list(responses))
 
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """SPIN trains each iteration as a fresh run, as the SPIN code does: the schedule (warm-up included) is
+        built for one iteration's steps and restarts at every opponent refresh."""
+        if self.args.recipe != "spin" or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        per_iteration = max(1, math.ceil(num_training_steps / self.args.spin_iterations))
+        scheduler = super().create_scheduler(per_iteration, optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.lr_lambdas = [_restarting_every(per_iteration, f) for f in scheduler.lr_lambdas]
+            return scheduler
+        logger.warning("lr_scheduler_type %r cannot restart at each SPIN iteration; it runs once over the whole run",
+                       self.args.lr_scheduler_type)
+        self.lr_scheduler = None
+        return super().create_scheduler(num_training_steps, optimizer)
+
     @property
     def spin_steps_per_iteration(self) -> int:
         return max(1, math.ceil(self.state.max_steps / self.args.spin_iterations))
@@ -877,6 +892,11 @@ class SAPOTrainer(Trainer):
     def validate_checkpoint(self, path: Path) -> None:
         """Fail early, before anything is written, when `path` cannot resume this run."""
         validate_checkpoint(path, dict(zip(self._param_names, self._params, strict=True)), self.sapo_state_files())
+
+
+def _restarting_every(period: int, schedule: Any) -> Any:
+    # A closure, not a callable object: LambdaLR would try to save an object's attributes in its state_dict.
+    return lambda step: schedule(step % period)
 
 
 def _rng_state_to_json(rng: random.Random) -> list[Any]:
