@@ -5,19 +5,29 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from sapo.generation import (
+    CheckpointSampling,
     HFGenerateSampler,
     SamplingSettings,
     StaticCacheSampler,
+    checkpoint_sampling,
     cut_after_eos,
     eos_token_ids_of,
     left_pad,
     make_sampler,
+    penalize_repetitions,
     sample_from_logits,
     sampling_probabilities,
+    seen_token_mask,
 )
 
 
@@ -174,7 +184,7 @@ def test_static_greedy_matches_generate_under_lora(tokenizer):
     assert static.sample(model, contexts, 8) == hf.sample(model, contexts, 8)
 
 
-def hf_filtered_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+def hf_filtered_probs(logits: torch.Tensor, settings: SamplingSettings, min_p: float | None = None) -> torch.Tensor:
     """The distribution `generate` samples from: its own warpers, in its own order, then softmax."""
     scores = logits.float()
     if settings.temperature != 1.0:
@@ -183,6 +193,8 @@ def hf_filtered_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch
         scores = TopKLogitsWarper(settings.top_k)(None, scores)
     if settings.top_p < 1.0:
         scores = TopPLogitsWarper(settings.top_p)(None, scores)
+    if min_p is not None:
+        scores = MinPLogitsWarper(min_p)(None, scores)
     return scores.softmax(-1)
 
 
@@ -285,6 +297,161 @@ def test_later_tokens_match_generate_statistically(tokenizer):
     assert abs(mean_a - mean_b) < 6 * 2.5 / math.sqrt(len(ours))  # lengths lie in [1, 6]: sd <= 2.5
 
 
+# ------------------------------------------------------------------------------------------------
+# The model's generation_config: applied by both engines (repetition_penalty, min_p) or refused by "static"
+# ------------------------------------------------------------------------------------------------
+
+
+def tied_scores_and_history(vocab_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits full of ties (rounded to quarters, as bf16 logits are rounded) plus one unrounded row, with
+    the 1st, 5th, 20th and 50th largest values shared by the next two tokens in rows 0 and 5, and a
+    left-padded history of earlier tokens; the padding holds real token ids, which must not be penalized."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, vocab_size, generator=generator) * 3
+    logits[:5] = (logits[:5] * 4).round() / 4
+    for row in (0, 5):
+        order = logits[row].argsort(descending=True)
+        for k in (1, 5, 20, 50):
+            logits[row, order[k:k + 2]] = logits[row, order[k - 1]].item()
+    history = torch.randint(0, vocab_size, (6, 40), generator=generator)
+    mask = torch.ones_like(history)
+    mask[1, :15] = 0
+    mask[4, :39] = 0
+    return logits, history, mask
+
+
+def assert_equal_up_to_ties(scores: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Per group of equal scores, the same number of tokens kept and the same total probability.
+
+    Which of several tied tokens top-p keeps is tie-breaking, and transformers' unstable sort breaks ties
+    arbitrarily: only the number kept (and so the probabilities) is defined there.
+    """
+    for row in range(scores.shape[0]):
+        _, group = scores[row].unique(return_inverse=True)
+        totals = torch.zeros(4, int(group.max()) + 1, dtype=torch.float64)
+        for line, values in enumerate((ours[row] > 0, theirs[row] > 0, ours[row], theirs[row])):
+            totals[line].index_add_(0, group, values.double())
+        assert torch.equal(totals[0], totals[1]), row
+        torch.testing.assert_close(totals[2], totals[3], atol=1e-6, rtol=0)
+
+
+TIE_SETTINGS = [*SETTINGS, SamplingSettings(temperature=0.7, top_k=1, top_p=0.5),
+                SamplingSettings(temperature=1.0, top_k=20, top_p=0.3)]
+
+
+@pytest.mark.parametrize("min_p", [None, 0.2])
+@pytest.mark.parametrize("penalty", [1.0, 1.4])
+@pytest.mark.parametrize("settings", TIE_SETTINGS, ids=lambda s: f"T{s.temperature}-k{s.top_k}-p{s.top_p}")
+def test_processed_probabilities_equal_transformers_processors(settings, penalty, min_p):
+    """Repetition penalty, temperature, top-k, top-p, min_p: the static engine's distribution is the one of
+    transformers' own processors chained in `generate`'s order, on logits with many ties."""
+    logits, history, mask = tied_scores_and_history()
+    ours_logits, scores = logits, logits.clone()
+    if penalty != 1.0:
+        ignored = (mask != 0).int().argmax(dim=1)  # what generate passes for left padding
+        scores = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=ignored)(history, scores)
+        ours_logits = penalize_repetitions(logits, seen_token_mask(history, mask, logits.shape[-1]), penalty)
+        assert torch.equal(ours_logits, scores)
+    if 0 < settings.top_k < logits.shape[-1]:  # ties straddle the k-th value: top-k must keep them all
+        kth = scores.topk(settings.top_k, dim=-1).values[..., -1:]
+        assert ((scores >= kth).sum(-1) > settings.top_k).any()
+    ours = sampling_probabilities(ours_logits, settings, min_p)
+    theirs = hf_filtered_probs(scores, settings, min_p)
+    assert_equal_up_to_ties(scores, ours, theirs)
+    if settings.top_p == 1.0:  # nothing depends on tie-breaking: equal token by token
+        assert torch.equal(ours > 0, theirs > 0)
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.5, 2.0, 2.0]])
+    for top_p in (1.0, 0.999):
+        probs = sampling_probabilities(logits, SamplingSettings(temperature=1.0, top_k=2, top_p=top_p))
+        assert (probs > 0).tolist() == [[True, False, True, True, False, True, True]]
+
+
+def test_seen_token_mask_skips_left_padding_and_ids_beyond_the_logits():
+    ids = torch.tensor([[7, 7, 1, 2], [3, 9, 9, 4]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    seen = seen_token_mask(ids, mask, vocab_size=8)
+    assert seen.tolist() == [[i in (1, 2) for i in range(8)], [i in (3, 4) for i in range(8)]]
+
+
+def test_checkpoint_sampling_reads_applies_and_refuses():
+    assert checkpoint_sampling(None, True) == checkpoint_sampling(GenerationConfig(), True) == CheckpointSampling()
+    common = GenerationConfig(do_sample=True, temperature=0.6, top_k=20, top_p=0.8, repetition_penalty=1.1,
+                              min_p=0.05, renormalize_logits=True, num_return_sequences=3, max_length=7)
+    assert checkpoint_sampling(common, True) == CheckpointSampling(repetition_penalty=1.1, min_p=0.05)
+    assert checkpoint_sampling(common, False) == CheckpointSampling(repetition_penalty=1.1)  # min_p: a warper
+    typical = GenerationConfig(typical_p=0.9)
+    assert checkpoint_sampling(typical, False) == CheckpointSampling()  # generate ignores warpers when greedy
+    with pytest.raises(ValueError, match=r"typical_p=0\.9.*generation_engine: hf"):
+        checkpoint_sampling(typical, True)
+    with pytest.raises(ValueError, match=r"forced_eos_token_id=2, suppress_tokens=\[5\]|"
+                                         r"suppress_tokens=\[5\].*forced_eos_token_id=2"):
+        checkpoint_sampling(GenerationConfig(suppress_tokens=[5], forced_eos_token_id=2), False)
+
+
+def decoder_with(kind: str, vocab_size: int, **generation_fields):
+    """`build_decoder` with `generation_fields` set in its generation_config, as generation_config.json can."""
+    model = build_decoder(kind, vocab_size)
+    for name, value in generation_fields.items():
+        setattr(model.generation_config, name, value)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_checkpoint_repetition_penalty_gives_the_same_greedy_tokens_in_both_engines(kind, tokenizer):
+    contexts = varied_contexts(len(tokenizer))
+    model = decoder_with(kind, len(tokenizer), repetition_penalty=1.8)
+    expected = reference_greedy(model, contexts, 12, {EOS})
+    assert expected != reference_greedy(build_decoder(kind, len(tokenizer)), contexts, 12, {EOS})  # it matters
+    for batch_size in (None, 4):
+        static = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS},
+                                    batch_size=batch_size)
+        assert static.sample(model, contexts, 12) == expected, batch_size
+    hf = HFGenerateSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS}, batch_size=4)
+    assert hf.sample(model, contexts, 12) == expected
+
+
+def test_checkpoint_min_p_and_penalty_give_the_same_sampling_distribution_in_both_engines(tokenizer):
+    penalty, min_p, settings = 2.0, 0.15, SamplingSettings(temperature=1.0, top_k=50, top_p=0.95)
+    model = decoder_with("qwen2", len(tokenizer), repetition_penalty=penalty, min_p=min_p)
+    context = varied_contexts(len(tokenizer), count=3)[2]  # its likely next tokens occur in it
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([context])).logits[:, -1]
+    penalized = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([context]), logits.clone())
+    expected = hf_filtered_probs(penalized, settings, min_p)[0]
+    # Both fields change the distribution by far more than sampling noise, so ignoring either would show.
+    assert hf_filtered_probs(penalized, settings)[0][expected == 0].sum() > 0.02
+    assert (hf_filtered_probs(logits, settings, min_p)[0] - expected).abs().sum() > 0.3
+    torch.manual_seed(1)
+    for sampler in (StaticCacheSampler(settings, pad_token_id=PAD, eos_token_ids=set()),
+                    HFGenerateSampler(settings, pad_token_id=PAD, eos_token_ids=set())):
+        assert_matches_distribution(first_tokens(sampler, model, context), expected)
+
+
+def test_static_engine_refuses_what_it_does_not_implement_and_hf_still_runs(tokenizer):
+    contexts = varied_contexts(len(tokenizer), count=3)
+    model = decoder_with("llama", len(tokenizer), no_repeat_ngram_size=3)
+    static = StaticCacheSampler(SamplingSettings(), pad_token_id=PAD, eos_token_ids={EOS})
+    with pytest.raises(ValueError, match=r"no_repeat_ngram_size=3.*generation_engine: hf"):
+        static.sample(model, contexts, 4)
+    hf = HFGenerateSampler(SamplingSettings(), pad_token_id=PAD, eos_token_ids={EOS})
+    assert len(hf.sample(model, contexts, 4)) == 3
+
+
+def test_fields_sapo_sets_itself_are_ignored_by_both_engines(tokenizer):
+    """A checkpoint's decoding strategy fields never reach either engine: one greedy row per context."""
+    contexts = varied_contexts(len(tokenizer), count=3)
+    expected = reference_greedy(build_decoder("llama", len(tokenizer)), contexts, 6, {EOS})
+    model = decoder_with("llama", len(tokenizer), num_return_sequences=2, return_dict_in_generate=True,
+                         temperature=0.3, top_k=3, min_new_tokens=5, max_new_tokens=2)
+    for sampler in (HFGenerateSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS}),
+                    StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS})):
+        assert sampler.sample(model, contexts, 6) == expected
+
+
 def test_make_sampler():
     settings = SamplingSettings()
     assert isinstance(make_sampler("hf", settings, PAD, {EOS}, 4), HFGenerateSampler)
@@ -308,6 +475,30 @@ def test_compiled_static_sampler_on_cpu_matches_generate(tokenizer):
     model.to(torch.bfloat16)  # same module, new dtype: the kept cache must not be reused
     assert all(0 < len(row) <= 10 for row in sampler.sample(model, contexts, 10))
     assert not sampler._compile_failed
+
+
+@pytest.mark.slow
+def test_compiled_static_sampler_applies_the_repetition_penalty(tokenizer):
+    """The seen-token mask of the repetition penalty flows through the compiled decode step."""
+    model = decoder_with("llama", len(tokenizer), repetition_penalty=1.8)
+    contexts = varied_contexts(len(tokenizer))
+    sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS},
+                                 batch_size=4, compile=True, compile_mode=None)
+    assert sampler.sample(model, contexts, 10) == reference_greedy(model, contexts, 10, {EOS})
+    assert sampler._compile_works and not sampler._compile_failed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_static_sampler_applies_the_repetition_penalty(tokenizer):
+    """Under CUDA graphs too, where the seen-token mask is an output of one replay and an input of the next."""
+    model = decoder_with("qwen2", len(tokenizer), repetition_penalty=1.8).cuda()
+    contexts = varied_contexts(len(tokenizer))
+    expected = reference_greedy(model, contexts, 24, {EOS})
+    sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS},
+                                 batch_size=8)
+    for _ in range(2):  # the second call replays the captured graphs
+        assert sampler.sample(model, contexts, 24) == expected
+    assert sampler._compile_works and not sampler._compile_failed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,6 +9,10 @@ the trainer. Two engines are provided (pick one by name with `make_sampler`):
   temperature/top-k/top-p sampling and EOS tracking stay on the device (the host only looks at the
   device every `check_every` steps, to stop early once every row has ended), optionally with the decode
   step compiled by `torch.compile` (CUDA graphs), which removes most per-token launch overhead.
+
+Both draw from the same distribution: `SamplingSettings`, plus what `generate` takes from the model's
+`generation_config` on its own (see `checkpoint_sampling`: the static engine applies the repetition penalty
+and min_p, and refuses to run with any other field `generate` would act on).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,7 +72,12 @@ def left_pad(contexts: Sequence[Sequence[int]], pad_token_id: int,
 
 
 class HFGenerateSampler:
-    """`model.generate` with a KV cache, in batches of `batch_size` contexts."""
+    """`model.generate` with a KV cache, in batches of `batch_size` contexts.
+
+    The config passed to `generate` fixes what SAPO decides (greedy or sampled with `SamplingSettings`, one
+    row per context, lengths, special tokens, a plain tensor back); `generate` takes every other field from
+    the model's `generation_config`, e.g. a checkpoint's `repetition_penalty` (see `checkpoint_sampling`).
+    """
 
     def __init__(self, settings: SamplingSettings, *, pad_token_id: int, eos_token_ids: Collection[int],
                  batch_size: int | None = None) -> None:
@@ -90,7 +99,7 @@ class HFGenerateSampler:
         s = self.settings
         sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p} if s.do_sample else {}
         return GenerationConfig(
-            do_sample=s.do_sample, **sampling,
+            do_sample=s.do_sample, **sampling, num_beams=1, num_return_sequences=1, return_dict_in_generate=False,
             max_new_tokens=max_new_tokens, min_new_tokens=0, pad_token_id=self.pad_token_id,
             eos_token_id=sorted(self.eos_token_ids), use_cache=True,
         )
@@ -125,58 +134,229 @@ def eos_token_ids_of(tokenizer, model: nn.Module | None = None) -> set[int]:
 
 
 # ------------------------------------------------------------------------------------------------
+# The model's generation_config: what `generate` adds to SamplingSettings
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointSampling:
+    """Sampling fields of the model's `generation_config` that both engines apply.
+
+    `HFGenerateSampler` passes only SAPO's own fields to `generate` (`SamplingSettings`, lengths, special
+    tokens, one greedy-or-sampled row per context); `generate` fills every field left unset from the
+    model's `generation_config`, so a checkpoint's `repetition_penalty` or `min_p` reach its sampling. The
+    static engine reads the same two fields so that both engines draw from the same distribution.
+    """
+
+    repetition_penalty: float = 1.0
+    min_p: float | None = None
+
+
+def _given(value: Any) -> bool:
+    return value is not None
+
+
+def _non_empty(value: Any) -> bool:
+    return value is not None and len(value) > 0
+
+
+def _positive(value: Any) -> bool:
+    return value is not None and value > 0
+
+
+def _not_one(value: Any) -> bool:
+    return value is not None and value != 1
+
+
+def _cutoff(value: Any) -> bool:
+    return value is not None and 0 < value < 1
+
+
+# Fields `generate` acts on in every mode (logits processors, stopping criteria, other decoding methods).
+_REFUSED_ALWAYS: dict[str, Callable[[Any], bool]] = {
+    "sequence_bias": _non_empty, "bad_words_ids": _non_empty, "no_repeat_ngram_size": _positive,
+    "encoder_repetition_penalty": _not_one, "encoder_no_repeat_ngram_size": _positive,
+    "forced_bos_token_id": _given, "forced_eos_token_id": _given, "remove_invalid_values": bool,
+    "exponential_decay_length_penalty": _given, "suppress_tokens": _non_empty,
+    "begin_suppress_tokens": _non_empty, "guidance_scale": _not_one, "watermarking_config": _given,
+    "token_healing": bool, "max_time": _given, "stop_strings": _non_empty, "constraints": _given,
+    "force_words_ids": _given, "dola_layers": _given, "prompt_lookup_num_tokens": _given,
+    "assistant_early_exit": _given, "use_mtp": bool,
+}
+# Fields `generate` acts on only when sampling (warpers) or only when greedy (contrastive search).
+_REFUSED_SAMPLING: dict[str, Callable[[Any], bool]] = {
+    "top_h": _given, "typical_p": lambda value: value is not None and value < 1, "epsilon_cutoff": _cutoff,
+    "eta_cutoff": _cutoff,
+}
+_REFUSED_GREEDY: dict[str, Callable[[Any], bool]] = {"penalty_alpha": _positive}
+
+
+def checkpoint_sampling(generation_config: GenerationConfig | None, do_sample: bool) -> CheckpointSampling:
+    """The fields of `generation_config` the static engine applies; a ValueError for any it cannot.
+
+    Applied: `repetition_penalty` (greedy and sampling) and `min_p` (sampling only, as in `generate`).
+    Ignored because SAPO sets them itself for both engines: do_sample, temperature, top_k, top_p, lengths,
+    special tokens, num_beams, num_return_sequences; also `renormalize_logits` (a log-softmax changes
+    neither the sampled distribution nor the argmax). Anything else `generate` would apply is refused, so
+    that the two engines never quietly decode different things.
+    """
+    if generation_config is None:
+        return CheckpointSampling()
+    refused = {**_REFUSED_ALWAYS, **(_REFUSED_SAMPLING if do_sample else _REFUSED_GREEDY)}
+    found = {name: getattr(generation_config, name, None) for name in refused}
+    found = {name: value for name, value in found.items() if refused[name](value)}
+    if found:
+        fields = ", ".join(f"{name}={value!r}" for name, value in found.items())
+        raise ValueError(
+            f"the model's generation_config sets {fields}, which model.generate applies but the static "
+            "generation engine does not implement; use `generation_engine: hf`, or unset "
+            f"{'it' if len(found) == 1 else 'them'} in generation_config.json")
+    return CheckpointSampling(repetition_penalty=_config_repetition_penalty(generation_config),
+                              min_p=_config_min_p(generation_config) if do_sample else None)
+
+
+def _config_repetition_penalty(generation_config: GenerationConfig) -> float:
+    penalty = getattr(generation_config, "repetition_penalty", None)
+    if penalty is None:
+        return 1.0
+    if not penalty > 0:
+        raise ValueError(f"generation_config.repetition_penalty must be > 0, got {penalty!r}")
+    return float(penalty)
+
+
+def _config_min_p(generation_config: GenerationConfig) -> float | None:
+    min_p = getattr(generation_config, "min_p", None)
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"generation_config.min_p must lie in [0, 1], got {min_p!r}")
+    return None if min_p is None else float(min_p)
+
+
+# ------------------------------------------------------------------------------------------------
 # On-device sampling
 # ------------------------------------------------------------------------------------------------
 
 
-def _top_p_filter(values_desc: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Top-p over logits sorted in descending order, computed exactly as transformers' `TopPLogitsWarper`.
+def seen_token_mask(ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(batch, vocab) True where a token occurs in the (left-padded) context: what the repetition penalty
+    of `generate` looks at (it skips the left padding too). Ids beyond the logits' width cannot be
+    generated and are ignored, as in transformers."""
+    spare = vocab_size  # one extra column collects pads and out-of-range ids, then is dropped
+    targets = ids.clamp(max=spare).masked_fill(attention_mask == 0, spare)
+    seen = torch.zeros((ids.shape[0], vocab_size + 1), dtype=torch.bool, device=ids.device)
+    return seen.scatter_(-1, targets, True)[:, :vocab_size]
 
-    The warper sorts ascending and removes tokens whose cumulative probability is `<= 1 - top_p`, always
-    keeping the most likely token; tokens already at -inf (outside the top-k) have probability 0 and add
-    nothing to the cumulative sums, so working on the top-k candidates only gives the same result.
-    """
-    ascending = values_desc.flip(-1)
-    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p)
+
+def mark_seen(seen: torch.Tensor | None, token: torch.Tensor) -> torch.Tensor | None:
+    """`seen` with each row's new token added (out of place, so it can flow through a compiled step)."""
+    if seen is None:
+        return None
+    return seen.scatter(-1, token.unsqueeze(-1), True)
+
+
+def penalize_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """`RepetitionPenaltyLogitsProcessor`'s rule: seen tokens' logits are divided by the penalty when
+    positive and multiplied by it when negative, so a penalty > 1 always makes them less likely."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def _top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keeps every logit >= the k-th largest, ties included (`TopKLogitsWarper`); bf16 logits tie often."""
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`TopPLogitsWarper` over the whole vocabulary: sorted ascending, tokens whose cumulative probability
+    is <= 1 - top_p go, the most likely one always stays. Ties are ordered by token id (a stable sort):
+    transformers' unstable sort breaks them arbitrarily, so only the number kept is defined there."""
+    ascending, order = torch.sort(logits, dim=-1, stable=True)
+    remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
     remove[..., -1] = False
-    return values_desc.masked_fill(remove.flip(-1), float("-inf"))
+    return logits.masked_fill(torch.zeros_like(remove).scatter_(-1, order, remove), float("-inf"))
 
 
-def sampling_candidates(logits: torch.Tensor,
-                        settings: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Temperature, then top-k, then top-p (the order of `generate`'s warpers) applied to (batch, vocab) logits.
+def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k (ties kept) then top-p, as the two warpers of `generate`, without sorting the vocabulary.
 
-    Returns `(values, indices)`: the filtered logits of the candidates (removed ones are -inf), sorted in
-    descending order, and their vocabulary ids; `indices` is None when no filter applies and `values` is
-    the whole (temperature-scaled) vocabulary in its own order. With top-k only `k` candidates are kept,
-    so top-p never sorts the full vocabulary.
+    The top-k set is the `top_k` largest logits plus every token tied with the k-th value, so its
+    normaliser needs only the candidates and the number of tied tokens topk left out. In ascending order,
+    which top-p walks, the tied group comes first (the smallest value), then the candidates above it.
     """
+    values, indices = torch.topk(logits, top_k, dim=-1)
+    kth = values[..., -1:]
+    tied = logits == kth
+    n_tied = tied.sum(-1, keepdim=True)
+    left_out = (n_tied - (values == kth).sum(-1, keepdim=True)).to(values.dtype)
+    # Probabilities as softmax computes them (exp(x - max) / sum), so exact cases such as q = 1/2 stay exact.
+    weights = (values - values[..., :1]).exp()
+    norm = weights.sum(-1, keepdim=True) + left_out * weights[..., -1:]
+    tie_prob = weights[..., -1:] / norm
+    keep = _kept_above_ties(values, indices, weights / norm, left_out * tie_prob, 1 - top_p, tied)
+    keep |= _kept_ties(tied, n_tied, tie_prob, 1 - top_p, top_is_tied=values[..., :1] == kth)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _kept_above_ties(values: torch.Tensor, indices: torch.Tensor, probs: torch.Tensor,
+                     left_out_mass: torch.Tensor, threshold: float, like: torch.Tensor) -> torch.Tensor:
+    """(batch, vocab) mask of the candidates above the k-th value that top-p keeps.
+
+    They are walked in ascending (value, token id) order, the order of a stable sort of the vocabulary,
+    with the cumulative probability starting after the whole tied group (the left-out ties included).
+    """
+    kth = values[..., -1:]
+    by_id, id_order = indices.sort(dim=-1)
+    ascending, position = values.gather(-1, id_order).sort(dim=-1, stable=True)
+    remove = probs.gather(-1, id_order).gather(-1, position).cumsum(-1) + left_out_mass <= threshold
+    remove[..., -1] = False  # the most likely token always stays
+    keep = (ascending > kth) & ~remove
+    return torch.zeros_like(like).scatter_(-1, by_id.gather(-1, position), keep)
+
+
+def _kept_ties(tied: torch.Tensor, n_tied: torch.Tensor, tie_prob: torch.Tensor, threshold: float,
+               top_is_tied: torch.Tensor) -> torch.Tensor:
+    """(batch, vocab) mask of the tokens at the k-th value that top-p keeps.
+
+    The m-th of them in ascending order has cumulative probability m * q, so the first
+    r = #{m : m q <= threshold} go (all but one when the most likely token is among them). Which ones is
+    a matter of tie-breaking: the lowest token ids go, as a stable sort would have it (transformers' sort
+    is not stable, so there only the number kept is defined); a running count over the vocabulary ranks them.
+    """
+    removed = torch.floor(threshold / tie_prob).clamp(min=0)
+    removed = torch.minimum(removed, (n_tied - top_is_tied.long()).to(removed.dtype))
+    return tied & (tied.cumsum(-1, dtype=torch.int32) > removed)
+
+
+def _min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """`MinPLogitsWarper`: tokens less likely than `min_p` times the most likely one go (applied last)."""
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def filtered_logits(logits: torch.Tensor, settings: SamplingSettings, min_p: float | None = None) -> torch.Tensor:
+    """Temperature, top-k, top-p, then min_p: `generate`'s warpers in `generate`'s order, on (batch, vocab)
+    float logits; removed tokens become -inf. Only top-p without top-k sorts the whole vocabulary."""
     if settings.temperature != 1.0:
         logits = logits / settings.temperature
-    vocab = logits.shape[-1]
-    top_k = min(settings.top_k, vocab) if settings.top_k > 0 else 0
-    if not top_k and settings.top_p >= 1.0:
-        return logits, None
-    if top_k:
-        values, indices = torch.topk(logits, top_k, dim=-1)
-    else:
-        values, indices = torch.sort(logits, dim=-1, descending=True)
-    if settings.top_p < 1.0:
-        values = _top_p_filter(values, settings.top_p)
-    return values, indices
+    top_k = settings.top_k if 0 < settings.top_k < logits.shape[-1] else 0  # k >= vocab keeps everything
+    if top_k and settings.top_p < 1.0:
+        logits = _top_k_top_p(logits, top_k, settings.top_p)
+    elif top_k:
+        logits = _top_k_filter(logits, top_k)
+    elif settings.top_p < 1.0:
+        logits = _top_p_filter(logits, settings.top_p)
+    if min_p is not None:
+        logits = _min_p_filter(logits, min_p)
+    return logits
 
 
-def sampling_probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+def sampling_probabilities(logits: torch.Tensor, settings: SamplingSettings,
+                           min_p: float | None = None) -> torch.Tensor:
     """The (batch, vocab) distribution that `sample_from_logits` draws from (one-hot argmax when greedy)."""
     logits = logits.float()
     if not settings.do_sample:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    values, indices = sampling_candidates(logits, settings)
-    probs = values.softmax(dim=-1)
-    if indices is None:
-        return probs
-    return torch.zeros_like(logits).scatter_(-1, indices, probs)
+    return filtered_logits(logits, settings, min_p).softmax(dim=-1)
 
 
 def _categorical(logits: torch.Tensor) -> torch.Tensor:
@@ -192,16 +372,22 @@ def _categorical(logits: torch.Tensor) -> torch.Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
-def sample_from_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """Next token per row of (batch, vocab) logits: greedy argmax, or a temperature/top-k/top-p draw."""
+def sample_from_logits(logits: torch.Tensor, settings: SamplingSettings, min_p: float | None = None) -> torch.Tensor:
+    """Next token per row of (batch, vocab) logits: greedy argmax, or a draw from `filtered_logits`."""
     logits = logits.float()
     if not settings.do_sample:
         return logits.argmax(dim=-1)
-    values, indices = sampling_candidates(logits, settings)
-    choice = _categorical(values)
-    if indices is None:
-        return choice
-    return indices.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    return _categorical(filtered_logits(logits, settings, min_p))
+
+
+def next_tokens(logits: torch.Tensor, settings: SamplingSettings, fields: CheckpointSampling,
+                seen: torch.Tensor | None) -> torch.Tensor:
+    """What `generate` picks from the last position's logits: the repetition penalty (when `seen` is given)
+    comes first, as a logits processor, in greedy decoding too; then greedy argmax or the warpers."""
+    logits = logits.float()
+    if seen is not None:
+        logits = penalize_repetitions(logits, seen, fields.repetition_penalty)
+    return sample_from_logits(logits, settings, fields.min_p)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,20 +402,23 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _make_decode_step(settings: SamplingSettings, pad_token_id: int, cache_argument: str):
-    """One decode step: forward of one token per row through the static cache, sampling, EOS bookkeeping.
+def _make_decode_step(settings: SamplingSettings, fields: CheckpointSampling, pad_token_id: int,
+                      cache_argument: str):
+    """One decode step: forward of one token per row through the static cache, sampling, EOS bookkeeping,
+    and the seen-token mask of the repetition penalty (None when there is no penalty).
 
     Everything stays on the device; the function has no data-dependent Python control flow, so it can be
     compiled (and captured in a CUDA graph) once per batch shape.
     """
 
     def step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, attention_mask: torch.Tensor,
-             cache: Any, finished: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+             cache: Any, finished: torch.Tensor, eos: torch.Tensor,
+             seen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         outputs = model(input_ids=token.unsqueeze(-1), position_ids=position.unsqueeze(-1),
                         attention_mask=attention_mask, use_cache=True, **{cache_argument: cache})
-        next_token = sample_from_logits(outputs.logits[:, -1], settings)
+        next_token = next_tokens(outputs.logits[:, -1], settings, fields, seen)
         next_token = next_token.masked_fill(finished, pad_token_id)
-        return next_token, finished | torch.isin(next_token, eos)
+        return next_token, finished | torch.isin(next_token, eos), mark_seen(seen, next_token)
 
     return step
 
@@ -259,8 +448,10 @@ class StaticCacheSampler:
     G never exceeds `max_length`, so `cache_len=max_length` gives a single shape). If compilation fails
     the sampler logs a warning and decodes eagerly from then on.
 
-    Only temperature, top-k and top-p are applied (as `SamplingSettings` says); other options of the model's
-    `generation_config` (repetition penalty, min_p...) are not.
+    Like `generate`, it also applies the model's `generation_config.repetition_penalty` (prompt and sampled
+    tokens, left padding excluded) and, when sampling, its `min_p`; any other field that `generate` would act
+    on (no_repeat_ngram_size, typical_p, suppress_tokens...) makes `sample` raise a ValueError that names it
+    (see `checkpoint_sampling`), rather than decode something else than the "hf" engine would.
     """
 
     def __init__(self, settings: SamplingSettings, *, pad_token_id: int, eos_token_ids: Collection[int],
@@ -283,13 +474,14 @@ class StaticCacheSampler:
         self.last_stats: dict[str, float] = {}
         self._cache: StaticCache | None = None
         self._cache_key: tuple[Any, ...] | None = None
-        self._compiled_steps: dict[int, Any] = {}
+        self._compiled_steps: dict[tuple[int, CheckpointSampling], Any] = {}
         self._compile_works = False
         self._compile_failed = False
 
     # -- public ---------------------------------------------------------------------------------
 
     def sample(self, model: nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        fields = checkpoint_sampling(getattr(model, "generation_config", None), self.settings.do_sample)
         if not contexts:
             return []
         if max_new_tokens <= 0:
@@ -308,7 +500,7 @@ class StaticCacheSampler:
         try:
             for start in range(0, len(order), step):
                 rows = order[start:start + step]
-                samples, steps = self._sample_batch(model, [contexts[i] for i in rows], max_new_tokens)
+                samples, steps = self._sample_batch(model, [contexts[i] for i in rows], max_new_tokens, fields)
                 decode_steps += steps
                 for row, sample in zip(rows, samples, strict=True):
                     results[row] = sample
@@ -338,12 +530,12 @@ class StaticCacheSampler:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _sample_batch(self, model: nn.Module, contexts: Sequence[Sequence[int]],
-                      max_new_tokens: int) -> tuple[list[list[int]], int]:
+    def _sample_batch(self, model: nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int,
+                      fields: CheckpointSampling) -> tuple[list[list[int]], int]:
         device = next(model.parameters()).device
         if self.uses_compile(device):
             try:
-                result = self._decode(model, contexts, max_new_tokens, compiled=True)
+                result = self._decode(model, contexts, max_new_tokens, fields, compiled=True)
                 self._compile_works = True
                 return result
             except Exception as error:
@@ -353,7 +545,7 @@ class StaticCacheSampler:
                                "decoding without it from now on", type(error).__name__, error)
                 self._compile_failed = True
                 self.release()
-        return self._decode(model, contexts, max_new_tokens, compiled=False)
+        return self._decode(model, contexts, max_new_tokens, fields, compiled=False)
 
     def _static_cache(self, model: nn.Module, batch: int, cache_len: int, device: torch.device) -> StaticCache:
         dtypes = tuple(sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()}))
@@ -366,17 +558,18 @@ class StaticCacheSampler:
         self._cache_key = key
         return self._cache
 
-    def _step_function(self, model: nn.Module, compiled: bool):
-        step = _make_decode_step(self.settings, self.pad_token_id, _cache_argument(model))
+    def _step_function(self, model: nn.Module, fields: CheckpointSampling, compiled: bool):
+        step = _make_decode_step(self.settings, fields, self.pad_token_id, _cache_argument(model))
         if not compiled:
             return step
-        if id(model) not in self._compiled_steps:
-            self._compiled_steps[id(model)] = torch.compile(step, mode=self.compile_mode, dynamic=False)
-        return self._compiled_steps[id(model)]
+        key = (id(model), fields)  # the fields are baked into the compiled step
+        if key not in self._compiled_steps:
+            self._compiled_steps[key] = torch.compile(step, mode=self.compile_mode, dynamic=False)
+        return self._compiled_steps[key]
 
     @torch.no_grad()
     def _decode(self, model: nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int,
-                compiled: bool) -> tuple[list[list[int]], int]:
+                fields: CheckpointSampling, compiled: bool) -> tuple[list[list[int]], int]:
         device = next(model.parameters()).device
         rows = len(contexts)
         if compiled and self.batch_size and rows < self.batch_size:  # one batch shape for the compiled step
@@ -398,13 +591,16 @@ class StaticCacheSampler:
 
         outputs = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1, **{cache_argument: cache})
-        token = sample_from_logits(outputs.logits[:, -1], self.settings)
+        logits = outputs.logits[:, -1]
         del outputs
+        seen = seen_token_mask(ids, mask, logits.shape[-1]) if fields.repetition_penalty != 1.0 else None
+        token = next_tokens(logits, self.settings, fields, seen)
+        seen = mark_seen(seen, token)
         finished = torch.isin(token, eos)
         tokens = torch.full((batch, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         tokens[:, 0] = token
         position = mask.sum(-1)  # the next position of each row
-        step = self._step_function(model, compiled)
+        step = self._step_function(model, fields, compiled)
         mark_step = compiled and device.type == "cuda" and self.compile_mode == "reduce-overhead"
         steps = 1
         for index in range(1, max_new_tokens):
@@ -412,7 +608,7 @@ class StaticCacheSampler:
                 break
             if mark_step:
                 torch.compiler.cudagraph_mark_step_begin()
-            token, finished = step(model, token, position, attention_mask, cache, finished, eos)
+            token, finished, seen = step(model, token, position, attention_mask, cache, finished, eos, seen)
             tokens[:, index] = token
             position = position + 1
             steps = index + 1
