@@ -7,6 +7,7 @@ instead of being recomputed with the code under test.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -17,11 +18,13 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import real_tokenizers
 
 from sapo.data import (
     CHATML_TEMPLATE,
     DataError,
     Example,
+    Message,
     TokenizedExample,
     examples_from_records,
     fit_lengths,
@@ -574,3 +577,132 @@ def test_directory_with_split_named_files_refuses_a_missing_split(tmp_path: Path
     with pytest.raises(DataError, match="no data file for split 'test' \\(found train.jsonl\\)"):
         read_records(tmp_path, split="test")
     assert len(read_records(tmp_path, split="train")) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real tokenizers and chat templates (tests/real_tokenizers.py: files shipped in PyPI packages, offline)
+# ---------------------------------------------------------------------------------------------------------
+
+
+REAL = [name for name, _ in real_tokenizers.REGISTRY]
+
+
+@functools.cache
+def real_tokenizer(name: str):
+    return real_tokenizers.FACTORIES[name]()
+
+
+def end_ids(name: str, tok) -> set[int]:
+    return {tok.eos_token_id, *tok.convert_tokens_to_ids(list(real_tokenizers.GENERATION_EOS_TOKENS.get(name, ())))}
+
+
+def msg(role: str, content: str) -> Message:
+    return {"role": role, "content": content}
+
+
+RESPONSES = {
+    "words": "Hello there!",
+    "digits": "42 apples, 7 pears.",
+    "newlines": "\n\nFirst line.\nSecond line.",
+    "space": " an answer that starts with a space",
+    "punctuation": "...well, (maybe) -- yes!",
+    "non_ascii": "Ça va très bien, merci. 谢谢！🙂 Über straße.",
+    "code": "```python\nprint('hi')\n```",
+}
+
+
+def conversations(name: str) -> dict[str, Example]:
+    cases = {kind: Example([msg("user", "Say something.")], msg("assistant", text)) for kind, text in RESPONSES.items()}
+    turns = [msg("user", "What is 2+2?"), msg("assistant", "4."), msg("user", "And 3+3?")]
+    cases["multi_turn"] = Example(turns, msg("assistant", "6, of course."))
+    if name not in real_tokenizers.NO_SYSTEM_ROLE:
+        cases["system_multi_turn"] = Example([msg("system", "You are terse."), *turns], msg("assistant", "6."))
+    return cases
+
+
+def rendered_ids(tok, messages, generation_prompt: bool = False) -> list[int]:
+    """The spec, computed without sapo: the rendered chat's ids, BOS first when the tokenizer puts it before every
+    text it encodes (zephyr's template does not write it; Llama/Mistral models are trained with it)."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    if bos is not None and ids[0] != bos and tok("a")["input_ids"][0] == bos:
+        ids = [bos, *ids]
+    return ids
+
+
+def conversation_ids(tok, example: Example, ends: set[int]) -> list[int]:
+    """The whole conversation's ids through its last end token (EOS appended when there is none)."""
+    ids = rendered_ids(tok, [*example.prompt, example.response])
+    last = max((i for i, token in enumerate(ids) if token in ends), default=None)
+    return ids + [tok.eos_token_id] if last is None else ids[: last + 1]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_prompt_and_response_ids_are_the_whole_conversations_ids(name) -> None:
+    tok = real_tokenizer(name)
+    ends = end_ids(name, tok)
+    for kind, example in conversations(name).items():
+        tokenized = tokenize_example(tok, example, ends)
+        assert tokenized.prompt_ids + tokenized.response_ids == conversation_ids(tok, example, ends), kind
+        prompt_alone = rendered_ids(tok, example.prompt, generation_prompt=True)
+        assert prompt_alone[: len(tokenized.prompt_ids)] == tokenized.prompt_ids, kind
+        assert len(prompt_alone) - len(tokenized.prompt_ids) <= 1, kind  # only a merged boundary token moves
+        assert tokenized.response_ids[-1] in ends and sum(t in ends for t in tokenized.response_ids) == 1, kind
+        assert tok.bos_token_id is None or tokenized.prompt_ids.count(tok.bos_token_id) == 1, kind
+
+
+@pytest.mark.parametrize("name", ["zephyr", "zephyr-nonlegacy", "mistral-instruct-v0.1"])
+def test_sentencepiece_response_starts_with_the_token_the_model_sees(name) -> None:
+    """Tokenized alone, 'Hello' would be '▁Hello', a token the model never produces after the prompt."""
+    tok = real_tokenizer(name)
+    tokenized = tokenize_example(tok, Example([msg("user", "Say hi.")], msg("assistant", "Hello there!")))
+    assert tok.convert_ids_to_tokens(tokenized.response_ids) == ["Hello", "▁there", "!", "</s>"]
+    assert tok("Hello there!", add_special_tokens=False)["input_ids"][0] != tokenized.response_ids[0]
+
+
+@pytest.mark.parametrize("name", ["zephyr", "openhermes-chatml", "qwen2-chatml", "gemma"])
+def test_text_after_the_end_token_is_not_scored(name) -> None:
+    """zephyr, ChatML and Gemma write '\\n' after the final end token; decoding stops at that token."""
+    tok = real_tokenizer(name)
+    example = Example([msg("user", "Say hi.")], msg("assistant", "Hello."))
+    text = tok.apply_chat_template([*example.prompt, example.response], tokenize=False)
+    assert text.endswith("\n")
+    tokenized = tokenize_example(tok, example, end_ids(name, tok))
+    assert tok.decode(tokenized.response_ids[-1:]) in ("</s>", "<|im_end|>", "<end_of_turn>")
+
+
+def test_byte_level_merge_at_the_boundary_warns_and_names_the_record(caplog) -> None:
+    name = "qwen2-chatml"  # ChatML ends the prompt with a newline; a newline-first response merges into it
+    tok = real_tokenizer(name)
+    merged = Example([msg("user", "Poem?")], msg("assistant", "\nRoses are red."), location="poems.jsonl:7")
+    plain = Example([msg("user", "Poem?")], msg("assistant", "Roses are red."), location="poems.jsonl:8")
+    with caplog.at_level(logging.WARNING, logger="sapo.data"):
+        tokenized = tokenize_examples(tok, [plain, merged], max_length=512, max_prompt_length=256,
+                                      end_token_ids=end_ids(name, tok))
+    assert "1 record(s) (first: poems.jsonl:7)" in caplog.text
+    assert tokenized[1].prompt_ids == tokenized[0].prompt_ids[:-1]  # the prompt's last newline merged away
+    assert tok.decode(tokenized[1].response_ids).startswith(tok.decode(tokenized[0].prompt_ids[-1:]) + "\n")
+
+
+def test_offline_pairs_share_the_prompt_ids_of_both_conversations() -> None:
+    tok = real_tokenizer("qwen2-chatml")
+    ends = end_ids("qwen2-chatml", tok)
+    example = Example([msg("user", "Poem?")], msg("assistant", "Roses."), msg("assistant", "\nViolets."))
+    tokenized = tokenize_example(tok, example, ends)
+    assert tokenized.prompt_ids + tokenized.response_ids == conversation_ids(tok, example, ends)
+    rejected = Example(example.prompt, example.rejected)
+    assert tokenized.prompt_ids + tokenized.rejected_ids == conversation_ids(tok, rejected, ends)
+
+
+def test_mistral_common_backend_tokenizes_through_mistral_common() -> None:
+    """A Mistral-Nemo directory with tekken.json loads as MistralCommonBackend when mistral-common is installed."""
+    tok = real_tokenizers.mistral_nemo_mistral_common()
+    prepare_tokenizer(tok)  # no Jinja template needed: mistral-common renders the chat
+    example = Example([msg("user", "Say hi.")], msg("assistant", "Hello there!"))
+    tokenized = tokenize_example(tok, example)
+    rendered = tok.apply_chat_template([*example.prompt, example.response], continue_final_message=True)
+    assert tokenized.prompt_ids + tokenized.response_ids == [*rendered["input_ids"], tok.eos_token_id]
+    assert tokenized.prompt_ids == tok.apply_chat_template(example.prompt, add_generation_prompt=True)["input_ids"]
+    with pytest.raises(DataError, match="takes no Jinja template"):
+        prepare_tokenizer(tok, "chatml")

@@ -399,12 +399,21 @@ def resolve_chat_template(value: str | None) -> str | None:
     return path.read_text(encoding="utf-8")
 
 
+def renders_with_mistral_common(tokenizer: Any) -> bool:
+    """What `AutoTokenizer` gives for a checkpoint with `tekken.json` when mistral-common is installed: it renders
+    chats with mistral-common itself (no Jinja template) and is only safe to use with `tokenize=True`."""
+    return type(tokenizer).__name__ == "MistralCommonBackend"
+
+
 def prepare_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
     """Make a tokenizer usable for SAPO: a chat template and a pad token are required."""
     template = resolve_chat_template(chat_template)
+    if template is not None and renders_with_mistral_common(tokenizer):
+        raise DataError("chat_template: this tokenizer (MistralCommonBackend, from tekken.json) renders chats with "
+                        "mistral-common and takes no Jinja template; drop --chat_template")
     if template is not None:
         tokenizer.chat_template = template
-    if getattr(tokenizer, "chat_template", None) is None:
+    if getattr(tokenizer, "chat_template", None) is None and not renders_with_mistral_common(tokenizer):
         raise DataError(
             "the tokenizer has no chat template: pass chat_template (CLI: --chat_template) as a Jinja string, "
             "a file holding one, or the built-in name 'chatml'"
@@ -434,11 +443,11 @@ def _tokenize_with_boundary(tokenizer: Any, example: Example,
                             end_token_ids: Collection[int] | None) -> tuple[TokenizedExample, bool]:
     """The tokenized example, and whether the prompt's own ids differ from the conversation's prefix."""
     ends = set(end_token_ids) if end_token_ids else {tokenizer.eos_token_id}
-    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-    prompt_alone = _ids(tokenizer, prompt_text)
     answers = [example.response] if example.rejected is None else [example.response, example.rejected]
-    conversations = [_ids(tokenizer, _conversation_text(tokenizer, example, answer, prompt_text))
-                     for answer in answers]
+    if not renders_with_mistral_common(tokenizer):
+        _check_prompt_renders_alike(tokenizer, example, answers)
+    prompt_alone = chat_ids(tokenizer, example.prompt, generation_prompt=True)
+    conversations = [chat_ids(tokenizer, [*example.prompt, answer]) for answer in answers]
     boundary = _common_prefix_length([prompt_alone, *conversations])
     responses = [_through_end_token(ids[boundary:], ends, tokenizer.eos_token_id) for ids in conversations]
     rejected = responses[1] if len(responses) > 1 else None
@@ -446,20 +455,36 @@ def _tokenize_with_boundary(tokenizer: Any, example: Example,
     return tokenized, boundary != len(prompt_alone)
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    # The chat template writes BOS (and every other special token) itself where the model expects it.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def chat_ids(tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool = False) -> list[int]:
+    """Ids of a chat as `apply_chat_template(tokenize=True)` gives them (the template writes the special tokens, so
+    the tokenizer adds none and BOS is never doubled), with BOS put first where the template omits it although
+    the tokenizer adds it to every text it encodes."""
+    if generation_prompt:
+        options = {"add_generation_prompt": True}
+    else:  # mistral-common refuses a chat that ends with the assistant unless it is told to keep that turn open
+        options = {"continue_final_message": True} if renders_with_mistral_common(tokenizer) else {}
+    ids = list(tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, **options)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos] and _adds_bos_when_encoding(tokenizer):
+        ids.insert(0, bos)
+    return ids
 
 
-def _conversation_text(tokenizer: Any, example: Example, answer: Message, prompt_text: str) -> str:
-    text = tokenizer.apply_chat_template([*example.prompt, answer], tokenize=False)
-    if not text.startswith(prompt_text):
-        raise DataError(
-            f"{example.location or 'a record'}: the chat template renders the prompt differently when the response "
-            "follows it (e.g. it drops earlier reasoning or changes the last prompt turn), so the response cannot be "
-            "separated from the prompt; pass a chat_template that renders earlier turns the same way in both cases"
-        )
-    return text
+def _adds_bos_when_encoding(tokenizer: Any) -> bool:
+    """Whether the model was trained with BOS before every text, as Llama/Mistral tokenizers add it: templates
+    such as zephyr's do not write it, and the model must still see it (as TRL's DPO and the SAPO code ensure)."""
+    return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
+def _check_prompt_renders_alike(tokenizer: Any, example: Example, answers: Sequence[Message]) -> None:
+    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    for answer in answers:
+        if not tokenizer.apply_chat_template([*example.prompt, answer], tokenize=False).startswith(prompt_text):
+            raise DataError(
+                f"{example.location or 'a record'}: the chat template renders the prompt differently when the "
+                "response follows it (e.g. it drops earlier reasoning or changes the last prompt turn), so the "
+                "response cannot be separated from the prompt; pass a chat_template that renders earlier turns the "
+                "same way in both cases")
 
 
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from sapo.data import Message
+from sapo.data import Message, chat_ids
 from sapo.generation import HFGenerateSampler, SamplingSettings, eos_token_ids_of
 
 Judge = Callable[[str, str, dict[str, Any]], float]
@@ -34,8 +34,7 @@ DEFAULT_JUDGE = "sapo.tasks:judge"
 
 def prompt_ids(tokenizer: Any, prompt: Sequence[Message]) -> list[int]:
     """Token ids of a chat prompt ending with the generation prompt, as used in training."""
-    text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return chat_ids(tokenizer, prompt, generation_prompt=True)
 
 
 def generate_responses(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[Message]], *,
