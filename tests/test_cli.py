@@ -1,6 +1,9 @@
 import dataclasses
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -208,3 +211,59 @@ def test_recipe_defaults_follow_the_paper_and_conflicts_are_errors(capsys):
         made(recipe="sapo-orpo", loss_type="sigmoid")
     assert main(["train", "--recipe", "sapo-dpo", "--loss_type", "orpo", "--output_dir", "x"]) == 2
     assert "needs a reference loss" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command a user types, on checkpoints with real tokenizers and templates, in bf16 mixed precision
+# ---------------------------------------------------------------------------------------------------------
+
+CHAT = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello there! 42 apples."}]
+
+
+def sapo_command() -> str:
+    return str(Path(sys.executable).with_name("sapo"))
+
+
+def real_checkpoint(name, directory):
+    import real_tokenizers
+
+    if name == "llama-legacy":  # a legacy SentencePiece LlamaTokenizer: its `legacy` flag must survive saving
+        config = real_tokenizers.mistral_tokenizer_config(chat_template=real_tokenizers.ZEPHYR_TEMPLATE)
+        tokenizer = real_tokenizers.mistral_sentencepiece(config, hub_layout=False)
+        return real_tokenizers.save_checkpoint(tokenizer, directory, architecture="llama")
+    if name == "mistral-nemo-native":  # tekken.json: AutoTokenizer gives MistralCommonBackend
+        real_tokenizers.build_model(real_tokenizers.mistral_nemo(), architecture="mistral").save_pretrained(directory)
+        Path(directory, "tekken.json").write_bytes(real_tokenizers.tekken_file().read_bytes())
+        return Path(directory)
+    return real_tokenizers.save_named_checkpoint(name, directory)
+
+
+def chat_ids_of(tokenizer):
+    from sapo.data import chat_ids
+
+    return chat_ids(tokenizer, CHAT)
+
+
+@pytest.mark.parametrize("name", ["zephyr", "qwen2-chatml", "llama3-instruct", "llama-legacy", "mistral-nemo-native"])
+def test_sapo_train_command_on_a_real_checkpoint_in_bf16(tmp_path, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = real_checkpoint(name, tmp_path / "sft")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say hi {i}."}, CHAT[1]]}) + "\n"
+                            for i in range(4)))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sapo_command(), "train", "--model_name_or_path", str(checkpoint), "--dataset_name", str(data),
+         "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2", "--bf16", "true",
+         "--token_generate_length", "4", "--max_length", "96", "--max_prompt_length", "64", "--use_cpu", "true",
+         "--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "loss" in r)
+    assert abs(first["loss"] - math.log(2)) < 1e-6 and first["rewards/margins"] == 0.0  # policy == reference at step 0
+    AutoModelForCausalLM.from_pretrained(out)
+    expected = chat_ids_of(AutoTokenizer.from_pretrained(checkpoint))
+    for directory in (out, out / "ema"):  # the saved tokenizer tokenizes like the one trained with
+        assert chat_ids_of(AutoTokenizer.from_pretrained(directory)) == expected

@@ -426,6 +426,25 @@ def prepare_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
     return tokenizer
 
 
+def save_tokenizer(tokenizer: Any, directory: str | os.PathLike) -> None:
+    """`save_pretrained`, keeping the `legacy` flag that transformers 5 drops from tokenizer_config.json: without it
+    a legacy SentencePiece `LlamaTokenizer` (Llama-2/Mistral style) reloads non-legacy and tokenizes text after
+    special tokens differently from the model it was trained with."""
+    tokenizer.save_pretrained(directory)
+    keep_legacy_flag(tokenizer, directory)
+
+
+def keep_legacy_flag(tokenizer: Any, directory: str | os.PathLike) -> None:
+    """Write `tokenizer.legacy` back into a saved tokenizer_config.json (see `save_tokenizer`)."""
+    legacy = getattr(tokenizer, "legacy", None)
+    config_file = Path(directory) / "tokenizer_config.json"
+    if isinstance(legacy, bool) and config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.get("legacy") != legacy:
+            config["legacy"] = legacy
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def tokenize_example(tokenizer: Any, example: Example,
                      end_token_ids: Collection[int] | None = None) -> TokenizedExample:
     """Token ids of the whole rendered conversation, split at the prompt boundary.

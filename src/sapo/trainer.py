@@ -35,7 +35,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from sapo.buffer import ReplayBuffer, ReplayEntry
 from sapo.config import SAPOConfig, sapo_fields
-from sapo.data import TokenizedExample, examples_from_records, prepare_tokenizer, tokenize_examples
+from sapo.data import (
+    TokenizedExample,
+    examples_from_records,
+    keep_legacy_flag,
+    prepare_tokenizer,
+    save_tokenizer,
+    tokenize_examples,
+)
 from sapo.ema import ShadowWeights, trainable_parameters
 from sapo.generation import SamplingSettings, SegmentSampler, eos_token_ids_of, make_sampler
 from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps, sequence_logps
@@ -778,6 +785,13 @@ class SAPOTrainer(Trainer):
         if self.args.should_save:
             self.write_model_card(directory)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save of the model and tokenizer (final model and checkpoints), with the tokenizer's `legacy`
+        flag kept (see `sapo.data.save_tokenizer`)."""
+        super()._save(output_dir, state_dict)
+        if self.processing_class is not None and self.args.should_save:
+            keep_legacy_flag(self.processing_class, output_dir or self.args.output_dir)
+
     def write_model_card(self, directory: str) -> None:
         """README.md beside the final model: base model, data, recipe, settings, final metrics, command."""
         from sapo.model_card import card_settings, final_metrics, render_model_card
@@ -798,7 +812,7 @@ class SAPOTrainer(Trainer):
         with model_context as model:
             if self.args.should_save:
                 model.save_pretrained(directory)
-                self.processing_class.save_pretrained(directory)
+                save_tokenizer(self.processing_class, directory)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Write the whole checkpoint into a staging directory, fsync it, then rename it into place.
