@@ -148,3 +148,19 @@ def test_skip_invalid_drops_and_counts(tmp_path, base_args, caplog):
         assert main(["train", "--dataset_name", str(data), *base_args, "--skip_invalid"]) == 0
     assert "dropped 2 invalid record(s)" in caplog.text and "kept 8" in caplog.text
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_static_engine_refuses_unsupported_generation_config_before_training(tmp_path, capsys, base_args, model_dir):
+    from transformers import GenerationConfig
+
+    model = tmp_path / "ngram_model"
+    shutil.copytree(model_dir, model)
+    config = GenerationConfig.from_pretrained(model)
+    config.no_repeat_ngram_size = 3
+    config.save_pretrained(model)
+    data = tmp_path / "data.jsonl"
+    data.write_text(jsonl(GOOD, GOOD))
+    err = run_failing(capsys, ["train", "--dataset_name", str(data), *base_args, "--model_name_or_path", str(model),
+                               "--generation_engine", "static"])
+    assert "generation_engine 'static'" in err and "no_repeat_ngram_size=3" in err
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sapo import evaluation, tasks, tiny
-from sapo.cli import UsageError
+from sapo.errors import UsageError
 from sapo.evaluation import build_report, format_table, load_judge, win_rates
 
 # ------------------------------------------------------------------------------------------------

@@ -335,7 +335,7 @@ def test_main_terminal_and_html(run_dir, tok, tmp_path, capsys) -> None:
 
 
 def test_main_reports_usage_errors(run_dir, tmp_path) -> None:
-    from sapo.cli import UsageError
+    from sapo.errors import UsageError
 
     with pytest.raises(UsageError, match="no tokenizer found"):
         inspection.main([str(run_dir)])

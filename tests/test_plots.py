@@ -123,7 +123,7 @@ def test_errors_name_the_file(tmp_path) -> None:
 def test_missing_matplotlib_says_how_to_install(two_runs, tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
-    with pytest.raises(ImportError, match=r"pip install sapo\[plot\]"):
+    with pytest.raises(ImportError, match=r"pip install 'sapo-align\[plot\]'"):
         plot_runs(two_runs, tmp_path / "out")
 
 
@@ -137,7 +137,7 @@ def test_main_default_out_dir(two_runs, capsys) -> None:
 
 
 def test_main_usage_errors(tmp_path) -> None:
-    from sapo.cli import UsageError
+    from sapo.errors import UsageError
 
     with pytest.raises(UsageError, match="metrics.jsonl: no such file"):
         plots.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])

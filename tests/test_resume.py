@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer, tasks
-from sapo.trainer import CheckpointError, OutputDirError, TrainingStopped
+from sapo.errors import CheckpointError, OutputDirError, TrainingStopped
 
 
 def config(out, **overrides):

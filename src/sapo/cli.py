@@ -20,11 +20,9 @@ from typing import Any
 
 import yaml
 
+from sapo.errors import USER_ERRORS, TrainingStopped, UsageError
+
 EXIT_USAGE = 2
-
-
-class UsageError(ValueError):
-    """A problem with what the user asked for (config, paths), reported without a traceback."""
 
 
 @dataclass
@@ -217,15 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_guarded(command, argv: Sequence[str], debug: bool) -> int:
-    from sapo.data import DataError
-    from sapo.trainer import CheckpointError, OutputDirError, TrainingStopped
-
     try:
         return command(argv)
     except TrainingStopped as stopped:
         print(f"sapo: {stopped}", file=sys.stderr)
         return stopped.exit_code
-    except (UsageError, DataError, CheckpointError, OutputDirError) as error:
+    except USER_ERRORS as error:
         if debug:
             raise
         print(f"sapo: error: {error}", file=sys.stderr)

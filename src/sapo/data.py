@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sapo.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -31,10 +33,6 @@ CHATML_TEMPLATE = (
 NAMED_CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
 Message = dict[str, str]
-
-
-class DataError(ValueError):
-    """Bad input data; the message names where (file, line, field) and what is wrong."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from sapo.data import Message, chat_ids
+from sapo.errors import UsageError
 from sapo.generation import HFGenerateSampler, SamplingSettings, eos_token_ids_of
 
 Judge = Callable[[str, str, dict[str, Any]], float]
@@ -77,9 +78,8 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]]
 def load_judge(spec: str) -> Judge:
     """Resolve ``module:function`` (or ``path/to/file.py:function``) to a callable judge.
 
-    The current directory is importable, as with ``python -m``. A bad spec raises `sapo.cli.UsageError`.
+    The current directory is importable, as with ``python -m``. A bad spec raises `sapo.errors.UsageError`.
     """
-    from sapo.cli import UsageError  # lazily: sapo.cli dispatches to this module
 
     module_name, colon, attribute = spec.rpartition(":")
     if not colon or not module_name.strip() or not attribute.strip():
@@ -106,7 +106,6 @@ def load_judge(spec: str) -> Judge:
 
 
 def _module_from_file(spec: str, file_name: str) -> Any:
-    from sapo.cli import UsageError
 
     path = Path(file_name)
     if not path.is_file():
@@ -169,9 +168,8 @@ def build_report(prompts: Sequence[Sequence[Message]], records: Sequence[Any],
 
     ``prompts[i]`` (chat messages) and ``records[i]`` (the raw record handed to the judge) describe prompt
     ``i``; ``responses_by_model[label][i]`` is that model's response. Judge failures and non-numeric or
-    non-finite scores raise `sapo.cli.UsageError` naming the prompt.
+    non-finite scores raise `sapo.errors.UsageError` naming the prompt.
     """
-    from sapo.cli import UsageError
 
     if len(prompts) != len(records):
         raise ValueError(f"{len(prompts)} prompts but {len(records)} records")
@@ -182,7 +180,7 @@ def build_report(prompts: Sequence[Sequence[Message]], records: Sequence[Any],
     for label, responses in responses_by_model.items():
         if len(responses) != len(prompts):
             raise ValueError(f"{label}: {len(responses)} responses for {len(prompts)} prompts")
-        scores = [_judge_one(judge, judge_name, index, prompt, response, record, UsageError)
+        scores = [_judge_one(judge, judge_name, index, prompt, response, record)
                   for index, (prompt, response, record) in enumerate(zip(prompts, responses, records, strict=True))]
         scores_by_model[label] = scores
         by_family = {family: _mean([s for s, t in zip(scores, tasks_, strict=True) if t == family])
@@ -199,8 +197,8 @@ def build_report(prompts: Sequence[Sequence[Message]], records: Sequence[Any],
             "per_prompt": per_prompt}
 
 
-def _judge_one(judge: Judge, judge_name: str, index: int, prompt: Sequence[Message], response: str, record: Any,
-               usage_error: type[Exception]) -> float:
+def _judge_one(judge: Judge, judge_name: str, index: int, prompt: Sequence[Message], response: str,
+               record: Any) -> float:
     try:
         value = judge(last_user_turn(prompt), response, record)
     except Exception as error:
@@ -208,14 +206,14 @@ def _judge_one(judge: Judge, judge_name: str, index: int, prompt: Sequence[Messa
         if judge_name == DEFAULT_JUDGE:
             hint = ("; the default judge only scores records of the built-in suite (fields 'task', 'reference', "
                     "'kind', 'params'): pass --judge module:function for other data")
-        raise usage_error(f"judge {judge_name} failed on prompt {index} ({type(error).__name__}: {error}){hint}") \
+        raise UsageError(f"judge {judge_name} failed on prompt {index} ({type(error).__name__}: {error}){hint}") \
             from error
     try:
         score = float(value)
     except (TypeError, ValueError):
-        raise usage_error(f"judge {judge_name} returned {value!r} for prompt {index}; expected a number") from None
+        raise UsageError(f"judge {judge_name} returned {value!r} for prompt {index}; expected a number") from None
     if not math.isfinite(score):
-        raise usage_error(f"judge {judge_name} returned {score} for prompt {index}; expected a finite number")
+        raise UsageError(f"judge {judge_name} returned {score} for prompt {index}; expected a finite number")
     return score
 
 
@@ -250,7 +248,6 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message]], list[Any]]:
     """Prompts (chat messages before the final assistant turn) and raw records, from --data or --suite."""
-    from sapo.cli import UsageError
     from sapo.data import DataError, normalize_record, read_records
 
     if (args.data is None) == (args.suite is None):
@@ -278,7 +275,6 @@ def load_model(path: str, *, device: str = "cpu", chat_template: str | None = No
     """A model directory loaded as a user would: `AutoModelForCausalLM` / `AutoTokenizer`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sapo.cli import UsageError
     from sapo.data import prepare_tokenizer
 
     if not (Path(path) / "config.json").is_file():
@@ -327,7 +323,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from sapo.cli import UsageError
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per model
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sapo.buffer import ReplayBuffer, ReplayEntry
+from sapo.errors import UsageError
 
 __all__ = [
     "buffer_statistics",
@@ -407,7 +408,6 @@ def _load_tokenizer(name: str | os.PathLike[str]) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sapo.cli import UsageError
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -5,7 +5,7 @@ Rows with a `loss` are training rows; they are plotted against `step`, one PNG p
 with the runs overlaid (legend: run directory name). A run resumed from a checkpoint appends rows for
 steps it already logged; the row written last wins for each step.
 
-matplotlib is optional (`pip install sapo[plot]`) and only imported when plotting; figures are drawn
+matplotlib is optional (`pip install 'sapo-align[plot]'`) and only imported when plotting; figures are drawn
 with the Agg canvas directly, so pyplot's global state and the user's backend are never touched.
 """
 
@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sapo.errors import UsageError
 
 __all__ = ["FIGURES", "FigureSpec", "load_metrics", "main", "plot_runs"]
 
@@ -109,7 +111,7 @@ def _matplotlib() -> tuple[Any, Any]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure as MplFigure
     except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install sapo[plot]") from error
+        raise ImportError("plotting needs matplotlib: pip install 'sapo-align[plot]'") from error
     return MplFigure, FigureCanvasAgg
 
 
@@ -172,7 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sapo.cli import UsageError
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     first = Path(args.run_dirs[0])

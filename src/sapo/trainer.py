@@ -44,7 +44,14 @@ from sapo.data import (
     tokenize_examples,
 )
 from sapo.ema import ShadowWeights, trainable_parameters
-from sapo.generation import SamplingSettings, SegmentSampler, eos_token_ids_of, make_sampler
+from sapo.errors import CheckpointError, OutputDirError, TrainingStopped, UsageError
+from sapo.generation import (
+    SamplingSettings,
+    SegmentSampler,
+    checkpoint_sampling,
+    eos_token_ids_of,
+    make_sampler,
+)
 from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps, sequence_logps
 from sapo.losses import nll_from_logps, orpo_loss, preference_loss
 from sapo.segments import sample_truncation_point, splice_rejected
@@ -129,15 +136,6 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-class TrainingStopped(RuntimeError):
-    """Training ended early on purpose (a signal, or repeated non-finite steps) after saving a checkpoint."""
-
-    def __init__(self, message: str, checkpoint: str | None, exit_code: int) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
-        self.exit_code = exit_code
-
-
 class _SAPOStepHooks(TrainerCallback):
     """SAPO's once-per-optimizer-step work, placed around the Trainer's optimizer step."""
 
@@ -220,6 +218,11 @@ class SAPOTrainer(Trainer):
         if args.disable_dropout:
             disable_dropout(model)
 
+        if sampler is None and args.generation_engine == "static":  # refuse before anything is written
+            try:
+                checkpoint_sampling(getattr(model, "generation_config", None), sampling_settings(args).do_sample)
+            except ValueError as error:
+                raise UsageError(f"generation_engine 'static': {error}") from None
         eos_token_ids = eos_token_ids_of(processing_class, model)
         dataset = self._tokenize_dataset(train_dataset, processing_class, args, eos_token_ids)
         self._created_output_dir = not Path(args.output_dir).exists()  # Trainer creates it; undone on early errors
@@ -921,14 +924,6 @@ def _rng_state_to_json(rng: random.Random) -> list[Any]:
 def _rng_state_from_json(state: list[Any]) -> tuple[Any, ...]:
     version, internal, gauss = state
     return version, tuple(internal), gauss
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed by this run (missing, incomplete, or from another model)."""
-
-
-class OutputDirError(ValueError):
-    """Training would overwrite results of another run."""
 
 
 STAGING_DIR = ".staging"
