@@ -27,8 +27,9 @@ allocator caches do not leak from one option into the next):
 Reported per option:
 
 * copy bytes, counted right after the first optimizer step (the copies are built when training starts): the sum
-  of ``numel * element_size`` over the parameters of ``trainer.ema_model``/``trainer.ref_model`` and over the
-  tensors of the ``ShadowWeights`` ``trainer.ema``/``trainer.ref``, each storage counted once (by device and
+  of ``numel * element_size`` over the parameters of the copies' modules (``trainer.copies.ema_module``,
+  ``reference_module``) and over the tensors of their ``ShadowWeights`` (``trainer.copies.ema``, ``reference``),
+  each storage counted once (by device and
   data pointer: a module copy's ShadowWeights alias its parameters). "On device" is what stays resident with the
   policy on the training device; "on host" is what the trainer keeps in its offload store. On a GPU run this is
   simply the tensor's device. On a CPU run the training device *is* host memory, so there the offload store's
@@ -217,9 +218,10 @@ def run_option(option: str, shape: Any, settings: dict[str, Any]) -> dict[str, A
 
             def on_step_end(self, args, state, control, **kwargs):
                 if not snapshot:
-                    snapshot.update(copy_memory(trainer.ema_model, trainer.ema, trainer.ref_model, trainer.ref,
-                                                trainer.args.device,
-                                                trainer.args.offload_copies and not trainer.is_peft))
+                    copies = trainer.copies
+                    snapshot.update(copy_memory(copies.ema_module, copies.ema, copies.reference_module,
+                                                copies.reference, trainer.args.device,
+                                                trainer.args.offload_copies and copies.mode == "shards"))
                     snapshot["policy_bytes"] = parameter_bytes(trainer.policy)
                     snapshot["trainable_bytes"] = parameter_bytes(trainer.policy, trainable_only=True)
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
 from sapo import tasks, tiny
 
@@ -46,13 +47,12 @@ def snapshot_each_step():
 
     def install(trainer, take):
         snapshots = {}
-        hooks = trainer._after_optimizer_step
 
-        def spy():
-            hooks()
-            snapshots[trainer.state.global_step] = take()
+        class Snapshot(TrainerCallback):  # added after SAPO's own step hooks, so it runs after them
+            def on_step_end(self, args, state, control, **kwargs):
+                snapshots[state.global_step] = take()
 
-        trainer._after_optimizer_step = spy
+        trainer.add_callback(Snapshot())
         return snapshots
 
     return install

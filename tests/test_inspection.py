@@ -260,15 +260,6 @@ def test_html_limit_zero_is_statistics_only(tok, no_eos) -> None:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def test_layout_names_match_the_trainer() -> None:
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    from sapo.trainer import STATE_DIR
-
-    assert inspection.STATE_DIR == STATE_DIR
-    assert PREFIX_CHECKPOINT_DIR == "checkpoint"
-
-
 def save_buffer(entries: list[ReplayEntry], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = ReplayBuffer(capacity=8, seed=0)

@@ -59,12 +59,6 @@ def two_runs(tmp_path) -> list[Path]:
     return [dpo, orpo]
 
 
-def test_metrics_file_name_matches_the_trainer() -> None:
-    from sapo.trainer import METRICS_FILE
-
-    assert plots.METRICS_FILE == METRICS_FILE
-
-
 def test_plot_two_runs_writes_every_group(two_runs, tmp_path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "figures"

@@ -29,12 +29,12 @@ def test_recipe_runs_and_builds_only_what_it_needs(tmp_path, tokenizer, tiny_mod
                           processing_class=tokenizer)
     if loss_type:
         assert trainer.args.loss_type == loss_type
-    assert (trainer.ema is not None) == recipe.startswith("sapo")
-    assert (trainer.ref is not None) == (recipe in ("sapo-dpo", "dpo", "spin"))
-    before = [p.detach().clone() for p in trainer._params]
+    assert (trainer.copies.ema is not None) == recipe.startswith("sapo")
+    assert (trainer.copies.reference is not None) == (recipe in ("sapo-dpo", "dpo", "spin"))
+    before = [p.detach().clone() for p in trainer.copies.params]
     trainer.train()
     trainer.save_model()
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer._params, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.copies.params, strict=True))
     logged = rows(tmp_path)
     assert len(logged) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
     assert ("rewards/margins" in logged[0]) == (recipe != "sft")
@@ -48,7 +48,7 @@ def test_offline_dpo_trains_on_the_datas_rejected_responses(tmp_path, tokenizer,
     example = trainer.train_dataset.examples[0]
     expected = list(tokenizer(suite["train"][0]["rejected"], add_special_tokens=False)["input_ids"])
     assert example.rejected_ids == expected + [tokenizer.eos_token_id]
-    pairs = trainer._pairs_for_step(trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]]))
+    pairs = trainer.recipe.pairs(trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]]), 0, 4)
     assert pairs[0].real == example.response_ids and pairs[0].rejected == example.rejected_ids
 
 
@@ -72,11 +72,11 @@ def test_spin_opponent_is_previous_iterate_and_responses_are_whole(tmp_path, tok
                                                                    snapshot_each_step):
     args = config(tmp_path, recipe="spin", max_steps=6, spin_iterations=3)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
-    initial = clones(trainer.ref.tensors)
-    seen = snapshot_each_step(trainer, lambda: (clones(trainer._params), clones(trainer.ref.tensors),
-                                                trainer.spin_iteration, dict(trainer.spin_rejected)))
+    initial = clones(trainer.copies.reference.tensors)
+    seen = snapshot_each_step(trainer, lambda: (clones(trainer.copies.params), clones(trainer.copies.reference.tensors),
+                                                trainer.recipe.iteration, dict(trainer.recipe.rejected)))
     trainer.train()
-    assert trainer.spin_steps_per_iteration == 2
+    assert trainer.recipe.steps_per_iteration(trainer.state.max_steps) == 2
     assert [seen[s][2] for s in range(1, 7)] == [0, 0, 1, 1, 2, 2]
     for step in (1, 2):  # iteration 0: the opponent is the starting model
         assert all(torch.equal(r, i) for r, i in zip(seen[step][1], initial, strict=True))

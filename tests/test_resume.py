@@ -47,10 +47,11 @@ def test_resume_is_bit_identical(tmp_path, tokenizer, suite):
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
     for name, param in full.policy.named_parameters():
         assert torch.equal(param, dict(resumed.policy.named_parameters())[name]), name
-    for a, b in zip(full.ema.tensors + full.ref.tensors, resumed.ema.tensors + resumed.ref.tensors, strict=True):
+    for a, b in zip(full.copies.ema.tensors + full.copies.reference.tensors,
+                    resumed.copies.ema.tensors + resumed.copies.reference.tensors, strict=True):
         assert torch.equal(a, b)
-    assert [(e.rejected, e.times_sampled) for e in full.buffer.entries()] == [
-        (e.rejected, e.times_sampled) for e in resumed.buffer.entries()]
+    assert [(e.rejected, e.times_sampled) for e in full.recipe.buffer.entries()] == [
+        (e.rejected, e.times_sampled) for e in resumed.recipe.buffer.entries()]
     assert resumed.state.global_step == 6
 
 
@@ -89,7 +90,7 @@ def test_checkpoint_holds_every_piece_of_state(tmp_path, tokenizer, suite):
                      "segment_rng_rank0.json"):
         assert expected in names
     ema = load_file(str(checkpoint / "sapo_state" / "ema.safetensors"))
-    for name, tensor in zip(trainer.ema.names, trainer.ema.tensors, strict=True):
+    for name, tensor in zip(trainer.copies.ema.names, trainer.copies.ema.tensors, strict=True):
         assert torch.equal(ema[name], tensor)
     assert not (tmp_path / "run" / ".staging" / "checkpoint-3").exists()
 
@@ -152,14 +153,14 @@ def poison_steps(trainer, steps):
 def test_non_finite_step_is_skipped_and_counted(tmp_path, tokenizer, suite, snapshot_each_step):
     trainer = trainer_for(tmp_path / "run", tokenizer, suite, max_steps=4, save_strategy="no")
     poison_steps(trainer, {2})
-    seen = snapshot_each_step(trainer, lambda: (clones(trainer._params), clones(trainer.ema.tensors)))
+    seen = snapshot_each_step(trainer, lambda: (clones(trainer.copies.params), clones(trainer.copies.ema.tensors)))
     trainer.train()
     for before, after in zip(seen[1], seen[2], strict=True):  # policy and EMA unchanged by the poisoned step
         assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(seen[2][0], seen[3][0], strict=True))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite/skipped_steps"] for r in rows if "loss" in r] == [0, 1, 1, 1]
-    assert all(torch.isfinite(p).all() for p in trainer._params)
+    assert all(torch.isfinite(p).all() for p in trainer.copies.params)
 
 
 def test_repeated_non_finite_steps_stop_with_checkpoint(tmp_path, tokenizer, suite):

@@ -8,10 +8,12 @@ import sys
 import pytest
 import torch
 from conftest import clones
+from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.buffer import ReplayEntry
-from sapo.trainer import pad_pairs
+from sapo.recipes import pad_pairs
+from sapo.trainer import tokenized_dataset
 
 
 def config(tmp_path, **overrides):
@@ -55,9 +57,9 @@ def test_augment_splices_sampled_segment(tmp_path, tokenizer, tiny_model, suite)
     args = config(tmp_path, token_generate_length=4)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer,
                           sampler=sampler)
-    trainer.segment_rng = random.Random(1)
+    trainer.recipe.segment_rng = random.Random(1)
     prompt, response = [1, 5, 6, 7, 8], list(range(10, 30))
-    entries = trainer.augment([prompt, prompt], [response, response])
+    entries = trainer.recipe.augment([prompt, prompt], [response, response])
     draws = random.Random(1)
     k1, k2 = draws.randint(0, 13), draws.randint(0, 13)  # bound = min(20 - 3 - 4, 64 - 5 - 4)
     contexts, max_new = sampler.calls[0]
@@ -67,7 +69,7 @@ def test_augment_splices_sampled_segment(tmp_path, tokenizer, tiny_model, suite)
     assert entries[1].rejected == response[:k2] + [90, eos]
     assert (entries[0].segment_start, entries[0].segment_length) == (k1, 4)
     assert (entries[1].segment_start, entries[1].segment_length) == (k2, 2)
-    assert len(trainer.buffer) == 2 and trainer.buffer.entries()[0].real == response
+    assert len(trainer.recipe.buffer) == 2 and trainer.recipe.buffer.entries()[0].real == response
 
 
 def test_responses_per_prompt_and_sample_every_n_steps(tmp_path, tokenizer, tiny_model, suite):
@@ -78,29 +80,29 @@ def test_responses_per_prompt_and_sample_every_n_steps(tmp_path, tokenizer, tiny
     trainer.train()
     assert len(sampler.calls) == 3  # global steps 0, 2, 4
     assert all(len(contexts) == 4 * 3 for contexts, _ in sampler.calls)
-    assert len(trainer.buffer) == 3 * 4 * 3
+    assert len(trainer.recipe.buffer) == 3 * 4 * 3
 
 
 def test_ema_updated_once_per_optimizer_step_with_accumulation(tmp_path, tokenizer, tiny_model, suite):
     args = config(tmp_path, max_steps=3, gradient_accumulation_steps=2, ema_beta=0.5)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
-    expected = [t.detach().clone().double() for t in trainer.ema.tensors]
+    expected = [t.detach().clone().double() for t in trainer.copies.ema.tensors]
     calls = []
-    original = trainer._after_optimizer_step
 
-    def spy():
-        nonlocal expected
-        expected = [0.5 * e + 0.5 * p.detach().double() for e, p in zip(expected, trainer._params, strict=True)]
-        calls.append(trainer.state.global_step)
-        original()
+    class ExpectedEMA(TrainerCallback):  # runs before SAPO's hooks: the policy has just been stepped
+        def on_step_end(self, args, state, control, **kwargs):
+            nonlocal expected
+            expected = [0.5 * e + 0.5 * p.detach().double() for e, p in zip(expected, trainer.copies.params,
+                                                                             strict=True)]
+            calls.append(state.global_step)
 
-    trainer._after_optimizer_step = spy
+    trainer.callback_handler.callbacks.insert(0, ExpectedEMA())
     trainer.train()
     assert calls == [1, 2, 3]
-    for got, want in zip(trainer.ema.tensors, expected, strict=True):
+    for got, want in zip(trainer.copies.ema.tensors, expected, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     policy = dict(trainer.policy.named_parameters())
-    assert not torch.equal(trainer.ema.tensors[0], policy[trainer._param_names[0]].detach())
+    assert not torch.equal(trainer.copies.ema.tensors[0], policy[trainer.copies.names[0]].detach())
 
 
 @pytest.mark.parametrize("mode", ["policy", "ema"])
@@ -108,9 +110,9 @@ def test_reference_refresh_copies_source_every_k_steps(tmp_path, tokenizer, tiny
                                                        snapshot_each_step):
     args = config(tmp_path, max_steps=3, ref_update_mode=mode, ref_update_steps=2)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
-    initial = clones(trainer.ref.tensors)
-    source = trainer.ema.tensors if mode == "ema" else trainer._params
-    snapshots = snapshot_each_step(trainer, lambda: (clones(source), clones(trainer.ref.tensors)))
+    initial = clones(trainer.copies.reference.tensors)
+    source = trainer.copies.ema.tensors if mode == "ema" else trainer.copies.params
+    snapshots = snapshot_each_step(trainer, lambda: (clones(source), clones(trainer.copies.reference.tensors)))
     trainer.train()
     source1, ref1 = snapshots[1]
     assert all(torch.equal(r, i) for r, i in zip(ref1, initial, strict=True))  # not yet refreshed
@@ -123,15 +125,15 @@ def test_reference_refresh_copies_source_every_k_steps(tmp_path, tokenizer, tiny
 def test_fixed_reference_never_changes(tmp_path, tokenizer, tiny_model, suite):
     trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=3, ref_update_steps=1),
                           train_dataset=suite["train"], processing_class=tokenizer)
-    before = [p.clone() for p in trainer.ref_model.parameters()]
+    before = [p.clone() for p in trainer.copies.reference_module.parameters()]
     trainer.train()
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.ref_model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.copies.reference_module.parameters(), strict=True))
 
 
 def test_orpo_builds_no_reference(tmp_path, tokenizer, tiny_model, suite):
     trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, loss_type="orpo", beta=0.05),
                           train_dataset=suite["train"], processing_class=tokenizer)
-    assert trainer.ref_model is None and trainer.ref is None
+    assert trainer.copies.reference_module is None and trainer.copies.reference is None
 
 
 LOAD_SCRIPT = """
@@ -182,15 +184,17 @@ def test_lora_ema_holds_adapters_only_and_base_is_untouched(tmp_path, tokenizer,
     args = config(tmp_path, max_steps=6, ref_update_mode="fixed")
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer,
                           peft_config=lora)
-    assert trainer.ema_model is None and trainer.ref_model is None and trainer.ref is None
-    assert trainer._param_names and all("lora_" in name for name in trainer._param_names)
+    copies = trainer.copies
+    assert copies.mode == "adapters" and copies.ema_module is None and copies.reference_module is None
+    assert copies.reference is None  # fixed reference: the base model with adapters disabled
+    assert trainer.copies.names and all("lora_" in name for name in trainer.copies.names)
     trainer.train()
     trainer.save_model()
     for name, param in trainer.policy.named_parameters():
         if "lora_" not in name:
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(param, base_before[key]), name
-    lora_b = [t for n, t in zip(trainer._param_names, trainer.ema.tensors, strict=True) if "lora_B" in n]
+    lora_b = [t for n, t in zip(trainer.copies.names, trainer.copies.ema.tensors, strict=True) if "lora_B" in n]
     assert any(t.abs().sum() > 0 for t in lora_b)  # the EMA followed the trained adapters
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "ema" / "adapter_model.safetensors").exists()
@@ -215,10 +219,10 @@ def test_every_input_format_trains_on_the_same_tokens(tmp_path, tokenizer, tiny_
     records = [as_format(r, shape) for r in suite["train"][:8]]
     trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=1), train_dataset=records,
                           processing_class=tokenizer)
-    reference = SAPOTrainer._tokenize_dataset(suite["train"][:8], tokenizer, trainer.args, trainer.eos_token_ids)
+    reference = tokenized_dataset(suite["train"][:8], tokenizer, trainer.args, trainer.eos_token_ids)
     assert trainer.train_dataset.examples == reference.examples
     trainer.train()
-    assert len(trainer.buffer) == 4
+    assert len(trainer.recipe.buffer) == 4
 
 
 def test_generation_batch_size_queues_batches_into_larger_rounds(tmp_path, tokenizer, tiny_model, suite):
@@ -229,7 +233,7 @@ def test_generation_batch_size_queues_batches_into_larger_rounds(tmp_path, token
     trainer.train()
     # step 1: empty buffer, so its batch is generated at once; then every third batch completes a round of 12
     assert [len(contexts) for contexts, _ in sampler.calls] == [4, 12, 12]
-    assert len(trainer.buffer) == 28 and len(trainer.pending) == 0
+    assert len(trainer.recipe.buffer) == 28 and len(trainer.recipe.pending) == 0
 
 
 def test_report_to_tensorboard_writes_sapo_metrics(tmp_path, tokenizer, tiny_model, suite):
@@ -277,24 +281,24 @@ def test_static_generation_engine_trains(tmp_path, tokenizer, tiny_model, suite)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
     assert isinstance(trainer.sampler, StaticCacheSampler)
     trainer.train()
-    assert len(trainer.buffer) == 8
-    assert all(e.rejected[:e.segment_start] == e.real[:e.segment_start] for e in trainer.buffer.entries())
+    assert len(trainer.recipe.buffer) == 8
+    assert all(e.rejected[:e.segment_start] == e.real[:e.segment_start] for e in trainer.recipe.buffer.entries())
 
 
 def test_bf16_copies_are_bf16_modules_that_follow_the_ema_formula(tmp_path, tokenizer, tiny_model, suite,
                                                                    snapshot_each_step):
     args = config(tmp_path, max_steps=3, copies_dtype="bfloat16", ref_update_mode="ema", ref_update_steps=2)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
-    snapshots = snapshot_each_step(trainer, lambda: (clones(trainer._params), clones(trainer.ema.tensors)))
+    snapshots = snapshot_each_step(trainer, lambda: (clones(trainer.copies.params), clones(trainer.copies.ema.tensors)))
     trainer.train()
-    assert {p.dtype for p in trainer.ema_model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in trainer.ref_model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in trainer._params} == {torch.float32}  # the policy is untouched
+    assert {p.dtype for p in trainer.copies.ema_module.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.copies.reference_module.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.copies.params} == {torch.float32}  # the policy is untouched
     (_, ema1), (params2, ema2) = snapshots[1], snapshots[2]
     for before, param, after in zip(ema1, params2, ema2, strict=True):  # EMA step computed in bf16
         expected = (0.5 * before.float() + 0.5 * param).to(torch.bfloat16)
         torch.testing.assert_close(after, expected, atol=1e-2, rtol=1e-2)
-    assert all(torch.equal(r, e) for r, e in zip(trainer.ref.tensors, snapshots[2][1], strict=True))
+    assert all(torch.equal(r, e) for r, e in zip(trainer.copies.reference.tensors, snapshots[2][1], strict=True))
 
 
 def test_offloaded_copies_are_plain_tensors_and_the_reference_is_the_starting_model(tmp_path, tokenizer, tiny_model,
@@ -302,21 +306,22 @@ def test_offloaded_copies_are_plain_tensors_and_the_reference_is_the_starting_mo
     start = clones(p for p in tiny_model.parameters() if p.requires_grad)
     args = config(tmp_path, max_steps=3, offload_copies=True, save_strategy="steps", save_steps=3)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
-    snapshots = snapshot_each_step(trainer, lambda: (clones(trainer._params), clones(trainer.ema.tensors)))
+    snapshots = snapshot_each_step(trainer, lambda: (clones(trainer.copies.params), clones(trainer.copies.ema.tensors)))
     trainer.train()
-    assert trainer.ema_model is None and trainer.ref_model is None
-    assert all(torch.equal(r, s) for r, s in zip(trainer.ref.tensors, start, strict=True))  # fixed reference
+    assert trainer.copies.ema_module is None and trainer.copies.reference_module is None
+    fixed = trainer.copies.reference.tensors
+    assert all(torch.equal(r, s) for r, s in zip(fixed, start, strict=True))
     (_, ema1), (params2, ema2) = snapshots[1], snapshots[2]
     for before, param, after in zip(ema1, params2, ema2, strict=True):
         torch.testing.assert_close(after, 0.5 * before + 0.5 * param, rtol=0, atol=1e-7)
     # the reference forward (reference weights loaded into the policy) equals the starting model's, and the
     # policy's own weights come back
-    batch = pad_pairs(trainer.buffer.entries()[:4], tokenizer.pad_token_id)
-    policy_before = clones(trainer._params)
-    reference_logps = trainer._reference_token_logps(trainer.model, batch)
-    assert all(torch.equal(a, b) for a, b in zip(trainer._params, policy_before, strict=True))
-    with trainer._weights_as_model(None, trainer.ref) as starting_model:
-        torch.testing.assert_close(reference_logps, trainer._token_logps(starting_model, batch))
+    batch = pad_pairs(trainer.recipe.buffer.entries()[:4], tokenizer.pad_token_id)
+    policy_before = clones(trainer.copies.params)
+    reference_logps = trainer.copies.reference_forward(lambda m: trainer.token_logps(m, batch), trainer.model)
+    assert all(torch.equal(a, b) for a, b in zip(trainer.copies.params, policy_before, strict=True))
+    with trainer.copies.as_model("reference") as starting_model:
+        torch.testing.assert_close(reference_logps, trainer.token_logps(starting_model, batch))
     state = tmp_path / "out" / "checkpoint-3" / "sapo_state"
     assert (state / "ema.safetensors").exists() and (state / "reference.safetensors").exists()
     trainer.save_model()

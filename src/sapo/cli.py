@@ -166,7 +166,7 @@ def run_train(argv: Sequence[str]) -> int:
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
     if trainer.is_world_process_zero():
-        ema_note = f", EMA model to {Path(config.output_dir) / 'ema'}" if trainer.ema is not None else ""
+        ema_note = f", EMA model to {Path(config.output_dir) / 'ema'}" if trainer.copies.ema is not None else ""
         print(f"sapo: policy written to {config.output_dir}{ema_note}")
     return 0
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from sapo.losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+from sapo.generation import SAMPLER_NAMES
+from sapo.losses import LOSS_TYPES, LOSSES, REFERENCE_FREE_LOSS_TYPES
+from sapo.recipes import RECIPES as RECIPE_CLASSES
+from sapo.recipes import Recipe
 
 REF_UPDATE_MODES = ("ema", "policy", "fixed")
-RECIPES = ("sapo", "sapo-dpo", "sapo-orpo", "sft", "dpo", "orpo", "spin")
-SELF_AUGMENTING_RECIPES = ("sapo", "sapo-dpo", "sapo-orpo")
-OFFLINE_PAIR_RECIPES = ("dpo", "orpo")
+RECIPES = tuple(RECIPE_CLASSES)
 PROMPT_TRUNCATION_MODES = ("left", "drop")
 COPY_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEFAULT_LOSS_TYPE = "sigmoid"
@@ -180,42 +181,48 @@ class SAPOConfig(TrainingArguments):
         super().__post_init__()
 
     @property
+    def recipe_class(self) -> type[Recipe]:
+        return RECIPE_CLASSES[self.recipe]
+
+    @property
     def uses_reference(self) -> bool:
         """Reference-free losses (ORPO) and SFT never build or query a reference model."""
-        return self.recipe != "sft" and self.loss_type not in REFERENCE_FREE_LOSS_TYPES
+        return not self.recipe_class.supervised and LOSSES[self.loss_type].needs_reference
 
     @property
     def self_augmenting(self) -> bool:
         """SAPO proper: EMA model, segment regeneration and replay buffer."""
-        return self.recipe in SELF_AUGMENTING_RECIPES
+        return self.recipe_class.needs_ema
 
     @property
     def needs_rejected_data(self) -> bool:
-        return self.recipe in OFFLINE_PAIR_RECIPES
+        return self.recipe_class.needs_rejected_data
 
     def _apply_recipe(self) -> None:
         """Recipes fix the loss where it is part of their definition, and defaults follow the paper (beta 0.1
         for DPO-style losses, lambda 0.05 for ORPO); a setting a recipe cannot use is an error, not ignored."""
         _check_choice("recipe", self.recipe, RECIPES)
-        required = {"sapo-orpo": "orpo", "orpo": "orpo"}.get(self.recipe)
+        recipe = self.recipe_class
+        required = recipe.fixed_loss_type
         if required is not None and self.loss_type not in (None, required):
             raise ValueError(f"SAPOConfig.recipe {self.recipe!r} fixes loss_type {required!r}; "
                              f"got loss_type {self.loss_type!r}")
         if self.loss_type is None:
             self.loss_type = required or DEFAULT_LOSS_TYPE
-        if self.recipe in ("sapo-dpo", "dpo", "spin") and self.loss_type in REFERENCE_FREE_LOSS_TYPES:
-            raise ValueError(f"SAPOConfig.recipe {self.recipe!r} needs a reference loss (sigmoid, ipo or hinge), "
+        allowed = recipe.allowed_loss_types
+        if allowed is not None and self.loss_type not in allowed:
+            raise ValueError(f"SAPOConfig.recipe {self.recipe!r} needs a reference loss ({', '.join(allowed)}), "
                              f"got loss_type {self.loss_type!r}")
         if self.beta is None:
             self.beta = ORPO_LAMBDA if self.loss_type in REFERENCE_FREE_LOSS_TYPES else DPO_BETA
-        if self.recipe in ("dpo", "spin") and self.ref_update_mode != "fixed":
+        if recipe.fixed_reference and self.ref_update_mode != "fixed":
             self.ref_update_mode = "fixed"  # the reference is the SFT model (dpo) or managed per iteration (spin)
 
     def _validate_sapo_fields(self) -> None:
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
         _check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
         _check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
-        _check_choice("generation_engine", self.generation_engine, ("hf", "static"))
+        _check_choice("generation_engine", self.generation_engine, SAMPLER_NAMES)
         _check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
                      "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",

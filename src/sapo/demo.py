@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,11 +20,8 @@ import torch
 
 from sapo import tasks, tiny
 from sapo.config import SAPOConfig
-from sapo.data import examples_from_records, tokenize_examples
 from sapo.evaluation import evaluate
-from sapo.logprobs import response_token_logps
-from sapo.losses import nll_from_logps
-from sapo.trainer import SAPOTrainer, pad_sequences
+from sapo.trainer import SAPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -62,28 +58,19 @@ class DemoSettings:
     num_threads: int = 1
 
 
-def sft_warmup(model: torch.nn.Module, tokenizer, records: Sequence[dict], *, steps: int, batch_size: int,
-               learning_rate: float, seed: int) -> list[float]:
-    """Plain supervised fine-tuning on response tokens: gives SAPO its starting SFT checkpoint."""
-    examples = tokenize_examples(tokenizer, examples_from_records(records), max_length=128, max_prompt_length=96)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50)
-                                                 * max(0.05, 1 - step / steps))
-    rng = random.Random(seed)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        batch = pad_sequences([(e.prompt_ids, e.response_ids) for e in rng.sample(examples, batch_size)],
-                              tokenizer.pad_token_id)
-        token_logps = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        loss = nll_from_logps(token_logps, batch["loss_mask"][:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+def sft_warmup(model: torch.nn.Module, tokenizer, records: Sequence[dict], directory: Path, *, steps: int,
+               batch_size: int, learning_rate: float, seed: int) -> list[float]:
+    """Supervised fine-tuning of the real responses with the `sft` recipe (50 warm-up steps, then linear decay),
+    saved to `directory`: SAPO's starting SFT checkpoint. Returns the per-step losses."""
+    args = SAPOConfig(
+        output_dir=str(directory), recipe="sft", max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, warmup_steps=min(50, steps), lr_scheduler_type="linear", weight_decay=0.0,
+        max_length=128, max_prompt_length=96, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        seed=seed, disable_tqdm=True, overwrite_output_dir=True)
+    trainer = SAPOTrainer(model=model, args=args, train_dataset=list(records), processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    return [row["loss"] for row in trainer.state.log_history if "loss" in row]
 
 
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
@@ -100,9 +87,8 @@ def train_sft_checkpoint(records: Sequence[dict], directory: Path, *, hidden_siz
     """
     tokenizer = tiny.build_tokenizer()
     model = tiny.build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
-    losses = sft_warmup(model, tokenizer, records, steps=steps, batch_size=batch_size,
+    losses = sft_warmup(model, tokenizer, records, directory, steps=steps, batch_size=batch_size,
                         learning_rate=learning_rate, seed=seed)
-    tiny.save_pair(model, tokenizer, directory)
     return model, tokenizer, losses
 
 
@@ -155,7 +141,8 @@ def run(settings: DemoSettings) -> dict:
     timing["eval_sapo"], clock = time.perf_counter() - clock, time.perf_counter()
     summary = {"before": before, "after": after, "sft_dir": str(sft_dir), "sapo_dir": str(sapo_dir)}
     if settings.eval_ema:
-        summary["ema_after"] = held_out_score(trainer.ema_model, trainer.processing_class, suite["heldout"])
+        with trainer.copies.as_model("ema") as ema_model:
+            summary["ema_after"] = held_out_score(ema_model, trainer.processing_class, suite["heldout"])
         timing["eval_ema"] = time.perf_counter() - clock
     summary.update(timing=timing, seconds=time.perf_counter() - started)
     (out / "demo_results.json").write_text(json.dumps(summary, indent=2))

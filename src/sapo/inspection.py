@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from sapo.buffer import ReplayBuffer, ReplayEntry
 from sapo.errors import UsageError
+from sapo.layout import BUFFER_FILE_GLOB, BUFFER_FILE_RE, CHECKPOINT_RE, STATE_DIR, buffer_file
 
 __all__ = [
     "buffer_statistics",
@@ -42,11 +43,6 @@ __all__ = [
     "split_text",
 ]
 
-# Must match sapo.trainer.STATE_DIR and transformers' PREFIX_CHECKPOINT_DIR (checked by the tests);
-# not imported so that inspecting a buffer does not import the trainer.
-STATE_DIR = "sapo_state"
-_CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
-_BUFFER_GLOB = "replay_buffer_rank*.safetensors"
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 # Real response's replaced segment: black on green; rejected response's new segment: white on red.
@@ -70,7 +66,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The `checkpoint-N` directory with the largest N that holds SAPO state, or None."""
     found = []
     for child in run_dir.iterdir():
-        match = _CHECKPOINT_RE.fullmatch(child.name)
+        match = CHECKPOINT_RE.fullmatch(child.name)
         if match and (child / STATE_DIR).is_dir():
             found.append((int(match.group(1)), child))
     return max(found)[1] if found else None
@@ -78,7 +74,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def _state_dir(directory: Path) -> Path:
     """The sapo_state directory for a run, checkpoint or sapo_state directory."""
-    if directory.name == STATE_DIR or any(directory.glob(_BUFFER_GLOB)):
+    if directory.name == STATE_DIR or any(directory.glob(BUFFER_FILE_GLOB)):
         return directory
     if (directory / STATE_DIR).is_dir():
         return directory / STATE_DIR
@@ -100,10 +96,10 @@ def find_buffer_file(path: str | os.PathLike[str], rank: int = 0) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     state = _state_dir(path)
-    file = state / f"replay_buffer_rank{rank}.safetensors"
+    file = state / buffer_file(rank)
     if not file.is_file():
-        ranks = sorted(int(m.group(1)) for f in state.glob(_BUFFER_GLOB)
-                       if (m := re.fullmatch(r"replay_buffer_rank(\d+)\.safetensors", f.name)))
+        ranks = sorted(int(m.group(1)) for f in state.glob(BUFFER_FILE_GLOB)
+                       if (m := BUFFER_FILE_RE.fullmatch(f.name)))
         present = f" (ranks present: {', '.join(map(str, ranks))})" if ranks else " (no replay buffer files there)"
         raise FileNotFoundError(f"{state}: no replay buffer for rank {rank}{present}")
     return file

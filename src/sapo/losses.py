@@ -17,10 +17,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "orpo")
+from sapo.logprobs import sequence_logps
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What a loss needs from the trainer, so the training step is one call whatever the loss."""
+
+    needs_reference: bool  # compares the policy with a reference model
+    length_normalised: bool  # takes mean per-token log-probs instead of sums
+    adds_nll: bool  # adds the NLL of the real response (ORPO)
+
+
+LOSSES: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(needs_reference=True, length_normalised=False, adds_nll=False),  # DPO
+    "ipo": LossSpec(needs_reference=True, length_normalised=True, adds_nll=False),
+    "hinge": LossSpec(needs_reference=True, length_normalised=False, adds_nll=False),
+    "orpo": LossSpec(needs_reference=False, length_normalised=True, adds_nll=True),
+}
+"""Every loss a SAPO run can use, with its needs; :func:`pair_loss` computes any of them."""
+
+LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
 """Every loss a SAPO run can use; ``sigmoid`` is DPO."""
 
-REFERENCE_FREE_LOSS_TYPES: tuple[str, ...] = ("orpo",)
+REFERENCE_FREE_LOSS_TYPES: tuple[str, ...] = tuple(name for name, spec in LOSSES.items() if not spec.needs_reference)
 """Losses that never look at a reference model, so the trainer can skip building one."""
 
 REFERENCE_LOSS_TYPES: tuple[str, ...] = tuple(t for t in LOSS_TYPES if t not in REFERENCE_FREE_LOSS_TYPES)
@@ -133,12 +153,9 @@ def preference_loss(
     real_logratios = policy_real_logps - ref_real_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     logits = real_logratios - rejected_logratios
-    if loss_type == "sigmoid":
-        losses = sigmoid_loss(logits, beta, label_smoothing)
-    elif loss_type == "ipo":
-        losses = ipo_loss(logits, beta)
-    else:
-        losses = hinge_loss(logits, beta)
+    margin_losses = {"sigmoid": lambda: sigmoid_loss(logits, beta, label_smoothing),
+                     "ipo": lambda: ipo_loss(logits, beta), "hinge": lambda: hinge_loss(logits, beta)}
+    losses = margin_losses[loss_type]()  # a reference loss without an entry here is a KeyError, never a fallback
     return PreferenceLossOutput(
         losses=losses,
         real_rewards=beta * real_logratios.detach(),
@@ -206,3 +223,37 @@ def nll_from_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
     keep = mask.bool()
     total = torch.where(keep, token_logps, torch.zeros_like(token_logps)).sum()
     return -total / keep.sum().clamp(min=1)
+
+
+def pair_loss(
+    loss_type: str,
+    token_logps: Tensor,
+    mask: Tensor,
+    ref_token_logps: Tensor | None,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, PreferenceLossOutput, Tensor | None]:
+    """The loss of a batch of pairs, laid out as the trainer scores them: ``(2 * pairs, seq)`` per-token log-probs,
+    real rows first, then the rejected rows in the same order; ``mask`` marks response tokens.
+
+    Returns the scalar loss (mean over pairs, plus the NLL where the loss adds it), the per-pair output (rewards
+    for logging) and the NLL term or None.
+    """
+    spec = LOSSES[check_loss_type(loss_type)]
+    if spec.needs_reference and ref_token_logps is None:
+        raise ValueError(f"loss_type {loss_type!r} needs the reference model's log-probs")
+    sums, means = sequence_logps(token_logps, mask)
+    half = sums.shape[0] // 2
+    policy = means if spec.length_normalised else sums
+    if spec.needs_reference:
+        ref_sums, ref_means = sequence_logps(ref_token_logps, mask)
+        ref = ref_means if spec.length_normalised else ref_sums
+        output = preference_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta=beta,
+                                 loss_type=loss_type, label_smoothing=label_smoothing)
+    else:
+        output = orpo_loss(policy[:half], policy[half:], beta=beta)
+    loss = output.losses.mean()
+    nll = nll_from_logps(token_logps[:half], mask[:half]) if spec.adds_nll else None
+    return (loss if nll is None else nll + loss), output, nll
+

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from sapo.errors import UsageError
+from sapo.layout import METRICS_FILE
 
 __all__ = ["FIGURES", "FigureSpec", "load_metrics", "main", "plot_runs"]
 
-METRICS_FILE = "metrics.jsonl"  # must match sapo.trainer.METRICS_FILE (checked by the tests)
 
 
 @dataclass(frozen=True)

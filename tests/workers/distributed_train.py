@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer, tasks, tiny
 from sapo.buffer import ReplayEntry
-from sapo.trainer import pad_pairs
+from sapo.recipes import pad_pairs
 
 
 def allow_fsdp_on_cpu() -> None:
@@ -75,10 +75,10 @@ def engine_arguments(engine: str) -> dict:
 
 def full_policy(trainer) -> list[torch.Tensor]:
     """The whole policy weights, gathered without sapo's own code."""
-    params = trainer._params
-    if trainer.engine == "fsdp2":
+    params = trainer.copies.params
+    if trainer.copies.engine == "fsdp2":
         return [p.full_tensor().detach().clone() for p in params]
-    if trainer.engine == "zero3":
+    if trainer.copies.engine == "zero3":
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params):
@@ -86,10 +86,10 @@ def full_policy(trainer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
 
 
-def full_copy(trainer, shadow, module) -> list[torch.Tensor]:
-    with trainer._weights_as_model(module, shadow, device="cpu") as plain:
+def full_copy(trainer, which) -> list[torch.Tensor]:
+    with trainer.copies.as_model(which, device="cpu") as plain:
         weights = dict(plain.named_parameters())
-        return [weights[name].detach().float().clone() for name in trainer._param_names]
+        return [weights[name].detach().float().clone() for name in trainer.copies.names]
 
 
 def digest(tensors) -> str:
@@ -106,7 +106,7 @@ class ExpectedEMA(TrainerCallback):
         self.trainer, self.beta, self.ema = trainer, beta, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.ema = full_copy(self.trainer, self.trainer.ema, self.trainer.ema_model)  # fresh, or as resumed
+        self.ema = full_copy(self.trainer, "ema")  # fresh, or as resumed
 
     def on_step_end(self, args, state, control, **kwargs):
         policy = [t.float().cpu() for t in full_policy(self.trainer)]
@@ -122,7 +122,7 @@ def count_generation_traffic(trainer) -> dict:
     import sapo.sharding
 
     counts = {"rounds": 0, "gathers": 0, "collectives_while_decoding": 0}
-    gather, augment, in_round = sapo.sharding.gather_full, trainer.augment, [False]
+    gather, augment, in_round = sapo.sharding.gather_full, trainer.recipe.augment, [False]
 
     def counted_gather(*args, **kwargs):
         counts["gathers"] += in_round[0]
@@ -136,7 +136,7 @@ def count_generation_traffic(trainer) -> dict:
             in_round[0] = False
 
     sapo.sharding.gather_full = counted_gather
-    trainer.augment = marked_augment
+    trainer.recipe.augment = marked_augment
     sample = trainer.sampler.sample
 
     def counted_sample(model, contexts, max_new_tokens):
@@ -164,7 +164,7 @@ def count_generation_traffic(trainer) -> dict:
 def reference_check(trainer) -> dict:
     """The reference forward through the engine equals a plain module holding the reference's weights, and the
     policy's own forward is unchanged afterwards (its shards were put back and nothing stale stayed gathered)."""
-    entries = trainer.buffer.entries()[: trainer.args.per_device_train_batch_size]
+    entries = trainer.recipe.buffer.entries()[: trainer.args.per_device_train_batch_size]
     if not entries:  # SPIN has no buffer: score a few real responses against themselves
         items = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
         entries = [ReplayEntry(list(x["prompt_ids"]), list(x["response_ids"]), list(x["response_ids"]), 0, 0)
@@ -173,11 +173,11 @@ def reference_check(trainer) -> dict:
     model = trainer.model_wrapped
     model.eval()
     with torch.no_grad():
-        before = trainer._token_logps(model, batch)
-        through_engine = trainer._reference_token_logps(model, batch)
-        after = trainer._token_logps(model, batch)
-    with trainer._weights_as_model(trainer.ref_model, trainer.ref) as plain, torch.no_grad():
-        expected = trainer._token_logps(plain.to(trainer.args.device), batch)
+        before = trainer.token_logps(model, batch)
+        through_engine = trainer.copies.reference_forward(lambda m: trainer.token_logps(m, batch), model)
+        after = trainer.token_logps(model, batch)
+    with trainer.copies.as_model("reference") as plain, torch.no_grad():
+        expected = trainer.token_logps(plain.to(trainer.args.device), batch)
     return {"ref_error": float((through_engine - expected).abs().max()),
             "policy_restored_error": float((before - after).abs().max()),
             "ref_differs_from_policy": float((through_engine - before).abs().max())}
@@ -208,9 +208,10 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
     partitioned_at_load = any(hasattr(p, "ds_tensor") for p in trainer.model.parameters())
     if spin:
         trainer.train(resume_from_checkpoint=resume)
-        ref = full_copy(trainer, trainer.ref, trainer.ref_model)
-        report = {"world_size": args.world_size, "engine": trainer.engine, "step": trainer.state.global_step,
-                  "policy": digest(full_policy(trainer)), "ref": digest(ref), "spin_iteration": trainer.spin_iteration,
+        ref = full_copy(trainer, "reference")
+        report = {"world_size": args.world_size, "engine": trainer.copies.engine, "step": trainer.state.global_step,
+                  "policy": digest(full_policy(trainer)), "ref": digest(ref),
+                  "spin_iteration": trainer.recipe.iteration,
                   **reference_check(trainer)}
         trainer.save_model()
         return finish(out, args, report)
@@ -220,16 +221,17 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
     trainer.train(resume_from_checkpoint=resume)
     traffic["gathers_per_round"] = traffic["gathers"] / max(1, traffic["rounds"])
     traffic["parameters"] = len(list(trainer.policy.parameters()))
-    ema = full_copy(trainer, trainer.ema, trainer.ema_model)
-    ref = full_copy(trainer, trainer.ref, trainer.ref_model)
-    report = {"world_size": args.world_size, "engine": trainer.engine, "step": trainer.state.global_step,
+    ema = full_copy(trainer, "ema")
+    ref = full_copy(trainer, "reference")
+    report = {"world_size": args.world_size, "engine": trainer.copies.engine, "step": trainer.state.global_step,
               "policy": digest(full_policy(trainer)),
               "ema": digest(ema), "ref": digest(ref),
               "ema_error": max(float((a - b).abs().max()) for a, b in zip(ema, expected.ema, strict=True)),
-              "local_ema_numel": sum(t.numel() for t in trainer.ema.tensors),
+              "local_ema_numel": sum(t.numel() for t in trainer.copies.ema.tensors),
               "full_numel": sum(t.numel() for t in ema),
-              "ema_device": str(trainer.ema.tensors[0].device), "ema_dtype": str(trainer.ema.tensors[0].dtype),
-              "buffer": [e.real for e in trainer.buffer.entries()], "generation_traffic": traffic,
+              "ema_device": str(trainer.copies.ema.tensors[0].device),
+              "ema_dtype": str(trainer.copies.ema.tensors[0].dtype),
+              "buffer": [e.real for e in trainer.recipe.buffer.entries()], "generation_traffic": traffic,
               "partitioned_at_load": partitioned_at_load,
               **reference_check(trainer)}
     trainer.save_model()

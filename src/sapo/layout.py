@@ -1,0 +1,54 @@
+"""Names of everything sapo writes into a run directory, in one place.
+
+The trainer writes these files, and `sapo plot` / `sapo inspect` read them; keeping the names here (a
+module that imports nothing heavy) means the readers need not import the trainer and cannot drift from it.
+
+    output_dir/
+      model.safetensors, tokenizer files, README.md   final policy and its model card
+      ema/                                           final EMA model (same form)
+      metrics.jsonl                                  one JSON row per logging step
+      .staging/                                      checkpoints being written (renamed into place when complete)
+      checkpoint-N/                                  the Trainer's own files, plus
+        sapo_state/                                  sapo's state of step N (per-rank files have _rankR)
+"""
+
+from __future__ import annotations
+
+import re
+
+METRICS_FILE = "metrics.jsonl"
+EMA_DIR = "ema"
+STAGING_DIR = ".staging"
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
+CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}-(\d+)")
+TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's own, read for the step of a checkpoint
+
+STATE_DIR = "sapo_state"
+MANIFEST_FILE = "parameters.json"  # trainable parameter names and shapes: refuses another model's checkpoint
+RUN_STATE_FILE = "trainer.json"  # run-level values that are not tensors (the reference refresh period)
+BUFFER_FILE_RE = re.compile(r"replay_buffer_rank(\d+)\.safetensors")
+BUFFER_FILE_GLOB = "replay_buffer_rank*.safetensors"
+
+
+def buffer_file(rank: int) -> str:
+    """Each rank keeps its own replay buffer (fed by its own data shard)."""
+    return f"replay_buffer_rank{rank}.safetensors"
+
+
+def pending_file(rank: int) -> str:
+    """Examples queued for the next generation round."""
+    return f"pending_rank{rank}.json"
+
+
+def segment_rng_file(rank: int) -> str:
+    return f"segment_rng_rank{rank}.json"
+
+
+def spin_file(rank: int) -> str:
+    return f"spin_rank{rank}.json"
+
+
+def copy_file(name: str, rank: int | None) -> str:
+    """Weights of the EMA model or the reference (`name`); sharded copies are saved per rank, whole ones once."""
+    suffix = "" if rank is None else f"_rank{rank}"
+    return f"{name}{suffix}.safetensors"

@@ -1,0 +1,284 @@
+"""Recipes: where each step's training pairs come from.
+
+Every method the paper compares is the same training step on different pairs, so a recipe is a *pair
+source*: it says what it needs (an EMA model, a reference, rejected responses in the data), turns the
+incoming batch of demonstrations into the padded batch the loss is computed on, and owns its state and
+checkpoint files. The trainer builds one by name and calls it; adding a method is one class here.
+
+- `SelfAugmented` (sapo, sapo-dpo, sapo-orpo): the EMA model rewrites one segment of each incoming real
+  response; the pairs go into a replay buffer, and the step trains on a draw from it (SPEC §1).
+- `OfflinePairs` (dpo, orpo): the data's own chosen/rejected pairs.
+- `Spin` (spin): whole responses of the frozen previous iterate against the real ones, iteration by iteration.
+- `Supervised` (sft): the real responses alone, for NLL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from sapo.buffer import ReplayBuffer, ReplayEntry
+from sapo.checkpoint import rng_state_from_json, rng_state_to_json
+from sapo.layout import buffer_file, pending_file, segment_rng_file, spin_file
+from sapo.losses import REFERENCE_LOSS_TYPES
+from sapo.segments import sample_truncation_point, splice_rejected
+
+EMA, REFERENCE = "ema", "reference"  # which copy generates (sapo.copies names them the same)
+
+
+def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
+                  pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """(prompt, response) token pairs as one right-padded batch; `loss_mask` marks response tokens."""
+    width = max(len(p) + len(r) for p, r in sequences)
+    width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (prompt, response) in enumerate(sequences):
+        length = len(prompt) + len(response)
+        input_ids[row, :length] = torch.tensor([*prompt, *response], dtype=torch.long)
+        attention_mask[row, :length] = 1
+        loss_mask[row, len(prompt):length] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def pad_pairs(entries: Sequence[ReplayEntry], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Real and rejected sequences of the pairs in one batch (real rows first): one forward scores both."""
+    sequences = [(e.prompt, e.real) for e in entries] + [(e.prompt, e.rejected) for e in entries]
+    return pad_sequences(sequences, pad_token_id)
+
+
+@dataclass
+class StepServices:
+    """What a recipe may ask of the trainer during a step."""
+
+    generate: Callable[[str, Sequence[Sequence[int]], int], list[list[int]]]  # (EMA|REFERENCE, contexts, max new)
+    refresh_reference_from_policy: Callable[[], None]
+    any_rank: Callable[[bool], bool]  # True on every rank if True on any (for collectives all ranks must join)
+    record: Callable[[str, float], None]  # a metric value, averaged until the next log
+    pad_token_id: int
+    eos_token_ids: set[int]
+
+
+class Recipe:
+    """A pair source; class attributes say what it needs (read by `SAPOConfig` and the trainer)."""
+
+    name: ClassVar[str]
+    needs_ema: ClassVar[bool] = False  # an EMA model and a replay buffer (self-augmentation)
+    needs_rejected_data: ClassVar[bool] = False  # records must carry `rejected`
+    supervised: ClassVar[bool] = False  # trains on real responses alone (NLL), no pairs
+    fixed_loss_type: ClassVar[str | None] = None  # a loss the recipe is defined by
+    allowed_loss_types: ClassVar[tuple[str, ...] | None] = None  # None: any loss
+    fixed_reference: ClassVar[bool] = False  # the recipe manages the reference itself; ref_update_mode is 'fixed'
+
+    def __init__(self, args: Any, services: StepServices, seed: int) -> None:
+        self.args, self.services = args, services
+
+    def batch(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> dict[str, torch.Tensor]:
+        """The padded batch of this micro-step, from the incoming demonstrations (ragged token lists)."""
+        return pad_pairs(self.pairs(inputs, step, max_steps), self.services.pad_token_id)
+
+    def pairs(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> list[ReplayEntry]:
+        raise NotImplementedError
+
+    def reference_refresh(self, step: int, period: int) -> str | None:
+        """After optimizer step `step`: which copy the reference becomes (EMA, 'policy'), or None."""
+        return None
+
+    def schedule_period(self, num_training_steps: int) -> int | None:
+        """Steps after which the learning-rate schedule restarts, or None for one schedule over the run."""
+        return None
+
+    def state_files(self, rank: int) -> list[str]:
+        return []
+
+    def save(self, directory: Path, rank: int) -> None:
+        """Write this rank's recipe state into a checkpoint's sapo_state directory."""
+
+    def load(self, directory: Path, rank: int) -> None:
+        """Read what `save` wrote."""
+
+
+class Supervised(Recipe):
+    """SFT: NLL of the real responses; no reference, no generation."""
+
+    name = "sft"
+    supervised = True
+
+    def batch(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> dict[str, torch.Tensor]:
+        pairs = list(zip(inputs["prompt_ids"], inputs["response_ids"], strict=True))
+        return pad_sequences(pairs, self.services.pad_token_id)
+
+
+class OfflinePairs(Recipe):
+    """DPO on the data's own chosen/rejected pairs, against the fixed starting model."""
+
+    name = "dpo"
+    needs_rejected_data = True
+    allowed_loss_types = REFERENCE_LOSS_TYPES
+    fixed_reference = True
+
+    def pairs(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> list[ReplayEntry]:
+        return [ReplayEntry(list(p), list(y), list(r), 0, len(r))
+                for p, y, r in zip(inputs["prompt_ids"], inputs["response_ids"], inputs["rejected_ids"], strict=True)]
+
+
+class OfflineORPO(OfflinePairs):
+    """ORPO on the data's own pairs (no reference)."""
+
+    name = "orpo"
+    fixed_loss_type = "orpo"
+    allowed_loss_types = None
+
+
+class SelfAugmented(Recipe):
+    """SAPO: the EMA model rewrites a segment of each incoming real response into a rejected one (SPEC §1 step 2);
+    the triples go into a FIFO replay buffer, from which each step draws its pairs (step 3)."""
+
+    name = "sapo"
+    needs_ema = True
+
+    def __init__(self, args: Any, services: StepServices, seed: int) -> None:
+        super().__init__(args, services, seed)
+        self.buffer = ReplayBuffer(args.max_replay_buffer_size, seed=seed)
+        self.segment_rng = random.Random(seed)
+        self.pending: list[tuple[list[int], list[int]]] = []  # examples queued for the next generation round
+
+    def pairs(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> list[ReplayEntry]:
+        if step % self.args.sample_every_n_steps == 0:
+            self._queue_for_augmentation(inputs)
+        replayed = self.buffer.sample(self.args.per_device_train_batch_size)
+        self.services.record("buffer/size", float(len(self.buffer)))
+        self.services.record("buffer/mean_times_sampled", self.buffer.stats()["mean_times_sampled"])
+        return replayed
+
+    def _queue_for_augmentation(self, inputs: dict[str, list[Any]]) -> None:
+        """Augment once `generation_batch_size` examples are waiting (or the buffer is still empty)."""
+        self.pending.extend(zip(inputs["prompt_ids"], inputs["response_ids"], strict=True))
+        round_size = self.args.generation_batch_size or len(inputs["prompt_ids"])
+        if len(self.pending) >= round_size or len(self.buffer) == 0:
+            prompts, responses = zip(*self.pending, strict=True)
+            self.pending = []
+            self.augment(list(prompts), list(responses))
+
+    def augment(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[ReplayEntry]:
+        """Make rejected responses for a batch of real ones and push them to the buffer."""
+        args = self.args
+        plans = [sample_truncation_point(len(p), len(y), args.token_generate_length, args.max_length,
+                                         self.segment_rng) for p, y in zip(prompts, responses, strict=True)]
+        n = args.responses_per_prompt
+        contexts = [list(p) + list(y[:k]) for p, y, (k, _) in zip(prompts, responses, plans, strict=True)
+                    for _ in range(n)]
+        samples = self.services.generate(EMA, contexts, max(g for _, g in plans))
+        entries = []
+        for index, sample in enumerate(samples):
+            example = index // n
+            k, gen_len = plans[example]
+            rejected, replaced = splice_rejected(responses[example], k, sample, gen_len, self.services.eos_token_ids)
+            entries.append(ReplayEntry(list(prompts[example]), list(responses[example]), rejected, k, replaced))
+        self.buffer.extend(entries)
+        for entry in entries:
+            self.services.record("segment/replaced_length", float(entry.segment_length))
+            self.services.record("segment/start", float(entry.segment_start))
+            # A rejected response equal to the real one carries no preference signal (its loss gradient is zero).
+            self.services.record("segment/identical_fraction", float(entry.rejected == entry.real))
+        return entries
+
+    def reference_refresh(self, step: int, period: int) -> str | None:
+        mode = self.args.ref_update_mode
+        return mode if mode != "fixed" and step % period == 0 else None
+
+    def state_files(self, rank: int) -> list[str]:
+        return [segment_rng_file(rank), buffer_file(rank), pending_file(rank)]
+
+    def save(self, directory: Path, rank: int) -> None:
+        self.buffer.save(directory / buffer_file(rank))
+        (directory / pending_file(rank)).write_text(json.dumps(self.pending))
+        (directory / segment_rng_file(rank)).write_text(json.dumps(rng_state_to_json(self.segment_rng)))
+
+    def load(self, directory: Path, rank: int) -> None:
+        self.buffer = ReplayBuffer.load(directory / buffer_file(rank))
+        self.pending = [tuple(pair) for pair in json.loads((directory / pending_file(rank)).read_text())]
+        self.segment_rng.setstate(rng_state_from_json(json.loads((directory / segment_rng_file(rank)).read_text())))
+
+
+class SapoDPO(SelfAugmented):
+    """SAPO with a reference loss (sigmoid by default)."""
+
+    name = "sapo-dpo"
+    allowed_loss_types = REFERENCE_LOSS_TYPES
+
+
+class SapoORPO(SelfAugmented):
+    """SAPO-ORPO: no reference model."""
+
+    name = "sapo-orpo"
+    fixed_loss_type = "orpo"
+
+
+class Spin(Recipe):
+    """SPIN: the frozen previous iterate (held as the reference) writes whole responses, trained against the real
+    ones with a reference loss; every `steps_per_iteration` steps the opponent becomes the current policy and
+    the learning-rate schedule restarts, as in the SPIN code."""
+
+    name = "spin"
+    allowed_loss_types = REFERENCE_LOSS_TYPES
+    fixed_reference = True
+
+    def __init__(self, args: Any, services: StepServices, seed: int) -> None:
+        super().__init__(args, services, seed)
+        self.iteration = -1
+        self.rejected: dict[int, list[int]] = {}  # the opponent's response per example, this iteration
+
+    def steps_per_iteration(self, max_steps: int) -> int:
+        return max(1, math.ceil(max_steps / self.args.spin_iterations))
+
+    def schedule_period(self, num_training_steps: int) -> int | None:
+        return self.steps_per_iteration(num_training_steps)
+
+    def pairs(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> list[ReplayEntry]:
+        rejected = self._opponent_responses(inputs, step // self.steps_per_iteration(max_steps))
+        return [ReplayEntry(list(p), list(y), list(r), 0, len(r))
+                for p, y, r in zip(inputs["prompt_ids"], inputs["response_ids"], rejected, strict=True)]
+
+    def _opponent_responses(self, inputs: dict[str, list[Any]], iteration: int) -> list[list[int]]:
+        """Generated lazily for the examples of each batch, once per example and iteration: the opponent is frozen
+        within an iteration, so this equals generating for all prompts up front, without the up-front pass."""
+        if iteration != self.iteration:
+            if iteration > 0:
+                self.services.refresh_reference_from_policy()
+            self.iteration, self.rejected = iteration, {}
+            self.services.record("spin/iteration", float(iteration))
+        missing = [i for i, index in enumerate(inputs["index"]) if index not in self.rejected]
+        if self.services.any_rank(bool(missing)):  # gathering a sharded opponent is collective: all ranks join
+            prompts = [inputs["prompt_ids"][i] for i in missing]
+            room = max((self.args.max_length - len(p) for p in prompts), default=0)
+            samples = self.services.generate(REFERENCE, prompts, min(room, self.args.spin_max_new_tokens))
+            for i, sample in zip(missing, samples, strict=True):
+                room = self.args.max_length - len(inputs["prompt_ids"][i])
+                self.rejected[inputs["index"][i]] = list(sample[:room])
+        return [self.rejected[index] for index in inputs["index"]]
+
+    def state_files(self, rank: int) -> list[str]:
+        return [spin_file(rank)]
+
+    def save(self, directory: Path, rank: int) -> None:
+        state = {"iteration": self.iteration, "rejected": {str(k): v for k, v in self.rejected.items()}}
+        (directory / spin_file(rank)).write_text(json.dumps(state))
+
+    def load(self, directory: Path, rank: int) -> None:
+        state = json.loads((directory / spin_file(rank)).read_text())
+        self.iteration = state["iteration"]
+        self.rejected = {int(k): v for k, v in state["rejected"].items()}
+
+
+RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in (
+    SelfAugmented, SapoDPO, SapoORPO, Supervised, OfflinePairs, OfflineORPO, Spin)}
+"""Every recipe by name; `SAPOConfig.recipe` is one of these."""
