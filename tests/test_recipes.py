@@ -1,12 +1,14 @@
 """Every recipe runs end to end in the one trainer; SPIN swaps its opponent at iteration boundaries."""
 
 import json
+from collections import defaultdict
 
 import pytest
 import torch
 from conftest import clones
 
 from sapo import SAPOConfig, SAPOTrainer
+from sapo.recipes import RECIPES, OfflinePairs, SelfAugmented, Spin, StepServices, Supervised
 
 
 def config(tmp_path, **overrides):
@@ -122,3 +124,110 @@ def test_spin_budget_is_spin_max_new_tokens_within_max_length(tmp_path, tokenize
         contexts, given = sampler.calls[0]
         assert given == min(budget, max(args.max_length - len(c) for c in contexts))
         assert given == 5 if budget == 5 else given < 500
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pair sources on their own: no model, the trainer's services faked
+# ---------------------------------------------------------------------------------------------------------
+
+
+EOS = 2
+
+
+class FakeServices:
+    """Records what a recipe asks of the trainer; generation returns scripted tokens."""
+
+    def __init__(self, sample=(7, 8, 9)):
+        self.sample, self.generated, self.refreshes, self.metrics = list(sample), [], 0, defaultdict(list)
+
+    def services(self):
+        return StepServices(generate=self.generate, refresh_reference_from_policy=self.refresh,
+                            any_rank=lambda flag: flag, record=lambda k, v: self.metrics[k].append(v),
+                            pad_token_id=0, eos_token_ids={EOS})
+
+    def generate(self, which, contexts, max_new_tokens):
+        self.generated.append((which, [list(c) for c in contexts], max_new_tokens))
+        return [self.sample[:max_new_tokens] for _ in contexts]
+
+    def refresh(self):
+        self.refreshes += 1
+
+
+def unit_args(**overrides):
+    return config_like(max_steps=4, per_device_train_batch_size=2, token_generate_length=3, max_length=32,
+                       max_prompt_length=16, **overrides)
+
+
+def config_like(**overrides):
+    settings = dict(output_dir="unused", learning_rate=1e-3, report_to="none", use_cpu=True, seed=0)
+    settings.update(overrides)
+    return SAPOConfig(**settings)
+
+
+INPUTS = {"index": [0, 1], "prompt_ids": [[1, 5, 6], [1, 5, 7]], "response_ids": [[10, 11, 12, 13, 14, 15, EOS]] * 2,
+          "rejected_ids": [[20, EOS], [21, EOS]]}
+
+
+def test_every_recipe_is_registered_under_its_config_name():
+    from sapo.config import RECIPES as NAMES
+
+    assert tuple(RECIPES) == NAMES and all(RECIPES[name].name == name for name in NAMES)
+
+
+def test_self_augmented_rewrites_a_segment_and_replays_from_its_buffer():
+    fake = FakeServices()
+    recipe = SelfAugmented(unit_args(), fake.services(), seed=0)
+    pairs = recipe.pairs(INPUTS, step=0, max_steps=4)
+    which, contexts, budget = fake.generated[0]
+    assert which == "ema" and budget == 3 and len(contexts) == 2
+    for entry in recipe.buffer.entries():
+        k = entry.segment_start
+        assert entry.rejected == entry.real[:k] + [7, 8, 9] + entry.real[k + 3:]  # one segment replaced
+    assert len(pairs) == 2 and fake.metrics["buffer/size"] == [2.0]
+    assert recipe.state_files(3) == ["segment_rng_rank3.json", "replay_buffer_rank3.safetensors",
+                                     "pending_rank3.json"]
+
+
+def test_self_augmented_state_round_trips(tmp_path):
+    fake = FakeServices()
+    recipe = SelfAugmented(unit_args(generation_batch_size=4), fake.services(), seed=0)
+    recipe.pairs(INPUTS, 0, 4)  # empty buffer: augments the first batch at once
+    recipe.pairs(INPUTS, 1, 4)  # queued: 2 of 4 waiting
+    recipe.save(tmp_path, 0)
+    restored = SelfAugmented(unit_args(generation_batch_size=4), FakeServices().services(), seed=99)
+    restored.load(tmp_path, 0)
+    assert restored.pending == recipe.pending and len(restored.pending) == 2
+    assert [(e.rejected, e.times_sampled) for e in restored.buffer.entries()] == [
+        (e.rejected, e.times_sampled) for e in recipe.buffer.entries()]
+    assert restored.segment_rng.random() == recipe.segment_rng.random()
+
+
+def test_reference_refresh_follows_the_mode_and_period():
+    def refresh(mode, step):
+        return SelfAugmented(unit_args(ref_update_mode=mode), FakeServices().services(), 0).reference_refresh(step, 2)
+
+    assert (refresh("ema", 4), refresh("policy", 4), refresh("policy", 3), refresh("fixed", 4)) == (
+        "ema", "policy", None, None)
+
+
+def test_offline_and_supervised_batches_come_from_the_data():
+    fake = FakeServices()
+    pairs = OfflinePairs(unit_args(recipe="dpo"), fake.services(), 0).pairs(INPUTS, 0, 4)
+    assert [p.rejected for p in pairs] == INPUTS["rejected_ids"] and not fake.generated
+    batch = Supervised(unit_args(recipe="sft"), fake.services(), 0).batch(INPUTS, 0, 4)
+    assert batch["input_ids"].shape[0] == 2 and batch["loss_mask"][0].sum() == len(INPUTS["response_ids"][0])
+
+
+def test_spin_generates_once_per_example_and_iteration_and_refreshes_the_opponent(tmp_path):
+    fake = FakeServices(sample=(30, 31, EOS))
+    recipe = Spin(unit_args(recipe="spin", spin_iterations=2, spin_max_new_tokens=5), fake.services(), 0)
+    for step in range(4):
+        pairs = recipe.pairs(INPUTS, step, max_steps=4)
+    assert [w for w, _, _ in fake.generated] == ["reference", "reference"]  # iteration 0 and 1, not per step
+    assert fake.generated[0][2] == 5 and fake.refreshes == 1 and recipe.iteration == 1
+    assert [p.rejected for p in pairs] == [[30, 31, EOS]] * 2
+    assert recipe.schedule_period(4) == 2
+    recipe.save(tmp_path, 0)
+    restored = Spin(unit_args(recipe="spin"), FakeServices().services(), 0)
+    restored.load(tmp_path, 0)
+    assert (restored.iteration, restored.rejected) == (recipe.iteration, recipe.rejected)

@@ -164,7 +164,8 @@ def count_generation_traffic(trainer) -> dict:
 def reference_check(trainer) -> dict:
     """The reference forward through the engine equals a plain module holding the reference's weights, and the
     policy's own forward is unchanged afterwards (its shards were put back and nothing stale stayed gathered)."""
-    entries = trainer.recipe.buffer.entries()[: trainer.args.per_device_train_batch_size]
+    buffer = getattr(trainer.recipe, "buffer", None)
+    entries = buffer.entries()[: trainer.args.per_device_train_batch_size] if buffer is not None else []
     if not entries:  # SPIN has no buffer: score a few real responses against themselves
         items = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
         entries = [ReplayEntry(list(x["prompt_ids"]), list(x["response_ids"]), list(x["response_ids"]), 0, 0)
