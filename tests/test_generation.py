@@ -541,3 +541,9 @@ def test_cuda_decode_loop_syncs_only_at_its_checks(tokenizer):
 
     short, long = syncs(16), syncs(80)
     assert long - short <= (80 - 16) // 8 + 1, (short, long)
+
+
+def test_engine_names_are_the_registry():
+    from sapo.generation import ENGINES, SAMPLER_NAMES
+
+    assert tuple(ENGINES) == SAMPLER_NAMES

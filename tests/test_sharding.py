@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from sapo import tiny
-from sapo.sharding import any_rank, detect_engine, empty_like_model, gather_full, loaded_into, local_shard, materialized
+from sapo.sharding import (
+    any_rank,
+    detect_sharding,
+    empty_like_model,
+    gather_full,
+    loaded_into,
+    local_shard,
+    materialized,
+)
 
 
 def perturbed(model, seed=1):
@@ -22,7 +30,7 @@ def logits(model, ids):
 
 
 def test_a_plain_model_is_replicated_and_its_shard_is_the_parameter_itself(tiny_model):
-    assert detect_engine(tiny_model) == "replicated"
+    assert detect_sharding(tiny_model) == "replicated"
     param = next(tiny_model.parameters())
     shard = local_shard(param, "replicated")
     assert shard.data_ptr() == param.data_ptr()

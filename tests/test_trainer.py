@@ -12,8 +12,8 @@ from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.buffer import ReplayEntry
+from sapo.data import tokenized_dataset
 from sapo.recipes import pad_pairs
-from sapo.trainer import tokenized_dataset
 
 
 def config(tmp_path, **overrides):

@@ -144,8 +144,9 @@ def lora_config(model_args: ModelArguments):
 
 
 def run_train(argv: Sequence[str]) -> int:
+    from sapo.checkpoint import check_output_dir
     from sapo.data import load_examples
-    from sapo.trainer import SAPOTrainer, check_output_dir
+    from sapo.trainer import SAPOTrainer
 
     model_args, config = parse_train_args(argv)
     resume = config.resume_from_checkpoint

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from sapo.generation import SAMPLER_NAMES
+from sapo.generation import SAMPLER_NAMES, SamplingSettings
 from sapo.losses import LOSS_TYPES, LOSSES, REFERENCE_FREE_LOSS_TYPES
 from sapo.recipes import RECIPES as RECIPE_CLASSES
 from sapo.recipes import Recipe
@@ -179,6 +179,15 @@ class SAPOConfig(TrainingArguments):
         self._apply_recipe()
         self._validate_sapo_fields()
         super().__post_init__()
+
+    @property
+    def sampling_settings(self) -> SamplingSettings:
+        """SAPO's EMA samples with the paper's temperature/top-k/top-p; SPIN's opponent as the SPIN code does
+        (greedy, or plain temperature sampling)."""
+        if self.recipe == "spin":
+            return SamplingSettings(temperature=self.spin_temperature, top_k=0, top_p=1.0,
+                                    do_sample=self.spin_do_sample)
+        return SamplingSettings(self.temperature, self.top_k, self.top_p)
 
     @property
     def recipe_class(self) -> type[Recipe]:

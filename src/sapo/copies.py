@@ -26,7 +26,7 @@ from torch import nn
 
 from sapo.ema import ShadowWeights, trainable_parameters
 from sapo.layout import copy_file
-from sapo.sharding import detect_engine, loaded_into, local_shard, materialized, release_gathered
+from sapo.sharding import detect_sharding, loaded_into, local_shard, materialized, release_gathered
 
 MODULE, ADAPTERS, SHARDS = "module", "adapters", "shards"
 EMA, REFERENCE = "ema", "reference"
@@ -48,7 +48,7 @@ class ModelCopies:
         self.need_ema, self.need_reference, self.reference_moves = need_ema, need_reference, reference_moves
         self.sharded, self.offload, self.dtype_name, self.device = sharded, offload, dtype, device
         self.policy, self.wrapper = policy, None  # the policy without DDP wrappers (peft wrapper kept)
-        self.engine = "replicated"  # how the policy stores its weights; known once the engine has wrapped it
+        self.sharding = "replicated"  # how the policy stores its weights (sharding.SHARDINGS), known once prepared
         self.names, self.params = trainable_parameters(policy)
         self.ema_module: nn.Module | None = None
         self.reference_module: nn.Module | None = None
@@ -88,7 +88,7 @@ class ModelCopies:
         copies where they belong (shards copied now; modules moved to the engine's device and dtype). `wrapper`
         is the engine's wrapper of the policy (DeepSpeed's engine releases its gathered weights)."""
         self.policy, self.wrapper = policy, wrapper
-        self.engine = detect_engine(policy)
+        self.sharding = detect_sharding(policy)
         self.names, self.params = trainable_parameters(policy)
         if self.mode == SHARDS:
             if self.ema is None and self.need_ema:
@@ -103,7 +103,7 @@ class ModelCopies:
 
     def policy_shards(self) -> list[torch.Tensor]:
         """This rank's storage of each trainable parameter (the whole tensor unless sharded)."""
-        return [local_shard(p, self.engine) for p in self.params]
+        return [local_shard(p, self.sharding) for p in self.params]
 
     def _shadow_of_policy(self) -> ShadowWeights:
         """Copies of this rank's shards of the policy, on the CPU (pinned) when offloading."""
@@ -147,7 +147,7 @@ class ModelCopies:
                 yield self.policy
         else:
             shards = dict(zip(weights.names, weights.tensors, strict=True))
-            with materialized(self.policy, self.engine, shards, weights.tensors[0].dtype,
+            with materialized(self.policy, self.sharding, shards, weights.tensors[0].dtype,
                               device or self.device) as plain:
                 yield plain
 
@@ -165,12 +165,12 @@ class ModelCopies:
                     return score(policy_model)
             # Shards: the reference's go into the policy's storage for this forward only. Weights the engine still
             # holds gathered are released before and after, so neither model sees the other's.
-            release_gathered(self.policy, self.engine, self.wrapper)
+            release_gathered(self.policy, self.sharding, self.wrapper)
             with loaded_into(self.policy_shards(), self.reference.tensors):
                 try:
                     return score(policy_model)
                 finally:
-                    release_gathered(self.policy, self.engine, self.wrapper)
+                    release_gathered(self.policy, self.sharding, self.wrapper)
 
     def update_ema(self, ema_beta: float) -> None:
         """theta_ema <- ema_beta * theta_ema + (1 - ema_beta) * theta, on this rank's weights (no communication)."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sapo.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -607,3 +609,37 @@ def tokenize_examples(
             f"prompt_truncation={prompt_truncation!r})"
         )
     return fitted
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Tokenized (prompt, real response) pairs; items are plain lists so no padding happens here."""
+
+    def __init__(self, examples: Sequence[TokenizedExample]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index]
+        return {"index": index, "prompt_ids": example.prompt_ids, "response_ids": example.response_ids,
+                "rejected_ids": example.rejected_ids}
+
+
+def collate_examples(items: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Keep ragged token lists: each recipe builds its own padded batch from them."""
+    return {key: [item[key] for item in items] for key in ("index", "prompt_ids", "response_ids", "rejected_ids")}
+
+
+def tokenized_dataset(train_dataset: Any, tokenizer: Any, args: Any, eos_token_ids: set[int]) -> TokenizedDataset:
+    """Records, `Example`s or an already tokenized dataset, as the dataset the trainer iterates (`args`: a
+    `SAPOConfig`, read for the length limits, `skip_invalid` and whether the recipe needs rejected responses)."""
+    if isinstance(train_dataset, TokenizedDataset):
+        return train_dataset
+    examples = examples_from_records(train_dataset, skip_invalid=args.skip_invalid,
+                                     with_rejected=args.needs_rejected_data)
+    tokenized = tokenize_examples(tokenizer, examples, max_length=args.max_length,
+                                  max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
+                                  end_token_ids=eos_token_ids,
+                                  progress=not args.disable_tqdm and args.process_index == 0)
+    return TokenizedDataset(tokenized)

@@ -30,7 +30,7 @@ from transformers import GenerationConfig, StaticCache
 
 logger = logging.getLogger(__name__)
 
-SAMPLER_NAMES = ("hf", "static")
+SAMPLER_NAMES = ("hf", "static")  # the keys of ENGINES (defined below the engines)
 
 
 class SegmentSampler(Protocol):
@@ -616,15 +616,16 @@ class StaticCacheSampler:
         return [cut_after_eos(row, self.eos_token_ids) for row in new_tokens], steps
 
 
+ENGINES: dict[str, type] = {"hf": HFGenerateSampler, "static": StaticCacheSampler}
+"""Generation engines by the name `--generation_engine` takes; a new engine registers here."""
+
+
 def make_sampler(name: str, settings: SamplingSettings, pad_token_id: int, eos_token_ids: Collection[int],
                  batch_size: int | None = None, **options: Any) -> SegmentSampler:
-    """A sampler by name: "hf" (`HFGenerateSampler`) or "static" (`StaticCacheSampler`; `options` go to it)."""
-    if name == "hf":
-        if options:
-            raise TypeError(f"make_sampler('hf') takes no options, got {sorted(options)}")
-        return HFGenerateSampler(settings, pad_token_id=pad_token_id, eos_token_ids=eos_token_ids,
-                                 batch_size=batch_size)
-    if name == "static":
-        return StaticCacheSampler(settings, pad_token_id=pad_token_id, eos_token_ids=eos_token_ids,
-                                  batch_size=batch_size, **options)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    """A sampler by name from `ENGINES`; `options` go to its constructor (the static engine takes some)."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    if name == "hf" and options:
+        raise TypeError(f"make_sampler('hf') takes no options, got {sorted(options)}")
+    return ENGINES[name](settings, pad_token_id=pad_token_id, eos_token_ids=eos_token_ids, batch_size=batch_size,
+                         **options)

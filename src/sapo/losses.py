@@ -257,3 +257,17 @@ def pair_loss(
     nll = nll_from_logps(token_logps[:half], mask[:half]) if spec.adds_nll else None
     return (loss if nll is None else nll + loss), output, nll
 
+
+def pair_metrics(output: PreferenceLossOutput, token_logps: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """What preference trainers log for a batch of pairs laid out as in :func:`pair_loss` (real rows first):
+    implicit rewards, their margin and accuracy, summed log-probs and response lengths of each side."""
+    sums, _ = sequence_logps(token_logps, mask)
+    half = sums.shape[0] // 2
+    real, rejected = output.real_rewards.float(), output.rejected_rewards.float()
+    lengths = mask.sum(-1).float()
+    return {
+        "rewards/real": real.mean(), "rewards/rejected": rejected.mean(),
+        "rewards/margins": (real - rejected).mean(), "rewards/accuracies": (real > rejected).float().mean(),
+        "logps/real": sums[:half].mean(), "logps/rejected": sums[half:].mean(),
+        "length/real": lengths[:half].mean(), "length/rejected": lengths[half:].mean(),
+    }

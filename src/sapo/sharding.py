@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-ENGINES = ("replicated", "fsdp2", "zero3")
+SHARDINGS = ("replicated", "fsdp2", "zero3")
 
 
-def detect_engine(model: nn.Module) -> str:
+def detect_sharding(model: nn.Module) -> str:
     """How the prepared policy stores its weights: 'fsdp2', 'zero3', or 'replicated' (plain, DDP, ZeRO-1/2)."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
@@ -46,11 +46,11 @@ def _is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_tensor") and hasattr(param, "ds_numel")
 
 
-def local_shard(param: torch.Tensor, engine: str) -> torch.Tensor:
+def local_shard(param: torch.Tensor, sharding: str) -> torch.Tensor:
     """The storage this rank holds for `param`, which the engine gathers from at forward time."""
-    if engine == "fsdp2" and hasattr(param, "to_local"):
+    if sharding == "fsdp2" and hasattr(param, "to_local"):
         return param.to_local()
-    if engine == "zero3" and _is_zero3_partitioned(param):
+    if sharding == "zero3" and _is_zero3_partitioned(param):
         # Every parameter, even a small one ZeRO-3 keeps gathered ("persistent"), has its partition here, and
         # the optimizer updates the partitions; gathered copies are refreshed from them.
         return param.ds_tensor.data
@@ -62,15 +62,15 @@ def global_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
-def gather_full(param: torch.Tensor, shard: torch.Tensor, engine: str) -> torch.Tensor:
+def gather_full(param: torch.Tensor, shard: torch.Tensor, sharding: str) -> torch.Tensor:
     """The whole tensor whose local piece on this rank is `shard` (laid out like `param`'s); a collective."""
-    if engine == "fsdp2" and hasattr(param, "device_mesh"):
+    if sharding == "fsdp2" and hasattr(param, "device_mesh"):
         from torch.distributed.tensor import DTensor
 
         local = shard.to(param.device_mesh.device_type)  # the mesh's device, even if parameters are offloaded
         return DTensor.from_local(local, device_mesh=param.device_mesh, placements=param.placements,
                                   run_check=False, shape=param.shape, stride=param.stride()).full_tensor()
-    if engine == "zero3" and _is_zero3_partitioned(param):
+    if sharding == "zero3" and _is_zero3_partitioned(param):
         group = getattr(param, "ds_process_group", None)
         local = shard.to(param.ds_tensor.device).contiguous().view(-1)
         out = local.new_empty(local.numel() * dist.get_world_size(group))
@@ -79,20 +79,20 @@ def gather_full(param: torch.Tensor, shard: torch.Tensor, engine: str) -> torch.
     return shard
 
 
-def release_gathered(model: nn.Module, engine: str, wrapper: nn.Module | None = None) -> None:
+def release_gathered(model: nn.Module, sharding: str, wrapper: nn.Module | None = None) -> None:
     """Drop any weights the engine still holds gathered, so the next forward gathers from the shards again.
 
     Needed around a forward run with swapped-in reference shards: FSDP2 with `reshard_after_forward=False`
     and ZeRO-3's parameter reuse cache and persistent (always gathered) small parameters would otherwise
     serve the policy's (or the reference's) gathered weights to the other model.
     """
-    if engine == "fsdp2":
+    if sharding == "fsdp2":
         from torch.distributed.fsdp import FSDPModule
 
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
-    elif engine == "zero3" and wrapper is not None and hasattr(wrapper, "empty_partition_cache"):
+    elif sharding == "zero3" and wrapper is not None and hasattr(wrapper, "empty_partition_cache"):
         wrapper.empty_partition_cache()
 
 
@@ -116,21 +116,21 @@ def empty_like_model(model: nn.Module, dtype: torch.dtype, device: torch.device 
 
 
 @contextmanager
-def materialized(model: nn.Module, engine: str, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
+def materialized(model: nn.Module, sharding: str, weights: Mapping[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str) -> Iterator[nn.Module]:
     """A plain module holding `weights` (local shards, by name) gathered whole, and `model`'s other weights.
 
     Every rank must enter together (the gathers are collectives). The module is freed on exit.
     """
-    release_gathered(model, engine)  # FSDP2 registers its sharded parameters on the modules again
+    release_gathered(model, sharding)  # FSDP2 registers its sharded parameters on the modules again
     module = empty_like_model(model, dtype, device)
     targets = dict(module.named_parameters())
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name not in targets:
                 raise ValueError(f"materialized: the rebuilt {type(module).__name__} has no parameter {name}")
-            shard = weights[name] if name in weights else local_shard(param, engine)
-            targets[name].copy_(gather_full(param, shard, engine))
+            shard = weights[name] if name in weights else local_shard(param, sharding)
+            targets[name].copy_(gather_full(param, shard, sharding))
         buffers = dict(module.named_buffers())
         for name, buffer in model.named_buffers():
             if name in buffers:

@@ -41,65 +41,16 @@ from sapo.checkpoint import (
 )
 from sapo.config import SAPOConfig, sapo_fields
 from sapo.copies import EMA, SHARDS, ModelCopies
-from sapo.data import (
-    TokenizedExample,
-    examples_from_records,
-    keep_legacy_flag,
-    prepare_tokenizer,
-    save_tokenizer,
-    tokenize_examples,
-)
+from sapo.data import collate_examples, keep_legacy_flag, prepare_tokenizer, save_tokenizer, tokenized_dataset
 from sapo.errors import CheckpointError, OutputDirError, TrainingStopped, UsageError
-from sapo.generation import SamplingSettings, SegmentSampler, checkpoint_sampling, eos_token_ids_of, make_sampler
+from sapo.generation import SegmentSampler, checkpoint_sampling, eos_token_ids_of, make_sampler
 from sapo.layout import CHECKPOINT_PREFIX, EMA_DIR, MANIFEST_FILE, METRICS_FILE, RUN_STATE_FILE, STAGING_DIR, STATE_DIR
-from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps, sequence_logps
-from sapo.losses import LOSSES, nll_from_logps, pair_loss
+from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps
+from sapo.losses import LOSSES, nll_from_logps, pair_loss, pair_metrics
 from sapo.recipes import RECIPES, Recipe, StepServices
 from sapo.sharding import any_rank, local_shard, materialized
 
 logger = logging.getLogger(__name__)
-
-
-class TokenizedDataset(torch.utils.data.Dataset):
-    """Tokenized (prompt, real response) pairs; items are plain lists so no padding happens here."""
-
-    def __init__(self, examples: Sequence[TokenizedExample]) -> None:
-        self.examples = list(examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.examples[index]
-        return {"index": index, "prompt_ids": example.prompt_ids, "response_ids": example.response_ids,
-                "rejected_ids": example.rejected_ids}
-
-
-def collate_examples(items: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Keep ragged token lists: each recipe builds its own padded batch from them."""
-    return {key: [item[key] for item in items] for key in ("index", "prompt_ids", "response_ids", "rejected_ids")}
-
-
-def tokenized_dataset(train_dataset: Any, tokenizer: Any, args: SAPOConfig,
-                      eos_token_ids: set[int]) -> TokenizedDataset:
-    """Records, `Example`s or an already tokenized dataset, as the dataset the trainer iterates."""
-    if isinstance(train_dataset, TokenizedDataset):
-        return train_dataset
-    examples = examples_from_records(train_dataset, skip_invalid=args.skip_invalid,
-                                     with_rejected=args.needs_rejected_data)
-    tokenized = tokenize_examples(tokenizer, examples, max_length=args.max_length,
-                                  max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
-                                  end_token_ids=eos_token_ids,
-                                  progress=not args.disable_tqdm and args.process_index == 0)
-    return TokenizedDataset(tokenized)
-
-
-def sampling_settings(args: SAPOConfig) -> SamplingSettings:
-    """SAPO's EMA samples with the paper's temperature/top-k/top-p; SPIN's opponent as the SPIN code does
-    (greedy, or plain temperature sampling)."""
-    if args.recipe == "spin":
-        return SamplingSettings(temperature=args.spin_temperature, top_k=0, top_p=1.0, do_sample=args.spin_do_sample)
-    return SamplingSettings(args.temperature, args.top_k, args.top_p)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -191,7 +142,7 @@ class SAPOTrainer(Trainer):
             disable_dropout(model)
         if sampler is None and args.generation_engine == "static":  # refuse before anything is written
             try:
-                checkpoint_sampling(getattr(model, "generation_config", None), sampling_settings(args).do_sample)
+                checkpoint_sampling(getattr(model, "generation_config", None), args.sampling_settings.do_sample)
             except ValueError as error:
                 raise UsageError(f"generation_engine 'static': {error}") from None
         self.eos_token_ids = eos_token_ids_of(processing_class, model)
@@ -210,7 +161,7 @@ class SAPOTrainer(Trainer):
         if not self.copies.params:
             raise ValueError("the model has no trainable parameters")
         self.sampler: SegmentSampler = sampler or make_sampler(
-            args.generation_engine, sampling_settings(args), pad_token_id=processing_class.pad_token_id,
+            args.generation_engine, args.sampling_settings, pad_token_id=processing_class.pad_token_id,
             eos_token_ids=self.eos_token_ids)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.recipe: Recipe = RECIPES[args.recipe](args, self._services(), seed=args.seed + args.process_index)
@@ -360,22 +311,9 @@ class SAPOTrainer(Trainer):
                                       label_smoothing=self.args.label_smoothing)
         if nll is not None:
             self._metrics["nll_loss"].append(nll.item())
-        self._record_pair_metrics(output, token_logps, mask)
-        return (loss, output) if return_outputs else loss
-
-    def _record_pair_metrics(self, output: Any, token_logps: torch.Tensor, mask: torch.Tensor) -> None:
-        sums, _ = sequence_logps(token_logps.detach(), mask)
-        half = sums.shape[0] // 2
-        real, rejected = output.real_rewards.float(), output.rejected_rewards.float()
-        lengths = mask.sum(-1).float()
-        values = {
-            "rewards/real": real.mean(), "rewards/rejected": rejected.mean(),
-            "rewards/margins": (real - rejected).mean(), "rewards/accuracies": (real > rejected).float().mean(),
-            "logps/real": sums[:half].mean(), "logps/rejected": sums[half:].mean(),
-            "length/real": lengths[:half].mean(), "length/rejected": lengths[half:].mean(),
-        }
-        for name, value in values.items():
+        for name, value in pair_metrics(output, token_logps.detach(), mask).items():
             self._metrics[name].append(value.item())
+        return (loss, output) if return_outputs else loss
 
     # --------------------------------------------------------------------------------------------
     # Once per optimizer step
@@ -384,7 +322,7 @@ class SAPOTrainer(Trainer):
     def _skip_step_if_nonfinite(self) -> None:
         """Drop the gradients of a step whose loss or gradient is NaN/inf, so the optimizer leaves weights alone."""
         params = self.copies.params
-        grads = [local_shard(p.grad, self.copies.engine) for p in params if p.grad is not None]
+        grads = [local_shard(p.grad, self.copies.sharding) for p in params if p.grad is not None]
         finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
         if self.copies.sharded:  # each rank sees its own shard of the gradient: skip on all or none
             finite = not any_rank(not finite, self.args.device)
@@ -504,10 +442,10 @@ class SAPOTrainer(Trainer):
         engine's state_dict_type or 16-bit-gather settings (checkpoints keep the engine's own sharded format).
         """
         directory = output_dir or self.args.output_dir
-        if _internal_call or self.copies.engine == "replicated":
+        if _internal_call or self.copies.sharding == "replicated":
             super().save_model(output_dir, _internal_call)
         else:
-            policy = materialized(self.policy, self.copies.engine, {}, self.copies.params[0].dtype, "cpu")
+            policy = materialized(self.policy, self.copies.sharding, {}, self.copies.params[0].dtype, "cpu")
             self._write_model_directory(policy, directory)
         if _internal_call:
             return

@@ -76,9 +76,9 @@ def engine_arguments(engine: str) -> dict:
 def full_policy(trainer) -> list[torch.Tensor]:
     """The whole policy weights, gathered without sapo's own code."""
     params = trainer.copies.params
-    if trainer.copies.engine == "fsdp2":
+    if trainer.copies.sharding == "fsdp2":
         return [p.full_tensor().detach().clone() for p in params]
-    if trainer.copies.engine == "zero3":
+    if trainer.copies.sharding == "zero3":
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params):
@@ -210,7 +210,7 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
     if spin:
         trainer.train(resume_from_checkpoint=resume)
         ref = full_copy(trainer, "reference")
-        report = {"world_size": args.world_size, "engine": trainer.copies.engine, "step": trainer.state.global_step,
+        report = {"world_size": args.world_size, "engine": trainer.copies.sharding, "step": trainer.state.global_step,
                   "policy": digest(full_policy(trainer)), "ref": digest(ref),
                   "spin_iteration": trainer.recipe.iteration,
                   **reference_check(trainer)}
@@ -224,7 +224,7 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
     traffic["parameters"] = len(list(trainer.policy.parameters()))
     ema = full_copy(trainer, "ema")
     ref = full_copy(trainer, "reference")
-    report = {"world_size": args.world_size, "engine": trainer.copies.engine, "step": trainer.state.global_step,
+    report = {"world_size": args.world_size, "engine": trainer.copies.sharding, "step": trainer.state.global_step,
               "policy": digest(full_policy(trainer)),
               "ema": digest(ema), "ref": digest(ref),
               "ema_error": max(float((a - b).abs().max()) for a, b in zip(ema, expected.ema, strict=True)),
