@@ -16,3 +16,5 @@ def test_demo_pipeline_in_miniature(tmp_path, capsys):
     assert len((out / "heldout.jsonl").read_text().splitlines()) == 12
     printed = capsys.readouterr().out
     assert "SFT (before)" in printed and "SAPO policy (after)" in printed and str(out / "sapo") in printed
+    assert "{'loss'" not in printed  # a summary, not the Trainer's raw log rows
+    assert (out / "sft" / "metrics.jsonl").exists()  # the SFT warm-up is the `sft` recipe of the same trainer

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PrinterCallback
 
 from sapo import tasks, tiny
 from sapo.config import SAPOConfig
@@ -68,6 +69,7 @@ def sft_warmup(model: torch.nn.Module, tokenizer, records: Sequence[dict], direc
         max_length=128, max_prompt_length=96, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
         seed=seed, disable_tqdm=True, overwrite_output_dir=True)
     trainer = SAPOTrainer(model=model, args=args, train_dataset=list(records), processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # the demo prints its own summary, not a log row per step
     trainer.train()
     trainer.save_model()
     return [row["loss"] for row in trainer.state.log_history if "loss" in row]
@@ -131,6 +133,7 @@ def run(settings: DemoSettings) -> dict:
         seed=settings.seed, disable_tqdm=True,
     )
     trainer = SAPOTrainer(model=str(sft_dir), args=args, train_dataset=suite["train"])
+    trainer.remove_callback(PrinterCallback)
     trainer.sampler = _TimedSampler(trainer.sampler)
     trainer.train()
     trainer.save_model()
