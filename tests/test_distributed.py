@@ -154,3 +154,51 @@ def test_spin_under_sharded_engines_trains_like_ddp(tmp_path):
         for name, tensor in load_file(str(runs["ddp-spin"] / "model.safetensors")).items():
             if name in ours:
                 torch.testing.assert_close(ours[name], tensor, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command a user types
+# ---------------------------------------------------------------------------------------------------------
+
+
+def torchrun_cli(tmp_path, model_dir, *extra):
+    from sapo import tasks
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in tasks.make_suite(32, 0)["train"]))
+    torchrun_bin = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    command = [torchrun_bin, "--standalone", "--nproc_per_node", "2", "-m", "sapo.cli", "train",
+               "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir",
+               str(tmp_path / "out"), "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2",
+               "--token_generate_length", "4", "--max_length", "64", "--max_prompt_length", "48",
+               "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "true", *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_of_the_cli_on_cpus_is_one_coordinated_job(tmp_path, model_dir):
+    """No --use_cpu: sapo joins the CPU processes into one gloo job instead of two runs writing one directory."""
+    result = torchrun_cli(tmp_path, model_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    state = out / "checkpoint-4" / "sapo_state"
+    assert (state / "replay_buffer_rank0.safetensors").exists() and (state / "replay_buffer_rank1.safetensors").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # one writer: each step logged once
+    assert (out / "model.safetensors").exists() and (out / "ema" / "model.safetensors").exists()
+
+
+def test_fsdp_asked_for_on_cpus_is_refused_before_anything_is_written(tmp_path, model_dir):
+    result = torchrun_cli(tmp_path, model_dir, "--fsdp", "full_shard", "--fsdp_config", '{"fsdp_version": 2}')
+    assert result.returncode != 0
+    assert "sapo: error: FSDP was asked for but accelerate set up" in result.stderr
+    assert "[rank0]: Traceback" not in result.stderr  # torchrun's own ChildFailedError report is not ours
+    assert not (tmp_path / "out").exists()
+
+
+def test_deepspeed_on_cpus_is_refused_as_an_uncoordinated_launch(tmp_path, model_dir):
+    """Accelerate counts one process for DeepSpeed without GPUs: two lone writers, refused on every rank."""
+    config = '{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}'
+    result = torchrun_cli(tmp_path, model_dir, "--deepspeed", config)
+    assert result.returncode != 0
+    assert result.stderr.count("sapo: error: the launcher started 2 processes but accelerate joined 1") == 2
+    assert not (tmp_path / "out").exists()

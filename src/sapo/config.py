@@ -9,6 +9,10 @@ Defaults follow the paper's published Mistral-7B SAPO-DPO setting unless a field
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -17,6 +21,8 @@ from sapo.generation import SAMPLER_NAMES, SamplingSettings
 from sapo.losses import LOSS_TYPES, LOSSES, REFERENCE_FREE_LOSS_TYPES
 from sapo.recipes import RECIPES as RECIPE_CLASSES
 from sapo.recipes import Recipe
+
+logger = logging.getLogger(__name__)
 
 REF_UPDATE_MODES = ("ema", "policy", "fixed")
 RECIPES = tuple(RECIPE_CLASSES)
@@ -168,6 +174,15 @@ class SAPOConfig(TrainingArguments):
     skip_invalid: bool = field(
         default=False, metadata={"help": "Drop invalid data records (counted in the log) instead of failing."}
     )
+    resume_allow_changes: list[str] | None = field(
+        default=None,
+        metadata={"help": "Settings a resumed run may change on purpose, by name (e.g. learning_rate seed). A resume "
+                  "is refused, naming each one, when a setting that shapes the training differs from the "
+                  "checkpoint's: every SAPO setting except logprob_chunk_size, offload_copies, max_nonfinite_steps "
+                  "and skip_invalid; the seed, batch, optimizer, schedule and precision settings; 'data' (the "
+                  "tokenized dataset) and 'world_size' (number of processes). max_steps and num_train_epochs may "
+                  "always change (to train longer)."},
+    )
     # --- overridden TrainingArguments defaults ----------------------------------------------------
     learning_rate: float = field(default=5e-7, metadata={"help": "Initial learning rate (paper: 5e-7 for DPO)."})
     logging_steps: float = field(default=10, metadata={"help": "Log metrics every N optimizer steps."})
@@ -176,6 +191,7 @@ class SAPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._use_cpu_for_a_cpu_only_launch()
         self._apply_recipe()
         self._validate_sapo_fields()
         super().__post_init__()
@@ -207,6 +223,16 @@ class SAPOConfig(TrainingArguments):
     def needs_rejected_data(self) -> bool:
         return self.recipe_class.needs_rejected_data
 
+    def _use_cpu_for_a_cpu_only_launch(self) -> None:
+        """Under torchrun/accelerate with several processes and no accelerator, accelerate only joins the processes
+        into one job (gloo) with `use_cpu`; without it each process would train alone into the same output_dir.
+        Accelerate does not run FSDP or DeepSpeed on CPU processes: the trainer then refuses by name (DeepSpeed is
+        left without `use_cpu`, which it rejects, and is refused as an uncoordinated launch)."""
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if launched and not self.use_cpu and not self.deepspeed and not _has_accelerator():
+            logger.info("several processes and no GPU: training on the CPU processes as one gloo job (use_cpu)")
+            self.use_cpu = True
+
     def _apply_recipe(self) -> None:
         """Recipes fix the loss where it is part of their definition, and defaults follow the paper (beta 0.1
         for DPO-style losses, lambda 0.05 for ORPO); a setting a recipe cannot use is an error, not ignored."""
@@ -228,6 +254,8 @@ class SAPOConfig(TrainingArguments):
             self.ref_update_mode = "fixed"  # the reference is the SFT model (dpo) or managed per iteration (spin)
 
     def _validate_sapo_fields(self) -> None:
+        self._validate_types()
+        self._validate_trainer_fields()
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
         _check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
         _check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
@@ -259,6 +287,74 @@ class SAPOConfig(TrainingArguments):
                              f"got {self.generation_batch_size}")
         if self.ref_update_steps is not None and self.ref_update_steps < 1:
             raise ValueError(f"SAPOConfig.ref_update_steps must be >= 1 or unset, got {self.ref_update_steps}")
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ValueError(f"SAPOConfig.label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise ValueError(f"SAPOConfig.label_smoothing is only defined for loss_type 'sigmoid', not "
+                             f"{self.loss_type!r}")
+
+    def _validate_types(self) -> None:
+        """Numbers of the declared kind (a YAML `8.7` for an integer, or a string, would otherwise fail mid-training)
+        and never NaN; the quantities in _FINITE_FIELDS must also be finite."""
+        for name, kind in _NUMBER_FIELDS.items():
+            value = getattr(self, name, None)
+            if value is None:
+                continue
+            if kind is int and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+                raise ValueError(f"SAPOConfig.{name} must be an integer, got {value!r}")
+            if kind is float and (not isinstance(value, numbers.Real) or isinstance(value, bool)):
+                raise ValueError(f"SAPOConfig.{name} must be a number, got {value!r}")
+            if kind is float and (math.isnan(value) or (math.isinf(value) and name in _FINITE_FIELDS)):
+                raise ValueError(f"SAPOConfig.{name} must be a finite number, got {value}")
+
+    def _validate_trainer_fields(self) -> None:
+        """Inherited Trainer options that would otherwise fail only once training has started (or never)."""
+        if self.learning_rate < 0:
+            raise ValueError(f"SAPOConfig.learning_rate must be >= 0, got {self.learning_rate}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SAPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError(f"SAPOConfig.num_train_epochs must be > 0 when max_steps is not set, got "
+                             f"{self.num_train_epochs}")
+        for name in ("weight_decay", "adam_epsilon"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SAPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"SAPOConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.dataloader_num_workers < 0:
+            raise ValueError(f"SAPOConfig.dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**32:
+                raise ValueError(f"SAPOConfig.{name} must be in [0, 2**32), got {value}")
+        if str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps" and self.save_steps <= 0:
+            raise ValueError(f"SAPOConfig.save_steps must be > 0 with save_strategy 'steps', got {self.save_steps}")
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+_NUMBER_FIELDS = {
+    **dict.fromkeys(("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
+                     "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
+                     "spin_iterations", "spin_max_new_tokens", "generation_batch_size", "ref_update_steps", "top_k",
+                     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "max_steps", "seed", "data_seed", "dataloader_num_workers", "save_total_limit"), int),
+    **dict.fromkeys(("beta", "label_smoothing", "ema_beta", "temperature", "top_p", "spin_temperature",
+                     "learning_rate", "num_train_epochs", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+                     "adam_epsilon", "max_grad_norm", "logging_steps", "save_steps"), float),
+}
+"""Numeric options checked for their kind (and for NaN) before anything else reads them."""
+_FINITE_FIELDS = {"beta", "label_smoothing", "temperature", "spin_temperature", "learning_rate", "warmup_steps",
+                  "weight_decay", "adam_epsilon", "logging_steps", "save_steps"}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -27,30 +27,62 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from sapo.checkpoint import (
+    OutputDirLock,
     check_output_dir,
+    check_output_lock,
     checkpoint_step,
+    data_fingerprint,
+    disk_full_error,
     on_stop_signals,
     publish_directory,
+    publish_final,
+    read_json,
     read_run_state,
+    recover_staging,
+    run_settings,
     truncate_metrics,
     validate_checkpoint,
+    write_checksums,
+    write_json,
     write_manifest,
 )
 from sapo.config import SAPOConfig, sapo_fields
 from sapo.copies import EMA, SHARDS, ModelCopies
 from sapo.data import collate_examples, keep_legacy_flag, prepare_tokenizer, save_tokenizer, tokenized_dataset
-from sapo.errors import CheckpointError, OutputDirError, TrainingStopped, UsageError
+from sapo.errors import USER_ERRORS, CheckpointError, OutputDirError, TrainingStopped, UsageError
 from sapo.generation import SegmentSampler, checkpoint_sampling, eos_token_ids_of, make_sampler
-from sapo.layout import CHECKPOINT_PREFIX, EMA_DIR, MANIFEST_FILE, METRICS_FILE, RUN_STATE_FILE, STAGING_DIR, STATE_DIR
+from sapo.layout import (
+    CHECKPOINT_PREFIX,
+    EMA_DIR,
+    FINAL_PARTIAL,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    RUN_STATE_FILE,
+    STAGING_DIR,
+    STATE_DIR,
+    step_state_file,
+)
 from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps
 from sapo.losses import LOSSES, nll_from_logps, pair_loss, pair_metrics
 from sapo.recipes import RECIPES, Recipe, StepServices
 from sapo.sharding import any_rank, local_shard, materialized
 
 logger = logging.getLogger(__name__)
+
+NONFINITE_EXIT_CODE = 3  # exit status of a run stopped by repeated non-finite steps
+
+
+def refuse_an_uncoordinated_launch(args: SAPOConfig) -> None:
+    """Every process the launcher started must be part of one job, or N processes would each train alone into one
+    output_dir. Checked before anything is created."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size != launched:
+        raise UsageError(f"the launcher started {launched} processes but accelerate joined {args.world_size} of them "
+                         "into this job (DeepSpeed needs GPUs; on a machine without GPUs use plain DDP: torchrun "
+                         "--nproc_per_node N -m sapo.cli train ...)")
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -88,6 +120,32 @@ class _SAPOStepHooks(TrainerCallback):
             control.should_training_stop = True
 
 
+class _NothingToTrain(Exception):
+    """The resumed checkpoint is already at the run's last step."""
+
+
+class _ResumeStart(TrainerCallback):
+    """At the start of training, once the Trainer has loaded the checkpoint and knows max_steps: bring metrics.jsonl
+    back to the resumed step, stop before any step when the checkpoint is the run's end (the Trainer would train
+    one step past max_steps), and give back the Trainer's loss accumulators saved with the checkpoint."""
+
+    def __init__(self, trainer: SAPOTrainer, resumed_step: int) -> None:
+        self.trainer, self.resumed_step = trainer, resumed_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        finished = self.resumed_step > 0 and state.global_step >= state.max_steps
+        metrics = Path(args.output_dir) / METRICS_FILE
+        if trainer.is_world_process_zero() and metrics.exists():
+            truncate_metrics(metrics, self.resumed_step, keep_summary=finished)
+        if finished:
+            raise _NothingToTrain
+        saved = trainer._resumed_step_state or {}
+        if "tr_loss" in saved and isinstance(getattr(trainer, "_tr_loss", None), torch.Tensor):
+            trainer._tr_loss += saved["tr_loss"]
+            trainer._globalstep_last_logged = saved["globalstep_last_logged"]
+
+
 LIVE_METRICS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "acc",
                 "buffer/size": "buffer", "generation/tokens_per_second": "gen tok/s"}
 
@@ -117,6 +175,10 @@ class SAPOTrainer(Trainer):
     Public parts: `recipe` (the pair source: for SAPO its `buffer`), `copies` (`ema`, `reference`), `sampler`.
     """
 
+    _output_lock: OutputDirLock | None = None  # held by the main process from train() to the final save_model()
+    _data_fingerprint: str | None = None  # computed once, when a checkpoint is saved or validated
+    _resumed_step_state: dict[str, Any] | None = None  # the Trainer's loss accumulators saved with the checkpoint
+
     def __init__(
         self,
         model: nn.Module | str,
@@ -145,12 +207,14 @@ class SAPOTrainer(Trainer):
                 checkpoint_sampling(getattr(model, "generation_config", None), args.sampling_settings.do_sample)
             except ValueError as error:
                 raise UsageError(f"generation_engine 'static': {error}") from None
+        refuse_an_uncoordinated_launch(args)
         self.eos_token_ids = eos_token_ids_of(processing_class, model)
         dataset = tokenized_dataset(train_dataset, processing_class, args, self.eos_token_ids)
         self._created_output_dir = not Path(args.output_dir).exists()  # Trainer creates it; undone on early errors
         super().__init__(model=model, args=args, data_collator=collate_examples, train_dataset=dataset,
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
         self.model_accepts_loss_kwargs = False  # our loss is a per-pair mean; Trainer divides by accumulation steps
+        self._refuse_a_dropped_engine()
         ref_model = ref_model if args.uses_reference else None
         if isinstance(ref_model, str):
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
@@ -198,6 +262,20 @@ class SAPOTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         return model, tokenizer
+
+    def _refuse_a_dropped_engine(self) -> None:
+        """An engine asked for must be the one accelerate set up: it silently trains plain DDP instead of FSDP on CPU
+        processes. Checked before anything is written."""
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            self._remove_created_output_dir()
+            raise UsageError(f"FSDP was asked for but accelerate set up {self.accelerator.distributed_type.value} "
+                             "(FSDP needs GPUs; drop --fsdp on a CPU machine)")
+
+    def _remove_created_output_dir(self) -> None:
+        """Leave no trace of a run that never started (the Trainer may have created the directory)."""
+        out = Path(self.args.output_dir)
+        if self._created_output_dir and self.args.should_save and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
     def _services(self) -> StepServices:
         sharded = self.copies.sharded
@@ -338,7 +416,8 @@ class SAPOTrainer(Trainer):
                        self.state.global_step + 1, self._nonfinite_in_a_row, self.nonfinite_steps)
         if self._nonfinite_in_a_row >= self.args.max_nonfinite_steps:
             self._stop_reason = (f"{self._nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
-                                 "gradient (lower learning_rate, check the data, or use bf16 instead of fp16)", 3)
+                                 "gradient (lower learning_rate, check the data, or use bf16 instead of fp16)",
+                                 NONFINITE_EXIT_CODE)
 
     def _after_optimizer_step(self) -> None:
         self._metrics["nonfinite/skipped_steps"].append(float(self.nonfinite_steps))
@@ -361,21 +440,48 @@ class SAPOTrainer(Trainer):
     # --------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        """`Trainer.train`, plus: SIGINT/SIGTERM save a checkpoint and stop, repeated non-finite steps stop
-        with a checkpoint (both raise `TrainingStopped` after saving), and a non-empty `output_dir` is only
-        reused when resuming or with `overwrite_output_dir`."""
+        """`Trainer.train`, plus: one run per `output_dir` (a lock, held until the final `save_model`); a resume
+        is validated before anything is written and is exact or refused; a checkpoint at the run's last step trains
+        nothing more; SIGINT/SIGTERM save a checkpoint and stop, and repeated non-finite steps stop with a checkpoint
+        (both raise `TrainingStopped` after saving), except that a signal during the last step lets the run end
+        normally (the final `save_model` then reports it); a non-empty `output_dir` is only reused when resuming or
+        with `overwrite_output_dir`."""
         try:
             resume_from_checkpoint = self._resolve_resume(resume_from_checkpoint)
             self._prepare_output_dir(resume_from_checkpoint)
-        except (CheckpointError, OutputDirError):
-            out = Path(self.args.output_dir)
-            if self._created_output_dir and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()  # leave no trace of a run that never started
+        except USER_ERRORS:
+            self._release_output_dir()
+            self._remove_created_output_dir()
             raise
-        with on_stop_signals(lambda reason, code: setattr(self, "_stop_reason", (reason, code))):
-            result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        start = _ResumeStart(self, checkpoint_step(resume_from_checkpoint) if resume_from_checkpoint else 0)
+        self.add_callback(start)
+        try:
+            with on_stop_signals(lambda reason, code: setattr(self, "_stop_reason", (reason, code))):
+                result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except _NothingToTrain:
+            logger.info("%s is at the run's last step (%d): nothing more to train", resume_from_checkpoint,
+                        self.state.global_step)
+            self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+            self.is_in_train = False
+            result = TrainOutput(self.state.global_step, 0.0, {})
+        except OSError as error:
+            self._release_output_dir()
+            full = disk_full_error(error, Path(self.args.output_dir))
+            if full is None:
+                raise
+            raise full from error
+        except BaseException:
+            self._release_output_dir()
+            raise
+        finally:
+            self.remove_callback(start)
         if self._stop_reason is not None:
             reason, code = self._stop_reason
+            if self.state.global_step >= self.state.max_steps and code != NONFINITE_EXIT_CODE:
+                logger.warning("%s during the last step: training is complete, the final save follows", reason)
+                return result  # save_model() reports the signal once the final outputs are written
+            self._release_output_dir()
+            self._stop_reason = None
             checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             raise TrainingStopped(f"training stopped at step {self.state.global_step}: {reason}; checkpoint "
                                   f"saved to {checkpoint}; resume with --resume_from_checkpoint {checkpoint}",
@@ -383,23 +489,53 @@ class SAPOTrainer(Trainer):
         return result
 
     def _resolve_resume(self, resume: str | bool | None) -> str | None:
-        if isinstance(resume, str) and resume.lower() in ("true", "false"):
-            resume = resume.lower() == "true"
-        if resume is True:
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            if last is None:
-                raise CheckpointError(f"resume_from_checkpoint=true but {self.args.output_dir} has no checkpoint")
-            return last
-        if not resume:
-            return None
-        self.validate_checkpoint(Path(resume))
-        return str(resume)
+        """The checkpoint to resume (`true`: the latest), validated like any path; refusals agree across ranks."""
+        error: Exception | None = None
+        try:
+            check_output_lock(Path(self.args.output_dir))  # a live run's checkpoints change under us: say so first
+            if isinstance(resume, str) and resume.lower() in ("true", "false"):
+                resume = resume.lower() == "true"
+            if resume is True:
+                last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+                if last is None:
+                    raise CheckpointError(f"resume_from_checkpoint=true but {self.args.output_dir} has no checkpoint")
+                resume = last
+            if resume:
+                self.validate_checkpoint(Path(resume))
+        except USER_ERRORS as caught:
+            error = caught
+        if any_rank(error is not None, self.args.device):
+            raise error or CheckpointError("another process of this run refused the checkpoint (its message says why)")
+        return str(resume) if resume else None
 
     def _prepare_output_dir(self, resume: str | None) -> None:
+        """Before anything is written: refuse another run's directory, take the lock, finish a publish a crash
+        interrupted. (metrics.jsonl is brought back to the resumed step once training starts, see `_ResumeStart`.)"""
         out = Path(self.args.output_dir)
-        check_output_dir(out, resuming=resume is not None, overwrite=self.args.overwrite_output_dir)
-        if self.is_world_process_zero() and (out / METRICS_FILE).exists():
-            truncate_metrics(out / METRICS_FILE, checkpoint_step(resume) if resume else 0)
+        self._take_output_lock(out, lambda: check_output_dir(out, resuming=resume is not None,
+                                                             overwrite=self.args.overwrite_output_dir))
+        if self.is_world_process_zero():
+            recover_staging(out)
+
+    def _take_output_lock(self, out: Path, check: Any = None) -> None:
+        """The main process runs `check` and takes `out`'s lock; a refusal is raised on every rank."""
+        error: Exception | None = None
+        if self.is_world_process_zero():
+            try:
+                if check is not None:
+                    check()
+                if self._output_lock is None or self._output_lock.directory != out:
+                    self._release_output_dir()
+                    self._output_lock = OutputDirLock(out)
+                self._output_lock.acquire()
+            except USER_ERRORS as caught:
+                error = caught
+        if any_rank(error is not None, self.args.device):
+            raise error or OutputDirError(f"output_dir {out}: refused by the main process (its message says why)")
+
+    def _release_output_dir(self) -> None:
+        if self._output_lock is not None:
+            self._output_lock.release()
 
     # --------------------------------------------------------------------------------------------
     # Logging
@@ -436,23 +572,57 @@ class SAPOTrainer(Trainer):
     # --------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The policy as Trainer saves it; a final save also writes the EMA model to `ema/` beside it.
+        """The policy as Trainer saves it; a final save also writes the EMA model to `ema/` beside it, and the card.
 
-        Under FSDP2/ZeRO-3 the final policy is gathered here into an ordinary model directory, whatever the
-        engine's state_dict_type or 16-bit-gather settings (checkpoints keep the engine's own sharded format).
+        The final outputs are written into `.staging/` and published as one set (`checkpoint.publish_final`), under
+        the output-dir lock, which is released afterwards. A signal meanwhile lets the save finish, then raises
+        `TrainingStopped` (as does a signal received during the last step). Under FSDP2/ZeRO-3 the final policy is
+        gathered here into an ordinary model directory, whatever the engine's state_dict_type or 16-bit-gather
+        settings (checkpoints keep the engine's own sharded format).
         """
-        directory = output_dir or self.args.output_dir
-        if _internal_call or self.copies.sharding == "replicated":
+        if _internal_call:  # a checkpoint's weights, in the Trainer's (engine's) format
             super().save_model(output_dir, _internal_call)
-        else:
-            policy = materialized(self.policy, self.copies.sharding, {}, self.copies.params[0].dtype, "cpu")
-            self._write_model_directory(policy, directory)
-        if _internal_call:
             return
-        if self.copies.ema is not None:  # every rank: sharded copies are gathered
-            self._write_model_directory(self.copies.as_model(EMA, device="cpu"), os.path.join(directory, EMA_DIR))
-        if self.args.should_save:
-            self.write_model_card(directory)
+        directory = Path(output_dir or self.args.output_dir)
+        staged = directory / STAGING_DIR / FINAL_PARTIAL
+        main = self.args.should_save
+        owns_lock = directory.resolve() == Path(self.args.output_dir).resolve()
+        try:
+            with on_stop_signals(lambda reason, code: setattr(self, "_stop_reason", (reason, code)),
+                                 "finishing the final save first"):
+                if owns_lock:
+                    self._take_output_lock(directory)  # held since train(), unless save_model is called alone
+                if main:
+                    shutil.rmtree(staged, ignore_errors=True)
+                    staged.mkdir(parents=True)
+                self.accelerator.wait_for_everyone()
+                if self.copies.sharding == "replicated":
+                    super().save_model(str(staged), _internal_call)
+                else:
+                    policy = materialized(self.policy, self.copies.sharding, {}, self.copies.params[0].dtype, "cpu")
+                    self._write_model_directory(policy, str(staged))
+                if self.copies.ema is not None:  # every rank: sharded copies are gathered
+                    self._write_model_directory(self.copies.as_model(EMA, device="cpu"), str(staged / EMA_DIR))
+                if main:
+                    self.write_model_card(str(staged))
+                self.accelerator.wait_for_everyone()
+                if main:
+                    publish_final(staged, directory, self.state.global_step)
+                self.accelerator.wait_for_everyone()
+        except OSError as error:
+            full = disk_full_error(error, directory)
+            if full is None:
+                raise
+            raise full from error
+        finally:
+            if owns_lock:
+                self._release_output_dir()
+        if self._stop_reason is not None:
+            reason, code = self._stop_reason
+            self._stop_reason = None
+            raise TrainingStopped(f"{reason} at the end of training: the run had finished, and its final model, EMA "
+                                  f"and model card were written completely to {directory} (nothing to resume)",
+                                  None, code)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Trainer's save of the model and tokenizer (final model and checkpoints), with the tokenizer's `legacy`
@@ -499,6 +669,7 @@ class SAPOTrainer(Trainer):
             del self._get_output_dir  # back to the class's method
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            write_checksums(staging / name)  # last: a resume checks every file against it
             publish_directory(staging / name, run_dir / name)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
@@ -507,28 +678,57 @@ class SAPOTrainer(Trainer):
     def sapo_state_files(self) -> list[str]:
         """Files of `sapo_state/` this run writes (and needs to resume), for this rank."""
         rank = self.args.process_index
-        return [MANIFEST_FILE, RUN_STATE_FILE, *self.copies.state_files(rank), *self.recipe.state_files(rank)]
+        return [MANIFEST_FILE, RUN_STATE_FILE, step_state_file(rank), *self.copies.state_files(rank),
+                *self.recipe.state_files(rank)]
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings that shape this run's trajectory, recorded in checkpoints and compared on resume."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self.train_dataset)
+        return run_settings(self.args, [f.name for f in sapo_fields()], world_size=self.args.world_size,
+                            data=self._data_fingerprint)
 
     def save_sapo_state(self, directory: Path) -> None:
-        """The copies, the recipe's state and the run's manifest, per rank; safetensors and JSON, no pickle."""
+        """The copies, the recipe's state, the counters and the run's manifest and settings, per rank; safetensors
+        and JSON, no pickle."""
         directory.mkdir(parents=True, exist_ok=True)
         rank = self.args.process_index
         if self.args.should_save:
             write_manifest(directory, dict(zip(self.copies.names, self.copies.params, strict=True)),
-                           {"ref_update_steps": self.ref_update_steps})
+                           {"ref_update_steps": self.ref_update_steps, "settings": self.run_settings(),
+                            "save_only_model": bool(self.args.save_only_model)})
+        tr_loss = getattr(self, "_tr_loss", None)
+        write_json(directory / step_state_file(rank), {
+            "nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self._nonfinite_in_a_row,
+            "metrics": dict(self._metrics), "timing": self._timing,
+            **({"tr_loss": tr_loss.item(), "globalstep_last_logged": self._globalstep_last_logged}
+               if isinstance(tr_loss, torch.Tensor) else {})})
         self.copies.save(directory, rank, self.args.should_save)
         self.recipe.save(directory, rank)
 
     def load_sapo_state(self, directory: Path) -> None:
         rank = self.args.process_index
-        self.copies.load(directory, rank)
-        self.recipe.load(directory, rank)
+        try:
+            self.copies.load(directory, rank)
+            self.recipe.load(directory, rank)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:  # validated first; this is a last guard
+            raise CheckpointError(f"{directory}: cannot load the saved state ({error})") from None
         self.ref_update_steps = read_run_state(directory).get("ref_update_steps") or self.ref_update_steps
+        step_state = read_json(directory / step_state_file(rank))
+        self.nonfinite_steps = step_state["nonfinite_steps"]
+        self._nonfinite_in_a_row = step_state["nonfinite_in_a_row"]
+        self._metrics = defaultdict(list, {name: list(values) for name, values in step_state["metrics"].items()})
+        self._timing = dict(step_state["timing"])
+        self._resumed_step_state = step_state
 
     def validate_checkpoint(self, path: Path) -> None:
-        """Fail early, before anything is written, when `path` cannot resume this run."""
+        """Fail early, before anything is written, when `path` cannot resume this run exactly: missing or changed
+        files, another model, or settings that differ (unless named in `resume_allow_changes`). Only the main
+        process reads every file for its checksum; the others check presence and sizes."""
         validate_checkpoint(path, dict(zip(self.copies.names, self.copies.params, strict=True)),
-                            self.sapo_state_files())
+                            self.sapo_state_files(), settings=self.run_settings(),
+                            allow_changes=list(self.args.resume_allow_changes or ()),
+                            verify_content=self.is_world_process_zero())
 
 
 def _restarting_every(period: int, schedule: Any) -> Any:

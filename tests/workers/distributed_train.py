@@ -4,9 +4,11 @@ hashes of the whole (gathered) policy, EMA and reference, the rank's buffer, and
 Engines: ddp (plain accelerate DDP), zero2 / zero3 (DeepSpeed), zero3-by-path (the model loaded by path, i.e.
 partitioned as it loads), fsdp2 (torch FSDP2 through accelerate), fsdp2-keep-gathered (reshard_after_forward
 off), ddp-offload (DDP with offload_copies and copies_dtype bfloat16); a "-spin" suffix trains SPIN instead.
-Accelerate refuses FSDP on CPU processes, so for fsdp2 its state is told to use the FSDP plugin anyway (the
-sharding itself is torch's and runs on gloo); on a CUDA machine the worker runs on the GPUs without those
-patches, e.g. `torchrun --nproc_per_node 1 tests/workers/distributed_train.py OUT 4 fsdp2`.
+DDP runs as a user's launch would (sapo joins CPU processes into one gloo job itself). Accelerate refuses FSDP
+on CPU processes, so for fsdp2 its state is told to use the FSDP plugin anyway (the sharding itself is torch's
+and runs on gloo), and DeepSpeed is given accelerate's gloo backend; sapo refuses both on a user's CPU launch.
+On a CUDA machine the worker runs on the GPUs without those patches, e.g.
+`torchrun --nproc_per_node 1 tests/workers/distributed_train.py OUT 4 fsdp2`.
 """
 
 import hashlib
@@ -57,7 +59,7 @@ def allow_deepspeed_on_cpu() -> None:
 
 def engine_arguments(engine: str) -> dict:
     if engine in ("fsdp2", "fsdp2-keep-gathered"):  # the latter keeps weights gathered after forward (ZeRO-2-like)
-        return {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2,
+        return {"use_cpu": not torch.cuda.is_available(), "fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2,
                                                       "reshard_after_forward": engine == "fsdp2",
                                                       "state_dict_type": "SHARDED_STATE_DICT",
                                                       "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
@@ -199,7 +201,7 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
         model = model_dir
     settings = {"output_dir": out, "max_steps": max_steps, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
                 "token_generate_length": 4, "max_length": 64, "max_prompt_length": 48, "logging_steps": 1,
-                "report_to": "none", "save_steps": 2, "use_cpu": not torch.cuda.is_available(), "disable_tqdm": True,
+                "report_to": "none", "save_steps": 2, "disable_tqdm": True,
                 "ref_update_steps": 3, "seed": 0}
     if spin:
         settings.update(recipe="spin", spin_iterations=2)
