@@ -6,9 +6,14 @@ module that imports nothing heavy) means the readers need not import the trainer
     output_dir/
       model.safetensors, tokenizer files, README.md   final policy and its model card
       ema/                                           final EMA model (same form)
+      sapo_final.json                                written last by the final save: step and checksums of
+                                                     the final files (its presence: they are complete)
       metrics.jsonl                                  one JSON row per logging step
-      .staging/                                      checkpoints being written (renamed into place when complete)
+      .sapo.lock                                     held while a run writes here (pid, host, start time)
+      .staging/                                      checkpoints and final outputs being written (moved into
+                                                     place when complete)
       checkpoint-N/                                  the Trainer's own files, plus
+        sapo_checksums.json                          size and sha256 of every file, written last
         sapo_state/                                  sapo's state of step N (per-rank files have _rankR)
 """
 
@@ -22,10 +27,15 @@ STAGING_DIR = ".staging"
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}-(\d+)")
 TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's own, read for the step of a checkpoint
+CHECKSUMS_FILE = "sapo_checksums.json"  # size and sha256 of every file of a checkpoint, checked before resuming
+LOCK_FILE = ".sapo.lock"  # one writer per output_dir: pid, host and start time of the run holding it
+FINAL_STAGING = "final"  # .staging/final: the final outputs, complete, being moved into output_dir
+FINAL_PARTIAL = "final.partial"  # .staging/final.partial: the final outputs being written
+FINAL_RECORD_FILE = "sapo_final.json"  # step and checksums of the final outputs, moved into place last
 
 STATE_DIR = "sapo_state"
 MANIFEST_FILE = "parameters.json"  # trainable parameter names and shapes: refuses another model's checkpoint
-RUN_STATE_FILE = "trainer.json"  # run-level values that are not tensors (the reference refresh period)
+RUN_STATE_FILE = "trainer.json"  # run-level values that are not tensors (reference period, settings, counters)
 BUFFER_FILE_RE = re.compile(r"replay_buffer_rank(\d+)\.safetensors")
 BUFFER_FILE_GLOB = "replay_buffer_rank*.safetensors"
 
@@ -38,6 +48,11 @@ def buffer_file(rank: int) -> str:
 def pending_file(rank: int) -> str:
     """Examples queued for the next generation round."""
     return f"pending_rank{rank}.json"
+
+
+def step_state_file(rank: int) -> str:
+    """A rank's counters and the metrics accumulated since the last log (so a resumed run logs the same rows)."""
+    return f"step_state_rank{rank}.json"
 
 
 def segment_rng_file(rank: int) -> str:
