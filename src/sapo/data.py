@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,12 +78,41 @@ def read_records(source: str | os.PathLike, split: str = "train") -> list[RawRec
         return _read_directory(path, split)
     if str(source).endswith(DATA_FILE_SUFFIXES) or os.sep in str(source) and not _looks_like_hub_id(str(source)):
         raise DataError(f"{source}: no such file or directory")
+    reason = hub_unreachable(str(source), "dataset")
+    if reason:
+        raise DataError(f"{source}: no such file or directory, and as a hub dataset: {reason}")
     return _read_hub_dataset(str(source), split)
 
 
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def hub_unreachable(repo_id: str, repo_type: str = "model", timeout: float = 3.0) -> str | None:
+    """Why `repo_id` cannot come from the Hugging Face hub right now, or None when it may: it is in the local cache,
+    or the hub's host answers. Without this an offline machine spends about half a minute in retries per file before
+    the library gives up. With HF_HUB_OFFLINE set, or behind a proxy, the library decides (it fails fast offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    cached = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    if cached.is_dir():
+        return None
+    if constants.HF_HUB_OFFLINE:  # `datasets` also keeps its own cache: let it answer (offline, it does so at once)
+        return "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set" if repo_type == "model" else None
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return None
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"not in the local Hugging Face cache, and {endpoint.hostname} cannot be reached ({reason})"
 
 
 def _read_file(path: Path) -> Iterator[RawRecord]:
@@ -116,8 +146,8 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
             found = True
             try:
                 yield RawRecord(json.loads(text), location)
-            except json.JSONDecodeError as error:
-                yield RawRecord(None, location, f"{location}: invalid JSON ({error.msg} at column {error.colno})")
+            except (ValueError, RecursionError) as error:
+                yield RawRecord(None, location, f"{location}: invalid JSON ({_json_problem(error)})")
     if not found:
         raise DataError(f"{path}: the file has no records")
 
@@ -135,6 +165,8 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
             yield from _read_jsonl(path)
             return
         raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+    except (ValueError, RecursionError) as error:
+        raise DataError(f"{path}: invalid JSON ({_json_problem(error)})") from None
     if isinstance(document, Mapping) and isinstance(document.get("data"), list):
         document = document["data"]
     if not isinstance(document, list):
@@ -143,6 +175,18 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
         raise DataError(f"{path}: the file has no records")
     for index, record in enumerate(document):
         yield RawRecord(record, f"{path}: record {index}")
+
+
+def _json_problem(error: Exception) -> str:
+    """What `json.loads` objected to, in words: syntax (with the column), nesting too deep for Python's parser, or an
+    integer longer than Python converts (both raise other exceptions than JSONDecodeError)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at column {error.colno}"
+    if isinstance(error, RecursionError):
+        return "arrays or objects nested too deeply to parse"
+    if "digits" in str(error):
+        return f"an integer with more digits than Python converts ({sys.get_int_max_str_digits()})"
+    return " ".join(str(error).split())
 
 
 def _read_parquet(path: Path) -> Iterator[RawRecord]:
@@ -264,6 +308,7 @@ def _prompt(record: Mapping[str, Any], location: str) -> list[Message]:
         raise DataError(f"{location}: field 'prompt' is missing")
     value = record["prompt"]
     if isinstance(value, str):
+        _check_text(value, location, "prompt")
         if not value.strip():
             raise DataError(f"{location}: field 'prompt' is empty")
         return [{"role": "user", "content": value}]
@@ -275,6 +320,7 @@ def _prompt(record: Mapping[str, Any], location: str) -> list[Message]:
 
 def _completion(value: Any, location: str, field_name: str) -> Message:
     if isinstance(value, str):
+        _check_text(value, location, field_name)
         message = {"role": "assistant", "content": value}
     else:
         messages = _messages(value, location, field_name)
@@ -304,10 +350,20 @@ def _message(item: Any, location: str, where: str) -> Message:
             raise DataError(
                 f"{location}: field '{where}.{key}' must be a string, got {type(item[key]).__name__}"
             )
+        _check_text(item[key], location, f"{where}.{key}")
     if item["role"] not in ROLES:
         raise DataError(f"{location}: field '{where}.role' has unknown role {item['role']!r} "
                         f"(expected one of {', '.join(ROLES)})")
     return {"role": item["role"], "content": item["content"]}
+
+
+def _check_text(text: str, location: str, where: str) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode: name it here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{location}: field '{where}' is not valid Unicode text: a lone surrogate "
+                        f"{text[error.start]!r} at character {error.start} (a broken \\u escape?)") from None
 
 
 def _split_conversation(messages: list[Message], location: str, field_name: str) -> Example:
@@ -321,6 +377,11 @@ def _split_conversation(messages: list[Message], location: str, field_name: str)
         )
     if len(messages) < 2:
         raise DataError(f"{location}: field '{field_name}' has no prompt before the assistant turn")
+    if messages[-2]["role"] == "assistant":
+        last = len(messages) - 1
+        raise DataError(f"{location}: field '{field_name}[{last}]' is a second assistant turn in a row (after "
+                        f"'{field_name}[{last - 1}]'); the response must follow a user or tool turn: merge the two "
+                        "turns or drop one")
     if not last["content"].strip():
         raise DataError(f"{location}: field '{field_name}[{len(messages) - 1}].content' is an empty response")
     return Example(messages[:-1], last)
@@ -396,7 +457,33 @@ def resolve_chat_template(value: str | None) -> str | None:
     if not path.is_file():
         raise DataError(f"chat_template: {value!r} is neither a file, a built-in name "
                         f"({', '.join(NAMED_CHAT_TEMPLATES)}) nor a Jinja template")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"chat_template: {value}: not valid UTF-8 (byte {error.start})") from None
+    except OSError as error:
+        raise DataError(f"chat_template: {value}: cannot read ({error.strerror})") from None
+
+
+def check_chat_template(template: str, origin: str) -> None:
+    """Compile `template` as transformers will, so a Jinja syntax error is reported now, with its line, instead of
+    as a traceback from the first `apply_chat_template`."""
+    import jinja2
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a transformers without this helper: compile with a plain sandbox
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def _compile_jinja_template(text: str) -> Any:
+            return ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).from_string(text)
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise DataError(f"{origin}: Jinja syntax error at line {error.lineno} of the template: {error.message}") \
+            from None
+    except jinja2.TemplateError as error:
+        raise DataError(f"{origin}: the Jinja template does not compile ({error})") from None
 
 
 def renders_with_mistral_common(tokenizer: Any) -> bool:
@@ -412,14 +499,21 @@ def prepare_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
         raise DataError("chat_template: this tokenizer (MistralCommonBackend, from tekken.json) renders chats with "
                         "mistral-common and takes no Jinja template; drop --chat_template")
     if template is not None:
+        check_chat_template(template, "chat_template")
         tokenizer.chat_template = template
+    elif isinstance(getattr(tokenizer, "chat_template", None), str):
+        check_chat_template(tokenizer.chat_template, "the tokenizer's own chat template (pass --chat_template to "
+                                                     "replace it)")
+    source = getattr(tokenizer, "name_or_path", None)
+    which = f"the tokenizer ({source})" if source else "the tokenizer"
     if getattr(tokenizer, "chat_template", None) is None and not renders_with_mistral_common(tokenizer):
         raise DataError(
-            "the tokenizer has no chat template: pass chat_template (CLI: --chat_template) as a Jinja string, "
+            f"{which} has no chat template: pass chat_template (CLI: --chat_template) as a Jinja string, "
             "a file holding one, or the built-in name 'chatml'"
         )
     if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no EOS token: set tokenizer.eos_token (CLI: use a tokenizer that has one)")
+        raise DataError(f"{which} has no EOS token: set tokenizer.eos_token (CLI: use a tokenizer that has one, "
+                        "e.g. set eos_token in its tokenizer_config.json)")
     if tokenizer.pad_token_id is None:
         logger.warning("tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
@@ -461,12 +555,18 @@ def tokenize_example(tokenizer: Any, example: Example,
 def _tokenize_with_boundary(tokenizer: Any, example: Example,
                             end_token_ids: Collection[int] | None) -> tuple[TokenizedExample, bool]:
     """The tokenized example, and whether the prompt's own ids differ from the conversation's prefix."""
+    import jinja2
+
     ends = set(end_token_ids) if end_token_ids else {tokenizer.eos_token_id}
     answers = [example.response] if example.rejected is None else [example.response, example.rejected]
-    if not renders_with_mistral_common(tokenizer):
-        _check_prompt_renders_alike(tokenizer, example, answers)
-    prompt_alone = chat_ids(tokenizer, example.prompt, generation_prompt=True)
-    conversations = [chat_ids(tokenizer, [*example.prompt, answer]) for answer in answers]
+    try:
+        if not renders_with_mistral_common(tokenizer):
+            _check_prompt_renders_alike(tokenizer, example, answers)
+        prompt_alone = chat_ids(tokenizer, example.prompt, generation_prompt=True)
+        conversations = [chat_ids(tokenizer, [*example.prompt, answer]) for answer in answers]
+    except jinja2.TemplateError as error:  # raise_exception('...') in the template, or an undefined name
+        raise DataError(f"{example.location or 'a record'}: the chat template refuses this record "
+                        f"({' '.join(str(error).split())})") from None
     boundary = _common_prefix_length([prompt_alone, *conversations])
     responses = [_through_end_token(ids[boundary:], ends, tokenizer.eos_token_id) for ids in conversations]
     rejected = responses[1] if len(responses) > 1 else None
