@@ -9,11 +9,20 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import enum
+import errno
+import json
 import logging
+import math
+import numbers
+import os
 import shlex
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +32,12 @@ import yaml
 from sapo.errors import USER_ERRORS, TrainingStopped, UsageError
 
 EXIT_USAGE = 2
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 @dataclass
@@ -78,62 +93,420 @@ def known_option_names(parser: argparse.ArgumentParser) -> set[str]:
     return {action.dest for action in parser._actions}
 
 
-def read_yaml_config(path: str, known: set[str]) -> dict[str, Any]:
-    """Load a YAML mapping of options, rejecting unknown keys with the closest known name."""
+def read_yaml_config(path: str, known: set[str], parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """Load a YAML mapping of options, rejecting unknown keys with the closest known name and values of the wrong
+    type (checked against the options' dataclass types, naming the file, the option and the value)."""
     import difflib
 
     file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"--config {path}: is a directory, not a YAML file")
     if not file.is_file():
         raise UsageError(f"--config {path}: no such file")
     try:
-        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = file.read_bytes()[: error.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not valid UTF-8 (byte {error.start} of the file)") from None
+    except OSError as error:
+        raise UsageError(f"--config {path}: cannot read ({error.strerror})") from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UsageError(f"{path}: invalid YAML ({error})") from None
+        raise UsageError(f"{path}: invalid YAML ({' '.join(str(error).split())})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: invalid YAML (nested too deeply)") from None
+    if values is None:
+        raise UsageError(f"{path}: the file sets no options (expected a mapping of option: value)")
     if not isinstance(values, dict):
-        raise UsageError(f"{path}: expected a mapping of option: value")
+        raise UsageError(f"{path}: expected a mapping of option: value, got a YAML {_yaml_kind(values)}")
     for key in values:
-        if key not in known or key == "config":
+        if key in ("config", "help"):
+            raise UsageError(f"{path}: option {key!r} cannot be set inside a config file")
+        if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UsageError(f"{path}: unknown option {key!r}{hint}")
-    return values
+    if parser is None:
+        return values
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    hints = option_types()
+    return {key: _typed_yaml_value(path, key, value, hints.get(key), actions.get(key))
+            for key, value in values.items()}
+
+
+def _yaml_kind(value: Any) -> str:
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def option_types() -> dict[str, Any]:
+    """Every option's declared type, from the dataclasses `sapo train` parses."""
+    from sapo.config import SAPOConfig
+
+    hints: dict[str, Any] = {}
+    for cls in (ModelArguments, SAPOConfig):
+        resolved = typing.get_type_hints(cls)
+        hints.update({f.name: resolved[f.name] for f in dataclasses.fields(cls) if f.init})
+    return hints
+
+
+_TRUE, _FALSE = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
+
+
+def _typed_yaml_value(path: str, key: str, value: Any, hint: Any, action: argparse.Action | None) -> Any:
+    """`value` checked against the option's type `hint` and converted where YAML's reading differs (a quoted number,
+    `no` read as false for a strategy); anything else raises `UsageError` with the file, the option and the value."""
+    if hint is None:
+        return value
+    origin = typing.get_origin(hint)
+    members = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    expected: list[str] = []
+    for member in members:
+        ok, converted, description = _fits(value, member)
+        if ok:
+            if action is not None and action.choices and isinstance(converted, str) \
+                    and converted not in {str(getattr(c, "value", c)) for c in action.choices}:
+                choices = ", ".join(str(getattr(c, "value", c)) for c in action.choices)
+                raise UsageError(f"{path}: option {key!r}: {converted!r} is not one of {choices}")
+            return converted
+        if description and description not in expected:
+            expected.append(description)
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    raise UsageError(f"{path}: option {key!r} expects {' or '.join(expected)}, got {shown} "
+                     f"(a YAML {_yaml_kind(value)})")
+
+
+def _fits(value: Any, member: Any) -> tuple[bool, Any, str]:
+    """(whether `value` is acceptable as type `member`, the value to use, what `member` accepts in words)."""
+    origin = typing.get_origin(member) or member
+    if member is type(None):
+        return value is None, None, "null"
+    if member is bool:
+        if isinstance(value, bool):
+            return True, value, "true/false"
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return True, value.lower() in _TRUE, "true/false"
+        return False, None, "true/false"
+    if member is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return True, int(value), "an integer"
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return True, int(value.strip()), "an integer"
+        return False, None, "an integer"
+    if member is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return True, value, "a number"
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return True, float(value), "a number"
+        return False, None, "a number"
+    if member is str or (isinstance(member, type) and issubclass(member, enum.Enum)):
+        if isinstance(value, str):
+            return True, value, "a string"
+        if isinstance(value, bool):  # YAML 1.1 reads `no`/`yes`/`on`/`off` as booleans
+            is_strategy = isinstance(member, type) and issubclass(member, enum.Enum) and \
+                "no" in {m.value for m in member}
+            if is_strategy and value is False:
+                return True, "no", "a string"
+            return member is str, "true" if value else "false", "a string"
+        if isinstance(value, (int, float)) and member is str:
+            return True, str(value), "a string"
+        return False, None, "a string"
+    if origin is typing.Literal:
+        allowed = typing.get_args(member)
+        return value in allowed and type(value) in {type(a) for a in allowed}, value, \
+            " or ".join(repr(a) for a in allowed)
+    if origin is list:
+        (item_type,) = typing.get_args(member) or (str,)
+        if isinstance(value, str):
+            return True, [value], "a list"
+        if isinstance(value, list):
+            item_is_str = item_type is str or (isinstance(item_type, type) and issubclass(item_type, enum.Enum))
+            if all(isinstance(item, str) for item in value) or not item_is_str:
+                return True, value, "a list of strings" if item_is_str else "a list"
+        return False, None, "a list of strings" if item_type is str else "a list"
+    if origin is dict:
+        return isinstance(value, Mapping), value, "a mapping"
+    if isinstance(member, type):
+        return isinstance(value, member), value, ""
+    return True, value, ""
 
 
 def parse_train_args(argv: Sequence[str]) -> tuple[Any, Any]:
+    import re
+
     parser = build_train_parser()
     pre, _ = parser.parse_known_args(argv)
+    from_yaml: dict[str, Any] = {}
     if pre.config:
-        defaults = read_yaml_config(pre.config, known_option_names(parser))
-        parser.set_defaults(**defaults)
+        from_yaml = read_yaml_config(pre.config, known_option_names(parser), parser)
+        parser.set_defaults(**from_yaml)
+        pre, _ = parser.parse_known_args(argv)
+    _check_config_files(pre)
     try:
         model_args, config, _, rest = parser.parse_args_into_dataclasses(args=list(argv),
                                                                          return_remaining_strings=True)
-    except ValueError as error:  # SAPOConfig/TrainingArguments validation
-        raise UsageError(f"invalid configuration: {error}") from None
+    except USER_ERRORS:
+        raise
+    except Exception as error:  # SAPOConfig/TrainingArguments validation (ValueError mostly; accelerate's checks)
+        message = _one_paragraph(error)
+        flags = {arg.split("=")[0].lstrip("-").replace("-", "_") for arg in argv if arg.startswith("--")}
+        named = [name for name in from_yaml if name not in flags and re.search(rf"\b{name}\b", message)]
+        where = f" (set in {pre.config}: {', '.join(named)})" if named else ""
+        raise UsageError(f"invalid configuration: {message}{where}") from error
     if rest:
         raise UsageError(f"unknown option(s): {' '.join(rest)} (see `sapo train --help`)")
+    check_model_arguments(model_args)
     return model_args, config
 
 
+def _check_config_files(namespace: argparse.Namespace) -> None:
+    """Options that name a JSON file (or take inline JSON): a missing or unreadable file is named here, with the
+    option, instead of surfacing as a bare FileNotFoundError from inside TrainingArguments."""
+    for name in ("deepspeed", "fsdp_config", "accelerator_config"):
+        value = getattr(namespace, name, None)
+        if not isinstance(value, str) or value.lstrip().startswith("{") or not value:
+            continue
+        file = Path(value)
+        if not file.exists() and name == "deepspeed" and not value.endswith(".json"):
+            continue  # TrainingArguments also takes a base64-encoded config here
+        if not file.is_file():
+            raise UsageError(f"--{name} {value}: no such file" + (" (it is a directory)" if file.is_dir() else ""))
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, RecursionError) as error:
+            raise UsageError(f"--{name} {value}: not a JSON file ({type(error).__name__})") from None
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--{name} {value}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})") \
+                from None
+
+
+def check_model_arguments(model_args: ModelArguments) -> None:
+    """ModelArguments' own values (SAPOConfig checks its fields itself)."""
+    if model_args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {model_args.dtype!r}: must be one of {', '.join(DTYPES)}")
+    for name in ("model_name_or_path", "tokenizer_name_or_path", "dataset_name", "chat_template"):
+        if getattr(model_args, name) is not None and not str(getattr(model_args, name)).strip():
+            raise UsageError(f"--{name} is empty")
+    if not model_args.dataset_split.strip():
+        raise UsageError("--dataset_split is empty")
+    if model_args.lora_r < 1:
+        raise UsageError(f"--lora_r must be >= 1, got {model_args.lora_r}")
+    if not (math.isfinite(model_args.lora_alpha) and model_args.lora_alpha > 0):
+        raise UsageError(f"--lora_alpha must be > 0, got {model_args.lora_alpha}")
+    if not 0.0 <= model_args.lora_dropout < 1.0:
+        raise UsageError(f"--lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
+    targets = model_args.lora_target_modules
+    if targets is not None and (not targets or not all(isinstance(t, str) and t.strip() for t in targets)):
+        raise UsageError(f"--lora_target_modules must name one or more modules, got {targets!r}")
+
+
+def _one_paragraph(error: BaseException | str, limit: int = 600) -> str:
+    """A library's message on one line (some span several paragraphs, some carry terminal colour codes), shortened
+    to `limit` characters."""
+    import re
+
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------------------
+# Model and tokenizer sources
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return (0 < len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+            and "\\" not in name and not name.endswith((".json", ".safetensors", ".bin")))
+
+
+def check_model_source(path: str, option: str, *, trust_remote_code: bool) -> list[Path] | None:
+    """Check a model directory before anything is loaded or written: it exists, its config.json is valid JSON of a
+    known or (trusted) custom architecture, and its weights are all there. Returns the weight files; None for a hub
+    id (after making sure the hub can answer, so an offline machine fails at once)."""
+    directory = Path(path)
+    if not directory.exists():
+        if _is_hub_id(path):
+            from sapo.data import hub_unreachable
+
+            reason = hub_unreachable(path, "model")
+            if reason:
+                raise UsageError(f"--{option} {path}: no such local directory, and as a hub id: {reason}")
+            return None
+        raise UsageError(f"--{option} {path}: no such directory")
+    if not directory.is_dir():
+        raise UsageError(f"--{option} {path}: is a file; expected a model directory (config.json and weights)")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        if (directory / "adapter_config.json").is_file():
+            raise UsageError(f"{path}: directory holds LoRA adapters only (adapter_config.json, no config.json); "
+                             "pass the full model it was trained from, or merge the adapters into it first")
+        raise UsageError(f"{path}: directory has no model (config.json missing)")
+    config = _read_json_object(config_file)
+    if "model_type" not in config and "auto_map" not in config:
+        raise UsageError(f"{config_file}: no 'model_type' key, so the architecture is unknown")
+    if "auto_map" in config and not trust_remote_code:
+        from transformers import CONFIG_MAPPING
+
+        if config.get("model_type") not in CONFIG_MAPPING:
+            raise UsageError(
+                f"{path}: the model's code ships with the checkpoint (config.json 'auto_map', model_type "
+                f"{config.get('model_type')!r} is not built into transformers); pass --trust_remote_code to run it, "
+                "only for a checkpoint you trust")
+    return _weight_files(directory)
+
+
+def _read_json_object(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{file}: not valid UTF-8 (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{file}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+    except (RecursionError, ValueError) as error:
+        raise UsageError(f"{file}: invalid JSON ({_one_paragraph(error, 120)})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The directory's weight files; refuses a directory without any, or with shards its index lists missing."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_file = directory / index_name
+        if index_file.is_file():
+            weight_map = _read_json_object(index_file).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UsageError(f"{index_file}: no 'weight_map' of parameter names to shard files")
+            shards = sorted(set(map(str, weight_map.values())))
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise UsageError(f"{index_file}: lists {len(missing)} shard file(s) that are missing: "
+                                 f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+            return [directory / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
+    others = sorted(p.name for p in directory.glob("*.safetensors")) + sorted(p.name for p in directory.glob("*.bin"))
+    hint = f" (found {', '.join(others[:3])}, which transformers does not load without an index)" if others else ""
+    raise UsageError(f"{directory}: has config.json but no weights: none of {', '.join(WEIGHT_FILES)}{hint}")
+
+
+def check_tokenizer_source(path: str, option: str) -> None:
+    directory = Path(path)
+    if not directory.exists():
+        if _is_hub_id(path):
+            from sapo.data import hub_unreachable
+
+            reason = hub_unreachable(path, "model")
+            if reason:
+                raise UsageError(f"--{option} {path}: no such local directory, and as a hub id: {reason}")
+            return
+        raise UsageError(f"--{option} {path}: no such directory")
+    if not directory.is_dir():
+        raise UsageError(f"--{option} {path}: is a file; expected a directory holding a tokenizer")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"--{option} {path}: directory holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+
+
 def load_model_and_tokenizer(model_args: ModelArguments):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = model_args.model_name_or_path
     if path is None:
         raise UsageError("--model_name_or_path is required")
-    if Path(path).exists() and not (Path(path) / "config.json").exists():
-        raise UsageError(f"{path}: directory has no model (config.json missing)")
-    kwargs: dict[str, Any] = {"trust_remote_code": model_args.trust_remote_code}
+    tokenizer_path = model_args.tokenizer_name_or_path or path
+    trust = model_args.trust_remote_code
+    check_model_source(path, "model_name_or_path", trust_remote_code=trust)
+    check_tokenizer_source(tokenizer_path, "tokenizer_name_or_path" if model_args.tokenizer_name_or_path
+                           else "model_name_or_path")
+    with _library_errors(f"{path}: cannot read the model's configuration"):
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    _check_causal_lm(model_config, path, trust)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust, "config": model_config, "output_loading_info": True}
     if model_args.dtype != "auto":
         import torch
 
         kwargs["dtype"] = getattr(torch, model_args.dtype)
     else:
         kwargs["dtype"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or path,
-                                              trust_remote_code=model_args.trust_remote_code)
+    with _library_errors(f"{path}: cannot load the model's weights"):
+        model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise UsageError(f"{path}: the weights lack {len(missing)} parameter(s) the config.json architecture needs "
+                         f"(e.g. {', '.join(missing[:3])}): they would start random; the weights do not belong to "
+                         "this config.json")
+    with _library_errors(f"{tokenizer_path}: cannot load the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise UsageError(f"the tokenizer ({tokenizer_path}) has {len(tokenizer)} tokens but the model ({path}) "
+                         f"embeds only {rows}: they do not belong together")
     return model, tokenizer
+
+
+def _check_causal_lm(config: Any, path: str, trust_remote_code: bool) -> None:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    custom = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    name = f"model_type {model_type!r} ({type(config).__name__})"
+    if not custom and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UsageError(f"{path}: {name} is not a causal language model (AutoModelForCausalLM cannot load it); "
+                         "SAPO trains decoder-only models")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UsageError(f"{path}: {name} is an encoder-decoder model; SAPO trains decoder-only models")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and getattr(config, "is_decoder", None) is False:
+        raise UsageError(f"{path}: {name} is a bidirectional encoder (is_decoder is false in config.json), not a "
+                         "causal language model; SAPO trains decoder-only models")
+
+
+@contextlib.contextmanager
+def _library_errors(what: str) -> Iterator[None]:
+    """Turn a loading library's exception (transformers, safetensors, torch's safe unpickler, tokenizers, jinja)
+    into one paragraph that says what was being loaded; `--debug` still shows the original traceback."""
+    try:
+        yield
+    except USER_ERRORS:
+        raise
+    except Exception as error:
+        kind = type(error).__name__
+        text = _one_paragraph(error)
+        if kind == "UnpicklingError" or "weights only load failed" in text.lower():
+            raise UsageError(f"{what}: pytorch_model.bin is a pickle that torch's safe loader (weights_only) refuses "
+                             f"({_one_paragraph(text.split('.')[0], 120)}); it could run code on loading: convert the "
+                             "weights to safetensors with code you trust, or use a safetensors checkpoint") from error
+        hint = ""
+        if "custom code" in text or "trust_remote_code" in text:
+            hint = "; pass --trust_remote_code to run the checkpoint's own code, only for a checkpoint you trust"
+        elif kind == "SafetensorError" or "deserializ" in text:
+            hint = "; the weights file is truncated or corrupt: copy or download it again"
+        raise UsageError(f"{what} ({kind}: {text}){hint}") from error
+
+
+def apply_lora(model: Any, model_args: ModelArguments) -> Any:
+    """The model wrapped with LoRA adapters, a LoRA target that matches nothing (or a layer peft cannot adapt)
+    reported with the option, the value and the model's linear layers."""
+    from peft import get_peft_model
+    from torch import nn
+
+    try:
+        return get_peft_model(model, lora_config(model_args))
+    except (ValueError, TypeError) as error:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, nn.Linear)})
+        raise UsageError(f"--lora_target_modules {' '.join(model_args.lora_target_modules or ['all-linear'])}: "
+                         f"{_one_paragraph(error, 300)} (the model's linear layers: {', '.join(linear)})") \
+            from error
 
 
 def lora_config(model_args: ModelArguments):
@@ -143,6 +516,99 @@ def lora_config(model_args: ModelArguments):
                       target_modules=model_args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
 
 
+# ------------------------------------------------------------------------------------------------
+# Output directory
+# ------------------------------------------------------------------------------------------------
+
+
+def check_output_location(out: Path, *, needed_bytes: int = 0, largest_file: int = 0) -> None:
+    """Refuse, before anything is created, an output_dir that is a file, lies under a file, sits on a read-only
+    filesystem or one without room for the final model (`needed_bytes`), or where this process may not write a file
+    as large as `largest_file` (ulimit -f: the write would kill the run with SIGXFSZ)."""
+    if str(out) in ("", "."):
+        raise UsageError("--output_dir is empty; name the directory to train into")
+    if os.path.lexists(out) and not out.is_dir():
+        kind = "a broken symbolic link" if out.is_symlink() and not out.exists() else "a file"
+        raise UsageError(f"output_dir {out}: is {kind}, not a directory")
+    existing = out
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"output_dir {out}: cannot be created, {existing} is a file")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise UsageError(f"output_dir {out}: {existing} is on a read-only filesystem")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output_dir {out}: {existing} is not writable (permission denied)")
+    stats = os.statvfs(existing)
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed_bytes:
+        raise UsageError(f"output_dir {out}: its filesystem has {_size(free)} free, and the final model alone needs "
+                         f"about {_size(needed_bytes)}; free some space or choose another --output_dir")
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < largest_file:
+        raise UsageError(f"output_dir {out}: this process may write files of at most {_size(limit)} (ulimit -f), "
+                         f"and the model's weights file needs {_size(largest_file)}; raise the limit")
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (None when `path` exists): what a run would create."""
+    if os.path.lexists(path):
+        return None
+    while not os.path.lexists(path.parent):
+        path = path.parent
+    return path
+
+
+def _remove_if_created_empty(out: Path, created: Path | None) -> None:
+    """Remove the empty directories a refused run created, from output_dir up to the outermost one it made."""
+    if created is None:
+        return
+    directory = out
+    while True:
+        if not directory.is_dir() or any(directory.iterdir()):
+            return
+        directory.rmdir()
+        if directory == created or directory == directory.parent:
+            return
+        directory = directory.parent
+
+
+def _check_report_to(config: Any) -> None:
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    available = set(get_available_reporting_integrations())
+    for name in config.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UsageError(f"--report_to {name}: unknown integration; use none or one of "
+                             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        if name not in available:
+            raise UsageError(f"--report_to {name}: the {name} package is not installed (pip install it, or pass "
+                             "--report_to none)")
+
+
+def _check_resume_path(resume: str | None) -> None:
+    if not resume or resume.lower() in ("true", "false"):
+        return
+    path = Path(resume)
+    if not path.exists():
+        raise UsageError(f"{resume}: checkpoint directory not found")
+    if not path.is_dir():
+        raise UsageError(f"--resume_from_checkpoint {resume}: is a file, not a checkpoint directory")
+
+
 def run_train(argv: Sequence[str]) -> int:
     from sapo.checkpoint import check_output_dir
     from sapo.data import load_examples
@@ -150,21 +616,42 @@ def run_train(argv: Sequence[str]) -> int:
 
     model_args, config = parse_train_args(argv)
     resume = config.resume_from_checkpoint
-    if resume and resume.lower() not in ("true", "false") and not Path(resume).is_dir():
-        raise UsageError(f"{resume}: checkpoint directory not found")
-    check_output_dir(Path(config.output_dir), resuming=bool(resume) and resume.lower() != "false",
+    _check_resume_path(resume)
+    out = Path(config.output_dir)
+    check_output_location(out)
+    check_output_dir(out, resuming=bool(resume) and resume.lower() != "false",
                      overwrite=config.overwrite_output_dir)
+    if model_args.model_name_or_path is None:
+        raise UsageError("--model_name_or_path is required")
     if model_args.dataset_name is None:
         raise UsageError("--dataset_name is required (a .jsonl/.json/.parquet file, directory or hub name)")
+    weights = check_model_source(model_args.model_name_or_path, "model_name_or_path",
+                                 trust_remote_code=model_args.trust_remote_code)
+    if weights and not model_args.use_peft:  # the final save writes the policy and the EMA model beside it
+        sizes = [file.stat().st_size // (2 if model_args.dtype in ("bfloat16", "float16") else 1) for file in weights]
+        check_output_location(out, needed_bytes=sum(sizes) * (2 if config.self_augmenting else 1),
+                              largest_file=max(sizes))
+    _check_report_to(config)
     examples = load_examples(model_args.dataset_name, model_args.dataset_split, skip_invalid=config.skip_invalid,
                              with_rejected=config.needs_rejected_data)
     model, tokenizer = load_model_and_tokenizer(model_args)
-    trainer = SAPOTrainer(model=model, args=config, train_dataset=examples, processing_class=tokenizer,
-                          peft_config=lora_config(model_args) if model_args.use_peft else None,
-                          chat_template=model_args.chat_template)
-    trainer.data_source = model_args.dataset_name
-    trainer.command = shlex.join(["sapo", "train", *argv])
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    if model_args.use_peft:
+        model = apply_lora(model, model_args)
+    created = _first_missing(out)
+    try:
+        try:
+            trainer = SAPOTrainer(model=model, args=config, train_dataset=examples, processing_class=tokenizer,
+                                  chat_template=model_args.chat_template)
+        except (ValueError, ImportError, RuntimeError) as error:  # refusals of this setup by Trainer, accelerate
+            if isinstance(error, USER_ERRORS):
+                raise
+            raise UsageError(f"cannot set up training: {_one_paragraph(error)}") from error
+        trainer.data_source = model_args.dataset_name
+        trainer.command = shlex.join(["sapo", "train", *argv])
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    except USER_ERRORS:
+        _remove_if_created_empty(out, created)
+        raise
     trainer.save_model()
     if trainer.is_world_process_zero():
         ema_note = f", EMA model to {Path(config.output_dir) / 'ema'}" if trainer.copies.ema is not None else ""
@@ -199,7 +686,17 @@ def run_eval(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": run_train, "demo": run_demo, "plot": run_plot, "inspect": run_inspect, "eval": run_eval}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+    debug = "--debug" in argv  # sapo's own flag; TrainingArguments' `debug` stays reachable from YAML
+    argv = [arg for arg in argv if arg != "--debug"]
+    if argv and argv[0] not in commands and argv[0] not in ("-h", "--help"):
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], list(commands), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        print(f"sapo: error: unknown command {argv[0]!r}; {hint}commands: {', '.join(commands)} (see `sapo --help`)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not argv or argv[0] in ("-h", "--help"):
         print("usage: sapo {train,demo,plot,inspect,eval} [options]\n\n"
               "  train    train a model (sapo train --help lists every option)\n"
               "  demo     run the whole pipeline on a built-in task with a tiny model, no downloads\n"
@@ -207,25 +704,51 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  inspect  show replay-buffer entries with the rewritten segment highlighted (sapo inspect PATH)\n"
               "  eval     compare model dirs on prompts with a judge: scores, per-family means, pairwise win rates\n"
               "           (sapo eval MODEL_DIR... --suite heldout | --data FILE [--judge module:function])",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
-    debug = "--debug" in argv  # sapo's own flag; TrainingArguments' `debug` stays reachable from YAML
-    argv = [arg for arg in argv if arg != "--debug"]
+              file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return _run_guarded(commands[argv[0]], argv[1:], debug)
 
 
 def _run_guarded(command, argv: Sequence[str], debug: bool) -> int:
     try:
-        return command(argv)
+        with _argparse_errors_raise():
+            return command(argv)
     except TrainingStopped as stopped:
         print(f"sapo: {stopped}", file=sys.stderr)
         return stopped.exit_code
     except USER_ERRORS as error:
         if debug:
             raise
-        print(f"sapo: error: {error}", file=sys.stderr)
+        print(f"sapo: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:  # a full or read-only disk met after the checks (another process filled it, quota)
+        if debug or error.errno not in FILESYSTEM_ERRNOS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"sapo: error: {where}{error.strerror or error} (the run stopped there; what it had written is kept)",
+              file=sys.stderr)
+        return EXIT_USAGE
+
+
+class _ArgumentError(UsageError):
+    """An argparse refusal (unknown choice, mistyped value, missing argument), reported as one paragraph."""
+
+
+@contextlib.contextmanager
+def _argparse_errors_raise() -> Iterator[None]:
+    """While a command runs, argparse's errors raise instead of printing the whole usage (hundreds of options for
+    `sapo train`) and exiting; `--help` still prints and exits 0."""
+    original = argparse.ArgumentParser.error
+
+    def error(parser: argparse.ArgumentParser, message: str):
+        raise _ArgumentError(f"{parser.prog}: {message} (see `{parser.prog} --help`)")
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
 
 
 def config_reference_markdown() -> str:
