@@ -106,7 +106,8 @@ def load_judge(spec: str) -> Judge:
 
 
 def _module_from_file(spec: str, file_name: str) -> Any:
-
+    """Execute the judge file as a module (it runs with this process's rights), its folder first on sys.path so it
+    can import the helpers beside it."""
     path = Path(file_name)
     if not path.is_file():
         raise UsageError(f"--judge {spec!r}: no such file {file_name!r}")
@@ -114,11 +115,17 @@ def _module_from_file(spec: str, file_name: str) -> Any:
     if module_spec is None or module_spec.loader is None:
         raise UsageError(f"--judge {spec!r}: cannot load {file_name!r} as a Python module")
     module = importlib.util.module_from_spec(module_spec)
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ beside the user's file
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:  # the user's file failed while importing
         raise UsageError(f"--judge {spec!r}: importing {file_name!r} failed "
-                         f"({type(error).__name__}: {error})") from None
+                         f"({type(error).__name__}: {' '.join(str(error).split())})") from None
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
     return module
 
 
@@ -279,10 +286,48 @@ def load_model(path: str, *, device: str = "cpu", chat_template: str | None = No
 
     if not (Path(path) / "config.json").is_file():
         raise UsageError(f"{path}: not a model directory (config.json missing)")
-    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    except Exception as error:  # transformers, safetensors, torch's safe unpickler: corrupt or foreign weights
+        raise UsageError(f"{path}: cannot load the model ({type(error).__name__}: {' '.join(str(error).split())})") \
+            from error
     model.eval()
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), chat_template)
-    return model, tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as error:
+        raise UsageError(f"{path}: cannot load the tokenizer ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())})") from error
+    return model, prepare_tokenizer(tokenizer, chat_template)
+
+
+def _check_device(name: str) -> str:
+    """`--device` as torch understands it, refused now if this machine lacks it (not after the first prompt)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def _check_output_file(value: str) -> None:
+    """--output must be creatable: not a directory, and not under a file (checked before any generation)."""
+    path = Path(value)
+    if path.is_dir():
+        raise UsageError(f"--output {value}: is a directory; name a file for the JSON report")
+    existing = path.parent
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--output {value}: cannot be created, {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"--output {value}: {existing} is not writable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,11 +379,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sample and (args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
         raise UsageError("--sample needs --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
     for path in args.model_dirs:  # fail before any generation, not after the first model
+        if not Path(path).is_dir():
+            raise UsageError(f"{path}: no such model directory" if not Path(path).exists()
+                             else f"{path}: is a file, not a model directory")
         if not (Path(path) / "config.json").is_file():
             raise UsageError(f"{path}: not a model directory (config.json missing)")
+    if args.output:
+        _check_output_file(args.output)
     judge = load_judge(args.judge)
     prompts, records = load_eval_records(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else _check_device(args.device)
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, do_sample=True) if args.sample else None
     responses_by_model: dict[str, list[str]] = {}
     for path in args.model_dirs:

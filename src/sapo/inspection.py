@@ -406,6 +406,14 @@ def _load_tokenizer(name: str | os.PathLike[str]) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.html is not None:  # checked before the buffer and tokenizer are loaded
+        if args.html.is_dir():
+            raise UsageError(f"--html {args.html}: is a directory; name a file for the page")
+        existing = args.html.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"--html {args.html}: cannot be created, {existing} is a file")
     try:
         entries = load_entries(args.path, rank=args.rank)
         tokenizer_dir = args.tokenizer or _find_tokenizer_dir(Path(args.path))

@@ -66,17 +66,22 @@ def load_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = _metrics_path(Path(run))
     if not path.is_file():
         raise ValueError(f"{path}: no such file (a SAPO output_dir has metrics.jsonl after its first log step)")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not valid UTF-8 (not a metrics.jsonl written by sapo?)") from None
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):
+        except (ValueError, RecursionError) as error:  # syntax, nesting too deep, an integer too long
+            if number == len(lines) and isinstance(error, json.JSONDecodeError):
                 break  # being written right now
-            raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
+            raise ValueError(f"{path}, line {number}: not valid JSON "
+                             f"({' '.join(str(error).split()) or type(error).__name__})") from None
         if isinstance(row, dict) and "loss" in row:
             rows.append(row)
     if not rows:
@@ -178,6 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     first = Path(args.run_dirs[0])
     out = Path(args.out) if args.out else (first.parent if first.is_file() else first) / "plots"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a directory")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: cannot be created, {existing} is a file")
     try:
         paths = plot_runs(args.run_dirs, out)
     except (ImportError, ValueError, OSError) as error:
