@@ -1,12 +1,16 @@
 """Checkpoints resume exactly; kills, signals, interrupted saves and non-finite steps lose nothing."""
 
+import errno
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer, tasks
+from sapo.checkpoint import read_metrics
+from sapo.cli import main
 from sapo.errors import CheckpointError, OutputDirError, TrainingStopped
 
 
@@ -234,3 +240,236 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path, cli_setup):
     assert len(checkpoints) == 1
     step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
     assert 1 <= step < 500 and checkpoints[0].name == f"checkpoint-{step}"
+
+
+def test_counters_and_metrics_since_the_last_log_survive_a_resume(tmp_path, tokenizer, suite):
+    """A checkpoint between two logging steps: the resumed run logs the same rows, non-finite counter included."""
+    full = trainer_for(tmp_path / "full", tokenizer, suite, logging_steps=2, save_steps=3)
+    poison_steps(full, {2})
+    full.train()
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    resumed = trainer_for(tmp_path / "resumed", tokenizer, suite, logging_steps=2, save_steps=3)
+    poison_steps(resumed, {2})
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    assert resumed.nonfinite_steps == 1
+
+    def rows(out):
+        return [(r["step"], r["loss"], r["rewards/margins"], r["nonfinite/skipped_steps"])
+                for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
+
+    assert [r[0] for r in rows(tmp_path / "full")] == [2, 4, 6]
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "full")
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the CLI: nothing lost, nothing cryptic
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, model_dir):
+    """A 4-step `sapo train` (checkpoints at 2 and 4, constant learning rate, so one step more would show) and
+    its finished output directory, `reference`."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data.jsonl"
+    rows = [{"messages": r["messages"]} for r in tasks.make_suite(64, 0, seed=2)["train"]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def args(out, *extra):
+        return ["train", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir",
+                str(out), "--max_steps", "4", "--save_steps", "2", "--seed", "7", "--per_device_train_batch_size", "4",
+                "--token_generate_length", "4", "--max_length", "64", "--max_prompt_length", "48",
+                "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--logging_steps", "1", "--use_cpu",
+                "--report_to", "none", "--disable_tqdm", "true", "--ref_update_steps", "3", *extra]
+
+    reference = root / "reference"
+    assert main(args(reference)) == 0
+    return SimpleNamespace(root=root, data=data, args=args, reference=reference)
+
+
+def copy_of_reference(cli, tmp_path):
+    shutil.copytree(cli.reference, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def assert_final_outputs_match_reference(out, cli):
+    for name in ("model.safetensors", "ema/model.safetensors"):
+        ours, theirs = load_file(str(out / name)), load_file(str(cli.reference / name))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert json.loads((out / "sapo_final.json").read_text())["step"] == 4
+    assert (out / "README.md").exists() and (out / "tokenizer.json").exists()
+    assert not (out / ".sapo.lock").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def files_of(out):
+    """Every file and directory with its size and modification time: "nothing written" compares two of these."""
+    return {str(p.relative_to(out)): (p.is_dir() or p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")}
+
+
+def run_refused(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("sapo: error: ")]
+    assert len(errors) == 1
+    return errors[0]
+
+
+def test_resuming_a_finished_run_trains_nothing_and_completes_the_final_outputs(cli, tmp_path):
+    run = copy_of_reference(cli, tmp_path)
+    assert main(cli.args(run, "--resume_from_checkpoint", "true")) == 0  # the 13th-step bug: no checkpoint-5
+    assert_final_outputs_match_reference(run, cli)
+    assert (run / "metrics.jsonl").read_text() == (cli.reference / "metrics.jsonl").read_text()
+    for name in ("model.safetensors", "ema", "README.md", "sapo_final.json"):  # died before its final save
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    assert main(cli.args(run, "--resume_from_checkpoint", str(run / "checkpoint-4"))) == 0
+    assert_final_outputs_match_reference(run, cli)
+
+
+@pytest.mark.parametrize("when", ["last step", "final save"])
+def test_a_signal_at_the_end_completes_the_run(cli, tmp_path, capsys, monkeypatch, when):
+    after_step, write_card = SAPOTrainer._after_optimizer_step, SAPOTrainer.write_model_card
+
+    def signal_during_last_step(self):
+        after_step(self)
+        if self.state.global_step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def signal_during_final_save(self, directory):
+        os.kill(os.getpid(), signal.SIGTERM)
+        write_card(self, directory)
+
+    if when == "last step":
+        monkeypatch.setattr(SAPOTrainer, "_after_optimizer_step", signal_during_last_step)
+    else:
+        monkeypatch.setattr(SAPOTrainer, "write_model_card", signal_during_final_save)
+    assert main(cli.args(tmp_path / "run")) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "SIGTERM received at the end of training" in err and "nothing to resume" in err
+    assert_final_outputs_match_reference(tmp_path / "run", cli)
+
+
+KILL_HALF_WAY_THROUGH_THE_FINAL_MOVES = """
+import os, signal, sys
+from pathlib import Path
+import sapo.checkpoint
+
+def die_half_way(out):
+    committed = Path(out) / ".staging" / "final"
+    first = sorted(p for p in committed.iterdir() if p.name != "sapo_final.json")[0]
+    os.replace(first, Path(out) / first.name)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+sapo.checkpoint._move_final_into_place = die_half_way
+from sapo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_the_final_save_then_resume_takes_the_stale_lock_and_completes(cli, tmp_path, caplog):
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_HALF_WAY_THROUGH_THE_FINAL_MOVES)
+    run = tmp_path / "run"
+    victim = subprocess.run([sys.executable, str(driver), *cli.args(run)], capture_output=True, text=True,
+                            timeout=300)
+    assert victim.returncode == -signal.SIGKILL, victim.stderr[-3000:]
+    assert json.loads((run / ".sapo.lock").read_text())["pid"] > 0  # left behind by the killed run
+    assert not (run / "sapo_final.json").exists() and (run / ".staging" / "final").is_dir()
+    with caplog.at_level(logging.WARNING):
+        assert main(cli.args(run, "--resume_from_checkpoint", "true")) == 0
+    assert "taking over the lock of a run that is no longer running" in caplog.text
+    assert_final_outputs_match_reference(run, cli)
+    assert loss_rows(run) == loss_rows(cli.reference)
+
+
+def test_a_changed_setting_is_refused_by_name_and_accepted_when_allowed(cli, tmp_path, capsys):
+    run = copy_of_reference(cli, tmp_path)
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n"
+                                  for r in tasks.make_suite(64, 0, seed=3)["train"]))
+    before = files_of(run)
+    for extra, expected in [
+        (["--loss_type", "ipo", "--seed", "8"], ['loss_type (checkpoint "sigmoid", this run "ipo")',
+                                                 "seed (checkpoint 7, this run 8)",
+                                                 "--resume_allow_changes loss_type seed"]),
+        (["--recipe", "sft"], ['recipe (checkpoint "sapo", this run "sft")']),
+        (["--dataset_name", str(other_data)], ["data (the tokenized training data is not the same)"]),
+        (["--ema_beta", "0.9"], ["ema_beta (checkpoint 0.5, this run 0.9)"]),
+    ]:
+        error = run_refused(capsys, cli.args(run, "--resume_from_checkpoint", "true", *extra))
+        assert "settings differ" in error and all(part in error for part in expected), error
+        assert files_of(run) == before
+    assert main(cli.args(run, "--resume_from_checkpoint", str(run / "checkpoint-2"), "--ema_beta", "0.9",
+                         "--resume_allow_changes", "ema_beta")) == 0
+    resumed_ema = load_file(str(run / "ema" / "model.safetensors"))
+    reference_ema = load_file(str(cli.reference / "ema" / "model.safetensors"))
+    assert not all(torch.equal(resumed_ema[k], reference_ema[k]) for k in reference_ema)  # the change took effect
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_damaged_checkpoints_are_refused_with_nothing_written(cli, tmp_path, capsys):
+    run = copy_of_reference(cli, tmp_path)
+    checkpoint = run / "checkpoint-4"
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[:100])
+
+    def garble(path):
+        path.write_text(path.read_text().replace("[", "{", 1))
+
+    for relative, damage, resume, expected in [
+        ("model.safetensors", truncate, "true", "model.safetensors has 100 bytes"),
+        ("sapo_state/parameters.json", garble, str(checkpoint), "sapo_state/parameters.json differs"),
+        ("optimizer.pt", Path.unlink, "true", "optimizer.pt is missing"),
+        ("sapo_state/trainer.json", Path.unlink, str(checkpoint), "missing sapo_state/trainer.json"),
+    ]:
+        original = (checkpoint / relative).read_bytes()
+        damage(checkpoint / relative)
+        before = files_of(run)
+        error = run_refused(capsys, cli.args(run, "--resume_from_checkpoint", resume))
+        assert expected in error and "--resume_from_checkpoint" in error and "checkpoint-2" in error, error
+        assert files_of(run) == before  # nothing written: no lock left, metrics untouched
+        (checkpoint / relative).write_bytes(original)
+
+
+def test_full_disk_during_a_metrics_append_then_resume(cli, tmp_path, capsys, monkeypatch):
+    """The append is cut short (a torn line) and the run ends in one paragraph; resume and overwrite cope."""
+    log = SAPOTrainer.log
+
+    def disk_full_at_step_3(self, logs, start_time=None):
+        if self.state.global_step == 3 and "loss" in logs:
+            path = os.path.join(self.args.output_dir, "metrics.jsonl")
+            with open(path, "a") as handle:
+                handle.write('{"step": 3, "loss": 0.6')
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        log(self, logs, start_time)
+
+    monkeypatch.setattr(SAPOTrainer, "log", disk_full_at_step_3)
+    run = tmp_path / "run"
+    error = run_refused(capsys, cli.args(run))
+    assert "no space left on the device of output_dir" in error and "--resume_from_checkpoint true" in error
+    assert not (run / ".sapo.lock").exists() and (run / "checkpoint-2").is_dir()
+    monkeypatch.undo()
+    assert main(cli.args(run, "--resume_from_checkpoint", "true")) == 0
+    assert loss_rows(run) == loss_rows(cli.reference)
+    assert_final_outputs_match_reference(run, cli)
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "lo')
+    assert main(cli.args(run, "--overwrite_output_dir", "true")) == 0
+    assert loss_rows(run) == loss_rows(cli.reference)
+
+
+def test_two_runs_started_together_into_one_directory_one_is_refused(cli, tmp_path):
+    out = tmp_path / "shared"
+    command = [sys.executable, "-m", "sapo.cli", *cli.args(out, "--max_steps", "6")]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    codes = [p.returncode for p in processes]
+    assert sorted(codes) == [0, 2], [o[1][-2000:] for o in outputs]
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert f"in use by another sapo run (pid {processes[winner].pid} on host" in outputs[loser][1]
+    assert "Traceback" not in outputs[loser][1]
+    assert [row[0] for row in loss_rows(out)] == [1, 2, 3, 4, 5, 6]  # one writer: one row per step
+    assert not (out / ".sapo.lock").exists()
