@@ -460,3 +460,41 @@ def test_mismatched_shapes_raise() -> None:
         preference_loss(torch.zeros(3), torch.zeros(3, 1), torch.zeros(3), torch.zeros(3), beta=0.1)
     with pytest.raises(ValueError, match="same shape"):
         orpo_loss(torch.zeros(3), torch.zeros(2), beta=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss table: one call for every loss, no silent fallback
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "orpo"])
+def test_pair_loss_composes_the_table_row(loss_type):
+    from sapo.logprobs import sequence_logps
+    from sapo.losses import LOSSES, nll_from_logps, orpo_loss, pair_loss, preference_loss
+
+    generator = torch.Generator().manual_seed(0)
+    token_logps = -torch.rand(4, 6, generator=generator) * 3
+    ref_token_logps = -torch.rand(4, 6, generator=generator) * 3
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0]]).bool()
+    result = pair_loss(loss_type, token_logps, mask, ref_token_logps, beta=0.1)
+    sums, means = sequence_logps(token_logps, mask)
+    ref_sums, ref_means = sequence_logps(ref_token_logps, mask)
+    if loss_type == "orpo":
+        expected = nll_from_logps(token_logps[:2], mask[:2]) + orpo_loss(means[:2], means[2:], beta=0.1).losses.mean()
+    else:
+        policy, ref = (means, ref_means) if LOSSES[loss_type].length_normalised else (sums, ref_sums)
+        output = preference_loss(policy[:2], policy[2:], ref[:2], ref[2:], beta=0.1, loss_type=loss_type)
+        expected = output.losses.mean()
+    torch.testing.assert_close(result.loss, expected)
+    assert (result.nll is not None) == (loss_type == "orpo")
+    torch.testing.assert_close(result.sums, sums)
+
+
+def test_pair_loss_refuses_an_unknown_loss_and_a_missing_reference():
+    from sapo.losses import pair_loss
+
+    logps, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="Unknown loss_type 'kto'"):
+        pair_loss("kto", logps, mask, logps, beta=0.1)
+    with pytest.raises(ValueError, match="needs the reference model's log-probs"):
+        pair_loss("sigmoid", logps, mask, None, beta=0.1)

@@ -225,6 +225,16 @@ def nll_from_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
     return -total / keep.sum().clamp(min=1)
 
 
+@dataclass(frozen=True)
+class PairLoss:
+    """The loss of a batch of pairs and what is logged with it."""
+
+    loss: Tensor  # scalar: mean over pairs, plus the NLL where the loss adds it
+    output: PreferenceLossOutput  # per-pair losses and rewards
+    nll: Tensor | None  # the NLL term (ORPO), or None
+    sums: Tensor  # summed response log-probs of every row (real rows, then rejected rows)
+
+
 def pair_loss(
     loss_type: str,
     token_logps: Tensor,
@@ -233,13 +243,9 @@ def pair_loss(
     *,
     beta: float,
     label_smoothing: float = 0.0,
-) -> tuple[Tensor, PreferenceLossOutput, Tensor | None]:
+) -> PairLoss:
     """The loss of a batch of pairs, laid out as the trainer scores them: ``(2 * pairs, seq)`` per-token log-probs,
-    real rows first, then the rejected rows in the same order; ``mask`` marks response tokens.
-
-    Returns the scalar loss (mean over pairs, plus the NLL where the loss adds it), the per-pair output (rewards
-    for logging) and the NLL term or None.
-    """
+    real rows first, then the rejected rows in the same order; ``mask`` marks response tokens."""
     spec = LOSSES[check_loss_type(loss_type)]
     if spec.needs_reference and ref_token_logps is None:
         raise ValueError(f"loss_type {loss_type!r} needs the reference model's log-probs")
@@ -255,15 +261,15 @@ def pair_loss(
         output = orpo_loss(policy[:half], policy[half:], beta=beta)
     loss = output.losses.mean()
     nll = nll_from_logps(token_logps[:half], mask[:half]) if spec.adds_nll else None
-    return (loss if nll is None else nll + loss), output, nll
+    return PairLoss(loss if nll is None else nll + loss, output, nll, sums)
 
 
-def pair_metrics(output: PreferenceLossOutput, token_logps: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """What preference trainers log for a batch of pairs laid out as in :func:`pair_loss` (real rows first):
-    implicit rewards, their margin and accuracy, summed log-probs and response lengths of each side."""
-    sums, _ = sequence_logps(token_logps, mask)
+def pair_metrics(result: PairLoss, mask: Tensor) -> dict[str, Tensor]:
+    """What preference trainers log for a batch of pairs (see :func:`pair_loss`): implicit rewards, their margin and
+    accuracy, summed log-probs and response lengths of each side."""
+    sums = result.sums.detach()
     half = sums.shape[0] // 2
-    real, rejected = output.real_rewards.float(), output.rejected_rewards.float()
+    real, rejected = result.output.real_rewards.float(), result.output.rejected_rewards.float()
     lengths = mask.sum(-1).float()
     return {
         "rewards/real": real.mean(), "rewards/rejected": rejected.mean(),

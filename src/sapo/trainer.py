@@ -31,6 +31,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint, rotate_
 
 from sapo.checkpoint import (
     OutputDirLock,
+    check_allowed_changes,
     check_output_dir,
     check_output_lock,
     checkpoint_step,
@@ -385,12 +386,13 @@ class SAPOTrainer(Trainer):
         if LOSSES[self.args.loss_type].needs_reference:
             ref_token_logps = self.copies.reference_forward(lambda m: self.token_logps(m, inputs), model)
         token_logps = self.token_logps(model, inputs)
-        loss, output, nll = pair_loss(self.args.loss_type, token_logps, mask, ref_token_logps, beta=self.args.beta,
-                                      label_smoothing=self.args.label_smoothing)
-        if nll is not None:
-            self._metrics["nll_loss"].append(nll.item())
-        for name, value in pair_metrics(output, token_logps.detach(), mask).items():
+        result = pair_loss(self.args.loss_type, token_logps, mask, ref_token_logps, beta=self.args.beta,
+                           label_smoothing=self.args.label_smoothing)
+        if result.nll is not None:
+            self._metrics["nll_loss"].append(result.nll.item())
+        for name, value in pair_metrics(result, mask).items():
             self._metrics[name].append(value.item())
+        loss, output = result.loss, result.output
         return (loss, output) if return_outputs else loss
 
     # --------------------------------------------------------------------------------------------
@@ -492,7 +494,12 @@ class SAPOTrainer(Trainer):
         """The checkpoint to resume (`true`: the latest), validated like any path; refusals agree across ranks."""
         error: Exception | None = None
         try:
-            check_output_lock(Path(self.args.output_dir))  # a live run's checkpoints change under us: say so first
+            if self.is_world_process_zero():  # a live run's checkpoints change under us: say so first
+                check_output_lock(Path(self.args.output_dir))
+            if self.args.resume_allow_changes:
+                check_allowed_changes(self.args.resume_allow_changes,
+                                      list(run_settings(self.args, [f.name for f in sapo_fields()], world_size=1,
+                                                        data="")))
             if isinstance(resume, str) and resume.lower() in ("true", "false"):
                 resume = resume.lower() == "true"
             if resume is True:
