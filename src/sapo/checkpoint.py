@@ -150,7 +150,11 @@ def _locked_message(out: Path, holder: Mapping[str, Any], state: str) -> str:
 
 
 def check_output_lock(out: Path) -> None:
-    """Raise `OutputDirError` when another run that is still alive (or on another host) holds `out`'s lock."""
+    """Raise `OutputDirError` when another run that is still alive (or on another host) holds `out`'s lock. Only
+    the main process of a launch checks (RANK 0 or unset): the lock is its business, and a rank on another node
+    could not tell whether it is stale."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     holder = _parse_lock(_read_text(out / LOCK_FILE) or "")
     if holder is not None:
         state = lock_holder_state(holder)
