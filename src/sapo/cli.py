@@ -726,8 +726,9 @@ def _run_guarded(command, argv: Sequence[str], debug: bool) -> int:
         if debug or error.errno not in FILESYSTEM_ERRNOS:
             raise
         where = f"{error.filename}: " if error.filename else ""
-        print(f"sapo: error: {where}{error.strerror or error} (the run stopped there; what it had written is kept)",
-              file=sys.stderr)
+        partial = " (the run stopped there; what it had written is kept)" \
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+        print(f"sapo: error: {where}{error.strerror or error}{partial}", file=sys.stderr)
         return EXIT_USAGE
 
 
