@@ -391,20 +391,24 @@ def _move_final_into_place(out: Path) -> None:
         os.replace(committed / FINAL_RECORD_FILE, out / FINAL_RECORD_FILE)
         _fsync_dir(out)
     shutil.rmtree(committed)
+    with contextlib.suppress(OSError):  # leave no empty .staging behind a finished run (checkpoints recreate it)
+        committed.parent.rmdir()
 
 
 def recover_staging(out: Path) -> None:
     """Before a run writes into `out`: finish moving final outputs that were committed when a run died, put back a
     checkpoint set aside for replacement (systems without an atomic swap), and drop unfinished partial writes."""
     staging = out / STAGING_DIR
+    _move_final_into_place(out)
     if not staging.is_dir():
         return
-    _move_final_into_place(out)
     for entry in staging.iterdir():
         if entry.name.endswith(".replaced") and not (out / entry.name.removesuffix(".replaced")).exists():
             os.replace(entry, out / entry.name.removesuffix(".replaced"))
         elif entry.name.endswith(".replaced") or entry.name.startswith("trash-") or entry.name == FINAL_PARTIAL:
             shutil.rmtree(entry, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging.rmdir()  # only when empty
 
 
 # ------------------------------------------------------------------------------------------------
@@ -545,7 +549,8 @@ def check_allowed_changes(allowed: Sequence[str], known: Sequence[str]) -> None:
     unknown = sorted(set(allowed) - set(known))
     if unknown:
         raise UsageError(f"resume_allow_changes: unknown setting(s) {', '.join(unknown)}; the settings compared on "
-                         f"resume are {', '.join(sorted(known))}")
+                         f"resume are {', '.join(sorted(known))} (max_steps and num_train_epochs may change without "
+                         "it)")
 
 
 def settings_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
