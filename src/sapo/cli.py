@@ -324,10 +324,8 @@ def _is_hub_id(name: str) -> bool:
             and "\\" not in name and not name.endswith((".json", ".safetensors", ".bin")))
 
 
-def check_model_source(path: str, option: str, *, trust_remote_code: bool) -> list[Path] | None:
-    """Check a model directory before anything is loaded or written: it exists, its config.json is valid JSON of a
-    known or (trusted) custom architecture, and its weights are all there. Returns the weight files; None for a hub
-    id (after making sure the hub can answer, so an offline machine fails at once)."""
+def _local_directory(path: str, option: str, expected: str) -> Path | None:
+    """`path` as an existing directory; None for a hub id the hub can answer (an offline machine fails at once)."""
     directory = Path(path)
     if not directory.exists():
         if _is_hub_id(path):
@@ -339,7 +337,17 @@ def check_model_source(path: str, option: str, *, trust_remote_code: bool) -> li
             return None
         raise UsageError(f"--{option} {path}: no such directory")
     if not directory.is_dir():
-        raise UsageError(f"--{option} {path}: is a file; expected a model directory (config.json and weights)")
+        raise UsageError(f"--{option} {path}: is a file; expected {expected}")
+    return directory
+
+
+def check_model_source(path: str, option: str, *, trust_remote_code: bool) -> list[Path] | None:
+    """Check a model directory before anything is loaded or written: it exists, its config.json is valid JSON of a
+    known or (trusted) custom architecture, and its weights are all there. Returns the weight files; None for a hub
+    id (after making sure the hub can answer, so an offline machine fails at once)."""
+    directory = _local_directory(path, option, "a model directory (config.json and weights)")
+    if directory is None:
+        return None
     config_file = directory / "config.json"
     if not config_file.is_file():
         if (directory / "adapter_config.json").is_file():
@@ -397,18 +405,9 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def check_tokenizer_source(path: str, option: str) -> None:
-    directory = Path(path)
-    if not directory.exists():
-        if _is_hub_id(path):
-            from sapo.data import hub_unreachable
-
-            reason = hub_unreachable(path, "model")
-            if reason:
-                raise UsageError(f"--{option} {path}: no such local directory, and as a hub id: {reason}")
-            return
-        raise UsageError(f"--{option} {path}: no such directory")
-    if not directory.is_dir():
-        raise UsageError(f"--{option} {path}: is a file; expected a directory holding a tokenizer")
+    directory = _local_directory(path, option, "a directory holding a tokenizer")
+    if directory is None:
+        return
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise UsageError(f"--{option} {path}: directory holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
 
