@@ -267,3 +267,20 @@ def test_sapo_train_command_on_a_real_checkpoint_in_bf16(tmp_path, name):
     expected = chat_ids_of(AutoTokenizer.from_pretrained(checkpoint))
     for directory in (out, out / "ema"):  # the saved tokenizer tokenizes like the one trained with
         assert chat_ids_of(AutoTokenizer.from_pretrained(directory)) == expected
+
+
+def test_python_dash_m_sapo_runs_the_command():
+    """`python -m sapo` is what `accelerate launch -m sapo train ...` runs."""
+    result = subprocess.run([sys.executable, "-m", "sapo", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: sapo {train" in result.stdout
+
+
+def test_a_run_shorter_than_logging_steps_logs_its_last_step_and_plots(tmp_path, model_dir, dataset_file):
+    from sapo.plots import main as plot_main
+
+    config_file = write_yaml(tmp_path, model_dir, dataset_file, logging_steps=10)
+    assert main(["train", "--config", str(config_file)]) == 0  # 3 steps, logging every 10
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [3]
+    assert plot_main([str(tmp_path / "out"), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "loss.png").exists()

@@ -706,3 +706,11 @@ def test_mistral_common_backend_tokenizes_through_mistral_common() -> None:
     assert tokenized.prompt_ids == tok.apply_chat_template(example.prompt, add_generation_prompt=True)["input_ids"]
     with pytest.raises(DataError, match="takes no Jinja template"):
         prepare_tokenizer(tok, "chatml")
+
+
+def test_a_dataset_dict_is_named_by_its_splits() -> None:
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}]),
+                                   "test": datasets.Dataset.from_list([{"prompt": "c", "completion": "d"}])})
+    with pytest.raises(DataError, match=r"a DatasetDict with splits 'train', 'test'; pass one split, "
+                                        r"e.g. dataset\['train'\]"):
+        examples_from_records(splits)

@@ -228,3 +228,18 @@ def test_eval_default_judge_on_data_without_task_explains_itself(two_models, tmp
     monkeypatch.setattr(evaluation, "generate_responses", lambda model, tok, prompts, **k: ["x"] * len(prompts))
     with pytest.raises(UsageError, match="pass --judge module:function for other data"):
         evaluation.main([two_models[0], "--data", str(data)])
+
+
+def test_eval_accepts_prompt_only_records(two_models, tmp_path):
+    """An eval set of prompts with judge fields needs no reference answer."""
+    judges = tmp_path / "judges.py"
+    judges.write_text("def length(prompt, response, record):\n    return float(len(response) <= record['limit'])\n")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hi.", "limit": 500}) + "\n"
+                    + json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "2+2="}], "limit": 500}) + "\n")
+    output = tmp_path / "report.json"
+    assert evaluation.main([two_models[0], "--data", str(data), "--judge", f"{judges}:length", "--max_new_tokens",
+                            "4", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert len(report["per_prompt"]) == 2

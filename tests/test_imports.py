@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sapo"
 ALGORITHM = {"segments", "buffer", "ema", "losses", "logprobs", "generation", "sharding", "data", "layout", "errors",
              "checkpoint", "copies", "recipes", "tasks", "tiny"}
-COMMANDS = {"cli", "demo", "evaluation", "inspection", "plots"}
+COMMANDS = {"cli", "demo", "evaluation", "inspection", "plots", "__main__"}
 
 
 def imports_of(path: Path) -> set[str]:

@@ -267,6 +267,20 @@ def normalize_record(record: Any, location: str, with_rejected: bool = False) ->
     return Example(example.prompt, example.response, rejected, location)
 
 
+def prompt_of_record(record: Any, location: str) -> list[Message]:
+    """The prompt of a record: of any training record, or of a prompt-only one (`messages` ending with a user turn,
+    or `prompt` alone), since evaluating a model needs prompts and a judge, not reference answers."""
+    if isinstance(record, Mapping):
+        fields = {key: value for key, value in record.items() if value is not None}
+        if "messages" in fields:
+            messages = _messages(fields["messages"], location, "messages")
+            if messages[-1]["role"] == "user":
+                return messages
+        elif "prompt" in fields and not {"completion", "chosen"} & set(fields):
+            return _prompt(fields, location)
+    return normalize_record(record, location).prompt
+
+
 def _rejected(value: Any, location: str) -> Message:
     if isinstance(value, list) and any(isinstance(m, Mapping) and m.get("role") != "assistant" for m in value):
         return _split_conversation(_messages(value, location, "rejected"), location, "rejected").response
@@ -406,8 +420,17 @@ def examples_from_records(records: Iterable[Any], origin: str = "train_dataset",
     """
     if isinstance(records, Sequence) and records and all(isinstance(r, Example) for r in records):
         return _checked_examples(records, with_rejected)
+    if _is_dataset_dict(records):
+        raise DataError(f"{origin}: a DatasetDict with splits {', '.join(map(repr, records))}; pass one split, "
+                        f"e.g. dataset[{next(iter(records))!r}] (load_dataset(..., split=...))")
     raws = (RawRecord(record, f"{origin}: row {index}") for index, record in enumerate(records))
     return _normalise_all(raws, skip_invalid, origin, with_rejected)
+
+
+def _is_dataset_dict(records: Any) -> bool:
+    """A `datasets.DatasetDict` (a forgotten `split=`): iterating it yields split names, not records."""
+    return isinstance(records, Mapping) and bool(records) and all(
+        hasattr(split, "column_names") for split in records.values())
 
 
 def _checked_examples(examples: Sequence[Example], with_rejected: bool) -> list[Example]:

@@ -255,7 +255,7 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message]], list[Any]]:
     """Prompts (chat messages before the final assistant turn) and raw records, from --data or --suite."""
-    from sapo.data import DataError, normalize_record, read_records
+    from sapo.data import DataError, prompt_of_record, read_records
 
     if (args.data is None) == (args.suite is None):
         raise UsageError("give exactly one of --data FILE and --suite {train,heldout}")
@@ -271,7 +271,7 @@ def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message]], li
     for raw in read_records(args.data, args.split):
         if raw.error is not None:
             raise DataError(raw.error)
-        prompts.append(list(normalize_record(raw.data, raw.location).prompt))
+        prompts.append(prompt_of_record(raw.data, raw.location))
         records.append(raw.data)
     if not prompts:
         raise DataError(f"{args.data}: no records")

@@ -116,6 +116,8 @@ class _SAPOStepHooks(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
+        if state.global_step >= state.max_steps:  # a run shorter than logging_steps still logs its training rows
+            control.should_log = True
         if self.trainer._should_stop():
             control.should_save = True
             control.should_training_stop = True
