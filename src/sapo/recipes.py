@@ -26,11 +26,10 @@ import torch
 
 from sapo.buffer import ReplayBuffer, ReplayEntry
 from sapo.checkpoint import rng_state_from_json, rng_state_to_json
+from sapo.copies import EMA, REFERENCE  # which copy generates
 from sapo.layout import buffer_file, pending_file, segment_rng_file, spin_file
 from sapo.losses import REFERENCE_LOSS_TYPES
 from sapo.segments import sample_truncation_point, splice_rejected
-
-EMA, REFERENCE = "ema", "reference"  # which copy generates (sapo.copies names them the same)
 
 
 def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
