@@ -69,6 +69,29 @@ def check_output_dir(out: Path, *, resuming: bool, overwrite: bool) -> None:
                              "anyway, or --resume_from_checkpoint to continue the run it holds")
 
 
+def first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (None when `path` exists): what a run would create."""
+    if os.path.lexists(path):
+        return None
+    while not os.path.lexists(path.parent):
+        path = path.parent
+    return path
+
+
+def remove_if_created_empty(out: Path, created: Path | None) -> None:
+    """Remove the empty directories a refused run created, from output_dir up to the outermost one it made."""
+    if created is None:
+        return
+    directory = out
+    while True:
+        if not directory.is_dir() or any(directory.iterdir()):
+            return
+        directory.rmdir()
+        if directory == created or directory == directory.parent:
+            return
+        directory = directory.parent
+
+
 def _holds_results(out: Path) -> bool:
     return any(not entry.name.startswith(LOCK_FILE) for entry in out.iterdir())
 

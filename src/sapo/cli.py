@@ -561,29 +561,6 @@ def _size(count: int) -> str:
     return str(count)
 
 
-def _first_missing(path: Path) -> Path | None:
-    """The outermost directory of `path` that does not exist yet (None when `path` exists): what a run would create."""
-    if os.path.lexists(path):
-        return None
-    while not os.path.lexists(path.parent):
-        path = path.parent
-    return path
-
-
-def _remove_if_created_empty(out: Path, created: Path | None) -> None:
-    """Remove the empty directories a refused run created, from output_dir up to the outermost one it made."""
-    if created is None:
-        return
-    directory = out
-    while True:
-        if not directory.is_dir() or any(directory.iterdir()):
-            return
-        directory.rmdir()
-        if directory == created or directory == directory.parent:
-            return
-        directory = directory.parent
-
-
 def _check_report_to(config: Any) -> None:
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
@@ -609,7 +586,7 @@ def _check_resume_path(resume: str | None) -> None:
 
 
 def run_train(argv: Sequence[str]) -> int:
-    from sapo.checkpoint import check_output_dir
+    from sapo.checkpoint import check_output_dir, first_missing, remove_if_created_empty
     from sapo.data import load_examples
     from sapo.trainer import SAPOTrainer
 
@@ -636,7 +613,7 @@ def run_train(argv: Sequence[str]) -> int:
     model, tokenizer = load_model_and_tokenizer(model_args)
     if model_args.use_peft:
         model = apply_lora(model, model_args)
-    created = _first_missing(out)
+    created = first_missing(out)
     try:
         try:
             trainer = SAPOTrainer(model=model, args=config, train_dataset=examples, processing_class=tokenizer,
@@ -649,7 +626,7 @@ def run_train(argv: Sequence[str]) -> int:
         trainer.command = shlex.join(["sapo", "train", *argv])
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     except USER_ERRORS:
-        _remove_if_created_empty(out, created)
+        remove_if_created_empty(out, created)
         raise
     trainer.save_model()
     if trainer.is_world_process_zero():

@@ -37,12 +37,14 @@ from sapo.checkpoint import (
     checkpoint_step,
     data_fingerprint,
     disk_full_error,
+    first_missing,
     on_stop_signals,
     publish_directory,
     publish_final,
     read_json,
     read_run_state,
     recover_staging,
+    remove_if_created_empty,
     run_settings,
     truncate_metrics,
     validate_checkpoint,
@@ -213,7 +215,7 @@ class SAPOTrainer(Trainer):
         refuse_an_uncoordinated_launch(args)
         self.eos_token_ids = eos_token_ids_of(processing_class, model)
         dataset = tokenized_dataset(train_dataset, processing_class, args, self.eos_token_ids)
-        self._created_output_dir = not Path(args.output_dir).exists()  # Trainer creates it; undone on early errors
+        self._first_created = first_missing(Path(args.output_dir))  # Trainer creates it; undone on early errors
         super().__init__(model=model, args=args, data_collator=collate_examples, train_dataset=dataset,
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
         self.model_accepts_loss_kwargs = False  # our loss is a per-pair mean; Trainer divides by accumulation steps
@@ -276,9 +278,8 @@ class SAPOTrainer(Trainer):
 
     def _remove_created_output_dir(self) -> None:
         """Leave no trace of a run that never started (the Trainer may have created the directory)."""
-        out = Path(self.args.output_dir)
-        if self._created_output_dir and self.args.should_save and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        if self.args.should_save:
+            remove_if_created_empty(Path(self.args.output_dir), self._first_created)
 
     def _services(self) -> StepServices:
         sharded = self.copies.sharded
