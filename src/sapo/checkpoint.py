@@ -541,12 +541,20 @@ def run_settings(config: Any, sapo_field_names: Sequence[str], *, world_size: in
     """The settings that shape a run's trajectory, as JSON values: every SAPO field but `FREE_SAPO_FIELDS`, the
     Trainer fields in `TRAINER_TRAJECTORY_FIELDS`, the number of processes and a fingerprint of the tokenized data.
     The run's length (max_steps, num_train_epochs) is not among them: a run may be resumed to train longer."""
-    names = [n for n in sapo_field_names if n not in FREE_SAPO_FIELDS]
-    names += [n for n in TRAINER_TRAJECTORY_FIELDS if hasattr(config, n) and n not in names]
-    settings = {name: _plain(getattr(config, name)) for name in names}
+    settings = {name: _plain(getattr(config, name)) for name in _config_setting_names(config, sapo_field_names)}
     settings[WORLD_SIZE_SETTING] = world_size
     settings[DATA_SETTING] = data
     return settings
+
+
+def _config_setting_names(config: Any, sapo_field_names: Sequence[str]) -> list[str]:
+    names = [n for n in sapo_field_names if n not in FREE_SAPO_FIELDS]
+    return names + [n for n in TRAINER_TRAJECTORY_FIELDS if hasattr(config, n) and n not in names]
+
+
+def run_setting_names(config: Any, sapo_field_names: Sequence[str]) -> list[str]:
+    """The names `run_settings` compares, without computing the data fingerprint."""
+    return [*_config_setting_names(config, sapo_field_names), WORLD_SIZE_SETTING, DATA_SETTING]
 
 
 def data_fingerprint(dataset: Any) -> str:

@@ -45,6 +45,7 @@ from sapo.checkpoint import (
     read_run_state,
     recover_staging,
     remove_if_created_empty,
+    run_setting_names,
     run_settings,
     truncate_metrics,
     validate_checkpoint,
@@ -501,8 +502,7 @@ class SAPOTrainer(Trainer):
                 check_output_lock(Path(self.args.output_dir))
             if self.args.resume_allow_changes:
                 check_allowed_changes(self.args.resume_allow_changes,
-                                      list(run_settings(self.args, [f.name for f in sapo_fields()], world_size=1,
-                                                        data="")))
+                                      run_setting_names(self.args, [f.name for f in sapo_fields()]))
             if isinstance(resume, str) and resume.lower() in ("true", "false"):
                 resume = resume.lower() == "true"
             if resume is True:
