@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import weakref
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -583,10 +584,11 @@ def _tokenize_with_boundary(tokenizer: Any, example: Example,
     ends = set(end_token_ids) if end_token_ids else {tokenizer.eos_token_id}
     answers = [example.response] if example.rejected is None else [example.response, example.rejected]
     try:
-        if not renders_with_mistral_common(tokenizer):
-            _check_prompt_renders_alike(tokenizer, example, answers)
-        prompt_alone = chat_ids(tokenizer, example.prompt, generation_prompt=True)
-        conversations = [chat_ids(tokenizer, [*example.prompt, answer]) for answer in answers]
+        if renders_with_mistral_common(tokenizer):
+            prompt_alone = chat_ids(tokenizer, example.prompt, generation_prompt=True)
+            conversations = [chat_ids(tokenizer, [*example.prompt, answer]) for answer in answers]
+        else:
+            prompt_alone, conversations = _rendered_ids(tokenizer, example, answers)
     except jinja2.TemplateError as error:  # raise_exception('...') in the template, or an undefined name
         raise DataError(f"{example.location or 'a record'}: the chat template refuses this record "
                         f"({' '.join(str(error).split())})") from None
@@ -601,11 +603,39 @@ def chat_ids(tokenizer: Any, messages: Sequence[Message], *, generation_prompt: 
     """Ids of a chat as `apply_chat_template(tokenize=True)` gives them (the template writes the special tokens, so
     the tokenizer adds none and BOS is never doubled), with BOS put first where the template omits it although
     the tokenizer adds it to every text it encodes."""
-    if generation_prompt:
-        options = {"add_generation_prompt": True}
-    else:  # mistral-common refuses a chat that ends with the assistant unless it is told to keep that turn open
-        options = {"continue_final_message": True} if renders_with_mistral_common(tokenizer) else {}
-    ids = list(tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, **options)["input_ids"])
+    if not renders_with_mistral_common(tokenizer):
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+        return text_ids(tokenizer, text)
+    # mistral-common renders only to ids, and refuses a chat that ends with the assistant unless told to keep it open
+    options = {"add_generation_prompt": True} if generation_prompt else {"continue_final_message": True}
+    ids = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, **options)["input_ids"]
+    return _bos_first(tokenizer, list(ids))
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Ids of a rendered chat (what `apply_chat_template(tokenize=True)` does with it), BOS first as in `chat_ids`."""
+    return _bos_first(tokenizer, list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+
+def _rendered_ids(tokenizer: Any, example: Example,
+                  answers: Sequence[Message]) -> tuple[list[int], list[list[int]]]:
+    """Ids of the prompt alone and of each conversation, each rendered once; refuses a template that renders the
+    prompt differently when an answer follows it (the response could not be separated from it)."""
+    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    texts = [tokenizer.apply_chat_template([*example.prompt, answer], tokenize=False) for answer in answers]
+    if not all(text.startswith(prompt_text) for text in texts):
+        raise DataError(
+            f"{example.location or 'a record'}: the chat template renders the prompt differently when the "
+            "response follows it (e.g. it drops earlier reasoning or changes the last prompt turn), so the "
+            "response cannot be separated from the prompt; pass a chat_template that renders earlier turns the "
+            "same way in both cases")
+    return text_ids(tokenizer, prompt_text), [text_ids(tokenizer, text) for text in texts]
+
+
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bos_first(tokenizer: Any, ids: list[int]) -> list[int]:
     bos = tokenizer.bos_token_id
     if bos is not None and ids[:1] != [bos] and _adds_bos_when_encoding(tokenizer):
         ids.insert(0, bos)
@@ -614,19 +644,14 @@ def chat_ids(tokenizer: Any, messages: Sequence[Message], *, generation_prompt: 
 
 def _adds_bos_when_encoding(tokenizer: Any) -> bool:
     """Whether the model was trained with BOS before every text, as Llama/Mistral tokenizers add it: templates
-    such as zephyr's do not write it, and the model must still see it (as TRL's DPO and the SAPO code ensure)."""
-    return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
-
-
-def _check_prompt_renders_alike(tokenizer: Any, example: Example, answers: Sequence[Message]) -> None:
-    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-    for answer in answers:
-        if not tokenizer.apply_chat_template([*example.prompt, answer], tokenize=False).startswith(prompt_text):
-            raise DataError(
-                f"{example.location or 'a record'}: the chat template renders the prompt differently when the "
-                "response follows it (e.g. it drops earlier reasoning or changes the last prompt turn), so the "
-                "response cannot be separated from the prompt; pass a chat_template that renders earlier turns the "
-                "same way in both cases")
+    such as zephyr's do not write it, and the model must still see it (as TRL's DPO and the SAPO code ensure).
+    Asked once per tokenizer (and BOS token), not for every text."""
+    key = tokenizer.bos_token_id
+    cached = _ADDS_BOS.get(tokenizer)
+    if cached is None or cached[0] != key:
+        cached = (key, tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [key])
+        _ADDS_BOS[tokenizer] = cached
+    return cached[1]
 
 
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
