@@ -162,6 +162,21 @@ def test_eval_with_fake_generation_scores_known_outputs_exactly(two_models, tmp_
     assert report["settings"]["decoding"] == "greedy" and report["judge"] == "sapo.tasks:judge"
 
 
+def test_eval_suite_dev_split_of_structured_families(two_models, tmp_path, monkeypatch):
+    records = tasks.make_suite(0, 0, n_dev=8, seed=1, families=tasks.STRUCTURED_FAMILIES)["dev"]
+    monkeypatch.setattr(evaluation, "generate_responses",
+                        lambda model, tokenizer, prompts, **kwargs: [r["rejected"] for r in records])
+    output = tmp_path / "results.json"
+    assert evaluation.main([two_models[0], "--suite", "dev", "--families", "structured", "--n", "8", "--seed", "1",
+                            "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    result = report["models"][two_models[0]]
+    assert report["families"] == list(tasks.STRUCTURED_FAMILIES) and len(result["by_family"]) == 4
+    expected = [tasks.judge(tasks.prompt_of(r), r["rejected"], r) for r in records]
+    assert result["score"] == pytest.approx(sum(expected) / 8) and 0.25 < result["score"] < 1.0
+    assert report["settings"]["suite"] == "dev" and report["settings"]["families"] == "structured"
+
+
 def test_eval_generates_with_real_models_and_a_length_judge(two_models, tmp_path, capsys):
     judge_file = tmp_path / "length_judge.py"
     judge_file.write_text("def score(prompt, response, record):\n    return len(response)\n")
@@ -208,6 +223,8 @@ def test_eval_sampling_is_seeded(two_models, tmp_path):
     (["--suite", "heldout", "--judge", "nocolon"], "expected module:function"),
     (["--suite", "heldout", "--n", "0"], "--n must be >= 1"),
     (["--suite", "heldout", "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+    (["--suite", "heldout", "--families", "chain,poetry"], "--families 'chain,poetry': unknown poetry"),
+    (["--suite", "dev", "--families", ","], "unknown \\(none given\\)"),
 ])
 def test_eval_usage_errors(two_models, extra, message):
     with pytest.raises(UsageError, match=message):

@@ -9,7 +9,9 @@ import string
 import pytest
 
 from sapo.tasks import (
+    ALL_FAMILIES,
     PARTIAL_CREDIT,
+    STRUCTURED_FAMILIES,
     TASK_FAMILIES,
     judge,
     make_records,
@@ -188,12 +190,12 @@ def test_constraint_known_scores(kind, params, response, expected):
     assert judge("?", response, record) == pytest.approx(expected)
 
 
-def test_judge_never_raises_on_garbage(records_by_family):
+def test_judge_never_raises_on_garbage(records_by_family, structured_records):
     rng = random.Random(0)
     alphabet = string.printable + "\u00e9\u4e2d\U0001f600\x00</s><|assistant|>"
     garbage = ["", " ", "\n\t", "-", "--1", "1e9", "9" * 10_000, "\x00", "</s>", "<|user|>", "\u00e9" * 50]
     garbage += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(100)]
-    for records in records_by_family.values():
+    for records in [*records_by_family.values(), *structured_records.values()]:
         for record in records[:30]:
             for response in garbage:
                 score = judge(prompt_of(record), response, record)
@@ -211,12 +213,15 @@ def test_judge_rejects_unknown_task():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", TASK_FAMILIES)
-def test_train_and_heldout_prompts_are_disjoint(family):
-    train = {prompt_of(r) for r in make_records(family, 400, seed=1)}
-    heldout = {prompt_of(r) for r in make_records(family, 100, seed=2, split="heldout")}
-    assert train and heldout and not train & heldout
-    assert {split_of(p) for p in train} == {"train"} and {split_of(p) for p in heldout} == {"heldout"}
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_train_dev_and_heldout_prompts_are_disjoint(family):
+    prompts = {split: {prompt_of(r) for r in make_records(family, 200, seed=1, split=split)}
+               for split in ("train", "dev", "heldout")}
+    assert all(prompts.values())
+    assert not prompts["train"] & prompts["dev"] and not prompts["train"] & prompts["heldout"]
+    assert not prompts["dev"] & prompts["heldout"]
+    for split, texts in prompts.items():
+        assert {split_of(p) for p in texts} == {split}
 
 
 @pytest.mark.parametrize("family", TASK_FAMILIES)
@@ -242,7 +247,7 @@ def test_make_records_rejects_bad_arguments():
 
 def test_make_suite_mixes_families_evenly_and_deterministically():
     suite = make_suite(31, 10, seed=3)
-    assert set(suite) == {"train", "heldout"}
+    assert set(suite) == {"train", "dev", "heldout"} and suite["dev"] == []
     assert len(suite["train"]) == 31 and len(suite["heldout"]) == 10
     counts = {family: sum(r["task"] == family for r in suite["train"]) for family in TASK_FAMILIES}
     assert sorted(counts.values()) == [10, 10, 11]
@@ -269,3 +274,110 @@ def test_score_responses_reports_overall_and_per_family():
     assert scores == {"overall": pytest.approx(1 / 3), "arithmetic": 1.0, "string": 0.0, "constraint": 0.0}
     with pytest.raises(ValueError, match="responses"):
         score_responses(suite, responses[:-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Structured families: long answers, partial credit per step/line/sentence
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def structured_records() -> dict[str, list[dict]]:
+    return {family: make_records(family, 200, seed=0) + make_records(family, 50, seed=0, split="heldout")
+            for family in STRUCTURED_FAMILIES}
+
+
+@pytest.mark.parametrize("family", STRUCTURED_FAMILIES)
+def test_structured_answers_are_long_and_share_the_schema(structured_records, family):
+    lengths = []
+    for record in structured_records[family]:
+        assert set(record) == RECORD_KEYS and record["task"] == family
+        assert {k: type(v) for k, v in record["params"].items()} == {"n": int, "char": str, "topic": str, "bound": int}
+        lengths.append(len(record["reference"]))
+    assert min(lengths) >= 25 and max(lengths) <= 150
+    assert sum(lengths) / len(lengths) >= 40  # long enough that a segment is a part of the answer, not all of it
+
+
+@pytest.mark.parametrize("family", STRUCTURED_FAMILIES)
+def test_structured_references_score_one_and_near_misses_keep_most_credit(structured_records, family):
+    for record in structured_records[family]:
+        assert judge(prompt_of(record), record["reference"], record) == 1.0
+        assert judge(prompt_of(record), f"\n{record['reference']} \n", record) == 1.0
+        rejected = judge(prompt_of(record), record["rejected"], record)
+        assert record["rejected"] != record["reference"]
+        assert 0.25 <= rejected < 1.0  # one local mistake costs a fraction, not everything
+
+
+def _structured(task: str, prompt: str, reference: str, **params) -> dict:
+    record = _record(task, task, reference, **params)
+    record["messages"][0]["content"] = prompt
+    return record
+
+
+CHAIN = _structured("chain", "sum 47 38 15 62", "47+38=85\n85+15=100\n100+62=162\nanswer 162")
+
+
+@pytest.mark.parametrize(("response", "expected"), [
+    ("47+38=85\n85+15=100\n100+62=162\nanswer 162", 1.0),
+    ("47+38=75\n75+15=90\n90+62=152\nanswer 152", 2 / 4),  # one slip: its step and the answer
+    ("47+38=85\n85+15=100\n100+62=163\nanswer 163", 2 / 4),
+    ("47+38=85\n85+15=100", 2 / 4),  # stopped early
+    ("47+38=85\n85+15=100\n100+62=162\nanswer 162\nanswer 162", 4 / 5),  # an extra line costs
+    ("47+38=85\nblah\n100+62=162\nanswer 162", 3 / 4),  # a garbled step; the chain resumes from the truth
+    ("answer 162", 0.0),  # the answer on the wrong line does not count
+    ("", 0.0),
+])
+def test_chain_credit_follows_the_models_own_chain(response, expected):
+    assert judge("?", response, CHAIN) == pytest.approx(expected)
+
+
+LISTING = _structured("listing", "sort: pear fig apple", "1. apple\n2. fig\n3. pear")
+
+
+@pytest.mark.parametrize(("response", "expected"), [
+    ("1. apple\n2. fig\n3. pear", 1.0),
+    ("1. fig\n2. apple\n3. pear", 1 / 3),
+    ("1. apple\n2. fig", 2 / 3),
+    ("1. apple\n2. fig\n3. pear\n4. kiwi", 3 / 4),
+    ("apple\nfig\npear", 0.0),
+])
+def test_listing_known_scores(response, expected):
+    assert judge("?", response, LISTING) == pytest.approx(expected)
+
+
+PROFILE = _structured("profile", "facts: name=Bo age=7 city=Oslo pet=cat",
+                      "Bo is 7 years old. Bo lives in Oslo. Bo has a cat.")
+
+
+@pytest.mark.parametrize(("response", "expected"), [
+    ("Bo is 7 years old. Bo lives in Oslo. Bo has a cat.", 1.0),
+    ("Bo has a cat. Bo is 7 years old. Bo lives in Oslo.", 1.0),  # facts in any order
+    ("Bo is 8 years old. Bo lives in Oslo. Bo has a cat.", 2 / 3),
+    ("Bo is 7 years old. Bo is 7 years old. Bo is 7 years old.", 1 / 3),  # repeating a fact earns it once
+    ("Bo is 7 years old. Bo lives in Oslo. Bo has a cat. Bo likes rice.", 3 / 4),
+])
+def test_profile_known_scores(response, expected):
+    assert judge("?", response, PROFILE) == pytest.approx(expected)
+
+
+FORMAT = _structured("format", "write 2 lines about cats, 3 words each, ending with !", "Big cats run!\nCats are calm!",
+                     n=2, char="!", topic="cats", bound=3)
+
+
+@pytest.mark.parametrize(("response", "expected"), [
+    ("Big cats run!\nCats are calm!", 1.0),
+    ("Cats sing well!\nOld red cats!", 1.0),  # another valid answer
+    ("Big cats run!\nCats are calm.", 7 / 8),  # one wrong mark
+    ("big cats run!\nCats are very calm!", 6 / 8),  # lowercase start; four words
+    ("Big cats run!\nDogs are calm!", 7 / 8),
+    ("Big cats run!", 4 / 8),
+    ("Big cats run!\nCats are calm!\nCats cats cats!", 8 / 12),  # an extra line costs
+    ("Big cats run!!\nCats are calm!", 7 / 8),
+])
+def test_format_known_scores(response, expected):
+    assert judge("?", response, FORMAT) == pytest.approx(expected)
+
+
+def test_score_responses_orders_structured_families_after_the_short_ones():
+    suite = make_suite(0, 14, seed=0, families=ALL_FAMILIES)["heldout"]
+    assert list(score_responses(suite, [r["reference"] for r in suite])) == ["overall", *ALL_FAMILIES]

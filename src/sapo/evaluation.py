@@ -159,13 +159,28 @@ def win_rates(scores_by_model: Mapping[str, Sequence[float]], *,
 
 def family_order(family: str) -> tuple[int, str]:
     """Built-in families in their usual order, then any others alphabetically."""
-    from sapo.tasks import TASK_FAMILIES
+    from sapo.tasks import ALL_FAMILIES
 
-    return (TASK_FAMILIES.index(family) if family in TASK_FAMILIES else len(TASK_FAMILIES), family)
+    return (ALL_FAMILIES.index(family) if family in ALL_FAMILIES else len(ALL_FAMILIES), family)
 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def suite_families(names: str) -> tuple[str, ...]:
+    """`--families`: comma-separated family names, or `short` / `structured` / `all` for the built-in groups."""
+    from sapo import tasks
+
+    groups = {"short": tasks.TASK_FAMILIES, "structured": tasks.STRUCTURED_FAMILIES, "all": tasks.ALL_FAMILIES}
+    if names in groups:
+        return groups[names]
+    families = tuple(name.strip() for name in names.split(",") if name.strip())
+    unknown = [name for name in families if name not in tasks.ALL_FAMILIES]
+    if unknown or not families:
+        raise UsageError(f"--families {names!r}: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(tasks.ALL_FAMILIES)} or short, structured, all")
+    return families
 
 
 def build_report(prompts: Sequence[Sequence[Message]], records: Sequence[Any],
@@ -258,14 +273,16 @@ def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message]], li
     from sapo.data import DataError, prompt_of_record, read_records
 
     if (args.data is None) == (args.suite is None):
-        raise UsageError("give exactly one of --data FILE and --suite {train,heldout}")
+        raise UsageError("give exactly one of --data FILE and --suite {train,dev,heldout}")
     if args.suite is not None:
         from sapo import tasks
 
         if args.n < 1:
             raise UsageError(f"--n must be >= 1, got {args.n}")
-        records = tasks.make_suite(args.n if args.suite == "train" else 0, args.n if args.suite == "heldout" else 0,
-                                   seed=args.seed)[args.suite]
+        families = suite_families(args.families)
+        sizes = {split: args.n if split == args.suite else 0 for split in tasks.SPLITS}
+        records = tasks.make_suite(sizes["train"], sizes["heldout"], n_dev=sizes["dev"], seed=args.seed,
+                                   families=families)[args.suite]
         return [list(r["messages"][:-1]) for r in records], records
     prompts, records = [], []
     for raw in read_records(args.data, args.split):
@@ -342,8 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="chat records: .jsonl/.json/.parquet file or dataset directory, any format sapo "
                              "train reads; the prompt is everything before the last assistant turn")
     source.add_argument("--split", default="train", help="split to read when --data is a dataset directory")
-    source.add_argument("--suite", choices=("heldout", "train"), default=None,
-                        help="use the built-in task suite (sapo.tasks) instead of a file")
+    source.add_argument("--suite", choices=("heldout", "dev", "train"), default=None,
+                        help="use the built-in task suite (sapo.tasks) instead of a file: its held-out split for "
+                             "reported numbers, dev for choosing settings")
+    source.add_argument("--families", default="short", metavar="NAMES",
+                        help="--suite: comma-separated families, or short (arithmetic,string,constraint: answers of "
+                             "a few characters), structured (chain,listing,profile,format: 25-150 characters with "
+                             "partial credit per step/line/sentence) or all (default short)")
     source.add_argument("--n", type=int, default=300, help="--suite: number of prompts (default 300)")
     source.add_argument("--seed", type=int, default=0, help="--suite: suite seed; also seeds --sample (default 0)")
     parser.add_argument("--judge", default=DEFAULT_JUDGE, metavar="MODULE:FUNCTION",
@@ -401,8 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                       progress=not args.quiet)
         del model
     run_settings = {"data": args.data, "split": args.split if args.data else None, "suite": args.suite,
-                    "n": args.n if args.suite else None, "seed": args.seed, "decoding": "sample" if args.sample
-                    else "greedy", "max_new_tokens": args.max_new_tokens}
+                    "families": args.families if args.suite else None, "n": args.n if args.suite else None,
+                    "seed": args.seed, "decoding": "sample" if args.sample else "greedy",
+                    "max_new_tokens": args.max_new_tokens}
     if args.sample:
         run_settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     report = build_report(prompts, records, responses_by_model, judge, judge_name=args.judge, settings=run_settings)

@@ -33,8 +33,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 TASK_FAMILIES: tuple[str, ...] = ("arithmetic", "string", "constraint")
-SPLITS: tuple[str, ...] = ("train", "heldout")
+STRUCTURED_FAMILIES: tuple[str, ...] = ("chain", "listing", "profile", "format")
+ALL_FAMILIES: tuple[str, ...] = (*TASK_FAMILIES, *STRUCTURED_FAMILIES)
+SPLITS: tuple[str, ...] = ("train", "dev", "heldout")
 HELDOUT_PERCENT = 20
+DEV_PERCENT = 10
 PARTIAL_CREDIT = 0.5
 
 STRING_KINDS: tuple[str, ...] = ("reverse", "sort", "upper")
@@ -167,10 +170,108 @@ def _join(numbers: Iterable[int]) -> str:
     return " ".join(map(str, numbers))
 
 
+# -- structured families: long answers whose mistakes are local ---------------------------------
+
+LIST_WORDS: tuple[str, ...] = tuple(sorted({*TOPICS, *FILLER_WORDS}))
+LISTING_KINDS: tuple[str, ...] = ("sort", "reverse")
+PROFILE_FIELDS: dict[str, tuple[str, ...]] = {
+    "age": tuple(str(age) for age in range(3, 13)),
+    "city": ("Rome", "Oslo", "Lima", "Kyiv", "Pune", "Bern", "Nice", "Cork"),
+    "pet": ("cat", "dog", "frog", "bird", "fish", "goat"),
+    "food": ("rice", "soup", "figs", "pears", "bread", "plums"),
+    "color": ("red", "blue", "green", "pink", "gray", "gold"),
+}
+PROFILE_NAMES: tuple[str, ...] = ("Ana", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Ida", "Jo", "Kai", "Lu", "Max")
+FORMAT_ENDINGS: tuple[str, ...] = (".", "!")
+
+
+def _draw_chain(rng: random.Random) -> Draw:
+    """Add 4-7 numbers one step per line ("47+38=85"), then "answer N"; the rejected answer slips one carry
+    and carries the wrong total on consistently, as a model's local error would."""
+    numbers = [rng.randint(2, 99) for _ in range(rng.randint(4, 7))]
+    slip = rng.randrange(len(numbers) - 1)
+    reference, rejected = _chain_text(numbers), _chain_text(numbers, slip, rng)
+    return "sum", "sum " + _join(numbers), reference, rejected, _params(n=len(numbers))
+
+
+def _chain_text(numbers: Sequence[int], slip: int | None = None, rng: random.Random | None = None) -> str:
+    lines, running = [], numbers[0]
+    for step, number in enumerate(numbers[1:]):
+        total = _addition_slip(running, number, rng) if step == slip and rng is not None else running + number
+        lines.append(f"{running}+{number}={total}")
+        running = total
+    return "\n".join([*lines, f"answer {running}"])
+
+
+def _draw_listing(rng: random.Random) -> Draw:
+    """Number 5-9 words, sorted or in reverse order, one per line ("1. bees"); the rejected answer swaps two
+    neighbouring items."""
+    kind = rng.choice(LISTING_KINDS)
+    words = rng.sample(LIST_WORDS, rng.randint(5, 9))
+    ordered = _listing_order(kind, words)
+    i = rng.randrange(len(ordered) - 1)
+    swapped = [*ordered[:i], ordered[i + 1], ordered[i], *ordered[i + 2:]]
+    return kind, f"{kind}: {' '.join(words)}", _numbered(ordered), _numbered(swapped), _params(n=len(words))
+
+
+def _listing_order(kind: str, words: Sequence[str]) -> list[str]:
+    return sorted(words) if kind == "sort" else list(reversed(words))
+
+
+def _numbered(items: Sequence[str]) -> str:
+    return "\n".join(f"{index}. {item}" for index, item in enumerate(items, start=1))
+
+
+def _draw_profile(rng: random.Random) -> Draw:
+    """State 3-5 facts given as fields, one sentence each in the prompt's order ("Bo lives in Oslo."); the
+    rejected answer gets one fact wrong."""
+    name = rng.choice(PROFILE_NAMES)
+    fields = rng.sample(list(PROFILE_FIELDS), rng.randint(3, 5))
+    values = {field: rng.choice(PROFILE_FIELDS[field]) for field in fields}
+    wrong_field = rng.choice(fields)
+    wrong = dict(values, **{wrong_field: rng.choice([v for v in PROFILE_FIELDS[wrong_field]
+                                                     if v != values[wrong_field]])})
+    prompt = f"facts: name={name} " + " ".join(f"{field}={values[field]}" for field in fields)
+    return "profile", prompt, _profile_text(name, values), _profile_text(name, wrong), _params(n=len(fields))
+
+
+_PROFILE_SENTENCES: dict[str, str] = {
+    "age": "{name} is {value} years old.", "city": "{name} lives in {value}.", "pet": "{name} has a {value}.",
+    "food": "{name} likes {value}.", "color": "{name} loves {value}.",
+}
+
+
+def _profile_text(name: str, values: dict[str, str]) -> str:
+    return " ".join(_PROFILE_SENTENCES[field].format(name=name, value=value) for field, value in values.items())
+
+
+def _draw_format(rng: random.Random) -> Draw:
+    """Write n lines about a topic, w words each, capitalised, each naming the topic and ending with a given
+    mark; many answers are valid. The rejected answer breaks one constraint on one line."""
+    n, width, topic, ending = rng.randint(3, 5), rng.randint(3, 5), rng.choice(TOPICS), rng.choice(FORMAT_ENDINGS)
+    lines = [_format_line(topic, width, ending, rng) for _ in range(n)]
+    broken = list(lines)
+    i = rng.randrange(n)
+    broken[i] = rng.choice([broken[i][:-1], broken[i].lower(), _format_line(topic, width + 1, ending, rng)])
+    prompt = f"write {n} lines about {topic}, {width} words each, ending with {ending}"
+    return "format", prompt, "\n".join(lines), "\n".join(broken), _params(n=n, char=ending, topic=topic,
+                                                                             bound=width)
+
+
+def _format_line(topic: str, width: int, ending: str, rng: random.Random) -> str:
+    words = [topic, *rng.sample(FILLER_WORDS, width - 1)]
+    rng.shuffle(words)
+    return " ".join(words).capitalize() + ending
+
+
 _GENERATORS: dict[str, Callable[[random.Random], Draw]] = {
     "arithmetic": _draw_arithmetic,
     "string": _draw_string,
     "constraint": _draw_constraint,
+    "chain": _draw_chain,
+    "listing": _draw_listing,
+    "profile": _draw_profile,
+    "format": _draw_format,
 }
 
 
@@ -180,9 +281,12 @@ _GENERATORS: dict[str, Callable[[random.Random], Draw]] = {
 
 
 def split_of(prompt: str) -> str:
-    """Assign a prompt to a split by a stable hash, so train and held-out never share a prompt."""
+    """Assign a prompt to a split by a stable hash, so train, dev (for choosing settings) and held-out (for the
+    reported table) never share a prompt."""
     bucket = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 100
-    return "heldout" if bucket < HELDOUT_PERCENT else "train"
+    if bucket < HELDOUT_PERCENT:
+        return "heldout"
+    return "dev" if bucket < HELDOUT_PERCENT + DEV_PERCENT else "train"
 
 
 def make_records(family: str, n: int, *, seed: int, split: str = "train") -> list[Record]:
@@ -193,7 +297,7 @@ def make_records(family: str, n: int, *, seed: int, split: str = "train") -> lis
     """
     generator = _GENERATORS.get(family)
     if generator is None:
-        raise ValueError(f"unknown task family {family!r}; choose from {TASK_FAMILIES}")
+        raise ValueError(f"unknown task family {family!r}; choose from {ALL_FAMILIES}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     rng = random.Random(f"sapo.tasks/{family}/{split}/{seed}")
@@ -225,14 +329,14 @@ def _record(family: str, kind: str, prompt: str, reference: str, rejected: str, 
 
 
 def make_suite(
-    n_train: int, n_heldout: int, *, seed: int = 0, families: Sequence[str] = TASK_FAMILIES
+    n_train: int, n_heldout: int, *, seed: int = 0, families: Sequence[str] = TASK_FAMILIES, n_dev: int = 0
 ) -> dict[str, list[Record]]:
-    """Train and held-out records, split as evenly as possible across ``families`` and shuffled together."""
+    """Train, dev and held-out records, split as evenly as possible across ``families`` and shuffled together."""
     if not families:
         raise ValueError("families must name at least one task family")
     return {
         split: _mixed_split(split, total, seed, tuple(families))
-        for split, total in (("train", n_train), ("heldout", n_heldout))
+        for split, total in (("train", n_train), ("dev", n_dev), ("heldout", n_heldout))
     }
 
 
@@ -266,7 +370,7 @@ def judge(prompt: str, response: str, record: Record) -> float:
     """
     scorer = _JUDGES.get(record["task"])
     if scorer is None:
-        raise ValueError(f"record has unknown task {record['task']!r}; known: {TASK_FAMILIES}")
+        raise ValueError(f"record has unknown task {record['task']!r}; known: {ALL_FAMILIES}")
     if not isinstance(response, str):
         return 0.0
     return min(1.0, max(0.0, scorer(response.strip(), record)))
@@ -315,10 +419,77 @@ def _constraint_checks(response: str, kind: str, params: dict[str, Any]) -> list
     raise ValueError(f"unknown constraint kind {kind!r}; known: {CONSTRAINT_KINDS}")
 
 
+# -- structured families: credit per step, line or sentence ---------------------------------------
+
+_STEP = re.compile(r"(\d{1,9})\+(\d{1,9})=(\d{1,9})")
+
+
+def _judge_chain(response: str, record: Record) -> float:
+    """One credit per step whose operands follow the chain (the model's own previous total, then the prompt's
+    next number) and whose sum is right, one for the right final answer: a single slip costs its step and the
+    answer, not every later step. Out of max(expected, written) lines, so padding with extra lines costs."""
+    numbers = [int(word) for word in prompt_of(record).split()[1:]]
+    lines = [line.strip() for line in response.split("\n")]
+    credit, running = 0, numbers[0]
+    for step, number in enumerate(numbers[1:]):
+        match = _STEP.fullmatch(lines[step]) if step < len(lines) else None
+        a, b, total = (int(g) for g in match.groups()) if match else (None, None, None)
+        credit += a == running and b == number and total == running + number
+        running = total if total is not None else running + number
+    answer_line = len(numbers) - 1
+    credit += answer_line < len(lines) and lines[answer_line] == f"answer {sum(numbers)}"
+    return credit / max(len(numbers), len(lines))
+
+
+def _judge_listing(response: str, record: Record) -> float:
+    """The fraction of lines that are exactly the reference's line at that position."""
+    expected = record["reference"].split("\n")
+    lines = [line.strip() for line in response.split("\n")]
+    credit = sum(line == want for line, want in zip(lines, expected, strict=False))
+    return credit / max(len(expected), len(lines))
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _judge_profile(response: str, record: Record) -> float:
+    """The fraction of the reference's sentences stated exactly (in any order), out of max(expected, written)."""
+    expected = _SENTENCE_END.split(record["reference"])
+    written = [sentence for sentence in _SENTENCE_END.split(response) if sentence]
+    remaining = list(expected)
+    for sentence in written:
+        if sentence in remaining:
+            remaining.remove(sentence)
+    return (len(expected) - len(remaining)) / max(len(expected), len(written))
+
+
+def _judge_format(response: str, record: Record) -> float:
+    """Four checks per line (capitalised, the asked number of words, names the topic, ends with the mark), out of
+    four per line for max(asked, written) lines."""
+    params = record["params"]
+    lines = [line.strip() for line in response.split("\n") if line.strip()]
+    passed = sum(sum(_format_checks(line, params)) for line in lines[:params["n"]])
+    return passed / (4 * max(params["n"], len(lines)))
+
+
+def _format_checks(line: str, params: dict[str, Any]) -> list[bool]:
+    words = line.rstrip(".!?").split()
+    return [
+        line[:1].isupper(),
+        len(words) == params["bound"],
+        params["topic"] in (w.lower() for w in words),
+        line.endswith(params["char"]) and not line.endswith(params["char"] * 2),
+    ]
+
+
 _JUDGES: dict[str, Callable[[str, Record], float]] = {
     "arithmetic": _exact_with_partial_credit,
     "string": _exact_with_partial_credit,
     "constraint": _judge_constraint,
+    "chain": _judge_chain,
+    "listing": _judge_listing,
+    "profile": _judge_profile,
+    "format": _judge_format,
 }
 
 
@@ -336,7 +507,7 @@ def score_responses(records: Sequence[Record], responses: Sequence[str]) -> dict
 
 
 def _family_order(family: str) -> tuple[int, str]:
-    return (TASK_FAMILIES.index(family) if family in TASK_FAMILIES else len(TASK_FAMILIES), family)
+    return (ALL_FAMILIES.index(family) if family in ALL_FAMILIES else len(ALL_FAMILIES), family)
 
 
 def _mean(values: Sequence[float]) -> float:
