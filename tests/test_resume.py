@@ -145,6 +145,16 @@ def test_non_empty_output_dir_is_protected(tmp_path, tokenizer, suite):
     assert (tmp_path / "run" / "notes.txt").read_text() == "keep me"
 
 
+def test_overwriting_removes_the_previous_runs_checkpoints(tmp_path, tokenizer, suite):
+    """Otherwise rotation (which keeps the highest steps) would delete the new run's checkpoints and keep old ones."""
+    run = tmp_path / "run"
+    trainer_for(run, tokenizer, suite, max_steps=4, save_steps=2).train()
+    assert {p.name for p in run.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
+    (run / "checkpoint-7").mkdir()  # not a sapo checkpoint (no sapo_state/): left alone
+    trainer_for(run, tokenizer, suite, max_steps=1, save_steps=1, overwrite_output_dir=True).train()
+    assert {p.name for p in run.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-7"}
+
+
 def poison_steps(trainer, steps):
     """Make the loss NaN on the given (1-based) optimizer steps."""
     compute = trainer.compute_loss

@@ -69,6 +69,19 @@ def check_output_dir(out: Path, *, resuming: bool, overwrite: bool) -> None:
                              "anyway, or --resume_from_checkpoint to continue the run it holds")
 
 
+def clear_previous_checkpoints(out: Path) -> list[Path]:
+    """An overwriting run first removes the previous run's checkpoints (directories `checkpoint-N` holding a
+    `sapo_state/`): otherwise rotation, which keeps the highest step numbers, would delete the new run's own
+    checkpoints while the old ones stay, and `--resume_from_checkpoint true` could pick an old one. Other files
+    are left alone; the final outputs are replaced when the new run publishes its own."""
+    removed = []
+    for entry in sorted(out.iterdir()) if out.is_dir() else ():
+        if CHECKPOINT_RE.fullmatch(entry.name) and entry.is_dir() and (entry / STATE_DIR).is_dir():
+            shutil.rmtree(entry)
+            removed.append(entry)
+    return removed
+
+
 def first_missing(path: Path) -> Path | None:
     """The outermost directory of `path` that does not exist yet (None when `path` exists): what a run would create."""
     if os.path.lexists(path):

@@ -35,6 +35,7 @@ from sapo.checkpoint import (
     check_output_dir,
     check_output_lock,
     checkpoint_step,
+    clear_previous_checkpoints,
     data_fingerprint,
     disk_full_error,
     first_missing,
@@ -526,6 +527,9 @@ class SAPOTrainer(Trainer):
                                                              overwrite=self.args.overwrite_output_dir))
         if self.is_world_process_zero():
             recover_staging(out)
+            if resume is None and self.args.overwrite_output_dir:
+                for old in clear_previous_checkpoints(out):
+                    logger.warning("overwrite_output_dir: removed the previous run's %s", old.name)
 
     def _take_output_lock(self, out: Path, check: Any = None) -> None:
         """The main process runs `check` and takes `out`'s lock; a refusal is raised on every rank."""
