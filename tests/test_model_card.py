@@ -20,6 +20,7 @@ from sapo.model_card import (
     hub_id,
     loading_snippet,
     policy_card_body,
+    write_cards,
 )
 
 
@@ -88,6 +89,15 @@ def test_snippets_load_the_ema_through_its_subfolder():
     assert 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("org/sft"), "org/run", subfolder="ema")' \
         in adapters and "ema.generate(" in adapters
     assert "ema" not in loading_snippet(facts(has_ema=False))
+
+
+def test_a_directory_without_ema_gets_a_card_that_does_not_mention_it(tmp_path):
+    write_cards(tmp_path, facts(has_ema=True))
+    text = (tmp_path / "README.md").read_text()
+    assert "subfolder" not in text and "ema/README.md" not in text and not (tmp_path / "ema").exists()
+    (tmp_path / "ema").mkdir()
+    write_cards(tmp_path, facts(has_ema=True))
+    assert 'subfolder="ema"' in (tmp_path / "README.md").read_text() and (tmp_path / "ema" / "README.md").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

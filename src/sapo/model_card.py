@@ -278,9 +278,12 @@ def read_card_metadata(path: Path) -> dict[str, Any]:
 
 def write_cards(directory: Path, facts: CardFacts) -> None:
     """`directory/README.md` and, when `directory/ema` exists, `ema/README.md`, each merged over the card already
-    there (PEFT writes one with every adapter it saves)."""
+    there (PEFT writes one with every adapter it saves). A card mentions the EMA model only when `ema/` is there
+    (`push_to_hub` before the final save uploads the policy alone)."""
+    has_ema = facts.has_ema and (directory / EMA_DIR).is_dir()
+    facts = dataclasses.replace(facts, has_ema=has_ema)
     _write(directory / CARD_FILE, facts, ema=False)
-    if (directory / EMA_DIR).is_dir():
+    if has_ema:
         _write(directory / EMA_DIR / CARD_FILE, facts, ema=True)
 
 
