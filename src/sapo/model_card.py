@@ -122,7 +122,7 @@ def card_metadata(facts: CardFacts, existing: Mapping[str, Any] | None = None, *
     return ModelCardData(**merged)
 
 
-def _hub_ids(value: Any) -> Any:
+def _hub_ids(value: Any) -> str | list[str] | None:
     """The Hub ids of an existing card's `base_model`/`datasets` (a string or a list), without local paths."""
     if isinstance(value, str):
         return hub_id(value)
