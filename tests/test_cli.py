@@ -118,11 +118,61 @@ def test_readme_config_reference_matches_the_dataclasses():
 
 def test_final_output_has_a_model_card_with_the_command(tmp_path, model_dir, dataset_file):
     config_file = write_yaml(tmp_path, model_dir, dataset_file, beta=0.2)
-    assert main(["train", "--config", str(config_file)]) == 0
+    assert main(["train", "--config", str(config_file), "--attn_implementation", "eager"]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"sapo train --config {config_file}" in card
+    assert f"sapo train --config {config_file} --attn_implementation eager" in card
     assert str(dataset_file) in card and str(model_dir) in card
     assert "| `beta` | `0.2` |" in card and "## Final training metrics" in card and "| `loss` |" in card
+    assert '| `model_init_kwargs` | `{"attn_implementation": "eager"}` |' in card
+    assert "library_name: transformers" in card and "pipeline_tag: text-generation" in card
+
+
+def test_model_init_kwargs_from_yaml_and_as_a_json_flag(tmp_path, model_dir, dataset_file):
+    config_file = write_yaml(tmp_path, model_dir, dataset_file, model_init_kwargs={"attn_implementation": "eager"},
+                             ref_model_init_kwargs={"dtype": "float32"})
+    _, config = parse_train_args(["--config", str(config_file)])
+    assert config.model_init_kwargs == {"attn_implementation": "eager"}
+    assert config.ref_model_init_kwargs == {"dtype": "float32"}
+    _, config = parse_train_args(["--config", str(config_file), "--model_init_kwargs", '{"dtype": "bfloat16"}'])
+    assert config.model_init_kwargs == {"dtype": "bfloat16"}  # the flag wins over the file
+
+
+def test_dtype_and_attn_implementation_go_into_model_init_kwargs_and_load_the_model(model_dir):
+    from sapo.cli import load_model_and_tokenizer, model_init_kwargs
+
+    args = ModelArguments(model_name_or_path=str(model_dir), dtype="bfloat16", attn_implementation="eager")
+    kwargs = model_init_kwargs(args, {"revision": "main"})
+    assert kwargs == {"revision": "main", "dtype": "bfloat16", "attn_implementation": "eager"}
+    model, _ = load_model_and_tokenizer(args, kwargs)
+    assert str(model.dtype) == "torch.bfloat16" and model.config._attn_implementation == "eager"
+    assert model_init_kwargs(ModelArguments(), None) == {}  # --dtype auto adds nothing
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dtype", "bfloat16", "--model_init_kwargs", '{"dtype": "float16"}'],
+     "--dtype bfloat16 and model_init_kwargs {'dtype': 'float16'} both set the model's dtype; set it in one place"),
+    (["--attn_implementation", "sdpa", "--model_init_kwargs", '{"attn_implementation": "eager"}'],
+     "--attn_implementation sdpa and model_init_kwargs {'attn_implementation': 'eager'} both set"),
+    (["--model_init_kwargs", '{"trust_remote_code": true}'],
+     "model_init_kwargs 'trust_remote_code': `sapo train` sets it itself; use --trust_remote_code"),
+    (["--model_init_kwargs", '{"dtype": "bfloat16"'], "SAPOConfig.model_init_kwargs: not valid JSON"),
+    (["--model_init_kwargs", '{"attn_implementation": "nonsense"}'],
+     "cannot load the model's weights with model_init_kwargs {\"attn_implementation\": \"nonsense\"}"),
+])
+def test_model_init_kwargs_conflicts_and_refusals_are_one_line(tmp_path, model_dir, dataset_file, capsys, flags,
+                                                              message):
+    config_file = write_yaml(tmp_path, model_dir, dataset_file)
+    assert main(["train", "--config", str(config_file), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_yaml_model_init_kwargs_must_be_a_mapping(tmp_path, model_dir, dataset_file, capsys):
+    config_file = write_yaml(tmp_path, model_dir, dataset_file, model_init_kwargs=["eager"])
+    assert main(["train", "--config", str(config_file)]) == 2
+    assert f"{config_file}: option 'model_init_kwargs' expects a mapping or a string or null, got ['eager']" \
+        in capsys.readouterr().err
 
 
 def test_every_option_in_the_readme_reference_is_in_train_help(capsys):

@@ -390,3 +390,43 @@ def test_bf16_mixed_precision_scores_policy_and_reference_alike(tmp_path, tokeni
     assert abs(loss - math.log(2)) < 1e-6
     assert margin == 0.0
     assert sampler.autocast == (True, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model loading: model_init_kwargs and ref_model_init_kwargs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_init_kwargs_load_the_policy_and_a_reference_given_by_path(tmp_path, model_dir, suite):
+    loading = {"dtype": "bfloat16", "attn_implementation": "eager"}
+    args = config(tmp_path, model_init_kwargs=loading)
+    trainer = SAPOTrainer(model=str(model_dir), args=args, train_dataset=suite["train"], ref_model=str(model_dir))
+    reference = trainer.copies.reference_module
+    assert trainer.policy.dtype == torch.bfloat16 and trainer.policy.config._attn_implementation == "eager"
+    assert reference.dtype == torch.bfloat16 and reference.config._attn_implementation == "eager"  # like the policy
+    args = config(tmp_path, model_init_kwargs=loading, ref_model_init_kwargs={"attn_implementation": "sdpa"})
+    trainer = SAPOTrainer(model=str(model_dir), args=args, train_dataset=suite["train"], ref_model=str(model_dir))
+    reference = trainer.copies.reference_module
+    assert reference.dtype == torch.float32 and reference.config._attn_implementation == "sdpa"
+    assert trainer.policy.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("field", ["model_init_kwargs", "ref_model_init_kwargs"])
+def test_a_load_refused_by_transformers_names_the_path_and_the_option(tmp_path, model_dir, suite, field):
+    from sapo.errors import UsageError
+
+    args = config(tmp_path, **{field: {"attn_implementation": "nonsense"}})
+    with pytest.raises(UsageError, match=rf"{model_dir}: cannot load the model with {field} "
+                                         r'\{"attn_implementation": "nonsense"\} \(ValueError: .*nonsense'):
+        SAPOTrainer(model=str(model_dir), args=args, train_dataset=suite["train"], ref_model=str(model_dir))
+
+
+def test_init_kwargs_that_cannot_apply_to_a_loaded_model_are_reported(tmp_path, tokenizer, tiny_model, suite, caplog):
+    args = config(tmp_path, model_init_kwargs={"dtype": "bfloat16"}, ref_model_init_kwargs={"dtype": "bfloat16"},
+                  loss_type="orpo")
+    with caplog.at_level("WARNING", logger="sapo.trainer"):
+        trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    assert trainer.policy.dtype == torch.float32
+    assert "model_init_kwargs applies only when model is a path" in caplog.text
+    assert "dtype 'bfloat16' (the instance has 'float32')" in caplog.text
+    assert "ref_model_init_kwargs is unused" in caplog.text and "uses no reference model" in caplog.text

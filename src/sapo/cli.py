@@ -64,6 +64,11 @@ class ModelArguments:
     dtype: str = field(
         default="auto", metadata={"help": "Weights dtype when loading: auto, float32, bfloat16 or float16."}
     )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention implementation to load the model with (eager, sdpa, flash_attention_2, ...); "
+                  "default: transformers' choice. Goes into model_init_kwargs."},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the checkpoint directory/hub (off by default)."}
     )
@@ -412,7 +417,32 @@ def check_tokenizer_source(path: str, option: str) -> None:
         raise UsageError(f"--{option} {path}: directory holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
 
 
-def load_model_and_tokenizer(model_args: ModelArguments):
+# from_pretrained arguments `sapo train` passes itself: set through its own options, not model_init_kwargs
+_LOADER_OWNED = {"trust_remote_code": "--trust_remote_code", "config": None, "output_loading_info": None}
+
+
+def model_init_kwargs(model_args: ModelArguments, from_config: dict[str, Any] | None) -> dict[str, Any]:
+    """`model_init_kwargs` (YAML or flag) with --dtype and --attn_implementation added, as TRL's scripts build them.
+    A key given both ways is refused, naming both, rather than one silently winning."""
+    merged = dict(from_config or {})
+    for key, option in _LOADER_OWNED.items():
+        if key in merged:
+            instead = f"; use {option}" if option else ""
+            raise UsageError(f"model_init_kwargs {key!r}: `sapo train` sets it itself{instead}")
+    options = {"dtype": None if model_args.dtype == "auto" else model_args.dtype,
+               "attn_implementation": model_args.attn_implementation}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in merged:
+            raise UsageError(f"--{key} {value} and model_init_kwargs {{{key!r}: {merged[key]!r}}} both set the "
+                             f"model's {key}; set it in one place")
+        merged[key] = value
+    return merged
+
+
+def load_model_and_tokenizer(model_args: ModelArguments, init_kwargs: dict[str, Any] | None = None):
+    """The checked model (loaded with `init_kwargs`, see `model_init_kwargs`) and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = model_args.model_name_or_path
@@ -426,14 +456,11 @@ def load_model_and_tokenizer(model_args: ModelArguments):
     with _library_errors(f"{path}: cannot read the model's configuration"):
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     _check_causal_lm(model_config, path, trust)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust, "config": model_config, "output_loading_info": True}
-    if model_args.dtype != "auto":
-        import torch
-
-        kwargs["dtype"] = getattr(torch, model_args.dtype)
-    else:
-        kwargs["dtype"] = "auto"
-    with _library_errors(f"{path}: cannot load the model's weights"):
+    init_kwargs = model_init_kwargs(model_args, None) if init_kwargs is None else init_kwargs
+    kwargs: dict[str, Any] = {"dtype": "auto", **init_kwargs, "trust_remote_code": trust, "config": model_config,
+                              "output_loading_info": True}
+    shown = f" with model_init_kwargs {json.dumps(init_kwargs, default=str)}" if init_kwargs else ""
+    with _library_errors(f"{path}: cannot load the model's weights{shown}"):
         model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
@@ -603,14 +630,16 @@ def run_train(argv: Sequence[str]) -> int:
         raise UsageError("--dataset_name is required (a .jsonl/.json/.parquet file, directory or hub name)")
     weights = check_model_source(model_args.model_name_or_path, "model_name_or_path",
                                  trust_remote_code=model_args.trust_remote_code)
+    config.model_init_kwargs = model_init_kwargs(model_args, config.model_init_kwargs)
     if weights and not model_args.use_peft:  # the final save writes the policy and the EMA model beside it
-        sizes = [file.stat().st_size // (2 if model_args.dtype in ("bfloat16", "float16") else 1) for file in weights]
+        halved = config.model_init_kwargs.get("dtype") in ("bfloat16", "float16")
+        sizes = [file.stat().st_size // (2 if halved else 1) for file in weights]
         check_output_location(out, needed_bytes=sum(sizes) * (2 if config.self_augmenting else 1),
                               largest_file=max(sizes))
     _check_report_to(config)
     examples = load_examples(model_args.dataset_name, model_args.dataset_split, skip_invalid=config.skip_invalid,
                              with_rejected=config.needs_rejected_data)
-    model, tokenizer = load_model_and_tokenizer(model_args)
+    model, tokenizer = load_model_and_tokenizer(model_args, config.model_init_kwargs)
     if model_args.use_peft:
         model = apply_lora(model, model_args)
     created = first_missing(out)

@@ -9,11 +9,14 @@ Defaults follow the paper's published Mistral-7B SAPO-DPO setting unless a field
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -183,6 +186,19 @@ class SAPOConfig(TrainingArguments):
                   "tokenized dataset) and 'world_size' (number of processes). max_steps and num_train_epochs may "
                   "always change (to train longer)."},
     )
+    # --- model loading ----------------------------------------------------------------------------
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments of AutoModelForCausalLM.from_pretrained when the policy is loaded by "
+                  "path (SAPOTrainer(model='...') or `sapo train`), e.g. '{\"dtype\": \"bfloat16\", "
+                  "\"attn_implementation\": \"sdpa\"}' (a JSON object on the command line, a mapping in YAML). "
+                  "`sapo train` adds --dtype and --attn_implementation to them; a key set both ways is an error."},
+    )
+    ref_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "The same for a reference model given by path (SAPOTrainer(ref_model='...')). Default: "
+                  "model_init_kwargs, so the reference loads like the policy."},
+    )
     # --- overridden TrainingArguments defaults ----------------------------------------------------
     learning_rate: float = field(default=5e-7, metadata={"help": "Initial learning rate (paper: 5e-7 for DPO)."})
     logging_steps: float = field(default=10, metadata={"help": "Log metrics every N optimizer steps."})
@@ -255,6 +271,8 @@ class SAPOConfig(TrainingArguments):
 
     def _validate_sapo_fields(self) -> None:
         self._validate_types()
+        for name in ("model_init_kwargs", "ref_model_init_kwargs"):
+            setattr(self, name, _init_kwargs(name, getattr(self, name)))
         self._validate_trainer_fields()
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
         _check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
@@ -355,6 +373,45 @@ _NUMBER_FIELDS = {
 """Numeric options checked for their kind (and for NaN) before anything else reads them."""
 _FINITE_FIELDS = {"beta", "label_smoothing", "temperature", "spin_temperature", "learning_rate", "warmup_steps",
                   "weight_decay", "adam_epsilon", "logging_steps", "save_steps"}
+
+
+def _init_kwargs(name: str, value: Any) -> dict[str, Any] | None:
+    """`from_pretrained` keyword arguments from a mapping or (command line) a JSON object string. A dtype is kept as
+    its name ("bfloat16"), which `from_pretrained` takes, so the config stays JSON (checkpoint settings, the card,
+    `to_json_string`); the older `torch_dtype` key becomes `dtype`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"SAPOConfig.{name}: not valid JSON ({error.msg} at column {error.colno}): "
+                             f"{value!r}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"SAPOConfig.{name} must be a mapping of from_pretrained keyword arguments (a JSON object "
+                         f"on the command line), got {value!r}")
+    kwargs = dict(value)
+    odd = [key for key in kwargs if not isinstance(key, str)]
+    if odd:
+        raise ValueError(f"SAPOConfig.{name}: keys must be argument names (strings), got {odd[0]!r}")
+    if "dtype" in kwargs and "torch_dtype" in kwargs:
+        raise ValueError(f"SAPOConfig.{name} sets both 'dtype' and 'torch_dtype' (its older name); keep 'dtype'")
+    if "torch_dtype" in kwargs:
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    if "dtype" in kwargs:
+        kwargs["dtype"] = _dtype_name(name, kwargs["dtype"])
+    return kwargs
+
+
+def _dtype_name(name: str, dtype: Any) -> str | None:
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return None if dtype is None else str(dtype).removeprefix("torch.")
+    if dtype == "auto" or (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+        return dtype
+    raise ValueError(f"SAPOConfig.{name}['dtype']: {dtype!r} is not a torch dtype; use auto, bfloat16, float16 or "
+                     "float32")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -72,6 +72,7 @@ from sapo.layout import (
 )
 from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps
 from sapo.losses import LOSSES, nll_from_logps, pair_loss, pair_metrics
+from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
 from sapo.recipes import RECIPES, Recipe, StepServices
 from sapo.sharding import any_rank, local_shard, materialized
 
@@ -102,6 +103,28 @@ def is_peft_model(model: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
+
+
+def load_by_path(path: str, init_kwargs: dict[str, Any], option: str) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(path, **init_kwargs)`, a refusal naming the path and the option."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        shown = f" with {option} {json.dumps(init_kwargs, default=str)}" if init_kwargs else ""
+        raise UsageError(f"{path}: cannot load the model{shown} ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:500]})") from error
+
+
+def warn_unless_loaded_with(model: nn.Module, init_kwargs: dict[str, Any], option: str, argument: str) -> None:
+    """`option` only applies when `argument` is a path; say so when the instance given was loaded otherwise."""
+    config = getattr(model, "config", None)
+    found = {"dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+             "attn_implementation": getattr(config, "_attn_implementation", None)}
+    differ = [f"{key} {init_kwargs[key]!r} (the instance has {found[key]!r})" for key in found
+              if init_kwargs.get(key) not in (None, "auto") and found[key] and init_kwargs[key] != found[key]]
+    if differ:
+        logger.warning("%s applies only when %s is a path; the %s instance passed in is used as it is, not with %s",
+                       option, argument, argument, ", ".join(differ))
 
 
 class _SAPOStepHooks(TrainerCallback):
@@ -199,14 +222,14 @@ class SAPOTrainer(Trainer):
         chat_template: str | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
-        model_init_kwargs: dict[str, Any] | None = None,
     ) -> None:
         args = args or SAPOConfig(output_dir="sapo-output")
         if not isinstance(args, SAPOConfig):
             raise TypeError(f"args must be a SAPOConfig, got {type(args).__name__}")
         if train_dataset is None:
             raise ValueError("SAPOTrainer needs a train_dataset of demonstrations")
-        model, processing_class = self._load(model, processing_class, chat_template, peft_config, model_init_kwargs)
+        model, processing_class = self._load(model, processing_class, chat_template, peft_config,
+                                             args.model_init_kwargs)
         if args.disable_dropout:
             disable_dropout(model)
         if sampler is None and args.generation_engine == "static":  # refuse before anything is written
@@ -222,9 +245,7 @@ class SAPOTrainer(Trainer):
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
         self.model_accepts_loss_kwargs = False  # our loss is a per-pair mean; Trainer divides by accumulation steps
         self._refuse_a_dropped_engine()
-        ref_model = ref_model if args.uses_reference else None
-        if isinstance(ref_model, str):
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
+        ref_model = self._load_reference(ref_model if args.uses_reference else None)
         self.copies = ModelCopies(
             self.policy, need_ema=args.self_augmenting, need_reference=args.uses_reference,
             reference_moves=self._reference_moves(), is_peft=is_peft_model(self.model), sharded=self._will_shard(),
@@ -256,19 +277,39 @@ class SAPOTrainer(Trainer):
     @staticmethod
     def _load(model: nn.Module | str, tokenizer: Any, chat_template: str | None, peft_config: Any,
               model_init_kwargs: dict[str, Any] | None) -> tuple[nn.Module, Any]:
-        """The policy (loaded by path, wrapped with LoRA when asked) and its prepared tokenizer."""
+        """The policy (loaded by path with `model_init_kwargs`, wrapped with LoRA when asked) and its prepared
+        tokenizer (loaded from the same path, at the same revision)."""
         if tokenizer is None:
             if not isinstance(model, str):
                 raise ValueError("pass processing_class (the tokenizer) when model is an instance")
-            tokenizer = AutoTokenizer.from_pretrained(model)
+            shared = {k: v for k, v in (model_init_kwargs or {}).items() if k in ("revision", "trust_remote_code")}
+            tokenizer = AutoTokenizer.from_pretrained(model, **shared)
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, **(model_init_kwargs or {}))
+            model = load_by_path(model, model_init_kwargs or {}, "model_init_kwargs")
+        elif model_init_kwargs:
+            warn_unless_loaded_with(model, model_init_kwargs, "model_init_kwargs", "model")
         tokenizer = prepare_tokenizer(tokenizer, chat_template)
         if peft_config is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
         return model, tokenizer
+
+    def _load_reference(self, ref_model: nn.Module | str | None) -> nn.Module | None:
+        """A reference given by path is loaded with `ref_model_init_kwargs` (default: the policy's
+        `model_init_kwargs`, so both load alike, as TRL does)."""
+        init_kwargs = self.args.ref_model_init_kwargs
+        if isinstance(ref_model, str):
+            name = "model_init_kwargs" if init_kwargs is None else "ref_model_init_kwargs"
+            chosen = self.args.model_init_kwargs if init_kwargs is None else init_kwargs
+            return load_by_path(ref_model, chosen or {}, name)
+        if ref_model is not None and init_kwargs:
+            warn_unless_loaded_with(ref_model, init_kwargs, "ref_model_init_kwargs", "ref_model")
+        elif ref_model is None and init_kwargs is not None:
+            logger.warning("ref_model_init_kwargs is unused: it applies to a ref_model given by path, and this run %s",
+                           "has none" if self.args.uses_reference else f"(recipe {self.args.recipe!r}, loss "
+                           f"{self.args.loss_type!r}) uses no reference model")
+        return ref_model
 
     def _refuse_a_dropped_engine(self) -> None:
         """An engine asked for must be the one accelerate set up: it silently trains plain DDP instead of FSDP on CPU
@@ -610,8 +651,8 @@ class SAPOTrainer(Trainer):
                     shutil.rmtree(staged, ignore_errors=True)
                     staged.mkdir(parents=True)
                 self.accelerator.wait_for_everyone()
-                if self.copies.sharding == "replicated":
-                    super().save_model(str(staged), _internal_call)
+                if self.copies.sharding == "replicated":  # internal: a push waits for the published set, below
+                    super().save_model(str(staged), _internal_call=True)
                 else:
                     policy = materialized(self.policy, self.copies.sharding, {}, self.copies.params[0].dtype, "cpu")
                     self._write_model_directory(policy, str(staged))
@@ -631,6 +672,8 @@ class SAPOTrainer(Trainer):
         finally:
             if owns_lock:
                 self._release_output_dir()
+        if self.args.push_to_hub and owns_lock:  # what Trainer.save_model does, once the whole set is in place
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
         if self._stop_reason is not None:
             reason, code = self._stop_reason
             self._stop_reason = None
@@ -646,15 +689,43 @@ class SAPOTrainer(Trainer):
             keep_legacy_flag(self.processing_class, output_dir or self.args.output_dir)
 
     def write_model_card(self, directory: str) -> None:
-        """README.md beside the final model: base model, data, recipe, settings, final metrics, command."""
-        from sapo.model_card import card_settings, final_metrics, render_model_card
+        """README.md beside the final model and ema/README.md beside the EMA model (`sapo.model_card`). `directory`
+        is where they are written; the snippets load from where they are published (the final save writes into
+        `.staging/` first), or from the Hub repo once `push_to_hub` has set one up."""
+        written = Path(directory)
+        published = written.parents[1] if written.parent.name == STAGING_DIR else written
+        write_cards(written, self._card_facts(self.hub_model_id or str(published)))
 
-        card = render_model_card(
-            base_model=getattr(getattr(self.policy, "config", None), "_name_or_path", None) or None,
-            data=self.data_source, recipe=self.args.recipe,
-            settings=card_settings(self.args, [f.name for f in sapo_fields()]),
-            metrics=final_metrics(self.state.log_history), command=self.command)
-        Path(directory, "README.md").write_text(card, encoding="utf-8")
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, *, language: str | list[str] | None = None,
+                          license: str | None = None, finetuned_from: str | None = None,
+                          dataset: str | list[str] | None = None) -> None:
+        """Our card in output_dir, in place of transformers' generic one: `Trainer.push_to_hub` calls this just before
+        it uploads output_dir. Takes TRL's arguments (model_name, dataset_name, tags) and the Trainer's that apply
+        (language, license, finetuned_from for the base model, dataset)."""
+        if not self.is_world_process_zero():
+            return
+        if isinstance(dataset, list):
+            dataset = dataset[0] if dataset else None
+        chosen = dataset_name or dataset
+        extra = {key: value for key, value in (("language", language), ("license", license)) if value}
+        facts = self._card_facts(self.hub_model_id or self.args.output_dir, model_name=model_name, data=chosen,
+                                 base_model=finetuned_from, tags=[tags] if isinstance(tags, str) else tags or [],
+                                 extra_metadata=extra)
+        write_cards(Path(self.args.output_dir), facts)
+
+    def _card_facts(self, location: str, *, model_name: str | None = None, data: str | None = None,
+                    base_model: str | None = None, tags: Sequence[str] = (),
+                    extra_metadata: dict[str, Any] | None = None) -> CardFacts:
+        history = self.state.log_history
+        return CardFacts(
+            location=location, recipe=self.args.recipe, loss_type=self.args.loss_type,
+            base_model=base_model or getattr(getattr(self.policy, "config", None), "_name_or_path", None) or None,
+            data=data or self.data_source, adapter=is_peft_model(self.policy), has_ema=self.copies.ema is not None,
+            ema_beta=self.args.ema_beta if self.copies.ema is not None else None,
+            settings=card_settings(self.args, [f.name for f in sapo_fields()]), metrics=final_metrics(history),
+            eval_metrics=final_eval_metrics(history), command=self.command, model_name=model_name, tags=tuple(tags),
+            extra_metadata=extra_metadata or {})
 
     def _write_model_directory(self, model_context: Any, directory: str) -> None:
         """Enter `model_context` on every rank (it may gather shards); the main process saves model + tokenizer."""
