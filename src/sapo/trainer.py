@@ -652,16 +652,19 @@ class SAPOTrainer(Trainer):
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """`Trainer.evaluate` on the run's eval pairs; records passed here (one set or sets by name) are prepared
-        like the constructor's, their pairs made now and not kept."""
-        if eval_dataset is None or isinstance(eval_dataset, (str, EvalPairs)):
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        metrics: dict[str, float] = {}
-        sets = prepare_eval_sets(eval_dataset, self.processing_class, self.args, self.eos_token_ids,
-                                 origin="evaluate(eval_dataset)")
-        for name, eval_set in sets.items():
-            prefix = metric_key_prefix if name == SINGLE else f"{metric_key_prefix}_{name}"
-            metrics.update(super().evaluate(EvalPairs(eval_set, self._eval_rejected(eval_set)), ignore_keys, prefix))
-        return metrics
+        like the constructor's, their pairs made now and not kept. Torch's random state is given back afterwards
+        (a DataLoader draws its base seed from it), so evaluating never changes the training run."""
+        with independent_rng(self.args.seed + EVAL_SEED_OFFSET):
+            if eval_dataset is None or isinstance(eval_dataset, (str, EvalPairs)):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            metrics: dict[str, float] = {}
+            sets = prepare_eval_sets(eval_dataset, self.processing_class, self.args, self.eos_token_ids,
+                                     origin="evaluate(eval_dataset)")
+            for name, eval_set in sets.items():
+                prefix = metric_key_prefix if name == SINGLE else f"{metric_key_prefix}_{name}"
+                pairs = EvalPairs(eval_set, self._eval_rejected(eval_set))
+                metrics.update(super().evaluate(pairs, ignore_keys, prefix))
+            return metrics
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
         """Batches of the eval pairs of `eval_dataset` (a set's name, or none: the only set)."""
