@@ -215,6 +215,8 @@ class SAPOTrainer(Trainer):
 
     `train_dataset` holds demonstrations only (chat `messages`, `prompt`/`completion`, or preference
     records whose `chosen` side is used); rejected responses are made by the EMA model during training.
+    `eval_dataset` (the same record formats, or a dict of them by name) is evaluated on pairs made once per run, with
+    `eval_strategy`/`eval_steps` or `evaluate()` (see `sapo.heldout`).
     Public parts: `recipe` (the pair source: for SAPO its `buffer`), `copies` (`ema`, `reference`), `sampler`.
     """
 
