@@ -93,7 +93,8 @@ def test_segment_rejected_follows_the_training_rule():
     rejected = segment_rejected(prompts, responses, generate, token_generate_length=4, max_length=64,
                                 eos_token_ids={99}, rng=random.Random(5))
     rng = random.Random(5)
-    (k1, g1), (k2, g2) = (sample_truncation_point(len(p), len(y), 4, 64, rng) for p, y in zip(prompts, responses))
+    (k1, g1), (k2, g2) = (sample_truncation_point(len(p), len(y), 4, 64, rng)
+                          for p, y in zip(prompts, responses, strict=True))
     assert asked == [([prompts[0] + responses[0][:k1], prompts[1] + responses[1][:k2]], 4)]
     assert rejected == [splice_rejected(responses[0], k1, [90, 91, 92, 93], g1, {99})[0],
                         splice_rejected(responses[1], k2, [7, 99, 98], g2, {99})[0]]
@@ -300,3 +301,13 @@ def test_cli_trains_with_evaluation_end_to_end(tmp_path, model_dir, capsys):
     assert main([*common, "--output_dir", str(tmp_path / "o3"), "--eval_dataset_name", str(dev)]) == 2
     assert f"{dev}:6: " in capsys.readouterr().err
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_spin_pairs_are_the_start_models_whole_answers(tmp_path, tokenizer, tiny_model, suite, heldout):
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, recipe="spin", spin_max_new_tokens=5),
+                          train_dataset=suite["train"], eval_dataset=heldout, processing_class=tokenizer)
+    metrics = trainer.evaluate()  # greedy opponent (spin_do_sample off): the start model's own answers
+    data = trainer._eval_sets[""].data
+    prompts = [data[i]["prompt_ids"] for i in range(len(data))]
+    assert trainer._eval_pairs[""].rejected == trainer.sampler.sample(trainer.model, prompts, 5)
+    assert metrics["eval_loss"] == pytest.approx(math.log(2)) and metrics["eval_rewards/margins"] == 0.0
