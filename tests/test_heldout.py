@@ -18,6 +18,7 @@ from sapo.errors import DataError, UsageError
 from sapo.heldout import (
     EVAL_PAIRS_FILE,
     STATISTICS,
+    eval_metric_names,
     eval_metrics,
     independent_rng,
     load_eval_pairs,
@@ -248,12 +249,19 @@ def test_named_sets_offline_pairs_and_sft(tmp_path, tokenizer, tiny_model, suite
                       eval_dataset={"a": heldout[:3], "b": heldout[3:]}, processing_class=tokenizer)
     metrics = dpo.evaluate()
     assert {"eval_a_loss", "eval_b_loss", "eval_a_rewards/margins", "eval_b_logps/real_per_token"} <= set(metrics)
+    assert set(eval_metric_names(dpo.args, ["a", "b"], judged=False)) == {
+        name for name in metrics if name != "epoch" and not name.endswith("model_preparation_time")}
     assert dpo._eval_pairs["a"].rejected == [dpo._eval_sets["a"].data[i]["rejected_ids"] for i in range(3)]
     sft = SAPOTrainer(model=tiny_model, args=config(tmp_path / "sft", recipe="sft"), train_dataset=suite["train"],
                       eval_dataset=heldout, processing_class=tokenizer)
     metrics = sft.evaluate()
     assert metrics["eval_loss"] == pytest.approx(-metrics["eval_logps/real_per_token"])
     assert "eval_rewards/margins" not in metrics
+    with pytest.raises(UsageError, match="metric_for_best_model 'rewards/margins': evaluation logs no "
+                                         "'eval_rewards/margins'; it logs eval_loss, "):
+        SAPOTrainer(model=tiny_model, args=config(tmp_path / "best", recipe="sft",
+                                                  metric_for_best_model="rewards/margins"),
+                    train_dataset=suite["train"], eval_dataset=heldout, processing_class=tokenizer)
 
 
 def test_eval_judge_scores_the_policy_answers(tmp_path, tokenizer, tiny_model, suite, heldout):

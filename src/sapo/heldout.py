@@ -61,7 +61,7 @@ class EvalSet:
     data: TokenizedDataset
     prompts: list[list[Message]] = field(default_factory=list)
     records: list[Any] = field(default_factory=list)
-    _fingerprint: str | None = None
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     @property
     def fingerprint(self) -> str:
@@ -94,9 +94,10 @@ def check_eval_data(args: Any, eval_dataset: Any) -> None:
     Trainer's own refusal would come later and name only its own argument)."""
     strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
     if eval_dataset is None and (strategy != "no" or args.eval_on_start):
-        asked = f"eval_strategy {strategy!r}" if strategy != "no" else "eval_on_start"
+        asked, off = (f"eval_strategy {strategy!r}", "set eval_strategy 'no'") if strategy != "no" else \
+            ("eval_on_start", "turn eval_on_start off")
         raise UsageError(f"{asked} evaluates on held-out data, but no eval data was given: pass eval_dataset= to "
-                         "SAPOTrainer (--eval_dataset_name FILE on the command line), or set eval_strategy 'no'")
+                         f"SAPOTrainer (--eval_dataset_name FILE on the command line), or {off}")
 
 
 def load_eval_judge(spec: str | None) -> Judge | None:
@@ -107,6 +108,27 @@ def load_eval_judge(spec: str | None) -> Judge | None:
         return load_judge(spec)
     except UsageError as error:
         raise UsageError(str(error).replace("--judge", "eval_judge", 1)) from None
+
+
+def eval_metric_names(args: Any, set_names: Sequence[str], judged: bool) -> list[str]:
+    """Every metric an evaluation of these eval sets logs, as Trainer names them (`eval_loss`, `eval_dev_loss`)."""
+    metrics = ["loss", "logps/real", "logps/real_per_token"]
+    if rejected_source(args) is not None:
+        metrics += ["rewards/real", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/rejected"]
+    metrics += ["judge/score"] if judged else []
+    metrics += ["runtime", "samples_per_second", "steps_per_second"]
+    return [f"eval{'' if name == SINGLE else f'_{name}'}_{metric}" for name in set_names for metric in metrics]
+
+
+def check_metric_for_best_model(metric: str | None, logged: Sequence[str]) -> None:
+    """A `metric_for_best_model` that evaluation never logs is refused now, listing those it logs, rather than by
+    a KeyError at the first evaluation, hours into the run."""
+    if metric is None:
+        return
+    name = metric if metric.startswith("eval_") else f"eval_{metric}"
+    if name not in logged:
+        raise UsageError(f"metric_for_best_model {metric!r}: evaluation logs no {name!r}; it logs "
+                         f"{', '.join(logged)}")
 
 
 @contextlib.contextmanager

@@ -67,6 +67,8 @@ from sapo.heldout import (
     EvalPairs,
     EvalSet,
     check_eval_data,
+    check_metric_for_best_model,
+    eval_metric_names,
     eval_metrics,
     independent_rng,
     load_eval_judge,
@@ -260,6 +262,9 @@ class SAPOTrainer(Trainer):
         dataset = tokenized_dataset(train_dataset, processing_class, args, self.eos_token_ids)
         self._eval_sets: dict[str, EvalSet] = {} if eval_dataset is None else prepare_eval_sets(
             eval_dataset, processing_class, args, self.eos_token_ids)
+        if self._eval_sets:
+            check_metric_for_best_model(args.metric_for_best_model,
+                                        eval_metric_names(args, list(self._eval_sets), self.eval_judge is not None))
         self._eval_pairs: dict[str, EvalPairs] = {}  # made once per run (see sapo.heldout), saved with checkpoints
         self._eval_statistics: list[torch.Tensor] = []
         self._eval_active: EvalPairs | None = None
