@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer, tasks
 from sapo.cli import main
@@ -149,10 +150,18 @@ def test_eval_strategy_without_eval_data_names_both(tmp_path, tokenizer, tiny_mo
 
 
 def test_metrics_are_the_training_loss_on_the_fixed_pairs(tmp_path, tokenizer, tiny_model, suite, heldout):
+    logged = []
+
+    class Integration(TrainerCallback):  # what report_to integrations receive
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs))
+
     trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=3), train_dataset=suite["train"],
-                          eval_dataset=heldout, processing_class=tokenizer)
+                          eval_dataset=heldout, processing_class=tokenizer, callbacks=[Integration()])
     trainer.train()
     metrics = trainer.evaluate()
+    assert logged[-1]["eval_rewards/margins"] == metrics["eval_rewards/margins"]
+    assert eval_rows(tmp_path / "out")[-1]["eval_loss"] == metrics["eval_loss"]  # and metrics.jsonl, at step 3
     pairs = trainer._eval_pairs[""]
     assert len(pairs) == len(heldout) and any(item["rejected_ids"] != item["response_ids"] for item in pairs)
     items = [pairs[i] for i in range(len(pairs))]
