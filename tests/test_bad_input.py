@@ -309,7 +309,8 @@ CONFIG_CASES = {
                       "argument --skip_invalid/--skip-invalid: Truthy value expected: got maybe"),
     "empty_output_dir": (["--output_dir", ""], "--output_dir is empty"),
     "eval_strategy_without_eval_data": (["--eval_strategy", "steps", "--eval_steps", "1"],
-                                        "cannot set up training: You have set `args.eval_strategy` to"),
+                                        "eval_strategy 'steps' evaluates on held-out data, but no eval data was "
+                                        "given: pass eval_dataset= to SAPOTrainer (--eval_dataset_name FILE"),
 }
 
 

@@ -103,10 +103,10 @@ def test_errors_name_the_file(tmp_path) -> None:
     write_metrics(empty, [])
     with pytest.raises(ValueError, match=r"empty-run/metrics\.jsonl: is empty"):
         plot_runs([empty], tmp_path / "out")
-    no_training = tmp_path / "eval-only"
-    write_metrics(no_training, [{"step": 1, "eval_loss": 0.3}])
-    with pytest.raises(ValueError, match=r"eval-only/metrics\.jsonl: has no training rows"):
-        load_metrics(no_training)
+    summary_only = tmp_path / "summary-only"
+    write_metrics(summary_only, [{"step": 1, "train_runtime": 0.3}])
+    with pytest.raises(ValueError, match=r"summary-only/metrics\.jsonl: has no training rows .*no evaluation rows"):
+        load_metrics(summary_only)
     broken = tmp_path / "broken"
     write_metrics(broken, [{"step": 1, "loss": 1.0}], tail="{oops\n" + json.dumps({"step": 2, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match=r"broken/metrics\.jsonl, line 2: not valid JSON"):
@@ -137,3 +137,17 @@ def test_main_usage_errors(tmp_path) -> None:
         plots.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         plots.main([])
+
+
+def test_eval_curves_one_line_per_run_and_eval_set(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    single, named = tmp_path / "single", tmp_path / "named"
+    write_metrics(single, [dpo_row(1), {"step": 2, "eval_loss": 0.6, "eval_rewards/accuracies": 0.7},
+                           {"step": 4, "eval_loss": 0.5, "eval_rewards/accuracies": 0.8}])
+    write_metrics(named, [{"step": 2, "eval_dev_loss": 0.7, "eval_test_loss": 0.9, "eval_dev_runtime": 1.0}])
+    rows = load_metrics(named)  # evaluation rows alone are enough to plot
+    assert plots._named_series(rows, "eval_loss") == [("", [], []), ("dev", [2.0], [0.7]), ("test", [2.0], [0.9])]
+    assert plots._named_series(load_metrics(single), "eval_loss") == [("", [2.0, 4.0], [0.6, 0.5])]
+    written = plot_runs([single, named], tmp_path / "out")
+    assert tmp_path / "out" / "eval.png" in written
+    assert png_size(tmp_path / "out" / "eval.png")[0] == 2 * PANEL_WIDTH_PX  # loss and accuracy panels

@@ -541,7 +541,7 @@ TRAINER_TRAJECTORY_FIELDS = (
 # SAPO fields a resumed run may change freely: memory knobs, stopping and bookkeeping (skip_invalid acts through
 # the data, which is compared by its fingerprint).
 FREE_SAPO_FIELDS = ("logprob_chunk_size", "offload_copies", "max_nonfinite_steps", "overwrite_output_dir",
-                    "skip_invalid", "resume_allow_changes")
+                    "skip_invalid", "resume_allow_changes", "eval_judge", "eval_judge_max_new_tokens")
 DATA_SETTING = "data"
 WORLD_SIZE_SETTING = "world_size"
 

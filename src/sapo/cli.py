@@ -56,6 +56,12 @@ class ModelArguments:
                   "name (required)."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Held-out demonstrations for evaluation during training (eval_strategy, eval_steps): a "
+                  "file, directory or hub dataset name, in any format of dataset_name."},
+    )
+    eval_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name to evaluate on."})
     chat_template: str | None = field(
         default=None,
         metadata={"help": "Chat template: a Jinja string, a file holding one, or 'chatml'; needed when the "
@@ -293,11 +299,12 @@ def check_model_arguments(model_args: ModelArguments) -> None:
     """ModelArguments' own values (SAPOConfig checks its fields itself)."""
     if model_args.dtype not in DTYPES:
         raise UsageError(f"--dtype {model_args.dtype!r}: must be one of {', '.join(DTYPES)}")
-    for name in ("model_name_or_path", "tokenizer_name_or_path", "dataset_name", "chat_template"):
+    for name in ("model_name_or_path", "tokenizer_name_or_path", "dataset_name", "eval_dataset_name", "chat_template"):
         if getattr(model_args, name) is not None and not str(getattr(model_args, name)).strip():
             raise UsageError(f"--{name} is empty")
-    if not model_args.dataset_split.strip():
-        raise UsageError("--dataset_split is empty")
+    for name in ("dataset_split", "eval_split"):
+        if not getattr(model_args, name).strip():
+            raise UsageError(f"--{name} is empty")
     if model_args.lora_r < 1:
         raise UsageError(f"--lora_r must be >= 1, got {model_args.lora_r}")
     if not (math.isfinite(model_args.lora_alpha) and model_args.lora_alpha > 0):
@@ -615,6 +622,7 @@ def _check_resume_path(resume: str | None) -> None:
 def run_train(argv: Sequence[str]) -> int:
     from sapo.checkpoint import check_output_dir, first_missing, remove_if_created_empty
     from sapo.data import load_examples
+    from sapo.heldout import check_eval_data, read_eval_records
     from sapo.trainer import SAPOTrainer
 
     model_args, config = parse_train_args(argv)
@@ -628,6 +636,7 @@ def run_train(argv: Sequence[str]) -> int:
         raise UsageError("--model_name_or_path is required")
     if model_args.dataset_name is None:
         raise UsageError("--dataset_name is required (a .jsonl/.json/.parquet file, directory or hub name)")
+    check_eval_data(config, model_args.eval_dataset_name)
     weights = check_model_source(model_args.model_name_or_path, "model_name_or_path",
                                  trust_remote_code=model_args.trust_remote_code)
     config.model_init_kwargs = model_init_kwargs(model_args, config.model_init_kwargs)
@@ -639,6 +648,9 @@ def run_train(argv: Sequence[str]) -> int:
     _check_report_to(config)
     examples = load_examples(model_args.dataset_name, model_args.dataset_split, skip_invalid=config.skip_invalid,
                              with_rejected=config.needs_rejected_data)
+    eval_records = None if model_args.eval_dataset_name is None else read_eval_records(
+        model_args.eval_dataset_name, model_args.eval_split, skip_invalid=config.skip_invalid,
+        with_rejected=config.needs_rejected_data)
     model, tokenizer = load_model_and_tokenizer(model_args, config.model_init_kwargs)
     if model_args.use_peft:
         model = apply_lora(model, model_args)
@@ -646,7 +658,7 @@ def run_train(argv: Sequence[str]) -> int:
     try:
         try:
             trainer = SAPOTrainer(model=model, args=config, train_dataset=examples, processing_class=tokenizer,
-                                  chat_template=model_args.chat_template)
+                                  chat_template=model_args.chat_template, eval_dataset=eval_records)
         except (ValueError, ImportError, RuntimeError) as error:  # refusals of this setup by Trainer, accelerate
             if isinstance(error, USER_ERRORS):
                 raise

@@ -199,6 +199,16 @@ class SAPOConfig(TrainingArguments):
         metadata={"help": "The same for a reference model given by path (SAPOTrainer(ref_model='...')). Default: "
                   "model_init_kwargs, so the reference loads like the policy."},
     )
+    # --- evaluation during training (eval_dataset, eval_strategy, eval_steps: see README) ----------
+    eval_judge: str | None = field(
+        default=None,
+        metadata={"help": "Also score held-out answers at each evaluation: module:function (or file.py:function), "
+                  "the judge interface of `sapo eval`, (prompt, response, record) -> float. The policy answers "
+                  "every eval prompt greedily; the mean score is logged as eval_judge/score."},
+    )
+    eval_judge_max_new_tokens: int = field(
+        default=64, metadata={"help": "eval_judge only: maximum tokens of each judged answer."}
+    )
     # --- overridden TrainingArguments defaults ----------------------------------------------------
     learning_rate: float = field(default=5e-7, metadata={"help": "Initial learning rate (paper: 5e-7 for DPO)."})
     logging_steps: float = field(default=10, metadata={"help": "Log metrics every N optimizer steps."})
@@ -281,7 +291,7 @@ class SAPOConfig(TrainingArguments):
         _check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
                      "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
-                     "spin_iterations", "spin_max_new_tokens"):
+                     "spin_iterations", "spin_max_new_tokens", "eval_judge_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SAPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_length >= self.max_length:
@@ -349,6 +359,12 @@ class SAPOConfig(TrainingArguments):
                 raise ValueError(f"SAPOConfig.{name} must be in [0, 2**32), got {value}")
         if str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps" and self.save_steps <= 0:
             raise ValueError(f"SAPOConfig.save_steps must be > 0 with save_strategy 'steps', got {self.save_steps}")
+        if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "steps" and self.eval_steps is not None \
+                and not self.eval_steps >= 0:
+            raise ValueError(f"SAPOConfig.eval_steps must be > 0 with eval_strategy 'steps' (or unset: logging_steps), "
+                             f"got {self.eval_steps}")
+        if self.eval_judge is not None and not self.eval_judge.strip():
+            raise ValueError("SAPOConfig.eval_judge is empty; give module:function or leave it unset")
 
 
 def _has_accelerator() -> bool:
@@ -364,6 +380,7 @@ _NUMBER_FIELDS = {
     **dict.fromkeys(("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
                      "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
                      "spin_iterations", "spin_max_new_tokens", "generation_batch_size", "ref_update_steps", "top_k",
+                     "eval_judge_max_new_tokens",
                      "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "max_steps", "seed", "data_seed", "dataloader_num_workers", "save_total_limit"), int),
     **dict.fromkeys(("beta", "label_smoothing", "ema_beta", "temperature", "top_p", "spin_temperature",

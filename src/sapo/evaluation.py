@@ -202,8 +202,7 @@ def build_report(prompts: Sequence[Sequence[Message]], records: Sequence[Any],
     for label, responses in responses_by_model.items():
         if len(responses) != len(prompts):
             raise ValueError(f"{label}: {len(responses)} responses for {len(prompts)} prompts")
-        scores = [_judge_one(judge, judge_name, index, prompt, response, record)
-                  for index, (prompt, response, record) in enumerate(zip(prompts, responses, records, strict=True))]
+        scores = judge_scores(judge, judge_name, prompts, responses, records)
         scores_by_model[label] = scores
         by_family = {family: _mean([s for s, t in zip(scores, tasks_, strict=True) if t == family])
                      for family in families}
@@ -217,6 +216,14 @@ def build_report(prompts: Sequence[Sequence[Message]], records: Sequence[Any],
             "models": models,
             "win_rates": win_rates(scores_by_model) if len(scores_by_model) > 1 and prompts else {},
             "per_prompt": per_prompt}
+
+
+def judge_scores(judge: Judge, judge_name: str, prompts: Sequence[Sequence[Message]], responses: Sequence[str],
+                 records: Sequence[Any]) -> list[float]:
+    """The judge's score of each response (prompt `i` is `prompts[i]`, with raw record `records[i]`); a failing
+    judge or a score that is not a finite number raises `sapo.errors.UsageError` naming the prompt."""
+    return [_judge_one(judge, judge_name, index, prompt, response, record)
+            for index, (prompt, response, record) in enumerate(zip(prompts, responses, records, strict=True))]
 
 
 def _judge_one(judge: Judge, judge_name: str, index: int, prompt: Sequence[Message], response: str,

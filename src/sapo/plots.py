@@ -1,9 +1,10 @@
 """`sapo plot`: training curves of one or more SAPO runs from their `metrics.jsonl`.
 
 Each run's `output_dir/metrics.jsonl` has one JSON object per logging step (see `SAPOTrainer.log`).
-Rows with a `loss` are training rows; they are plotted against `step`, one PNG per group of metrics,
-with the runs overlaid (legend: run directory name). A run resumed from a checkpoint appends rows for
-steps it already logged; the row written last wins for each step.
+Rows with a `loss` are training rows, rows with `eval_*` keys evaluation rows (held-out data, see
+`sapo.heldout`); they are plotted against `step`, one PNG per group of metrics, with the runs overlaid
+(legend: run directory name, and the eval set's name for runs evaluated on several named sets). A run
+resumed from a checkpoint appends rows for steps it already logged; the row written last wins for each step.
 
 matplotlib is optional (`pip install 'sapo-align[plot]'`) and only imported when plotting; figures are drawn
 with the Agg canvas directly, so pyplot's global state and the user's backend are never touched.
@@ -50,7 +51,13 @@ FIGURES: tuple[FigureSpec, ...] = (
                 ("segment/identical_fraction", "fraction identical to the real"))),
     FigureSpec("generation_share", "Generation time",
                (("time/generation_share", "share of step time spent generating"),)),
+    FigureSpec("eval", "Held-out evaluation (eval pairs fixed for the run)",
+               (("eval_loss", "loss"), ("eval_rewards/margins", "margin (real - rejected)"),
+                ("eval_rewards/accuracies", "fraction with reward(real) > reward(rejected)"),
+                ("eval_logps/real_per_token", "log-likelihood per token of the real responses"),
+                ("eval_judge/score", "judge score"))),
 )
+EVAL_PREFIX = "eval_"
 
 
 def _metrics_path(run: Path) -> Path:
@@ -58,10 +65,11 @@ def _metrics_path(run: Path) -> Path:
 
 
 def load_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Training rows (those with a `loss`) of a run directory's metrics.jsonl, or of that file itself.
+    """Training rows (those with a `loss`) and evaluation rows (`eval_*` keys) of a run directory's metrics.jsonl,
+    or of that file itself.
 
-    Raises ValueError naming the file when it is missing, empty, has no training rows or holds a
-    malformed line; an incomplete last line (a run still writing) is ignored.
+    Raises ValueError naming the file when it is missing, empty, has neither training nor evaluation rows
+    or holds a malformed line; an incomplete last line (a run still writing) is ignored.
     """
     path = _metrics_path(Path(run))
     if not path.is_file():
@@ -82,10 +90,11 @@ def load_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 break  # being written right now
             raise ValueError(f"{path}, line {number}: not valid JSON "
                              f"({' '.join(str(error).split()) or type(error).__name__})") from None
-        if isinstance(row, dict) and "loss" in row:
+        if isinstance(row, dict) and ("loss" in row or any(str(key).startswith(EVAL_PREFIX) for key in row)):
             rows.append(row)
     if not rows:
-        what = "is empty" if not any(line.strip() for line in lines) else "has no training rows (with 'loss')"
+        what = "is empty" if not any(line.strip() for line in lines) else \
+            "has no training rows (with 'loss') and no evaluation rows (with 'eval_' keys)"
         raise ValueError(f"{path}: {what}")
     return rows
 
@@ -99,6 +108,19 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list
             by_step[float(step)] = float(value)
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
+
+
+def _named_series(rows: Sequence[dict[str, Any]], key: str) -> list[tuple[str, list[float], list[float]]]:
+    """(eval set name, steps, values) of a metric: one series, named "", for a training metric or a single eval set;
+    for an eval metric also one per named eval set (`eval_<name>_loss` for `eval_loss`, as Trainer names them)."""
+    if not key.startswith(EVAL_PREFIX):
+        return [("", *_series(rows, key))]
+    metric = key[len(EVAL_PREFIX):]
+    names = sorted({str(k)[len(EVAL_PREFIX):-len(metric) - 1] for row in rows for k in row
+                    if str(k).startswith(EVAL_PREFIX) and str(k).endswith(f"_{metric}")
+                    and len(str(k)) > len(key) + 1})
+    keys = [("", key)] + [(name, f"{EVAL_PREFIX}{name}_{metric}") for name in names]
+    return [(name, *_series(rows, named_key)) for name, named_key in keys]
 
 
 def _is_number(value: Any) -> bool:
@@ -135,7 +157,9 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for spec in FIGURES:
-        panels = [(key, title, [(label, *_series(rows, key)) for label, rows in runs]) for key, title in spec.panels]
+        panels = [(key, title, [(f"{label} [{name}]" if name else label, steps, values) for label, rows in runs
+                                for name, steps, values in _named_series(rows, key)])
+                   for key, title in spec.panels]
         panels = [(key, title, series) for key, title, series in panels if any(steps for _, steps, _ in series)]
         if not panels:
             continue
@@ -163,7 +187,8 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
 
 def _fraction_metric(key: str, series: Sequence[tuple[str, list[float], list[float]]]) -> bool:
     """Fractions in [0, 1] get a fixed axis so runs and time ranges compare at a glance."""
-    if key not in ("rewards/accuracies", "segment/identical_fraction", "time/generation_share"):
+    if key not in ("rewards/accuracies", "segment/identical_fraction", "time/generation_share",
+                   "eval_rewards/accuracies"):
         return False
     values = [v for _, _, vs in series for v in vs if not math.isnan(v)]
     return all(0.0 <= v <= 1.0 for v in values)

@@ -13,10 +13,12 @@ logging integrations and checkpoint plumbing come from the ecosystem.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from collections import defaultdict
@@ -55,10 +57,31 @@ from sapo.checkpoint import (
     write_manifest,
 )
 from sapo.config import SAPOConfig, sapo_fields
-from sapo.copies import EMA, SHARDS, ModelCopies
+from sapo.copies import EMA, REFERENCE, SHARDS, ModelCopies
 from sapo.data import collate_examples, keep_legacy_flag, prepare_tokenizer, save_tokenizer, tokenized_dataset
 from sapo.errors import USER_ERRORS, CheckpointError, OutputDirError, TrainingStopped, UsageError
 from sapo.generation import SegmentSampler, checkpoint_sampling, eos_token_ids_of, make_sampler
+from sapo.heldout import (
+    EVAL_PAIRS_FILE,
+    EVAL_SEED_OFFSET,
+    SINGLE,
+    EvalPairs,
+    EvalSet,
+    check_eval_data,
+    check_metric_for_best_model,
+    eval_metric_names,
+    eval_metrics,
+    independent_rng,
+    load_eval_judge,
+    load_eval_pairs,
+    pair_statistics,
+    prepare_eval_sets,
+    real_statistics,
+    rejected_source,
+    save_eval_pairs,
+    segment_rejected,
+    whole_rejected,
+)
 from sapo.layout import (
     CHECKPOINT_PREFIX,
     EMA_DIR,
@@ -68,12 +91,13 @@ from sapo.layout import (
     RUN_STATE_FILE,
     STAGING_DIR,
     STATE_DIR,
+    TRAINER_STATE_FILE,
     step_state_file,
 )
 from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps
 from sapo.losses import LOSSES, nll_from_logps, pair_loss, pair_metrics
 from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
-from sapo.recipes import RECIPES, Recipe, StepServices
+from sapo.recipes import RECIPES, Recipe, StepServices, pad_sequences
 from sapo.sharding import any_rank, local_shard, materialized
 
 logger = logging.getLogger(__name__)
@@ -150,6 +174,18 @@ class _SAPOStepHooks(TrainerCallback):
             control.should_training_stop = True
 
 
+class _HeldOutPairsAtStart(TrainerCallback):
+    """Before the first training step (after a resumed checkpoint's state is loaded), the eval pairs exist: made by
+    the start model, or restored with the checkpoint."""
+
+    def __init__(self, trainer: SAPOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for key in self.trainer._eval_sets:
+            self.trainer._heldout_pairs(key)
+
+
 class _NothingToTrain(Exception):
     """The resumed checkpoint is already at the run's last step."""
 
@@ -168,6 +204,9 @@ class _ResumeStart(TrainerCallback):
         metrics = Path(args.output_dir) / METRICS_FILE
         if trainer.is_world_process_zero() and metrics.exists():
             truncate_metrics(metrics, self.resumed_step, keep_summary=finished)
+        if trainer.is_world_process_zero() and self.resumed_step == 0 and trainer._rows_before_training:
+            trainer._append_metrics_rows(trainer._rows_before_training)  # a baseline evaluate() of a fresh run
+        trainer._rows_before_training = []
         if finished:
             raise _NothingToTrain
         saved = trainer._resumed_step_state or {}
@@ -202,6 +241,8 @@ class SAPOTrainer(Trainer):
 
     `train_dataset` holds demonstrations only (chat `messages`, `prompt`/`completion`, or preference
     records whose `chosen` side is used); rejected responses are made by the EMA model during training.
+    `eval_dataset` (the same record formats, or a dict of them by name) is evaluated on pairs made once per run, with
+    `eval_strategy`/`eval_steps` or `evaluate()` (see `sapo.heldout`).
     Public parts: `recipe` (the pair source: for SAPO its `buffer`), `copies` (`ema`, `reference`), `sampler`.
     """
 
@@ -222,12 +263,15 @@ class SAPOTrainer(Trainer):
         chat_template: str | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
+        eval_dataset: Any = None,
     ) -> None:
         args = args or SAPOConfig(output_dir="sapo-output")
         if not isinstance(args, SAPOConfig):
             raise TypeError(f"args must be a SAPOConfig, got {type(args).__name__}")
         if train_dataset is None:
             raise ValueError("SAPOTrainer needs a train_dataset of demonstrations")
+        check_eval_data(args, eval_dataset)
+        self.eval_judge = load_eval_judge(args.eval_judge)
         model, processing_class = self._load(model, processing_class, chat_template, peft_config,
                                              args.model_init_kwargs)
         if args.disable_dropout:
@@ -240,11 +284,26 @@ class SAPOTrainer(Trainer):
         refuse_an_uncoordinated_launch(args)
         self.eos_token_ids = eos_token_ids_of(processing_class, model)
         dataset = tokenized_dataset(train_dataset, processing_class, args, self.eos_token_ids)
+        self._eval_sets: dict[str, EvalSet] = {} if eval_dataset is None else prepare_eval_sets(
+            eval_dataset, processing_class, args, self.eos_token_ids)
+        if self._eval_sets:
+            check_metric_for_best_model(args.metric_for_best_model,
+                                        eval_metric_names(args, list(self._eval_sets), self.eval_judge is not None))
+        self._eval_pairs: dict[str, EvalPairs] = {}  # made once per run (see sapo.heldout), saved with checkpoints
+        self._eval_statistics: list[torch.Tensor] = []
+        self._eval_active: EvalPairs | None = None
+        self._rows_before_training: list[dict[str, Any]] = []  # logged by evaluate() before train(), written once
+        # it starts (a fresh run's output_dir must be empty, and its metrics.jsonl starts empty)
         self._first_created = first_missing(Path(args.output_dir))  # Trainer creates it; undone on early errors
         super().__init__(model=model, args=args, data_collator=collate_examples, train_dataset=dataset,
-                         processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
+                         eval_dataset=self._trainer_eval_dataset(), processing_class=processing_class,
+                         callbacks=callbacks, optimizers=optimizers)
         self.model_accepts_loss_kwargs = False  # our loss is a per-pair mean; Trainer divides by accumulation steps
         self._refuse_a_dropped_engine()
+        if self.eval_judge is not None and self._will_shard():
+            self._remove_created_output_dir()
+            raise UsageError("eval_judge generates with the policy, which FSDP/ZeRO-3 shards; with those engines "
+                             "judge saved checkpoints with `sapo eval` instead")
         ref_model = self._load_reference(ref_model if args.uses_reference else None)
         self.copies = ModelCopies(
             self.policy, need_ema=args.self_augmenting, need_reference=args.uses_reference,
@@ -269,6 +328,8 @@ class SAPOTrainer(Trainer):
         self.command: str | None = None
         self.add_callback(_SAPOStepHooks(self))
         self.add_callback(_LiveProgress(self))
+        if self._eval_sets:
+            self.add_callback(_HeldOutPairsAtStart(self))
 
     # --------------------------------------------------------------------------------------------
     # Construction
@@ -602,9 +663,15 @@ class SAPOTrainer(Trainer):
         super().log(logs, start_time)
         if self.is_world_process_zero():
             record = {"step": self.state.global_step, "epoch": self.state.epoch, **logs}
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, METRICS_FILE), "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            if not self.is_in_train and self.state.global_step == 0:  # evaluate() before train(): see _ResumeStart
+                self._rows_before_training.append(record)
+                return
+            self._append_metrics_rows([record])
+
+    def _append_metrics_rows(self, records: list[dict[str, Any]]) -> None:
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, METRICS_FILE), "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(record) + "\n" for record in records))
 
     def _reduced_metrics(self) -> dict[str, float]:
         """Means since the last log, averaged over ranks."""
@@ -621,6 +688,158 @@ class SAPOTrainer(Trainer):
         self._metrics.clear()
         self._timing = {"generation": 0.0, "step": 0.0, "generated_tokens": 0.0}
         return reduced
+
+    # --------------------------------------------------------------------------------------------
+    # Evaluation on held-out data (see sapo.heldout)
+    # --------------------------------------------------------------------------------------------
+
+    def _trainer_eval_dataset(self) -> Any:
+        """What `Trainer.eval_dataset` holds: one set, or sets by name (Trainer evaluates each under its name)."""
+        if not self._eval_sets:
+            return None
+        if SINGLE in self._eval_sets:
+            return self._eval_sets[SINGLE].data
+        return {name: eval_set.data for name, eval_set in self._eval_sets.items()}
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate` on the run's eval pairs; records passed here (one set or sets by name) are prepared
+        like the constructor's, their pairs made now and not kept. Torch's random state is given back afterwards
+        (a DataLoader draws its base seed from it), so evaluating never changes the training run."""
+        with independent_rng(self.args.seed + EVAL_SEED_OFFSET):
+            if eval_dataset is None or isinstance(eval_dataset, (str, EvalPairs)):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            metrics: dict[str, float] = {}
+            sets = prepare_eval_sets(eval_dataset, self.processing_class, self.args, self.eos_token_ids,
+                                     origin="evaluate(eval_dataset)")
+            for name, eval_set in sets.items():
+                prefix = metric_key_prefix if name == SINGLE else f"{metric_key_prefix}_{name}"
+                pairs = EvalPairs(eval_set, self._eval_rejected(eval_set))
+                metrics.update(super().evaluate(pairs, ignore_keys, prefix))
+            return metrics
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """Batches of the eval pairs of `eval_dataset` (a set's name, or none: the only set)."""
+        if not isinstance(eval_dataset, EvalPairs):
+            key = eval_dataset if isinstance(eval_dataset, str) else SINGLE
+            if key not in self._eval_sets:
+                known = ", ".join(repr(k) for k in self._eval_sets if k != SINGLE)
+                raise UsageError("evaluation needs eval data: pass eval_dataset= to SAPOTrainer or to evaluate()"
+                                 if not self._eval_sets else f"no eval set named {key!r} (the sets: {known})")
+            eval_dataset = self._heldout_pairs(key)
+        self._eval_active = eval_dataset
+        return super().get_eval_dataloader(eval_dataset)
+
+    def _heldout_pairs(self, key: str) -> EvalPairs:
+        """The run's pairs of eval set `key`, made on first use (before the first step: by the start model)."""
+        if key not in self._eval_pairs:
+            self._eval_pairs[key] = EvalPairs(self._eval_sets[key], self._eval_rejected(self._eval_sets[key]))
+        return self._eval_pairs[key]
+
+    def _eval_rejected(self, eval_set: EvalSet) -> list[list[int]] | None:
+        """The rejected side of an eval set's pairs (see `rejected_source`). Generated ones are sampled from a seed of
+        their own, each rank for its share of the examples, and gathered so every rank holds all of them."""
+        from accelerate.utils import gather_object
+
+        source, data = rejected_source(self.args), eval_set.data
+        if source is None:
+            return None
+        if source == "data":
+            return [list(data[i]["rejected_ids"]) for i in range(len(data))]
+        which = EMA if source == "segment" else REFERENCE
+        if self.state.global_step > 0:
+            logger.warning("eval pairs made at step %d by the %s model, not by the start model (none were saved with "
+                           "the checkpoint, or the data is new)", self.state.global_step, which)
+        rank, world = self.args.process_index, self.args.world_size
+        mine = list(range(rank, len(data), world))
+        prompts = [data[i]["prompt_ids"] for i in mine]
+        seed = self.args.seed + EVAL_SEED_OFFSET + rank
+        with independent_rng(seed), self._eval_generator(which) as model, self.accelerator.autocast():
+            def generate(contexts, max_new_tokens):
+                return self.sampler.sample(model, contexts, max_new_tokens) if contexts else []
+
+            if source == "segment":
+                rejected = segment_rejected(prompts, [data[i]["response_ids"] for i in mine], generate,
+                                            token_generate_length=self.args.token_generate_length,
+                                            max_length=self.args.max_length, eos_token_ids=self.eos_token_ids,
+                                            rng=random.Random(seed))
+            else:
+                rejected = whole_rejected(prompts, generate, max_new_tokens=self.args.spin_max_new_tokens,
+                                          max_length=self.args.max_length)
+        gathered = dict(gather_object(list(zip(mine, rejected, strict=True))))
+        return [gathered[i] for i in range(len(data))]
+
+    def _eval_generator(self, which: str) -> Any:
+        """The copy that generates (every rank enters: gathering sharded copies is collective); before the copies
+        exist (sharded engines bind them when training starts) the policy, which they would equal."""
+        exists = self.copies.ema is not None if which == EMA else (
+            self.copies.reference is not None or self.copies.reference_module is not None)
+        return self.copies.as_model(which) if exists else contextlib.nullcontext(self.policy)
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        """The training loss of a batch of eval pairs; per-example statistics are kept for `evaluation_loop`."""
+        pairs = list(zip(inputs["prompt_ids"], inputs["response_ids"], strict=True))
+        if not self.recipe.supervised:
+            pairs += list(zip(inputs["prompt_ids"], inputs["rejected_ids"], strict=True))
+        batch = self._prepare_inputs(pad_sequences(pairs, self.processing_class.pad_token_id))
+        mask = batch["loss_mask"][:, 1:]
+        with torch.no_grad():
+            if self.recipe.supervised:
+                token_logps = self.token_logps(model, batch)
+                loss, statistics = nll_from_logps(token_logps, mask), real_statistics(token_logps, mask)
+            else:
+                ref_token_logps = None
+                if LOSSES[self.args.loss_type].needs_reference:
+                    ref_token_logps = self.copies.reference_forward(lambda m: self.token_logps(m, batch), model)
+                result = pair_loss(self.args.loss_type, self.token_logps(model, batch), mask, ref_token_logps,
+                                   beta=self.args.beta, label_smoothing=self.args.label_smoothing)
+                loss, statistics = result.loss, pair_statistics(result, mask)
+        self._eval_statistics.append(self.accelerator.gather_for_metrics(statistics).cpu())
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+        """`Trainer.evaluation_loop`, plus the eval-set metrics of `sapo.heldout.eval_metrics` (its `loss` replaces
+        the Trainer's mean of batch losses) and, with `eval_judge`, the judged score."""
+        self._eval_statistics = []
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        metrics = eval_metrics(torch.cat(self._eval_statistics), adds_nll=LOSSES[self.args.loss_type].adds_nll)
+        self._eval_statistics = []
+        if self.eval_judge is not None and self._eval_active is not None:
+            metrics["judge/score"] = self._judged_score(self._eval_active.eval_set)
+        output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
+        return output
+
+    def _judged_score(self, eval_set: EvalSet) -> float:
+        """Mean judge score of the policy's greedy answers to the eval prompts (each rank answers its share)."""
+        from accelerate.utils import gather_object
+
+        from sapo.evaluation import generate_responses, judge_scores
+
+        if not eval_set.records:
+            raise UsageError("eval_judge needs the eval records (prompts and the fields the judge reads), not an "
+                             "already tokenized dataset")
+        mine = range(self.args.process_index, len(eval_set.prompts), self.args.world_size)
+        prompts, records = [eval_set.prompts[i] for i in mine], [eval_set.records[i] for i in mine]
+        with independent_rng(self.args.seed + EVAL_SEED_OFFSET), self.accelerator.autocast():
+            responses = generate_responses(self.policy, self.processing_class, prompts,
+                                           max_new_tokens=self.args.eval_judge_max_new_tokens,
+                                           batch_size=self.args.per_device_eval_batch_size) if prompts else []
+        scores = gather_object(judge_scores(self.eval_judge, self.args.eval_judge or "eval_judge", prompts,
+                                            responses, records))
+        return sum(scores) / max(1, len(scores))
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint's policy (Trainer) and its EMA model and reference, so the final outputs are the
+        best step's whole set."""
+        super()._load_best_model()
+        try:
+            self.copies.load(Path(self.state.best_model_checkpoint) / STATE_DIR, self.args.process_index)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise CheckpointError(f"{self.state.best_model_checkpoint}: cannot load the best checkpoint's EMA model "
+                                  f"({error})") from None
 
     # --------------------------------------------------------------------------------------------
     # Saving and resuming
@@ -749,6 +968,7 @@ class SAPOTrainer(Trainer):
         self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes (and rotates) in staging
         try:
             super()._save_checkpoint(model, trial)
+            self._name_the_published_best(run_dir, staging / name)
             self.save_sapo_state(staging / name / STATE_DIR)
         finally:
             del self._get_output_dir  # back to the class's method
@@ -759,6 +979,17 @@ class SAPOTrainer(Trainer):
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+    def _name_the_published_best(self, run_dir: Path, staged: Path) -> None:
+        """The Trainer names the best checkpoint where it wrote it (inside .staging/); name it where it is published
+        instead, in the state and in the staged trainer_state.json, so rotation keeps it and load_best_model_at_end
+        finds it."""
+        best = self.state.best_global_step
+        published = run_dir / f"{CHECKPOINT_PREFIX}-{best}"
+        if best and (best == self.state.global_step or published.is_dir()):
+            self.state.best_model_checkpoint = str(published)
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / TRAINER_STATE_FILE))
 
     def sapo_state_files(self) -> list[str]:
         """Files of `sapo_state/` this run writes (and needs to resume), for this rank."""
@@ -790,12 +1021,16 @@ class SAPOTrainer(Trainer):
                if isinstance(tr_loss, torch.Tensor) else {})})
         self.copies.save(directory, rank, self.args.should_save)
         self.recipe.save(directory, rank)
+        if self.args.should_save and self._eval_pairs:  # optional: a run may add eval data when resumed
+            save_eval_pairs(directory / EVAL_PAIRS_FILE, {name: (pairs.eval_set.fingerprint, pairs.rejected)
+                                                          for name, pairs in self._eval_pairs.items()})
 
     def load_sapo_state(self, directory: Path) -> None:
         rank = self.args.process_index
         try:
             self.copies.load(directory, rank)
             self.recipe.load(directory, rank)
+            self._restore_eval_pairs(load_eval_pairs(directory / EVAL_PAIRS_FILE))
         except (OSError, ValueError, KeyError, RuntimeError) as error:  # validated first; this is a last guard
             raise CheckpointError(f"{directory}: cannot load the saved state ({error})") from None
         self.ref_update_steps = read_run_state(directory).get("ref_update_steps") or self.ref_update_steps
@@ -805,6 +1040,15 @@ class SAPOTrainer(Trainer):
         self._metrics = defaultdict(list, {name: list(values) for name, values in step_state["metrics"].items()})
         self._timing = dict(step_state["timing"])
         self._resumed_step_state = step_state
+
+    def _restore_eval_pairs(self, saved: dict[str, tuple[str, list[list[int]] | None]]) -> None:
+        """The checkpoint's eval pairs, for each eval set that is the same data as when they were made."""
+        for name, eval_set in self._eval_sets.items():
+            if name in saved and saved[name][0] == eval_set.fingerprint:
+                self._eval_pairs[name] = EvalPairs(eval_set, saved[name][1])
+            elif name in saved:
+                logger.warning("eval set %s is not the data the checkpoint's eval pairs were made for; new pairs are "
+                               "made", repr(name) if name else "(eval_dataset)")
 
     def validate_checkpoint(self, path: Path) -> None:
         """Fail early, before anything is written, when `path` cannot resume this run exactly: missing or changed
