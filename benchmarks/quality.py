@@ -49,7 +49,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from sapo import demo, tasks
 from sapo.config import SAPOConfig
-from sapo.evaluation import evaluate, win_rates
+from sapo.judging import evaluate, win_rates
 from sapo.trainer import SAPOTrainer
 
 RECIPES: tuple[str, ...] = ("sft", "dpo", "orpo", "spin", "sapo-dpo", "sapo-orpo")

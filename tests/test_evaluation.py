@@ -8,7 +8,8 @@ import pytest
 
 from sapo import evaluation, tasks, tiny
 from sapo.errors import UsageError
-from sapo.evaluation import build_report, format_table, load_judge, win_rates
+from sapo.evaluation import format_table
+from sapo.judging import build_report, load_judge, win_rates
 
 # ------------------------------------------------------------------------------------------------
 # win rates

@@ -21,7 +21,7 @@ from transformers import PrinterCallback
 
 from sapo import tasks, tiny
 from sapo.config import SAPOConfig
-from sapo.evaluation import evaluate
+from sapo.judging import evaluate
 from sapo.trainer import SAPOTrainer
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from sapo.data import (
     tokenize_examples,
 )
 from sapo.errors import DataError, UsageError
-from sapo.evaluation import Judge, load_judge
+from sapo.judging import Judge, load_judge
 from sapo.logprobs import sequence_logps
 from sapo.losses import PairLoss
 from sapo.segments import sample_truncation_point, splice_rejected

@@ -816,7 +816,7 @@ class SAPOTrainer(Trainer):
         """Mean judge score of the policy's greedy answers to the eval prompts (each rank answers its share)."""
         from accelerate.utils import gather_object
 
-        from sapo.evaluation import generate_responses, judge_scores
+        from sapo.judging import generate_responses, judge_scores
 
         if not eval_set.records:
             raise UsageError("eval_judge needs the eval records (prompts and the fields the judge reads), not an "
