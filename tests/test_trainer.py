@@ -467,3 +467,15 @@ def test_a_non_finite_step_is_skipped_with_and_without_clipping(tmp_path, tokeni
     assert trainer.nonfinite_steps == 1
     assert [r["nonfinite/skipped_steps"] for r in read_metrics(tmp_path / "out")] == [0, 1, 1]
     assert all(torch.isfinite(p).all() for p in trainer.copies.params)
+
+
+def test_the_non_finite_check_reads_the_norm_the_trainer_computed(tmp_path, tokenizer, tiny_model, suite):
+    """No second pass over the gradients: the check takes the Trainer's clipping/logging norm of the step."""
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path), train_dataset=suite["train"],
+                          processing_class=tokenizer)
+    assert all(p.grad is None for p in trainer.copies.params)  # nothing to read a norm from but the Trainer's
+    assert trainer._get_grad_norm(trainer.model, torch.tensor(float("nan"))).isnan()
+    assert not trainer._gradients_are_finite()
+    trainer._get_grad_norm(trainer.model, torch.tensor(3.0))
+    assert trainer._gradients_are_finite()
+    assert trainer._grad_norm is None  # used once: a later step without a norm reads its own gradients
