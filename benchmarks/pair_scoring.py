@@ -6,7 +6,8 @@
 One training step's scoring work is timed for each layout: the policy's forward and backward with gradients plus
 the reference's forward without (the model serves as its own reference: same cost), on one batch of SAPO pairs
 built as the trainer builds them (truncation points drawn by `sapo.segments`, the segment rewritten with random
-tokens). Layouts alternate, `--repeats` times each after a warm-up; medians are printed, with the tokens each
+tokens). Layouts alternate, `--repeats` times each after a warm-up; medians of wall and process CPU time are
+printed (on a shared CPU machine the CPU time of a single-threaded run varies much less), with the tokens each
 layout runs (with and without padding) and the largest difference between the two layouts' log-probs.
 """
 
@@ -61,17 +62,17 @@ def score(model, batch, packed: bool, chunk_size: int = 1024) -> torch.Tensor:
                                 chunk_size=chunk_size)
 
 
-def timed_step(model, batch, packed: bool) -> float:
-    """Policy forward + backward, then the reference forward, as in one training step."""
+def timed_step(model, batch, packed: bool) -> tuple[float, float]:
+    """Policy forward + backward, then the reference forward, as in one training step: (wall, process CPU) s."""
     sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
     sync()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     score(model, batch, packed).sum().backward()
     with torch.no_grad():
         score(model, batch, packed)
     sync()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def main() -> None:
@@ -93,13 +94,14 @@ def main() -> None:
     batch = {name: t.to(device) for name, t in pad_pairs(entries, tokenizer.pad_token_id).items()}
     with torch.no_grad():
         difference = (score(model, batch, True) - score(model, batch, False)).abs().max().item()
-    times: dict[bool, list[float]] = {True: [], False: []}
+    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     for packed in (False, True):  # warm-up
         timed_step(model, batch, packed)
     for _ in range(options.repeats):
         for packed in (False, True):
             times[packed].append(timed_step(model, batch, packed))
-    separate, shared = statistics.median(times[False]), statistics.median(times[True])
+    separate, shared = (statistics.median(t[0] for t in times[p]) for p in (False, True))
+    cpu_separate, cpu_shared = (statistics.median(t[1] for t in times[p]) for p in (False, True))
     rows = int(batch["attention_mask"].sum())
     packed_rows = rows - int(batch["prefix_lengths"].sum())
     print(f"config {options.config}: {shape.batch} pairs, prompt {shape.prompt_len} + response {shape.response_len}, "
@@ -107,7 +109,8 @@ def main() -> None:
     print(f"tokens run: separate {rows} ({batch['input_ids'].numel()} padded), shared_prefix {packed_rows} "
           f"({batch['packed_input_ids'].numel()} padded): {1 - packed_rows / rows:.1%} fewer")
     print(f"policy fwd+bwd + reference fwd, median of {options.repeats}: separate {separate * 1e3:.1f} ms, "
-          f"shared_prefix {shared * 1e3:.1f} ms ({shared / separate:.2f}x)")
+          f"shared_prefix {shared * 1e3:.1f} ms ({shared / separate:.2f}x); process CPU time: separate "
+          f"{cpu_separate * 1e3:.1f} ms, shared_prefix {cpu_shared * 1e3:.1f} ms ({cpu_shared / cpu_separate:.2f}x)")
     print(f"largest log-prob difference between the layouts: {difference:.2e}")
 
 
