@@ -41,7 +41,7 @@ def ema_update_(ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], bet
         for start, stop in _chunks([e.numel() for e in ema], EMA_CAST_CHUNK):
             targets = list(ema[start:stop])
             cast = [torch.empty_like(t) for t in targets]
-            torch._foreach_copy_(cast, [p.detach() for p in params[start:stop]])
+            copy_weights_(cast, params[start:stop])  # one multi-tensor copy (per tensor only across devices)
             torch._foreach_lerp_(targets, cast, 1.0 - beta)
 
 
