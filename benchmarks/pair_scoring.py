@@ -2,6 +2,7 @@
 
     python benchmarks/pair_scoring.py --config cpu            # the CPU benchmark geometry, one thread
     python benchmarks/pair_scoring.py --config gpu            # Qwen2-0.5B shape, bf16 (needs a GPU)
+    python benchmarks/pair_scoring.py --config gpu --dry_run  # same code path, speed.py's tiny dry-run shapes
 
 One training step's scoring work is timed for each layout: the policy's forward and backward with gradients plus
 the reference's forward without (the model serves as its own reference: same cost), on one batch of SAPO pairs
@@ -75,13 +76,16 @@ def timed_step(model, batch, packed: bool) -> tuple[float, float]:
     return time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
-    options = parser.parse_args()
+    parser.add_argument("--dry_run", action="store_true", help="benchmarks/speed.py's tiny shapes (CPU ok)")
+    options = parser.parse_args(argv)
     speed = speed_module()
     shape = speed.CONFIGS[options.config]
+    if options.dry_run:
+        shape = speed.dry_run_shape(shape)
     if shape.threads:
         torch.set_num_threads(shape.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
