@@ -6,6 +6,9 @@ A refactor that claims "behaviour unchanged" records these before the move and c
     ... refactor ...
     .venv/bin/python scripts/recipe_fingerprints.py --compare before.json   # exit 1 on any difference
 
+`--setting name=value` (repeatable) sets a SAPOConfig field in every run, e.g. to check that a new setting's
+non-default value reproduces the old behaviour (`--setting pair_scoring=separate`).
+
 Every run goes through the public API (SAPOTrainer, save_model, the checkpoint files), loads a tiny saved
 model by path like a user's SFT checkpoint, and checkpoints mid-run so the buffer file is part of the print.
 """
@@ -37,12 +40,12 @@ def tensors_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run_recipe(recipe: str, model_dir: Path, out: Path, suite: dict) -> dict:
+def run_recipe(recipe: str, model_dir: Path, out: Path, suite: dict, settings: dict[str, str]) -> dict:
     torch.manual_seed(0)
     args = SAPOConfig(output_dir=str(out), recipe=recipe, max_steps=STEPS, per_device_train_batch_size=4,
                       learning_rate=1e-3, token_generate_length=4, spin_max_new_tokens=8, spin_iterations=2,
                       max_length=64, max_prompt_length=48, logging_steps=1, save_steps=STEPS // 2,
-                      report_to="none", use_cpu=True, disable_tqdm=True, seed=0, ref_update_steps=2)
+                      report_to="none", use_cpu=True, disable_tqdm=True, seed=0, ref_update_steps=2, **settings)
     trainer = SAPOTrainer(model=str(model_dir), args=args, train_dataset=suite["train"])
     trainer.train()
     trainer.save_model()
@@ -58,7 +61,7 @@ def run_recipe(recipe: str, model_dir: Path, out: Path, suite: dict) -> dict:
     return prints
 
 
-def fingerprints() -> dict[str, dict]:
+def fingerprints(settings: dict[str, str]) -> dict[str, dict]:
     torch.set_num_threads(1)
     suite = tasks.make_suite(32, 0, seed=0)
     tokenizer = tiny.build_tokenizer()
@@ -66,15 +69,21 @@ def fingerprints() -> dict[str, dict]:
         model_dir = Path(scratch) / "model"
         tiny.save_pair(tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0), tokenizer,
                        model_dir)
-        return {recipe: run_recipe(recipe, model_dir, Path(scratch) / recipe, suite) for recipe in RECIPES}
+        return {recipe: run_recipe(recipe, model_dir, Path(scratch) / recipe, suite, settings)
+                for recipe in RECIPES}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the fingerprints here (JSON)")
     parser.add_argument("--compare", help="compare with fingerprints written earlier; exit 1 on any difference")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a SAPOConfig field for every run (string values), e.g. pair_scoring=separate")
     options = parser.parse_args(argv)
-    prints = fingerprints()
+    malformed = [s for s in options.setting if "=" not in s]
+    if malformed:
+        parser.error(f"--setting expects NAME=VALUE, got {malformed[0]!r}")
+    prints = fingerprints(dict(s.split("=", 1) for s in options.setting))
     if options.out:
         Path(options.out).write_text(json.dumps(prints, indent=1) + "\n")
     if not options.compare:

@@ -74,3 +74,20 @@ def test_shadow_state_round_trip_and_mismatch():
     torch.testing.assert_close(shadow.tensors[0], params[0].detach() + 1)
     with pytest.raises(ValueError, match="lacks"):
         shadow.load_state_dict({"other": torch.zeros(1)})
+
+
+def test_mixed_dtype_update_equals_casting_each_tensor_before_its_lerp():
+    torch.manual_seed(0)
+    params = [torch.randn(s) for s in [(5, 3), (7,), (2, 2, 2), (1,)]]
+    ema = [torch.randn_like(p).to(torch.bfloat16) for p in params]
+    want = [e.clone().lerp_(p.to(torch.bfloat16), 1 - 0.9) for e, p in zip(ema, params, strict=True)]
+    ema_update_(ema, params, 0.9)
+    assert all(torch.equal(g, w) for g, w in zip(ema, want, strict=True))
+
+
+def test_cast_chunks_bound_the_scratch_and_cover_every_tensor():
+    from sapo.ema import _chunks
+
+    assert _chunks([3, 3, 3], 6) == [(0, 2), (2, 3)]
+    assert _chunks([10, 1, 1], 4) == [(0, 1), (1, 3)]  # a tensor larger than the budget is a chunk of its own
+    assert _chunks([1], 4) == [(0, 1)]

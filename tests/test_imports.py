@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sapo"
-ALGORITHM = {"segments", "buffer", "ema", "losses", "logprobs", "generation", "sharding", "data", "layout", "errors",
-             "checkpoint", "copies", "recipes", "tasks", "tiny", "judging", "heldout"}
+ALGORITHM = {"segments", "buffer", "ema", "losses", "packing", "logprobs", "generation", "sharding", "data", "layout",
+             "errors", "checkpoint", "copies", "recipes", "tasks", "tiny", "judging", "heldout"}
 COMMANDS = {"cli", "demo", "evaluation", "inspection", "plots", "__main__"}
 
 

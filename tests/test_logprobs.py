@@ -1,14 +1,21 @@
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from sapo import tiny
+from sapo.buffer import ReplayEntry
 from sapo.logprobs import (
     chunked_token_logps,
+    final_hidden_states,
     hidden_state_scoring_is_exact,
+    packed_response_token_logps,
+    packing_unsupported_reason,
     response_token_logps,
     sequence_logps,
+    shared_prefix_scoring_is_exact,
     token_logps_from_logits,
 )
+from sapo.recipes import pad_pairs
 
 
 def naive_token_logps(model, input_ids, attention_mask, loss_mask):
@@ -88,3 +95,89 @@ def test_chunked_handles_fp32_hidden_states_with_a_bf16_head():
     torch.testing.assert_close(got, want)
     got.sum().backward()
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+def test_final_hidden_states_is_the_last_layer_output_without_keeping_every_layer(tiny_model):
+    ids, attention, _ = batch(tiny_model.config.vocab_size)
+    want = tiny_model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(final_hidden_states(tiny_model, input_ids=ids, attention_mask=attention), want)
+
+
+# Shared-prefix pair scoring ------------------------------------------------------------------------------------
+
+
+def pair_entries():
+    """Pairs with different shared prefixes: prompt + y[:k] (k > 0), k = 0, rejected == real, an empty real suffix
+    (the rejected response extends the real one), an empty rejected suffix, and rows of different lengths (right
+    padding in both layouts)."""
+    return [
+        ReplayEntry([1, 5, 6, 7], [8, 9, 10, 11, 12], [8, 9, 20, 21], 2, 2),
+        ReplayEntry([1, 5], [8, 9, 10], [30, 31, 32, 33, 34, 35], 0, 6),
+        ReplayEntry([1, 5, 6], [8, 9], [8, 9], 0, 0),
+        ReplayEntry([1, 5, 6, 7, 8, 9], [10, 11], [10, 11, 12, 13], 2, 2),
+        ReplayEntry([1, 40], [41, 42, 43, 44], [41, 42], 2, 0),
+    ]
+
+
+def qwen2(vocab):
+    config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config)
+
+
+def pair_models(tokenizer):
+    llama_sdpa = tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    llama_eager = tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1)
+    llama_eager.set_attn_implementation("eager")
+    qwen_sdpa, qwen_eager = qwen2(len(tokenizer)), qwen2(len(tokenizer))
+    qwen_eager.set_attn_implementation("eager")
+    return {"llama-sdpa": llama_sdpa, "llama-eager": llama_eager, "qwen2-sdpa": qwen_sdpa, "qwen2-eager": qwen_eager}
+
+
+@pytest.mark.parametrize("name", ["llama-sdpa", "llama-eager", "qwen2-sdpa", "qwen2-eager"])
+def test_packed_pairs_equal_separate_rows_in_values_and_gradients(tokenizer, name):
+    model = pair_models(tokenizer)[name]
+    assert model.config._attn_implementation == name.split("-")[1]
+    b = pad_pairs(pair_entries(), tokenizer.pad_token_id)
+    assert b["packed_input_ids"].numel() < b["input_ids"].numel()
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows, width = b["input_ids"].shape
+    weights = torch.randn(rows, width - 1, generator=torch.Generator().manual_seed(0))  # every token counts
+
+    def scored(logps):
+        return logps, torch.autograd.grad((logps * weights).sum(), params)
+
+    want, want_grads = scored(response_token_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"],
+                                                   chunk_size=7))
+    got, got_grads = scored(packed_response_token_logps(model, b["packed_input_ids"], b["prefix_lengths"],
+                                                        b["attention_mask"], b["loss_mask"], chunk_size=7))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert torch.all(got[~b["loss_mask"][:, 1:]] == 0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+
+
+def test_the_probe_accepts_packing_and_refuses_a_model_that_ignores_position_ids(tokenizer):
+    b = pad_pairs(pair_entries(), tokenizer.pad_token_id)
+    model = tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    assert packing_unsupported_reason(model) is None
+    assert shared_prefix_scoring_is_exact(model, b)
+
+    class IgnoresPositionIds(LlamaForCausalLM):
+        def forward(self, *args, position_ids=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    ignoring = IgnoresPositionIds(model.config)
+    ignoring.load_state_dict(model.state_dict())
+    assert not shared_prefix_scoring_is_exact(ignoring, b)
+
+
+def test_packing_is_refused_where_a_custom_mask_cannot_be_exact(tokenizer):
+    model = tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    model.config._attn_implementation = "flash_attention_2"
+    assert "takes no custom 4-D mask" in packing_unsupported_reason(model)
+    config = Qwen2Config(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                         max_window_layers=1)
+    assert "not all full attention" in packing_unsupported_reason(Qwen2ForCausalLM(config))

@@ -8,7 +8,8 @@ import torch
 from conftest import clones
 
 from sapo import SAPOConfig, SAPOTrainer
-from sapo.recipes import RECIPES, OfflinePairs, SelfAugmented, Spin, StepServices, Supervised
+from sapo.buffer import ReplayEntry
+from sapo.recipes import RECIPES, OfflinePairs, SelfAugmented, Spin, StepServices, Supervised, pad_pairs
 
 
 def config(tmp_path, **overrides):
@@ -231,3 +232,14 @@ def test_spin_generates_once_per_example_and_iteration_and_refreshes_the_opponen
     restored = Spin(unit_args(recipe="spin"), FakeServices().services(), 0)
     restored.load(tmp_path, 0)
     assert (restored.iteration, restored.rejected) == (recipe.iteration, recipe.rejected)
+
+
+def test_pad_pairs_packs_each_pair_around_its_shared_prefix():
+    entries = [ReplayEntry([1, 2], [3, 4, 5], [3, 9], 1, 1),  # shares prompt + y[:1]
+               ReplayEntry([7], [8], [8], 0, 0),  # rejected == real: everything shared
+               ReplayEntry([6], [5], [4, 3], 0, 2)]  # shares the prompt only
+    batch = pad_pairs(entries, pad_token_id=0)
+    assert batch["prefix_lengths"].tolist() == [3, 2, 1]
+    assert batch["packed_input_ids"].shape == (3, 8)
+    assert batch["packed_input_ids"][:, :5].tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [6, 5, 4, 3, 0]]
+    assert batch["packed_input_ids"][0, 5].item() == 9

@@ -430,3 +430,92 @@ def test_init_kwargs_that_cannot_apply_to_a_loaded_model_are_reported(tmp_path, 
     assert "model_init_kwargs applies only when model is a path" in caplog.text
     assert "dtype 'bfloat16' (the instance has 'float32')" in caplog.text
     assert "ref_model_init_kwargs is unused" in caplog.text and "uses no reference model" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared-prefix pair scoring and the step's bookkeeping
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["sapo-dpo", "sapo-orpo"])
+def test_shared_prefix_and_separate_scoring_train_alike(tmp_path, tokenizer, suite, recipe):
+    from sapo.tiny import build_model
+
+    runs = {}
+    for scoring in ("shared_prefix", "separate"):
+        trainer = SAPOTrainer(model=build_model(tokenizer, hidden_size=32, seed=0),
+                              args=config(tmp_path / scoring, recipe=recipe, max_steps=3, pair_scoring=scoring),
+                              train_dataset=suite["train"], processing_class=tokenizer,
+                              sampler=ScriptedSampler([[40, 41, 42, 43, 44, 45], [50, 51, tokenizer.eos_token_id]]))
+        assert trainer._shared_prefix == (scoring == "shared_prefix")
+        trainer.train()
+        runs[scoring] = read_metrics(tmp_path / scoring / "out")
+    keys = ["loss", "rewards/margins", "rewards/real", "logps/real", "logps/rejected"]
+    for shared, separate in zip(runs["shared_prefix"], runs["separate"], strict=True):
+        for key in keys:
+            assert shared[key] == pytest.approx(separate[key], abs=1e-5), key
+    assert runs["shared_prefix"][-1]["rewards/margins"] != 0  # the steps trained on real differences
+
+
+def test_a_model_that_cannot_pack_pairs_is_scored_separately(tmp_path, tokenizer, suite, caplog):
+    from transformers import LlamaForCausalLM
+
+    from sapo.tiny import build_model
+
+    class IgnoresPositionIds(LlamaForCausalLM):
+        def forward(self, *args, position_ids=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = IgnoresPositionIds(build_model(tokenizer, hidden_size=32, seed=0).config)
+    with caplog.at_level("INFO", logger="sapo.trainer"):
+        trainer = SAPOTrainer(model=model, args=config(tmp_path, max_steps=1), train_dataset=suite["train"],
+                              processing_class=tokenizer)
+    assert not trainer._shared_prefix
+    assert "do not reproduce the separate rows' log-probs" in caplog.text
+
+
+def test_step_metrics_stay_on_the_device_until_logged(tmp_path, tokenizer, tiny_model, suite):
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=2, logging_steps=2),
+                          train_dataset=suite["train"], processing_class=tokenizer)
+    kept = {}
+
+    class Peek(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                kept.update({name: list(values) for name, values in trainer._metrics.items()})
+
+    trainer.add_callback(Peek())
+    trainer.train()
+    assert all(isinstance(v, torch.Tensor) for v in kept["rewards/margins"] + kept["logps/real"])
+    row = read_metrics(tmp_path / "out")[0]
+    assert row["step"] == 2 and isinstance(row["rewards/margins"], float)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_a_non_finite_step_is_skipped_with_and_without_clipping(tmp_path, tokenizer, tiny_model, suite,
+                                                                 max_grad_norm):
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=3, max_grad_norm=max_grad_norm),
+                          train_dataset=suite["train"], processing_class=tokenizer)
+    compute = trainer.compute_loss
+
+    def poisoned(model, inputs, **kwargs):  # the loss of step 2 is NaN
+        loss = compute(model, inputs, **kwargs)
+        return loss * float("nan") if trainer.state.global_step == 1 else loss
+
+    trainer.compute_loss = poisoned
+    trainer.train()
+    assert trainer.nonfinite_steps == 1
+    assert [r["nonfinite/skipped_steps"] for r in read_metrics(tmp_path / "out")] == [0, 1, 1]
+    assert all(torch.isfinite(p).all() for p in trainer.copies.params)
+
+
+def test_the_non_finite_check_reads_the_norm_the_trainer_computed(tmp_path, tokenizer, tiny_model, suite):
+    """No second pass over the gradients: the check takes the Trainer's clipping/logging norm of the step."""
+    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path), train_dataset=suite["train"],
+                          processing_class=tokenizer)
+    assert all(p.grad is None for p in trainer.copies.params)  # nothing to read a norm from but the Trainer's
+    assert trainer._get_grad_norm(trainer.model, torch.tensor(float("nan"))).isnan()
+    assert not trainer._gradients_are_finite()
+    trainer._get_grad_norm(trainer.model, torch.tensor(3.0))
+    assert trainer._gradients_are_finite()
+    assert trainer._grad_norm is None  # used once: a later step without a norm reads its own gradients

@@ -31,6 +31,7 @@ REF_UPDATE_MODES = ("ema", "policy", "fixed")
 RECIPES = tuple(RECIPE_CLASSES)
 PROMPT_TRUNCATION_MODES = ("left", "drop")
 COPY_DTYPES = ("auto", "bfloat16", "float16", "float32")
+PAIR_SCORINGS = ("shared_prefix", "separate")
 DEFAULT_LOSS_TYPE = "sigmoid"
 DPO_BETA = 0.1  # paper, SAPO-DPO (Mistral-7B)
 ORPO_LAMBDA = 0.05  # paper and authors' code, SAPO-ORPO (LLaMA-3-8B)
@@ -147,6 +148,14 @@ class SAPOConfig(TrainingArguments):
         default=1024,
         metadata={"help": "Rows (tokens) of the vocabulary projection computed at a time when scoring "
                   "responses, so full-vocabulary fp32 logits of the whole batch are never held at once."},
+    )
+    pair_scoring: str = field(
+        default="shared_prefix",
+        metadata={"help": "How a pair's two sequences are scored: 'shared_prefix' packs each pair into one row "
+                  "(the prompt and the real response before the rewritten segment run once, with a block attention "
+                  "mask), 'separate' runs the real and the rejected sequence as two rows. Same log-probs up to float "
+                  "rounding; shared_prefix falls back to separate (logged once) where the model cannot take it "
+                  "(flash-attention, sliding windows, soft-capped logits)."},
     )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Turn dropout off in the policy (as TRL's preference trainers do)."}
@@ -289,6 +298,7 @@ class SAPOConfig(TrainingArguments):
         _check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
         _check_choice("generation_engine", self.generation_engine, SAMPLER_NAMES)
         _check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
+        _check_choice("pair_scoring", self.pair_scoring, PAIR_SCORINGS)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
                      "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
                      "spin_iterations", "spin_max_new_tokens", "eval_judge_max_new_tokens"):

@@ -15,24 +15,46 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+EMA_CAST_CHUNK = 1 << 27
+"""Elements of policy weights cast to the EMA's dtype at a time (256 MiB in bf16), bounding the scratch memory of a
+mixed-dtype update while keeping it a handful of multi-tensor kernels."""
+
 
 def ema_update_(ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], beta: float) -> None:
-    """theta_ema <- beta * theta_ema + (1 - beta) * theta, in place, as one fused multi-tensor op.
+    """theta_ema <- beta * theta_ema + (1 - beta) * theta, in place, as fused multi-tensor ops.
 
     `lerp(ema, theta, 1 - beta)` is exactly that formula; the foreach form launches one kernel per
-    dtype/device group instead of one per tensor, keeping the update a small fraction of a step.
+    dtype/device group instead of one per tensor, keeping the update a small fraction of a step. Where the EMA
+    is held in another dtype or device than the policy (a bf16 EMA of an fp32 policy, an offloaded EMA), the
+    weights are first cast into scratch tensors of the EMA's kind by one multi-tensor copy per chunk, which gives
+    the same numbers as casting each tensor before its lerp.
     """
     if len(ema) != len(params):
         raise ValueError(f"ema_update_: {len(ema)} EMA tensors but {len(params)} parameters")
     if not ema:
         return
-    same_dtype = all(e.dtype == p.dtype and e.device == p.device for e, p in zip(ema, params, strict=True))
+    same_kind = all(e.dtype == p.dtype and e.device == p.device for e, p in zip(ema, params, strict=True))
     with torch.no_grad():
-        if same_dtype:
+        if same_kind:
             torch._foreach_lerp_(list(ema), [p.detach() for p in params], 1.0 - beta)
-        else:  # e.g. a bf16 EMA of an fp32 policy: cast per tensor
-            for e, p in zip(ema, params, strict=True):
-                e.lerp_(p.detach().to(device=e.device, dtype=e.dtype), 1.0 - beta)
+            return
+        for start, stop in _chunks([e.numel() for e in ema], EMA_CAST_CHUNK):
+            targets = list(ema[start:stop])
+            cast = [torch.empty_like(t) for t in targets]
+            copy_weights_(cast, params[start:stop])  # one multi-tensor copy (per tensor only across devices)
+            torch._foreach_lerp_(targets, cast, 1.0 - beta)
+
+
+def _chunks(sizes: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive index ranges whose sizes add up to at most `budget` (a larger single tensor is its own range)."""
+    ranges, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and total + size > budget:
+            ranges.append((start, index))
+            start, total = index, 0
+        total += size
+    ranges.append((start, len(sizes)))
+    return ranges
 
 
 def copy_weights_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sapo.packing import packed_layout
+
 
 def shifted_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token t is predicted from position t-1: labels and their mask, both of shape (batch, seq-1)."""
@@ -61,13 +63,39 @@ def chunked_token_logps(
 
 def output_projection(model: nn.Module) -> nn.Module:
     """The vocabulary projection (lm_head) of a causal LM, through peft/DDP wrappers."""
-    inner = model
-    while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
-        inner = inner.module
+    inner = inner_model(model)
     head = inner.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(inner).__name__} has no output embedding (lm_head) to score tokens with")
     return head
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The causal LM inside DDP/accelerate wrappers (a peft wrapper is kept: it forwards attribute lookups)."""
+    inner = model
+    while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
+        inner = inner.module
+    return inner
+
+
+def final_hidden_states(model: nn.Module, **inputs: Any) -> torch.Tensor:
+    """The decoder's last hidden state (the lm_head's input) for `inputs`, from a forward through `model` itself
+    (so DDP/FSDP wrappers see it) that keeps one logit row and no per-layer hidden states: a forward hook on the
+    decoder catches its output, where `output_hidden_states=True` would return (and the reference's no-grad
+    forward would hold) every layer's."""
+    captured: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        captured.append(output[0])
+
+    handle = inner_model(model).get_decoder().register_forward_hook(keep)
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"{type(inner_model(model)).__name__}: its decoder did not run in the forward")
+    return captured[-1]
 
 
 def response_token_logps(
@@ -83,14 +111,66 @@ def response_token_logps(
     labels, mask = shifted_targets(input_ids, loss_mask)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=input_ids.device)
     if use_hidden_states:
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                        logits_to_keep=1, use_cache=False)
-        hidden = outputs.hidden_states[-1][:, :-1][mask]
+        hidden = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)[:, :-1][mask]
         picked = chunked_token_logps(hidden, labels[mask], output_projection(model), chunk_size)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         picked = token_logps_from_logits(logits[:, :-1][mask], labels[mask])
     return out.masked_scatter(mask, picked)
+
+
+PACKABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take a custom 4-D mask as given (transformers' masking_utils returns a 4-D mask
+as-is): sdpa as booleans, eager as an additive float mask. Flash-attention takes none."""
+
+
+def packing_unsupported_reason(model: nn.Module) -> str | None:
+    """Why shared-prefix packing cannot be exact for this model (None when it can): the attention implementation
+    cannot take a custom mask, or some layers are not full attention (a custom mask replaces sliding windows)."""
+    config = getattr(inner_model(model), "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in PACKABLE_ATTENTION:
+        return f"attention implementation {implementation!r} takes no custom 4-D mask"
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        return f"layer types {sorted(layer_types)} are not all full attention"
+    return None
+
+
+def _attention_mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """The 4-D mask in the form the model's attention implementation adds or applies."""
+    inner = inner_model(model)
+    if inner.config._attn_implementation == "sdpa":
+        return allowed
+    dtype = inner.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                      torch.finfo(dtype).min)
+
+
+def packed_response_token_logps(
+    model: nn.Module,
+    packed_input_ids: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """`response_token_logps` of a batch of pairs (real rows, then rejected rows; `attention_mask`, `loss_mask`
+    (2B, W)), computed from one packed row per pair (see `sapo.packing`): the shared prefix runs once, and each
+    packed token's log-prob is projected once and scattered to every row that holds it."""
+    pairs, width = packed_input_ids.shape
+    layout = packed_layout(width, prefix_lengths, attention_mask, loss_mask)
+    hidden = final_hidden_states(model, input_ids=packed_input_ids, position_ids=layout.position_ids,
+                                 attention_mask=_attention_mask_for(model, layout.allowed))
+    rows = torch.arange(pairs, device=hidden.device)[:, None] * width
+    picked_rows = (rows + layout.predecessors)[layout.targets]
+    picked = chunked_token_logps(hidden.flatten(0, 1)[picked_rows], packed_input_ids[layout.targets],
+                                 output_projection(model), chunk_size)
+    packed = torch.zeros(layout.targets.shape, dtype=torch.float32, device=hidden.device)
+    packed = packed.masked_scatter(layout.targets, picked)
+    gathered = torch.cat([packed, packed]).gather(1, layout.source)
+    return torch.where(loss_mask[:, 1:].bool(), gathered, torch.zeros_like(gathered))
 
 
 def hidden_state_scoring_is_exact(model: nn.Module, probe_ids: Any, atol: float = 1e-3) -> bool:
@@ -99,11 +179,29 @@ def hidden_state_scoring_is_exact(model: nn.Module, probe_ids: Any, atol: float 
     model.eval()
     try:
         with torch.no_grad():
-            outputs = model(input_ids=probe_ids, output_hidden_states=True, use_cache=False)
-            projected = output_projection(model)(outputs.hidden_states[-1])
-            return bool(torch.allclose(projected.float(), outputs.logits.float(), atol=atol, rtol=1e-3))
+            hidden = final_hidden_states(model, input_ids=probe_ids)
+            logits = model(input_ids=probe_ids, use_cache=False).logits
+            projected = output_projection(model)(hidden)
+            return bool(torch.allclose(projected.float(), logits.float(), atol=atol, rtol=1e-3))
     finally:
         model.train(was_training)
+
+
+def shared_prefix_scoring_is_exact(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether packed pair rows give the unshared rows' log-probs on `batch` (a `pad_pairs` batch): false where
+    the model ignores a custom mask or position ids. The tolerance follows the weights' precision (half-precision
+    kernels round the two layouts differently; a mask that is not honoured moves log-probs by far more)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            separate = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            packed = packed_response_token_logps(model, batch["packed_input_ids"], batch["prefix_lengths"],
+                                                 batch["attention_mask"], batch["loss_mask"])
+    finally:
+        model.train(was_training)
+    half = output_projection(model).weight.dtype in (torch.float16, torch.bfloat16)
+    return bool(torch.allclose(packed, separate, atol=3e-2 if half else 1e-4, rtol=1e-2 if half else 1e-4))
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

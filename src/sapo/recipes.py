@@ -29,6 +29,7 @@ from sapo.checkpoint import rng_state_from_json, rng_state_to_json
 from sapo.copies import EMA, REFERENCE  # which copy generates
 from sapo.layout import buffer_file, pending_file, segment_rng_file, spin_file
 from sapo.losses import REFERENCE_LOSS_TYPES
+from sapo.packing import packed_pair_ids
 from sapo.segments import sample_truncation_point, splice_rejected
 
 
@@ -49,9 +50,14 @@ def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_
 
 
 def pad_pairs(entries: Sequence[ReplayEntry], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Real and rejected sequences of the pairs in one batch (real rows first): one forward scores both."""
+    """Real and rejected sequences of the pairs in one batch (real rows first): one forward scores both. The batch
+    also carries each pair packed into one row around its shared prefix (`packed_input_ids`, `prefix_lengths`;
+    see `sapo.packing`), which the trainer scores instead where the model allows it."""
     sequences = [(e.prompt, e.real) for e in entries] + [(e.prompt, e.rejected) for e in entries]
-    return pad_sequences(sequences, pad_token_id)
+    batch = pad_sequences(sequences, pad_token_id)
+    full = [([*e.prompt, *e.real], [*e.prompt, *e.rejected]) for e in entries]
+    batch["packed_input_ids"], batch["prefix_lengths"] = packed_pair_ids(full, pad_token_id)
+    return batch
 
 
 @dataclass

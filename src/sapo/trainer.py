@@ -31,6 +31,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint, rotate_checkpoints
 
+from sapo.buffer import ReplayEntry
 from sapo.checkpoint import (
     OutputDirLock,
     check_allowed_changes,
@@ -94,10 +95,17 @@ from sapo.layout import (
     TRAINER_STATE_FILE,
     step_state_file,
 )
-from sapo.logprobs import hidden_state_scoring_is_exact, response_token_logps
+from sapo.logprobs import (
+    hidden_state_scoring_is_exact,
+    output_projection,
+    packed_response_token_logps,
+    packing_unsupported_reason,
+    response_token_logps,
+    shared_prefix_scoring_is_exact,
+)
 from sapo.losses import LOSSES, nll_from_logps, pair_loss, pair_metrics
 from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
-from sapo.recipes import RECIPES, Recipe, StepServices, pad_sequences
+from sapo.recipes import RECIPES, Recipe, StepServices, pad_pairs, pad_sequences
 from sapo.sharding import any_rank, local_shard, materialized
 
 logger = logging.getLogger(__name__)
@@ -249,6 +257,7 @@ class SAPOTrainer(Trainer):
     _output_lock: OutputDirLock | None = None  # held by the main process from train() to the final save_model()
     _data_fingerprint: str | None = None  # computed once, when a checkpoint is saved or validated
     _resumed_step_state: dict[str, Any] | None = None  # the Trainer's loss accumulators saved with the checkpoint
+    _grad_norm: Any = None  # the Trainer's gradient norm of the step about to be taken, until it is checked
 
     def __init__(
         self,
@@ -314,11 +323,12 @@ class SAPOTrainer(Trainer):
         self.sampler: SegmentSampler = sampler or make_sampler(
             args.generation_engine, args.sampling_settings, pad_token_id=processing_class.pad_token_id,
             eos_token_ids=self.eos_token_ids)
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._metrics: dict[str, list[float | torch.Tensor]] = defaultdict(list)  # tensors: synced when logged
         self.recipe: Recipe = RECIPES[args.recipe](args, self._services(), seed=args.seed + args.process_index)
         self.ref_update_steps = args.ref_update_steps
         # Sharded heads cannot be applied outside the engine's forward: score through ordinary logits there.
         self._use_hidden_states = not self.copies.sharded and self._check_hidden_state_scoring()
+        self._shared_prefix = self._check_shared_prefix_scoring(ref_model)
         self._timing = {"generation": 0.0, "step": 0.0, "generated_tokens": 0.0}
         self._step_skipped = False
         self._nonfinite_in_a_row = 0
@@ -433,6 +443,35 @@ class SAPOTrainer(Trainer):
             logger.info("the model's logits are not lm_head(hidden state); scoring with full logits")
         return exact
 
+    def _check_shared_prefix_scoring(self, ref_model: nn.Module | None) -> bool:
+        """Whether pairs are scored packed around their shared prefix (`pair_scoring`): probed once on the policy
+        (and on a `ref_model=` given), falling back to separate rows, with one info log, where it is not exact."""
+        if self.args.pair_scoring != "shared_prefix" or self.recipe.supervised:
+            return False
+        if not self._use_hidden_states:
+            logger.info("pair_scoring shared_prefix needs hidden-state scoring; scoring pairs as separate rows")
+            return False
+        models = [self.policy] + ([self.copies.reference_module] if ref_model is not None else [])
+        for model in models:
+            reason = packing_unsupported_reason(model)
+            if reason is None and not shared_prefix_scoring_is_exact(model, self._packing_probe(model)):
+                reason = "packed rows do not reproduce the separate rows' log-probs"
+            if reason is not None:
+                logger.info("pair_scoring shared_prefix: %s (%s); scoring pairs as separate rows", reason,
+                            type(model).__name__)
+                return False
+        return True
+
+    def _packing_probe(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Pairs with a long, a prompt-only and a whole-sequence shared prefix, on the model's device."""
+        vocab = output_projection(model).weight.shape[0]
+        ids = [(7 * i + 3) % vocab for i in range(24)]
+        entries = [ReplayEntry(ids[:5], ids[5:12], ids[5:8] + ids[16:20], 3, 4),
+                   ReplayEntry(ids[:3], ids[3:7], ids[12:18], 0, 6),
+                   ReplayEntry(ids[:4], ids[4:9], ids[4:9], 0, 0)]
+        device = next(model.parameters()).device
+        return {name: t.to(device) for name, t in pad_pairs(entries, self.processing_class.pad_token_id).items()}
+
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """A recipe may restart the schedule periodically (SPIN trains each iteration as a fresh run): the schedule
         is then built for one period and its LambdaLR factors repeat."""
@@ -477,6 +516,10 @@ class SAPOTrainer(Trainer):
         """Per-token log-probs of the batch's response tokens, under the accelerator's autocast, so the policy, its
         reference and the head projection that runs outside the prepared forward share one precision policy."""
         with self.accelerator.autocast():
+            if self._shared_prefix and "packed_input_ids" in batch:
+                return packed_response_token_logps(model, batch["packed_input_ids"], batch["prefix_lengths"],
+                                                   batch["attention_mask"], batch["loss_mask"],
+                                                   chunk_size=self.args.logprob_chunk_size)
             return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                                         chunk_size=self.args.logprob_chunk_size,
                                         use_hidden_states=self._use_hidden_states)
@@ -486,7 +529,7 @@ class SAPOTrainer(Trainer):
         mask = inputs["loss_mask"][:, 1:]
         if self.recipe.supervised:
             loss = nll_from_logps(self.token_logps(model, inputs), mask)
-            self._metrics["nll_loss"].append(loss.item())
+            self._metrics["nll_loss"].append(loss.detach())
             return (loss, None) if return_outputs else loss
         # The reference goes first: with sharded copies its forward borrows the policy's parameter storage.
         ref_token_logps = None
@@ -496,9 +539,9 @@ class SAPOTrainer(Trainer):
         result = pair_loss(self.args.loss_type, token_logps, mask, ref_token_logps, beta=self.args.beta,
                            label_smoothing=self.args.label_smoothing)
         if result.nll is not None:
-            self._metrics["nll_loss"].append(result.nll.item())
+            self._metrics["nll_loss"].append(result.nll.detach())
         for name, value in pair_metrics(result, mask).items():
-            self._metrics[name].append(value.item())
+            self._metrics[name].append(value)
         loss, output = result.loss, result.output
         return (loss, output) if return_outputs else loss
 
@@ -506,13 +549,31 @@ class SAPOTrainer(Trainer):
     # Once per optimizer step
     # --------------------------------------------------------------------------------------------
 
-    def _skip_step_if_nonfinite(self) -> None:
-        """Drop the gradients of a step whose loss or gradient is NaN/inf, so the optimizer leaves weights alone."""
-        params = self.copies.params
-        grads = [local_shard(p.grad, self.copies.sharding) for p in params if p.grad is not None]
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The Trainer's gradient norm (the clipping norm, or the one it computes for logging with max_grad_norm
+        0), kept for the non-finite check that runs next, so the gradients are not read a second time."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._grad_norm = grad_norm
+        return grad_norm
+
+    def _gradients_are_finite(self) -> bool:
+        """From the Trainer's total norm of this step (non-finite iff some gradient entry is; engines that clip
+        across ranks give every rank the same norm); engines that give none have their local gradients read."""
+        norm, self._grad_norm = self._grad_norm, None
+        if hasattr(norm, "full_tensor"):  # FSDP2: a sharded norm; the full one is the same on every rank
+            norm = norm.full_tensor()
+        if isinstance(norm, (torch.Tensor, float)):
+            return bool(torch.isfinite(torch.as_tensor(norm)))
+        grads = [local_shard(p.grad, self.copies.sharding) for p in self.copies.params if p.grad is not None]
         finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True
         if self.copies.sharded:  # each rank sees its own shard of the gradient: skip on all or none
             finite = not any_rank(not finite, self.args.device)
+        return finite
+
+    def _skip_step_if_nonfinite(self) -> None:
+        """Drop the gradients of a step whose loss or gradient is NaN/inf, so the optimizer leaves weights alone."""
+        params = self.copies.params
+        finite = self._gradients_are_finite()
         self._step_skipped = not finite
         if finite:
             self._nonfinite_in_a_row = 0
@@ -673,11 +734,19 @@ class SAPOTrainer(Trainer):
         with open(os.path.join(self.args.output_dir, METRICS_FILE), "a", encoding="utf-8") as handle:
             handle.write("".join(json.dumps(record) + "\n" for record in records))
 
+    def _metric_values(self) -> dict[str, list[float]]:
+        """The recorded metrics as numbers: the device tensors the steps left are brought to the host in one
+        transfer (the only synchronisation they cost)."""
+        tensors = [v for values in self._metrics.values() for v in values if isinstance(v, torch.Tensor)]
+        synced = iter(torch.stack([t.detach().float() for t in tensors]).tolist() if tensors else [])
+        return {name: [next(synced) if isinstance(v, torch.Tensor) else v for v in values]
+                for name, values in self._metrics.items()}
+
     def _reduced_metrics(self) -> dict[str, float]:
         """Means since the last log, averaged over ranks."""
-        names = sorted(self._metrics)
-        local = torch.tensor([sum(self._metrics[n]) / max(1, len(self._metrics[n])) for n in names],
-                             device=self.args.device)
+        metrics = self._metric_values()
+        names = sorted(metrics)
+        local = torch.tensor([sum(metrics[n]) / max(1, len(metrics[n])) for n in names], device=self.args.device)
         values = self.accelerator.reduce(local, reduction="mean").tolist()
         reduced = dict(zip(names, values, strict=True))
         reduced.pop("ref/refreshes", None)
@@ -1016,7 +1085,7 @@ class SAPOTrainer(Trainer):
         tr_loss = getattr(self, "_tr_loss", None)
         write_json(directory / step_state_file(rank), {
             "nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self._nonfinite_in_a_row,
-            "metrics": dict(self._metrics), "timing": self._timing,
+            "metrics": self._metric_values(), "timing": self._timing,
             **({"tr_loss": tr_loss.item(), "globalstep_last_logged": self._globalstep_last_logged}
                if isinstance(tr_loss, torch.Tensor) else {})})
         self.copies.save(directory, rank, self.args.should_save)

@@ -1,0 +1,95 @@
+"""Shared-prefix packing of preference pairs: one row per pair instead of two.
+
+The real and the rejected sequence of a pair share a token prefix: at least the prompt, and for SAPO also the
+real response up to the truncation point (`prompt + y[:k]`). Scoring both as separate rows runs that prefix
+through the model twice. A packed row is `prefix + real_suffix + rejected_suffix`; with a block attention mask
+(rejected-suffix tokens see the prefix and themselves, never the real suffix) and position ids that restart at
+`len(prefix)` for the rejected suffix, every token sees exactly the context it has in its own sequence, so the
+log-probs are those of the unshared rows.
+
+The layout is built in two parts: `packed_pair_ids` on the host from the ragged token lists (it fixes the packed
+width, so nothing on the device has to be synchronised to know it), and `packed_layout` on the device from
+lengths alone (position ids, mask, which hidden state predicts which token, where each log-prob goes back).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens `a` and `b` share."""
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def packed_pair_ids(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
+                    pad_to_multiple_of: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real, rejected) full token sequences -> packed rows `prefix + real[c:] + rejected[c:]` (right-padded) and
+    each pair's shared prefix length `c`."""
+    prefixes = [common_prefix_length(real, rejected) for real, rejected in pairs]
+    rows = [[*real, *rejected[c:]] for (real, rejected), c in zip(pairs, prefixes, strict=True)]
+    width = math.ceil(max(len(row) for row in rows) / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return input_ids, torch.tensor(prefixes, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """How to run and read a batch of packed pair rows (B pairs, packed width P, unshared width W)."""
+
+    position_ids: torch.Tensor  # (B, P): restart at the prefix length for the rejected suffix
+    allowed: torch.Tensor  # (B, 1, P, P) bool: query i may attend to key j
+    targets: torch.Tensor  # (B, P) bool: packed tokens whose log-prob some row needs
+    predecessors: torch.Tensor  # (B, P): the position whose hidden state predicts each packed token
+    source: torch.Tensor  # (2B, W-1): for each (row, shifted position) of the unshared layout, its packed token
+
+
+def pair_attention_mask(prefix: torch.Tensor, real_end: torch.Tensor, end: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, 1, width, width) bool: causal within `prefix + real suffix`; a rejected-suffix query sees the prefix and
+    the rejected suffix up to itself; a padding query sees only itself (a fully masked row would give NaN)."""
+    positions = torch.arange(width, device=prefix.device)
+    i, j = positions[None, :, None], positions[None, None, :]
+    c, r, e = prefix[:, None, None], real_end[:, None, None], end[:, None, None]
+    causal = j <= i
+    rejected_query = causal & ((j < c) | (j >= r))
+    allowed = torch.where(i < r, causal, torch.where(i < e, rejected_query, i == j))
+    return allowed[:, None]
+
+
+def packed_layout(packed_width: int, prefix: torch.Tensor, attention_mask: torch.Tensor,
+                  loss_mask: torch.Tensor) -> PackedLayout:
+    """The packed layout of pairs given as the unshared batch (real rows, then rejected rows; `attention_mask` and
+    `loss_mask` (2B, W)) and the pairs' shared prefix lengths `prefix` (B,). Pure tensor ops, no host sync."""
+    pairs = prefix.shape[0]
+    lengths = attention_mask.sum(-1)
+    real_end, rejected_len = lengths[:pairs], lengths[pairs:]
+    end = real_end + rejected_len - prefix
+    q = torch.arange(packed_width, device=prefix.device)[None, :]
+    in_rejected = q >= real_end[:, None]
+    position_ids = torch.where(in_rejected, q - real_end[:, None] + prefix[:, None], q)
+    # The first rejected-suffix token is predicted from the last prefix position, like the first real-suffix one.
+    predecessors = torch.where(q == real_end[:, None], prefix[:, None] - 1, q - 1).clamp(min=0)
+    # Token t of a real row sits at packed position t; of a rejected row, at t below the prefix (shared), else
+    # after the real suffix.
+    t = torch.arange(1, loss_mask.shape[1], device=prefix.device)[None, :]
+    rejected_source = torch.where(t < prefix[:, None], t, t - prefix[:, None] + real_end[:, None])
+    source = torch.cat([t.expand(pairs, -1), rejected_source]).clamp(max=packed_width - 1)
+    scored = loss_mask[:, 1:].bool()
+    hits = torch.zeros(pairs, packed_width, dtype=torch.long, device=prefix.device)
+    hits.scatter_add_(1, torch.where(scored, source, 0).view(2, pairs, -1).transpose(0, 1).reshape(pairs, -1),
+                      scored.long().view(2, pairs, -1).transpose(0, 1).reshape(pairs, -1))
+    targets = hits > 0
+    targets[:, 0] = False  # position 0 is never predicted (it only received the unscored entries)
+    return PackedLayout(position_ids, pair_attention_mask(prefix, real_end, end, packed_width), targets,
+                        predecessors, source)
