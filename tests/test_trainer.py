@@ -304,6 +304,35 @@ def test_default_generation_engine_gets_the_runs_fixed_shapes(tmp_path, tokenize
     assert isinstance(hf, HFGenerateSampler) and hf.batch_size == 8  # rounds of 6 fill up in whole batches of 4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_compiles_once_on_one_persistent_decode_module(tmp_path, tokenizer, tiny_model, suite):
+    """On CUDA the default engine decodes compiled; with offloaded copies (a module gathered for each round) the
+    gathered module, its weights refreshed in place, and the cache persist, so the step is compiled once."""
+    from sapo.generation import StaticCacheSampler
+
+    args = config(tmp_path, max_steps=4, use_cpu=False, offload_copies=True, generation_batch_size=4)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    sampler = trainer.sampler
+    assert isinstance(sampler, StaticCacheSampler) and sampler.keeps_state(args.device)
+    kept = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            module = trainer.copies._decode_modules.get("ema")
+            ema = {n: t.detach().cpu().clone() for n, t in zip(trainer.copies.ema.names, trainer.copies.ema.tensors,
+                                                                  strict=True)}
+            kept.append((module, sampler._cache, [p.data_ptr() for p in module.parameters()], ema))
+
+    trainer.add_callback(Record())
+    trainer.train()
+    assert len(kept) == 4 and all(entry[0] is kept[0][0] and entry[1] is kept[0][1] for entry in kept)
+    assert all(entry[2] == kept[0][2] for entry in kept)  # the same storage: CUDA graphs replay on it
+    assert sampler._compile_works and not sampler.compile_failed and len(sampler._compiled_steps) == 1
+    weights = dict(kept[0][0].named_parameters())  # gathered for the last round: the EMA after step 3
+    for name, tensor in kept[2][3].items():
+        assert torch.equal(weights[name].cpu(), tensor), name
+
+
 def test_bf16_copies_are_bf16_modules_that_follow_the_ema_formula(tmp_path, tokenizer, tiny_model, suite,
                                                                    snapshot_each_step):
     args = config(tmp_path, max_steps=3, copies_dtype="bfloat16", ref_update_mode="ema", ref_update_steps=2)
