@@ -393,6 +393,10 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         set_compile(trainer.sampler, options["compile"])
         sampler = trainer.sampler = TimedSampler(trainer.sampler)
         ema_seconds = time_ema_updates(device)
+        training_seconds: list[float] = []  # Trainer.training_step: pairs (generation included), loss, backward
+        reference_seconds: list[float] = []
+        timed_calls(trainer, "training_step", training_seconds)
+        timed_calls(trainer.copies, "reference_forward", reference_seconds)
         timer = step_timer_callback()
         generation_per_step: list[tuple[float, int]] = []  # (seconds, tokens) generated during each step
         last = {"seconds": 0.0, "tokens": 0}
@@ -406,6 +410,11 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         trainer.train()
         walls, cpus = timer.durations()
     result = summarize_steps(walls, cpus, warmup, 2 * batch * shape.max_length)
+    accumulation = trainer.args.gradient_accumulation_steps
+    result["breakdown_s"] = step_breakdown(
+        walls, warmup, sum(seconds for seconds, _ in generation_per_step[warmup:]),
+        sum(training_seconds[warmup * accumulation:]), sum(reference_seconds[warmup * accumulation:]),
+        sum(ema_seconds[warmup:]))
     timed_generation = sum(seconds for seconds, _ in generation_per_step[warmup:])
     timed_tokens = sum(tokens for _, tokens in generation_per_step[warmup:])
     rounds = sampler.round_seconds
@@ -634,6 +643,33 @@ def step_row(label: str, r: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:>9.0f} {r['peak_mib']:>9.0f}")
 
 
+def timed_calls(owner: Any, name: str, seconds: list[float]) -> None:
+    """Replace `owner.name` (an instance's method) by a synchronised timer around it that appends to `seconds`."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        synchronize()
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            synchronize()
+            seconds.append(time.perf_counter() - started)
+
+    setattr(owner, name, timed)
+
+
+def step_breakdown(walls: list[float], warmup: int, generation: float, training: float, reference: float,
+                   ema: float) -> dict[str, float]:
+    """Seconds per timed step spent generating, in the reference forward, in the rest of the training step (the
+    policy's forward and backward, the loss), in the EMA update, and elsewhere (optimizer, data, callbacks)."""
+    steps = len(walls) - warmup
+    total = sum(walls[warmup:])
+    policy = training - generation - reference
+    return {"generation": generation / steps, "reference": reference / steps, "policy": policy / steps,
+            "ema": ema / steps, "other": (total - training - ema) / steps}
+
+
 def time_ema_updates(device: Any) -> list[float]:
     """Wall seconds of every EMA update (`sapo.ema.ema_update_`, the fused lerp), synchronised on CUDA."""
     import torch
@@ -696,6 +732,10 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
                          f"later full rounds {r['steady_round_s']:.2f} s each")
             lines.append(f"SAPO EMA update{suffix}: {r['ema_update_ms']:.2f} ms per optimizer step, "
                          f"{r['ema_update_share'] * 100:.2f}% of the mean step")
+            parts = r["breakdown_s"]
+            lines.append(f"SAPO step breakdown{suffix} (s per timed step): " + ", ".join(
+                f"{name} {parts[name]:.3f}" for name in ("generation", "policy", "reference", "ema", "other"))
+                + " (policy: the training step's forward, loss and backward less generation and reference)")
     if "gen" in results:
         g = results["gen"]
         failed = " (torch.compile FAILED)" if g.get("static_compile_failed") else ""
