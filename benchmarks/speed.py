@@ -1,22 +1,26 @@
 """Speed benchmark: SAPO-DPO training steps (generation included) against TRL's DPOTrainer, same model and data.
 
-    python benchmarks/speed.py --config cpu                                  # tiny Llama, 2-core CPU friendly
+    python benchmarks/speed.py --config cpu                                  # what `sapo train` does, on a CPU
     python benchmarks/speed.py --config cpu --sampler hf                     # SAPO with model.generate instead
-    python benchmarks/speed.py --config cpu --generation_batch_size 64       # queue 8 batches per generation round
+    python benchmarks/speed.py --config cpu --generation_batch_size 8        # the paper's per-step flow
     python benchmarks/speed.py --config gpu                                  # Qwen2-0.5B shape, bf16, one GPU
     python benchmarks/speed.py --config gpu --dry_run                        # same code path, tiny shapes (CPU ok)
 
 One invocation measures, on the same model, data shape and machine, each phase in a fresh subprocess (so
 peak-memory numbers and allocator caches do not leak from one phase into the next):
 
-* ``sapo``: ``SAPOTrainer`` (loss_type sigmoid = SAPO-DPO) with the chosen sampler (``--sampler static|hf``) and
-  ``--generation_batch_size``; every step replays a batch from the buffer, so each step trains on
-  ``batch`` (real, rejected) pairs, and generation rounds happen every ``generation_batch_size / batch`` steps.
+* ``sapo``: ``SAPOTrainer`` (loss_type sigmoid = SAPO-DPO) built as ``sapo train`` builds it: no ``sampler=``, so
+  the trainer makes its own engine from ``generation_engine`` (``--sampler``, default ``auto``) with the run's
+  fixed shapes, and generation rounds follow ``SAPOConfig``'s rule unless ``--generation_batch_size`` is given.
+  Every step replays a batch from the buffer, so each step trains on ``batch`` (real, rejected) pairs, and
+  generation rounds happen every ``generation_round_size / batch`` steps. Warm-up (the first rounds; on a GPU
+  the decode step's compilation) is reported apart, with a breakdown of the timed step.
 * ``trl``: TRL's ``DPOTrainer`` on the same model (same weights, seed), the same batch of pairs of the same
   lengths, ``ref_model=`` passed explicitly (a copy of the policy, as SAPO's reference is).
-* ``gen``: generation alone, our ``StaticCacheSampler`` vs ``model.generate`` (``HFGenerateSampler``), on as
-  many rows as one SAPO generation round, prompt-length contexts, G new tokens each: greedy (both must return the same
-  tokens; no EOS so that every row decodes G tokens) and sampled (temperature 0.7, top-k 50, top-p 0.95).
+* ``gen``: generation alone, our ``StaticCacheSampler`` vs ``model.generate`` (``HFGenerateSampler``), each built
+  as the trainer builds it, on as many rows as one SAPO generation round decodes, prompt-length contexts, G new
+  tokens each: greedy (both must return the same tokens; no EOS so that every row decodes G tokens) and sampled
+  (temperature 0.7, top-k 50, top-p 0.95); the first (compiling, warming up) call is reported apart.
 
 Step time is measured between consecutive optimizer-step ends (so data loading, SAPO's generation, the loss,
 backward, optimizer and EMA update are all inside) after ``--warmup`` steps; SAPO's timed window is a whole
@@ -720,7 +724,8 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
             r = run["sapo"]
             suffix = f" (run {index + 1})" if len(runs) > 1 else ""
             lines.append(f"SAPO generation{suffix}: engine {r['engine']} (generation_engine {r['sampler']})"
-                         + (f", compiled decode: {r['static_compiled']}, {r['rows']} rows x cache {r['cache_len']}"
+                         + (f", compiled decode: {r['static_compiled']} (compiled shape: {r['rows']} rows x cache "
+                            f"{r['cache_len']})"
                             if "static_compiled" in r else "")
                          + (" (torch.compile FAILED)" if r.get("static_compile_failed") else "")
                          + f"; {r['generation_share'] * 100:.1f}% of timed step time, "
