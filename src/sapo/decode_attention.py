@@ -69,6 +69,12 @@ def uses_grouped_heads(model: nn.Module) -> bool:
     return bool(heads and kv_heads and heads > kv_heads)
 
 
+def _can_switch(model: nn.Module) -> bool:
+    """Models written against `AttentionInterface` can switch implementations at run time (others only warn)."""
+    can = getattr(model, "_can_set_attn_implementation", None)
+    return hasattr(model, "set_attn_implementation") and can is not None and bool(can())
+
+
 @contextmanager
 def decode_attention(model: nn.Module) -> Iterator[bool]:
     """`model` attends with `gqa_decode_attention` inside the block (yields True) when it uses grouped-query
@@ -76,7 +82,7 @@ def decode_attention(model: nn.Module) -> Iterator[bool]:
     base = _base_model(model)
     config = getattr(base, "config", None)
     original = getattr(config, "_attn_implementation", None)
-    if original not in REPLACED or not uses_grouped_heads(base) or not hasattr(base, "set_attn_implementation"):
+    if original not in REPLACED or not uses_grouped_heads(base) or not _can_switch(base):
         yield False
         return
     base.set_attn_implementation(DECODE_ATTENTION)
