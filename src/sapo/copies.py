@@ -151,8 +151,8 @@ class ModelCopies:
 
         Shards with `persistent`: one plain module per copy is kept between calls and its weights are overwritten
         in place each time, so a compiled decode step recorded on it is replayed, not recorded again (a module
-        of the copy's size stays allocated; a later call without `persistent` frees it). The other modes always
-        hand out the same storage: the copy's own module, or the adapters' EMA tensors swapped in."""
+        of the copy's size stays allocated until `release_decode_modules`). The other modes always hand out the
+        same storage: the copy's own module, or the adapters' EMA tensors swapped in."""
         module = self.ema_module if which == EMA else self.reference_module
         weights = self.ema if which == EMA else self.reference
         if module is not None:
@@ -164,7 +164,6 @@ class ModelCopies:
             shards = dict(zip(weights.names, weights.tensors, strict=True))
             dtype, device = weights.tensors[0].dtype, device or self.device
             if not persistent:
-                self._decode_modules.pop(which, None)
                 with materialized(self.policy, self.sharding, shards, dtype, device) as plain:
                     yield plain
                 return
@@ -174,6 +173,10 @@ class ModelCopies:
                 kept = self._decode_modules[which] = empty_like_model(self.policy, dtype, device)
             gather_into(kept, self.policy, self.sharding, shards)
             yield kept
+
+    def release_decode_modules(self) -> None:
+        """Free the modules `as_model(..., persistent=True)` kept (decoding no longer compiled)."""
+        self._decode_modules.clear()
 
     def reference_forward(self, score: Callable[[nn.Module], torch.Tensor], policy_model: nn.Module) -> torch.Tensor:
         """`score` run on the reference without gradients. `policy_model` is the model the Trainer passes to

@@ -365,8 +365,10 @@ class SAPOTrainer(Trainer):
         with self.copies.as_model(which, persistent=persistent) as generator, self.accelerator.autocast():
             samples = self.sampler.sample(generator, contexts, max_new_tokens)
         release = getattr(self.sampler, "release", None)
-        if self.copies.mode == SHARDS and not persistent and release is not None:  # keyed to a module now gone
-            release()
+        if self.copies.mode == SHARDS and not persistent:
+            self.copies.release_decode_modules()  # kept from compiled rounds, if compilation failed since
+            if release is not None:  # caches keyed to a module that is now gone
+                release()
         self._timing["generation"] += time.perf_counter() - started
         self._timing["generated_tokens"] += sum(map(len, samples))
         return samples
