@@ -15,8 +15,9 @@ allocator caches do not leak from one option into the next):
 * ``default``: copies in the policy's dtype, held as modules on the training device;
 * ``bf16``: ``copies_dtype="bfloat16"`` (half the bytes of an fp32 policy's copies);
 * ``offload``: ``offload_copies=True``: the copies are plain tensors in host memory (pinned on CUDA) between
-  uses; the EMA is gathered into a temporary module on the device for each generation round, the reference is
-  copied into the policy's weights for each reference forward;
+  uses; the EMA is gathered into a module on the device for each generation round (kept between rounds and
+  refreshed in place when decoding is compiled, on CUDA), the reference is copied into the policy's weights for
+  each reference forward;
 * ``bf16+offload``: both;
 * ``lora``: ``peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=q/k/v/o_proj)``: the copies are adapter
   weights only (the base weights are frozen and shared). This also removes the base weights' gradients and
@@ -208,6 +209,7 @@ def run_option(option: str, shape: Any, settings: dict[str, Any]) -> dict[str, A
             **speed.checkpointing(shape), seed=0, disable_tqdm=True, dataloader_num_workers=0,
             use_cpu=device.type == "cpu", copies_dtype=spec.get("copies_dtype", "auto"),
             offload_copies=spec.get("offload_copies", False),
+            generation_batch_size=batch,  # one round per batch, every step (SAPO's default rounds: 64 rows)
         )
         trainer = SAPOTrainer(model=model, args=args, train_dataset=speed.sapo_records(records),
                               processing_class=tokenizer, peft_config=peft_config)

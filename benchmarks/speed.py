@@ -1,22 +1,26 @@
 """Speed benchmark: SAPO-DPO training steps (generation included) against TRL's DPOTrainer, same model and data.
 
-    python benchmarks/speed.py --config cpu                                  # tiny Llama, 2-core CPU friendly
+    python benchmarks/speed.py --config cpu                                  # what `sapo train` does, on a CPU
     python benchmarks/speed.py --config cpu --sampler hf                     # SAPO with model.generate instead
-    python benchmarks/speed.py --config cpu --generation_batch_size 64       # queue 8 batches per generation round
+    python benchmarks/speed.py --config cpu --generation_batch_size 8        # the paper's per-step flow
     python benchmarks/speed.py --config gpu                                  # Qwen2-0.5B shape, bf16, one GPU
     python benchmarks/speed.py --config gpu --dry_run                        # same code path, tiny shapes (CPU ok)
 
 One invocation measures, on the same model, data shape and machine, each phase in a fresh subprocess (so
 peak-memory numbers and allocator caches do not leak from one phase into the next):
 
-* ``sapo``: ``SAPOTrainer`` (loss_type sigmoid = SAPO-DPO) with the chosen sampler (``--sampler static|hf``) and
-  ``--generation_batch_size``; every step replays a batch from the buffer, so each step trains on
-  ``batch`` (real, rejected) pairs, and generation rounds happen every ``generation_batch_size / batch`` steps.
+* ``sapo``: ``SAPOTrainer`` (loss_type sigmoid = SAPO-DPO) built as ``sapo train`` builds it: no ``sampler=``, so
+  the trainer makes its own engine from ``generation_engine`` (``--sampler``, default ``auto``) with the run's
+  fixed shapes, and generation rounds follow ``SAPOConfig``'s rule unless ``--generation_batch_size`` is given.
+  Every step replays a batch from the buffer, so each step trains on ``batch`` (real, rejected) pairs, and
+  generation rounds happen every ``generation_round_size / batch`` steps. Warm-up (the first rounds; on a GPU
+  the decode step's compilation) is reported apart, with a breakdown of the timed step.
 * ``trl``: TRL's ``DPOTrainer`` on the same model (same weights, seed), the same batch of pairs of the same
   lengths, ``ref_model=`` passed explicitly (a copy of the policy, as SAPO's reference is).
-* ``gen``: generation alone, our ``StaticCacheSampler`` vs ``model.generate`` (``HFGenerateSampler``), on as
-  many rows as one SAPO generation round, prompt-length contexts, G new tokens each: greedy (both must return the same
-  tokens; no EOS so that every row decodes G tokens) and sampled (temperature 0.7, top-k 50, top-p 0.95).
+* ``gen``: generation alone, our ``StaticCacheSampler`` vs ``model.generate`` (``HFGenerateSampler``), each built
+  as the trainer builds it, on as many rows as one SAPO generation round decodes, prompt-length contexts, G new
+  tokens each: greedy (both must return the same tokens; no EOS so that every row decodes G tokens) and sampled
+  (temperature 0.7, top-k 50, top-p 0.95); the first (compiling, warming up) call is reported apart.
 
 Step time is measured between consecutive optimizer-step ends (so data loading, SAPO's generation, the loss,
 backward, optimizer and EMA update are all inside) after ``--warmup`` steps; SAPO's timed window is a whole
@@ -277,23 +281,42 @@ def step_timer_callback():
 
 
 class TimedSampler:
-    """Wraps a sampler to record the time and tokens of every generation round."""
+    """Wraps the trainer's own sampler to record the time and tokens of every generation round; every other
+    attribute (`keeps_state`, `release`, ...) is the inner sampler's, so the trainer treats it the same."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.seconds = 0.0
         self.tokens = 0
         self.rounds = 0
+        self.round_seconds: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     def sample(self, model, contexts, max_new_tokens):
         synchronize()
         started = time.perf_counter()
         out = self.inner.sample(model, contexts, max_new_tokens)
         synchronize()
-        self.seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.seconds += elapsed
+        self.round_seconds.append(elapsed)
         self.tokens += sum(len(row) for row in out)
         self.rounds += 1
         return out
+
+
+def engine_description(sampler: Any, device: Any) -> dict[str, Any]:
+    """Which engine a sampler (the trainer's, or one built like it) is, and how the static one decodes."""
+    from sapo.generation import StaticCacheSampler
+
+    if not isinstance(sampler, StaticCacheSampler):
+        return {"engine": "hf"}
+    failed = sampler.compile_failed
+    engine = "hf (after a failed compile)" if failed and sampler.fallback is not None else "static"
+    return {"engine": engine, "static_compiled": sampler.uses_compile(device), "static_compile_failed": failed,
+            "rows": sampler.batch_size, "cache_len": sampler.cache_len}
 
 
 def summarize_steps(walls: list[float], cpus: list[float], skip: int, tokens_per_step: int) -> dict[str, Any]:
@@ -326,19 +349,36 @@ def set_threads(shape: Shape, threads: int | None) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def sapo_config(shape: Shape, options: dict[str, Any], **extra: Any):
+    """SAPO's arguments: what `sapo train` uses for this shape, with only the flags given changed (engine, round)."""
+    from sapo.config import SAPOConfig
+
+    return SAPOConfig(
+        loss_type="sigmoid", beta=0.1, learning_rate=5e-7, per_device_train_batch_size=shape.batch,
+        max_length=shape.max_length, max_prompt_length=shape.prompt_len,
+        token_generate_length=shape.token_generate_length, generation_engine=options["sampler"],
+        generation_batch_size=options["generation_batch_size"], **PAPER_SAMPLING, report_to="none",
+        bf16=options["autocast"], **checkpointing(shape), seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        **extra)
+
+
+def set_compile(sampler: Any, flag: str) -> None:
+    """`--compile on|off` overrides the static engine's own choice (auto: compiled on CUDA only)."""
+    if flag != "auto" and hasattr(sampler, "uses_compile"):
+        sampler.compile = flag == "on"
+
+
 def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from sapo import tiny
-    from sapo.config import SAPOConfig
-    from sapo.generation import SamplingSettings, eos_token_ids_of, make_sampler
     from sapo.trainer import SAPOTrainer
 
     tokenizer = tiny.build_tokenizer()
     device = torch.device("cuda" if torch.cuda.is_available() and not options["use_cpu"] else "cpu")
     model = build_model(shape, tokenizer, device)
     batch = shape.batch
-    round_size = options["generation_batch_size"] or batch
+    round_size = sapo_config(shape, options, output_dir="unused", use_cpu=device.type == "cpu").generation_round_size
     period = max(1, math.ceil(round_size / batch))
     timed = math.ceil(options["steps"] / period) * period
     # Rounds happen at steps 1 (the buffer is empty), 1 + period, 1 + 2 period, ...: warm up past the first
@@ -350,26 +390,17 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
     meter = MemoryMeter(device)
     meter.start()
     with tempfile.TemporaryDirectory() as out:
-        args = SAPOConfig(
-            output_dir=out, loss_type="sigmoid", beta=0.1, learning_rate=5e-7, per_device_train_batch_size=batch,
-            max_length=shape.max_length, max_prompt_length=shape.prompt_len,
-            token_generate_length=shape.token_generate_length, generation_batch_size=options["generation_batch_size"],
-            **PAPER_SAMPLING, max_steps=max_steps, logging_steps=max_steps, save_strategy="no", report_to="none",
-            bf16=options["autocast"], **checkpointing(shape), seed=0, disable_tqdm=True, dataloader_num_workers=0,
-            use_cpu=device.type == "cpu",
-        )
-        sampler_options = {}
-        if options["sampler"] == "static":
-            compile_flag = {"auto": None, "on": True, "off": False}[options["compile"]]
-            sampler_options = {"compile": compile_flag, "check_every": options["check_every"]}
-            if compile_flag or (compile_flag is None and device.type == "cuda"):
-                sampler_options["cache_len"] = shape.max_length  # one cache shape for the whole run
-        sampler = TimedSampler(make_sampler(
-            options["sampler"], SamplingSettings(**PAPER_SAMPLING), tokenizer.pad_token_id,
-            eos_token_ids_of(tokenizer, model), None, **sampler_options))
-        trainer = SAPOTrainer(model=model, args=args, train_dataset=sapo_records(records),
-                              processing_class=tokenizer, sampler=sampler)
+        args = sapo_config(shape, options, output_dir=out, max_steps=max_steps, logging_steps=max_steps,
+                           save_strategy="no", use_cpu=device.type == "cpu")
+        # No sampler= argument: the trainer builds its engine exactly as `sapo train` does.
+        trainer = SAPOTrainer(model=model, args=args, train_dataset=sapo_records(records), processing_class=tokenizer)
+        set_compile(trainer.sampler, options["compile"])
+        sampler = trainer.sampler = TimedSampler(trainer.sampler)
         ema_seconds = time_ema_updates(device)
+        training_seconds: list[float] = []  # Trainer.training_step: pairs (generation included), loss, backward
+        reference_seconds: list[float] = []
+        timed_calls(trainer, "training_step", training_seconds)
+        timed_calls(trainer.copies, "reference_forward", reference_seconds)
         timer = step_timer_callback()
         generation_per_step: list[tuple[float, int]] = []  # (seconds, tokens) generated during each step
         last = {"seconds": 0.0, "tokens": 0}
@@ -383,22 +414,29 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         trainer.train()
         walls, cpus = timer.durations()
     result = summarize_steps(walls, cpus, warmup, 2 * batch * shape.max_length)
+    accumulation = trainer.args.gradient_accumulation_steps
+    result["breakdown_s"] = step_breakdown(
+        walls, warmup, sum(seconds for seconds, _ in generation_per_step[warmup:]),
+        sum(training_seconds[warmup * accumulation:]), sum(reference_seconds[warmup * accumulation:]),
+        sum(ema_seconds[warmup:]))
     timed_generation = sum(seconds for seconds, _ in generation_per_step[warmup:])
     timed_tokens = sum(tokens for _, tokens in generation_per_step[warmup:])
+    rounds = sampler.round_seconds
     result.update(meter.peak())
     result.update({
         "sampler": options["sampler"], "generation_batch_size": round_size, "generation_period_steps": period,
-        "warmup_steps": warmup, "generation_share": timed_generation / sum(walls[warmup:]),
+        "warmup_steps": warmup, "warmup_s": sum(walls[:warmup]),
+        "generation_share": timed_generation / sum(walls[warmup:]),
         "generation_rounds": sampler.rounds, "generated_tokens": sampler.tokens,
         "generation_tokens_per_s": timed_tokens / timed_generation if timed_generation else float("nan"),
+        "first_round_s": rounds[0] if rounds else float("nan"),
+        "full_round_s": rounds[1] if len(rounds) > 1 else float("nan"),  # the first full round: compiles on CUDA
+        "steady_round_s": statistics.fmean(rounds[2:]) if len(rounds) > 2 else float("nan"),
         "device": str(device),
         "ema_update_ms": 1000 * statistics.mean(ema_seconds) if ema_seconds else float("nan"),
+        **engine_description(sampler.inner, device),
     })
     result["ema_update_share"] = result["ema_update_ms"] / 1000 / result["step_mean_s"]
-    if options["sampler"] == "static":
-        inner = sampler.inner
-        result["static_compiled"] = inner.uses_compile(device)
-        result["static_compile_failed"] = inner.compile_failed
     return result
 
 
@@ -443,28 +481,35 @@ def phase_trl(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def phase_gen(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
+    """Generation alone, each engine built as the trainer builds it (rows of a round, cache length), on as many
+    rows as one SAPO round of this run decodes."""
     import torch
 
     from sapo import tiny
-    from sapo.generation import SamplingSettings, make_sampler
+    from sapo.generation import SamplingSettings, auto_engine, make_sampler
 
     tokenizer = tiny.build_tokenizer()
     device = torch.device("cuda" if torch.cuda.is_available() and not options["use_cpu"] else "cpu")
     model = build_model(shape, tokenizer, device).eval()
-    rows = options["generation_batch_size"] or shape.batch
+    args = sapo_config(shape, options, output_dir="unused", use_cpu=device.type == "cpu")
+    rows = args.generation_rows
     rng = random.Random(1)
     low = len(tiny.SPECIAL_TOKENS)
     contexts = [[rng.randrange(low, len(tokenizer)) for _ in range(shape.prompt_len)] for _ in range(rows)]
     new_tokens = shape.segment
-    compile_flag = {"auto": None, "on": True, "off": False}[options["compile"]]
-    result: dict[str, Any] = {"rows": rows, "context_len": shape.prompt_len, "new_tokens": new_tokens}
+    result: dict[str, Any] = {"rows": rows, "context_len": shape.prompt_len, "new_tokens": new_tokens,
+                              "cache_len": args.generation_cache_len,
+                              "auto_engine": auto_engine(device, True, model.generation_config)}
     outputs: dict[str, list[list[int]]] = {}
-    modes = (("greedy", SamplingSettings(do_sample=False)), ("sampled", SamplingSettings(**PAPER_SAMPLING)))
-    for mode, settings in modes:
-        for name in ("hf", "static"):
-            extra = {"compile": compile_flag, "check_every": options["check_every"]} if name == "static" else {}
+    modes = {"greedy": SamplingSettings(do_sample=False), "sampled": SamplingSettings(**PAPER_SAMPLING)}
+    for mode in options["gen_modes"]:
+        settings = modes[mode]
+        for name in options["gen_engines"]:
+            extra = {"check_every": options["check_every"], "cache_len": args.generation_cache_len} \
+                if name == "static" else {}
             # no EOS: every row decodes all `new_tokens`, so both engines do exactly the same work
-            sampler = make_sampler(name, settings, tokenizer.pad_token_id, set(), None, **extra)
+            sampler = make_sampler(name, settings, tokenizer.pad_token_id, set(), rows, device=device, **extra)
+            set_compile(sampler, options["compile"])
             times = []
             for repeat in range(options["gen_warmup"] + options["gen_repeats"]):
                 torch.manual_seed(repeat)
@@ -472,17 +517,19 @@ def phase_gen(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
                 started = time.perf_counter()
                 out = sampler.sample(model, contexts, new_tokens)
                 synchronize()
-                if repeat >= options["gen_warmup"]:
-                    times.append(time.perf_counter() - started)
+                times.append(time.perf_counter() - started)
+            steady = statistics.median(times[options["gen_warmup"]:])
             produced = sum(len(row) for row in out)
-            result[f"{mode}_{name}_s"] = statistics.median(times)
-            result[f"{mode}_{name}_tokens_per_s"] = produced / statistics.median(times)
+            result[f"{mode}_{name}_s"] = steady
+            result[f"{mode}_{name}_first_s"] = times[0]  # compile and warm-up included
+            result[f"{mode}_{name}_tokens_per_s"] = produced / steady
             outputs[f"{mode}_{name}"] = out
             if name == "static":
                 result["static_compiled"] = sampler.uses_compile(device)
                 result["static_compile_failed"] = sampler.compile_failed
-    same = sum(a == b for a, b in zip(outputs["greedy_hf"], outputs["greedy_static"], strict=True))
-    result["greedy_identical_rows"] = f"{same}/{rows}"
+    if {"greedy_hf", "greedy_static"} <= set(outputs):
+        same = sum(a == b for a, b in zip(outputs["greedy_hf"], outputs["greedy_static"], strict=True))
+        result["greedy_identical_rows"] = f"{same}/{rows}"
     result["device"] = str(device)
     return result
 
@@ -499,11 +546,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-    parser.add_argument("--sampler", choices=("static", "hf"), default="static", help="SAPO's generation engine")
+    parser.add_argument("--sampler", choices=("auto", "static", "hf"), default="auto",
+                        help="SAPO's generation_engine (default auto, as `sapo train`)")
     parser.add_argument("--generation_batch_size", type=int, default=None,
-                        help="SAPO examples per generation round (default: the batch size)")
+                        help="SAPO examples per generation round (default: SAPOConfig's rule, as `sapo train`: "
+                             "whole batches of at least 64 rows)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile of the static sampler's decode step (auto: CUDA only)")
+                        help="torch.compile of the static engine's decode step (auto: its own choice, CUDA only)")
     parser.add_argument("--check_every", type=int, default=16, help="static sampler: steps between EOS checks")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed optimizer steps (SAPO rounds up to whole generation periods); default 6, "
@@ -513,6 +562,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 for the cpu config, torch's default for gpu)")
     parser.add_argument("--phases", default="sapo,trl,gen", help="comma-separated subset of sapo,trl,gen")
+    parser.add_argument("--gen_modes", default="greedy,sampled", help="gen phase: subset of greedy,sampled")
+    parser.add_argument("--gen_engines", default="hf,static", help="gen phase: subset of hf,static")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the sapo and trl phases this many times (back to back) and report the median "
                              "of the per-run ratios; helps on a machine shared with other work")
@@ -531,8 +582,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if dry else 2)
     args.gen_repeats = args.gen_repeats if args.gen_repeats is not None else (1 if dry else 3)
     args.gen_warmup = 1
-    if dry and args.generation_batch_size:
-        args.generation_batch_size = min(args.generation_batch_size, 2 * dry_run_shape(CONFIGS[args.config]).batch)
+    args.gen_modes = [m for m in args.gen_modes.split(",") if m]
+    args.gen_engines = [e for e in args.gen_engines.split(",") if e]
+    if not set(args.gen_modes) <= {"greedy", "sampled"} or not set(args.gen_engines) <= {"hf", "static"}:
+        parser.error("--gen_modes takes greedy,sampled and --gen_engines hf,static")
+    if dry:  # rounds of two batches, so that a dry run also goes through a queued round in a few steps
+        args.generation_batch_size = min(args.generation_batch_size or 2 ** 31,
+                                         2 * dry_run_shape(CONFIGS[args.config]).batch)
     return args
 
 
@@ -543,7 +599,7 @@ def shape_of(args: argparse.Namespace) -> Shape:
 
 def options_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("sampler", "generation_batch_size", "compile", "check_every", "steps", "warmup", "gen_repeats",
-            "gen_warmup", "use_cpu", "autocast")
+            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -591,6 +647,33 @@ def step_row(label: str, r: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:>9.0f} {r['peak_mib']:>9.0f}")
 
 
+def timed_calls(owner: Any, name: str, seconds: list[float]) -> None:
+    """Replace `owner.name` (an instance's method) by a synchronised timer around it that appends to `seconds`."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        synchronize()
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            synchronize()
+            seconds.append(time.perf_counter() - started)
+
+    setattr(owner, name, timed)
+
+
+def step_breakdown(walls: list[float], warmup: int, generation: float, training: float, reference: float,
+                   ema: float) -> dict[str, float]:
+    """Seconds per timed step spent generating, in the reference forward, in the rest of the training step (the
+    policy's forward and backward, the loss), in the EMA update, and elsewhere (optimizer, data, callbacks)."""
+    steps = len(walls) - warmup
+    total = sum(walls[warmup:])
+    policy = training - generation - reference
+    return {"generation": generation / steps, "reference": reference / steps, "policy": policy / steps,
+            "ema": ema / steps, "other": (total - training - ema) / steps}
+
+
 def time_ema_updates(device: Any) -> list[float]:
     """Wall seconds of every EMA update (`sapo.ema.ema_update_`, the fused lerp), synchronised on CUDA."""
     import torch
@@ -627,7 +710,7 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
         suffix = f" (run {index + 1})" if len(runs) > 1 else ""
         if "sapo" in run:
             r = run["sapo"]
-            lines.append(step_row(f"SAPO-DPO [{r['sampler']}, gen batch {r['generation_batch_size']}]{suffix}", r))
+            lines.append(step_row(f"SAPO-DPO [{r['engine']}, gen batch {r['generation_batch_size']}]{suffix}", r))
         if "trl" in run:
             lines.append(step_row(f"TRL DPOTrainer{suffix}", run["trl"]))
     first = runs[0]
@@ -640,31 +723,50 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
         if "sapo" in run:
             r = run["sapo"]
             suffix = f" (run {index + 1})" if len(runs) > 1 else ""
-            lines.append(f"SAPO generation{suffix}: "
-                         f"{r['generation_share'] * 100:.1f}% of timed step time, "
+            lines.append(f"SAPO generation{suffix}: engine {r['engine']} (generation_engine {r['sampler']})"
+                         + (f", compiled decode: {r['static_compiled']} (compiled shape: {r['rows']} rows x cache "
+                            f"{r['cache_len']})"
+                            if "static_compiled" in r else "")
+                         + (" (torch.compile FAILED)" if r.get("static_compile_failed") else "")
+                         + f"; {r['generation_share'] * 100:.1f}% of timed step time, "
                          f"{r['generation_tokens_per_s']:.0f} tokens/s in the timed steps (tokens up to EOS), "
-                         f"{r['generation_rounds']} rounds in all, one every {r['generation_period_steps']} steps"
-                         + (f", compiled decode: {r['static_compiled']}" if "static_compiled" in r else "")
-                         + (" (torch.compile FAILED, fell back to eager)" if r.get("static_compile_failed") else ""))
+                         f"{r['generation_rounds']} rounds in all, one every {r['generation_period_steps']} steps")
+            lines.append(f"SAPO warm-up{suffix} (not in the step times): {r['warmup_steps']} steps, "
+                         f"{r['warmup_s']:.2f} s; generation rounds: first (one batch) {r['first_round_s']:.2f} s, "
+                         f"first full (compiles when compiled) {r['full_round_s']:.2f} s, "
+                         f"later full rounds {r['steady_round_s']:.2f} s each")
             lines.append(f"SAPO EMA update{suffix}: {r['ema_update_ms']:.2f} ms per optimizer step, "
                          f"{r['ema_update_share'] * 100:.2f}% of the mean step")
+            parts = r["breakdown_s"]
+            lines.append(f"SAPO step breakdown{suffix} (s per timed step): " + ", ".join(
+                f"{name} {parts[name]:.3f}" for name in ("generation", "policy", "reference", "ema", "other"))
+                + " (policy: the training step's forward, loss and backward less generation and reference)")
     if "gen" in results:
         g = results["gen"]
-        lines.append(f"generation alone ({g['rows']} rows, context {g['context_len']}, {g['new_tokens']} new tokens, "
-                     f"no EOS; static compiled: {g['static_compiled']}"
-                     f"{' (torch.compile FAILED)' if g.get('static_compile_failed') else ''}; "
-                     f"median of {args.gen_repeats}):")
-        for mode in ("greedy", "sampled"):
-            hf, st = g[f"{mode}_hf_tokens_per_s"], g[f"{mode}_static_tokens_per_s"]
-            lines.append(f"  {mode:<8} generate {hf:>9.0f} tokens/s   static {st:>9.0f} tokens/s   "
-                         f"speed-up {st / hf:.2f}x")
-        lines.append(f"  greedy rows identical to generate: {g['greedy_identical_rows']}")
+        failed = " (torch.compile FAILED)" if g.get("static_compile_failed") else ""
+        lines.append(f"generation alone ({g['rows']} rows = one SAPO round, context {g['context_len']}, "
+                     f"{g['new_tokens']} new tokens, no EOS; static cache {g['cache_len']} when compiled; static "
+                     f"compiled: {g.get('static_compiled', '-')}{failed}; generation_engine auto picks "
+                     f"{g['auto_engine']}; median of {args.gen_repeats} after a warm-up call):")
+        for mode in args.gen_modes:
+            cells = [f"  {mode:<8}"]
+            for name, label in (("hf", "generate"), ("static", "static")):
+                if f"{mode}_{name}_s" in g:
+                    cells.append(f"{label} {g[f'{mode}_{name}_tokens_per_s']:>9.0f} tokens/s "
+                                 f"(first call {g[f'{mode}_{name}_first_s']:.2f} s)")
+            if f"{mode}_hf_s" in g and f"{mode}_static_s" in g:
+                cells.append(f"speed-up {g[f'{mode}_static_tokens_per_s'] / g[f'{mode}_hf_tokens_per_s']:.2f}x")
+            lines.append("   ".join(cells))
+        if "greedy_identical_rows" in g:
+            lines.append(f"  greedy rows identical to generate: {g['greedy_identical_rows']}")
     pairs = [run for run in runs if "sapo" in run and "trl" in run]
     if pairs:
         walls = [run["sapo"]["step_mean_s"] / run["trl"]["step_mean_s"] for run in pairs]
         cpus = [run["sapo"]["cpu_s_per_step"] / run["trl"]["cpu_s_per_step"] for run in pairs]
         if len(pairs) > 1:
             lines.append("per-run wall ratios: " + ", ".join(f"{x:.2f}" for x in walls))
+        memory = [run["sapo"]["peak_mib"] / run["trl"]["peak_mib"] for run in pairs]
+        lines.append(f"sapo/trl peak memory ratio: {statistics.median(memory):.2f} ({pairs[0]['sapo']['memory_kind']})")
         lines.append(f"sapo/trl process CPU-time ratio: {statistics.median(cpus):.2f} "
                      "(less sensitive than wall time to other load on a shared CPU machine)")
         lines.append(f"sapo/trl step ratio: {statistics.median(walls):.2f}")

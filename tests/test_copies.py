@@ -63,6 +63,28 @@ def test_reference_forward_scores_the_reference_and_leaves_the_policy_alone(poli
         torch.testing.assert_close(score(reference, ids), starting)
 
 
+def test_persistent_decode_module_is_refreshed_in_place_and_freed_when_not_asked_for(policy):
+    """Shards (here: offloaded copies): with `persistent`, generation gets one module whose storage never moves, so a
+    compiled decode step recorded on it stays valid, holding the EMA's current weights each round."""
+    copies = make(policy, offload=True)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with copies.as_model("ema", persistent=True) as first:
+        pointers = [p.data_ptr() for p in first.parameters()]
+        before = score(first, ids)
+    step_policy(policy)
+    copies.update_ema(0.5)
+    with copies.as_model("ema", persistent=True) as second:
+        assert second is first and [p.data_ptr() for p in second.parameters()] == pointers
+        weights = dict(second.named_parameters())
+        for name, tensor in zip(copies.ema.names, copies.ema.tensors, strict=True):
+            assert torch.equal(weights[name], tensor), name
+        assert not torch.allclose(score(second, ids), before)  # the new weights are the ones used
+    with copies.as_model("ema") as temporary:  # eager decoding: a module for the call only
+        assert temporary is not first
+    copies.release_decode_modules()  # what the trainer does once decoding is no longer compiled
+    assert copies._decode_modules == {}
+
+
 def test_adapter_mode_holds_adapter_weights_only(policy):
     from peft import LoraConfig, get_peft_model
 

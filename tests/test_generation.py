@@ -14,11 +14,13 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from sapo.decode_attention import DECODE_ATTENTION, decode_attention, gqa_decode_attention
 from sapo.generation import (
     CheckpointSampling,
     HFGenerateSampler,
     SamplingSettings,
     StaticCacheSampler,
+    auto_engine,
     checkpoint_sampling,
     cut_after_eos,
     eos_token_ids_of,
@@ -547,3 +549,128 @@ def test_engine_names_are_the_registry():
     from sapo.generation import ENGINES, SAMPLER_NAMES
 
     assert tuple(ENGINES) == SAMPLER_NAMES
+
+
+# ------------------------------------------------------------------------------------------------
+# "auto": the engine per device type, with a fallback to generate when compiling fails
+# ------------------------------------------------------------------------------------------------
+
+
+def test_auto_engine_follows_the_measured_rule_and_respects_the_generation_config():
+    assert auto_engine("cuda", True) == auto_engine(torch.device("cuda:1"), False) == "static"
+    assert auto_engine("cpu", True) == auto_engine("cpu", False) == "static"
+    assert auto_engine("mps", True) == "hf"  # not measured: generate
+    assert auto_engine("cuda", True, GenerationConfig(typical_p=0.9)) == "hf"  # only generate implements it
+    assert auto_engine("cuda", False, GenerationConfig(typical_p=0.9)) == "static"  # greedy ignores warpers
+
+
+def test_make_sampler_auto_gives_the_static_engine_a_generate_fallback():
+    auto = make_sampler("auto", SamplingSettings(), PAD, {EOS}, 16, device="cuda", cache_len=96)
+    assert isinstance(auto, StaticCacheSampler) and isinstance(auto.fallback, HFGenerateSampler)
+    assert (auto.batch_size, auto.cache_len, auto.fallback.batch_size) == (16, 96, 16)
+    plain = make_sampler("auto", SamplingSettings(), PAD, {EOS}, 16, device="mps", cache_len=96)
+    assert isinstance(plain, HFGenerateSampler)  # the static engine's options are dropped
+    with pytest.raises(TypeError, match="takes no options"):
+        make_sampler("hf", SamplingSettings(), PAD, {EOS}, cache_len=96)
+
+
+def test_failed_compilation_falls_back_to_generate_with_one_warning(tokenizer, caplog):
+    model = build_decoder("qwen2", len(tokenizer))
+    contexts = varied_contexts(len(tokenizer), count=4)
+    expected = reference_greedy(model, contexts, 8, {EOS})
+    greedy = SamplingSettings(do_sample=False)
+    fallback = HFGenerateSampler(greedy, pad_token_id=PAD, eos_token_ids={EOS})
+    # An unknown compile mode makes torch.compile itself raise, as a backend failure would.
+    sampler = StaticCacheSampler(greedy, pad_token_id=PAD, eos_token_ids={EOS}, batch_size=4, compile=True,
+                                 compile_mode="no-such-mode", fallback=fallback)
+    with caplog.at_level("WARNING", logger="sapo.generation"):
+        assert sampler.sample(model, contexts, 8) == expected
+        assert sampler.sample(model, contexts, 8) == expected
+    warnings_logged = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_logged) == 1 and "model.generate" in warnings_logged[0].getMessage()
+    assert sampler.compile_failed and not sampler.keeps_state(torch.device("cpu"))
+    assert sampler._cache is None and not sampler._compiled_steps  # nothing kept once it gave up
+
+
+def test_eager_decoding_frees_its_cache_between_calls(decoder, tokenizer):
+    sampler = StaticCacheSampler(SamplingSettings(), pad_token_id=PAD, eos_token_ids={EOS}, batch_size=4,
+                                 cache_len=512)
+    assert not sampler.keeps_state(torch.device("cpu"))
+    sampler.sample(decoder, varied_contexts(len(tokenizer)), 5)
+    assert sampler._cache is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouped-query attention in the decode step: a reshaped query instead of a repeated KV cache
+# ------------------------------------------------------------------------------------------------
+
+
+def attention_inputs(batch=3, heads=6, kv_heads=2, q_len=1, kv_len=11, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, q_len, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, kv_len, dim, generator=generator) for _ in range(2))
+    mask = torch.rand(batch, 1, q_len, kv_len, generator=generator) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    return query, key, value, mask
+
+
+class GroupedModule(torch.nn.Module):
+    """What an attention layer exposes to an `AttentionInterface` function."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups, self.is_causal, self.training = groups, True, False
+
+
+def repeated_kv_attention(query, key, value, mask, scaling):
+    """transformers' fallback under compile: K/V repeated per query head, then plain SDPA."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_gqa_decode_attention_equals_attention_over_a_repeated_cache(additive):
+    query, key, value, mask = attention_inputs()
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    out, _ = gqa_decode_attention(GroupedModule(3), query, key, value, mask, scaling=0.3)
+    assert out.shape == (3, 1, 6, 8)
+    torch.testing.assert_close(out, repeated_kv_attention(query, key, value, mask, 0.3), atol=1e-6, rtol=1e-5)
+    # Prefill (several query tokens) goes to transformers' own SDPA function: the same numbers.
+    query, key, value, mask = attention_inputs(q_len=5)
+    out, _ = gqa_decode_attention(GroupedModule(3), query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(out, repeated_kv_attention(query, key, value, mask, 0.3), atol=1e-6, rtol=1e-5)
+
+
+def attention_implementations_seen(model, action):
+    """The attention implementation every attention layer of `model` runs with during `action()`."""
+    seen = []
+    hooks = [module.register_forward_pre_hook(lambda m, args: seen.append(m.config._attn_implementation))
+             for name, module in model.named_modules() if name.endswith("self_attn")]
+    try:
+        action()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_static_sampler_decodes_gqa_models_with_the_gqa_path_only_while_decoding(tokenizer):
+    model = build_decoder("qwen2", len(tokenizer))
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    contexts = varied_contexts(len(tokenizer), count=4)
+    sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS})
+    seen = attention_implementations_seen(model, lambda: sampler.sample(model, contexts, 6))
+    assert seen and set(seen) == {DECODE_ATTENTION}
+    assert model.config._attn_implementation == "sdpa"  # restored: training forwards never see it
+    assert attention_implementations_seen(model, lambda: model(torch.tensor([contexts[0]]))) == ["sdpa"] * 2
+    full_heads = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=2,
+                                              intermediate_size=32)).eval()
+    with decode_attention(full_heads) as replaced:
+        assert not replaced and full_heads.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    with decode_attention(model) as replaced:  # only SDPA is replaced; eager is left as chosen
+        assert not replaced and model.config._attn_implementation == "eager"

@@ -8,7 +8,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
 
-def test_cpu_dry_run_reports_ratio_generation_and_ema_share():
+def test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share():
     result = subprocess.run([sys.executable, str(SCRIPT), "--config", "cpu", "--dry_run"], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -18,4 +18,18 @@ def test_cpu_dry_run_reports_ratio_generation_and_ema_share():
     ema = next(line for line in lines if line.startswith("SAPO EMA update"))
     share = float(re.search(r"([\d.]+)% of the mean step", ema).group(1))
     assert 0 < share < 100
-    assert "greedy rows identical to generate: 2/2" in result.stdout
+    # No engine flag: the trainer's own engine, as `sapo train` builds it (auto -> static on CPU, eager), with the
+    # run's fixed shapes: rounds of 2 batches of 2 in a dry run, cache max_length 64 + G 16.
+    generation = next(line for line in lines if line.startswith("SAPO generation"))
+    assert ("engine static (generation_engine auto), compiled decode: False (compiled shape: 4 rows x cache 80)"
+            in generation)
+    assert "one every 2 steps" in generation
+    warmup = next(line for line in lines if line.startswith("SAPO warm-up"))
+    assert re.search(r"3 steps, [\d.]+ s; generation rounds: first \(one batch\) [\d.]+ s", warmup)
+    assert "SAPO-DPO [static, gen batch 4]" in result.stdout
+    assert "generation_engine auto picks static" in result.stdout
+    assert "greedy rows identical to generate: 4/4" in result.stdout
+    breakdown = next(line for line in lines if line.startswith("SAPO step breakdown"))
+    parts = dict(re.findall(r"(generation|policy|reference|ema|other) ([\d.]+)", breakdown))
+    assert set(parts) == {"generation", "policy", "reference", "ema", "other"} and float(parts["policy"]) > 0
+    assert re.search(r"^sapo/trl peak memory ratio: \d+\.\d\d", result.stdout, re.MULTILINE)

@@ -74,7 +74,7 @@ def test_augment_splices_sampled_segment(tmp_path, tokenizer, tiny_model, suite)
 
 def test_responses_per_prompt_and_sample_every_n_steps(tmp_path, tokenizer, tiny_model, suite):
     sampler = ScriptedSampler([[40, 41, 42, 43, 44, 45]])
-    args = config(tmp_path, max_steps=5, responses_per_prompt=3, sample_every_n_steps=2)
+    args = config(tmp_path, max_steps=5, responses_per_prompt=3, sample_every_n_steps=2, generation_batch_size=4)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer,
                           sampler=sampler)
     trainer.train()
@@ -160,7 +160,7 @@ def assert_loads_without_sapo(*paths):
 @pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("orpo", 0.5)])
 def test_end_to_end_margin_rises_and_outputs_load(tmp_path, tokenizer, model_dir, suite, loss_type, beta):
     args = config(tmp_path, max_steps=30, per_device_train_batch_size=8, learning_rate=2e-3, loss_type=loss_type,
-                  beta=beta, lr_scheduler_type="constant")
+                  beta=beta, lr_scheduler_type="constant")  # default generation rounds: 64 examples, every 8 steps
     trainer = SAPOTrainer(model=str(model_dir), args=args, train_dataset=suite["train"])
     trainer.train()
     trainer.save_model()
@@ -170,10 +170,12 @@ def test_end_to_end_margin_rises_and_outputs_load(tmp_path, tokenizer, model_dir
     early = sum(r["rewards/margins"] for r in rows[:5]) / 5
     late = sum(r["rewards/margins"] for r in rows[-5:]) / 5
     assert late > early + 0.05, (early, late)
-    for key in ("rewards/real", "rewards/rejected", "rewards/accuracies", "buffer/size", "segment/replaced_length",
-                "time/generation_share", "segment/identical_fraction"):
+    for key in ("rewards/real", "rewards/rejected", "rewards/accuracies", "buffer/size", "time/generation_share"):
         assert key in rows[-1]
-    assert rows[-1]["buffer/size"] == min(2000, 30 * 8)
+    rounds = [index for index, row in enumerate(rows) if "segment/replaced_length" in row]
+    assert rounds == [0, 8, 16, 24]  # the first batch at once, then a round once 8 batches wait
+    assert all("segment/identical_fraction" in rows[index] for index in rounds)
+    assert rows[-1]["buffer/size"] == 8 + 3 * 64
     assert_loads_without_sapo(out, out / "ema")
 
 
@@ -254,7 +256,7 @@ def test_report_to_tensorboard_writes_sapo_metrics(tmp_path, tokenizer, tiny_mod
 def test_progress_bar_shows_live_metrics_and_throughput(tmp_path, tokenizer, tiny_model, suite):
     from transformers.trainer_callback import ProgressCallback
 
-    args = config(tmp_path, max_steps=2, disable_tqdm=False)
+    args = config(tmp_path, max_steps=2, disable_tqdm=False, generation_batch_size=4)  # the paper's per-step flow
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
     postfixes = []
     progress = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback))
@@ -277,12 +279,58 @@ def test_progress_bar_shows_live_metrics_and_throughput(tmp_path, tokenizer, tin
 def test_static_generation_engine_trains(tmp_path, tokenizer, tiny_model, suite):
     from sapo.generation import StaticCacheSampler
 
-    args = config(tmp_path, max_steps=2, generation_engine="static")
+    args = config(tmp_path, max_steps=2, generation_engine="static", generation_batch_size=4)
     trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
     assert isinstance(trainer.sampler, StaticCacheSampler)
     trainer.train()
     assert len(trainer.recipe.buffer) == 8
     assert all(e.rejected[:e.segment_start] == e.real[:e.segment_start] for e in trainer.recipe.buffer.entries())
+
+
+def test_default_generation_engine_gets_the_runs_fixed_shapes(tmp_path, tokenizer, tiny_model, suite):
+    """`generation_engine` auto on CPU is the static engine, told the rows of a round and one cache length (so that
+    a compiled decode step would be compiled once), with `generate` as its fallback."""
+    from sapo.generation import HFGenerateSampler, StaticCacheSampler
+
+    args = config(tmp_path, per_device_train_batch_size=4, responses_per_prompt=3)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    sampler = trainer.sampler
+    assert args.generation_engine == "auto" and isinstance(sampler, StaticCacheSampler)
+    assert isinstance(sampler.fallback, HFGenerateSampler)
+    assert args.generation_round_size == 24  # 6 batches of 4 examples x 3 responses: 72 >= 64 rows
+    assert sampler.batch_size == 72 and sampler.cache_len == args.max_length + args.token_generate_length
+    hf = SAPOTrainer(model=tiny_model, args=config(tmp_path, generation_engine="hf", generation_batch_size=6),
+                     train_dataset=suite["train"], processing_class=tokenizer).sampler
+    assert isinstance(hf, HFGenerateSampler) and hf.batch_size == 8  # rounds of 6 fill up in whole batches of 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_compiles_once_on_one_persistent_decode_module(tmp_path, tokenizer, tiny_model, suite):
+    """On CUDA the default engine decodes compiled; with offloaded copies (a module gathered for each round) the
+    gathered module, its weights refreshed in place, and the cache persist, so the step is compiled once."""
+    from sapo.generation import StaticCacheSampler
+
+    args = config(tmp_path, max_steps=4, use_cpu=False, offload_copies=True, generation_batch_size=4)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+    sampler = trainer.sampler
+    assert isinstance(sampler, StaticCacheSampler) and sampler.keeps_state(args.device)
+    kept = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            module = trainer.copies._decode_modules.get("ema")
+            ema = {n: t.detach().cpu().clone() for n, t in zip(trainer.copies.ema.names, trainer.copies.ema.tensors,
+                                                                  strict=True)}
+            kept.append((module, sampler._cache, [p.data_ptr() for p in module.parameters()], ema))
+
+    trainer.add_callback(Record())
+    trainer.train()
+    assert len(kept) == 4 and all(entry[0] is kept[0][0] and entry[1] is kept[0][1] for entry in kept)
+    assert all(entry[2] == kept[0][2] for entry in kept)  # the same storage: CUDA graphs replay on it
+    assert sampler._compile_works and not sampler.compile_failed and len(sampler._compiled_steps) == 1
+    weights = dict(kept[0][0].named_parameters())  # gathered for the last round: the EMA after step 3
+    for name, tensor in kept[2][3].items():
+        assert torch.equal(weights[name].cpu(), tensor), name
 
 
 def test_bf16_copies_are_bf16_modules_that_follow_the_ema_formula(tmp_path, tokenizer, tiny_model, suite,
@@ -354,8 +402,9 @@ def test_a_sampler_is_told_to_release_what_it_kept_for_each_gathered_generator(t
             self.releases += 1
 
     sampler = ReleasingSampler([[90, 91, 92, 93, 94, 95]])
-    trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=3, offload_copies=True),
-                          train_dataset=suite["train"], processing_class=tokenizer, sampler=sampler)
+    args = config(tmp_path, max_steps=3, offload_copies=True, generation_batch_size=4)
+    trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer,
+                          sampler=sampler)
     trainer.train()
     assert len(sampler.calls) == 3 and sampler.releases == 3  # one generator module per round, then released
     assert all(m is not trainer.policy for m in sampler.models)  # a plain module gathered for the round

@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from sapo.generation import SAMPLER_NAMES, SamplingSettings
+from sapo.generation import ENGINE_CHOICES, SamplingSettings
 from sapo.losses import LOSS_TYPES, LOSSES, REFERENCE_FREE_LOSS_TYPES
 from sapo.recipes import RECIPES as RECIPE_CLASSES
 from sapo.recipes import Recipe
@@ -35,6 +35,7 @@ PAIR_SCORINGS = ("shared_prefix", "separate")
 DEFAULT_LOSS_TYPE = "sigmoid"
 DPO_BETA = 0.1  # paper, SAPO-DPO (Mistral-7B)
 ORPO_LAMBDA = 0.05  # paper and authors' code, SAPO-ORPO (LLaMA-3-8B)
+DEFAULT_GENERATION_ROWS = 64  # sequences decoded together by default (generation_batch_size's rule)
 
 
 @dataclass
@@ -115,20 +116,25 @@ class SAPOConfig(TrainingArguments):
         default=1, metadata={"help": "Rejected responses sampled per real example in each generation round."}
     )
     generation_engine: str = field(
-        default="hf",
-        metadata={"help": "How the EMA model samples: 'hf' (model.generate) or 'static' (sapo's static-KV-cache "
-                  "decode loop, sampling on the device, compiled with CUDA graphs on GPUs; greedy-identical to "
-                  "generate). A `sampler=` passed to SAPOTrainer overrides it."},
+        default="auto",
+        metadata={"help": "How the EMA model samples: 'hf' (model.generate), 'static' (sapo's static-KV-cache decode "
+                  "loop, sampling on the device, compiled with CUDA graphs on GPUs; greedy-identical to generate) or "
+                  "'auto': the faster one as measured per device (CUDA: static, compiled, falling back to generate "
+                  "with one warning if compiling fails; CPU: static when sampling, generate when greedy; other "
+                  "devices: generate). A `sampler=` passed to SAPOTrainer overrides it."},
     )
     generation_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Examples per generation round. Default: each incoming batch is augmented at once, every "
-                  "step. A larger value queues incoming batches and generates their segments together once this "
-                  "many are waiting, which amortises decoding over m = generation_batch_size / "
-                  "per_device_train_batch_size steps; the replay buffer then lags by up to m-1 steps (a batch's "
-                  "rejected responses enter it up to m-1 steps after the batch arrives, and between rounds the "
-                  "newest entries come from an EMA model up to m-1 steps old). The first round runs at step 0 on "
-                  "the first batch alone, since the buffer must not be empty."},
+        metadata={"help": "Examples per generation round: incoming batches are queued and their segments generated "
+                  "together once this many are waiting, which amortises decoding over m = generation_batch_size / "
+                  "per_device_train_batch_size batches; the replay buffer then lags by up to m-1 batches (steps, "
+                  "with sample_every_n_steps 1 and no gradient accumulation): a batch's rejected responses enter "
+                  "it up to m-1 steps after the batch arrives, and between rounds the newest entries come from an "
+                  f"EMA model up to m-1 steps old. Default: the smallest multiple of per_device_train_batch_size "
+                  f"that decodes at least {DEFAULT_GENERATION_ROWS} sequences (x responses_per_prompt), e.g. 64 "
+                  "examples, m = 8, a lag of up to 7 steps at batch 8. Set it to per_device_train_batch_size for the "
+                  "paper's flow (every batch augmented at once, no lag). The first round runs at step 0 on the "
+                  "first batch alone, since the buffer must not be empty."},
     )
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the EMA model."})
     top_k: int = field(default=50, metadata={"help": "Top-k of the EMA model's sampling (0 disables)."})
@@ -241,6 +247,34 @@ class SAPOConfig(TrainingArguments):
         return SamplingSettings(self.temperature, self.top_k, self.top_p)
 
     @property
+    def generation_round_size(self) -> int:
+        """Examples per SAPO generation round: `generation_batch_size`, or the default rule (its help)."""
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size
+        batch = self.per_device_train_batch_size
+        return batch * max(1, math.ceil(DEFAULT_GENERATION_ROWS / (batch * self.responses_per_prompt)))
+
+    @property
+    def generation_rows(self) -> int:
+        """The most sequences one generation call decodes, the row count the static engine pads every call to.
+
+        SAPO queues whole batches until `generation_round_size` examples wait, so a round holds up to that rounded
+        up to whole batches, times responses_per_prompt; SPIN generates for one batch at a time."""
+        batch = self.per_device_train_batch_size
+        if not self.self_augmenting:
+            return batch
+        return math.ceil(self.generation_round_size / batch) * batch * self.responses_per_prompt
+
+    @property
+    def generation_cache_len(self) -> int:
+        """A bound on context + new tokens of any generation call, the static engine's one cache length: SAPO's
+        contexts prompt + y[:k] are left-padded to the longest (<= max_length) and get up to token_generate_length
+        new tokens; SPIN's are prompts (<= max_prompt_length) with up to spin_max_new_tokens."""
+        if self.self_augmenting:
+            return self.max_length + self.token_generate_length
+        return self.max_prompt_length + self.spin_max_new_tokens
+
+    @property
     def recipe_class(self) -> type[Recipe]:
         return RECIPE_CLASSES[self.recipe]
 
@@ -296,7 +330,7 @@ class SAPOConfig(TrainingArguments):
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
         _check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
         _check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
-        _check_choice("generation_engine", self.generation_engine, SAMPLER_NAMES)
+        _check_choice("generation_engine", self.generation_engine, ENGINE_CHOICES)
         _check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
         _check_choice("pair_scoring", self.pair_scoring, PAIR_SCORINGS)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",

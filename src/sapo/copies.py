@@ -26,7 +26,15 @@ from torch import nn
 
 from sapo.ema import ShadowWeights, trainable_parameters
 from sapo.layout import copy_file
-from sapo.sharding import detect_sharding, loaded_into, local_shard, materialized, release_gathered
+from sapo.sharding import (
+    detect_sharding,
+    empty_like_model,
+    gather_into,
+    loaded_into,
+    local_shard,
+    materialized,
+    release_gathered,
+)
 
 MODULE, ADAPTERS, SHARDS = "module", "adapters", "shards"
 EMA, REFERENCE = "ema", "reference"
@@ -54,6 +62,7 @@ class ModelCopies:
         self.reference_module: nn.Module | None = None
         self.ema: ShadowWeights | None = None
         self.reference: ShadowWeights | None = None
+        self._decode_modules: dict[str, nn.Module] = {}  # shards: persistent gathered modules, see `as_model`
         if self.mode != SHARDS:  # shards are copied from the prepared policy, in `bind`
             self._build(ref_model)
 
@@ -134,10 +143,16 @@ class ModelCopies:
     # ------------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def as_model(self, which: str, device: torch.device | str | None = None) -> Iterator[nn.Module]:
+    def as_model(self, which: str, device: torch.device | str | None = None,
+                 persistent: bool = False) -> Iterator[nn.Module]:
         """A model holding the EMA's or the reference's weights: its own module, the policy with the adapter
         weights swapped in, or (shards) a plain module gathered for the duration; every rank must enter then,
-        as the gathers are collectives."""
+        as the gathers are collectives.
+
+        Shards with `persistent`: one plain module per copy is kept between calls and its weights are overwritten
+        in place each time, so a compiled decode step recorded on it is replayed, not recorded again (a module
+        of the copy's size stays allocated until `release_decode_modules`). The other modes always hand out the
+        same storage: the copy's own module, or the adapters' EMA tensors swapped in."""
         module = self.ema_module if which == EMA else self.reference_module
         weights = self.ema if which == EMA else self.reference
         if module is not None:
@@ -147,9 +162,21 @@ class ModelCopies:
                 yield self.policy
         else:
             shards = dict(zip(weights.names, weights.tensors, strict=True))
-            with materialized(self.policy, self.sharding, shards, weights.tensors[0].dtype,
-                              device or self.device) as plain:
-                yield plain
+            dtype, device = weights.tensors[0].dtype, device or self.device
+            if not persistent:
+                with materialized(self.policy, self.sharding, shards, dtype, device) as plain:
+                    yield plain
+                return
+            kept = self._decode_modules.get(which)
+            if kept is None or next(kept.parameters()).dtype != dtype:
+                self._decode_modules.pop(which, None)
+                kept = self._decode_modules[which] = empty_like_model(self.policy, dtype, device)
+            gather_into(kept, self.policy, self.sharding, shards)
+            yield kept
+
+    def release_decode_modules(self) -> None:
+        """Free the modules `as_model(..., persistent=True)` kept (decoding no longer compiled)."""
+        self._decode_modules.clear()
 
     def reference_forward(self, score: Callable[[nn.Module], torch.Tensor], policy_model: nn.Module) -> torch.Tensor:
         """`score` run on the reference without gradients. `policy_model` is the model the Trainer passes to

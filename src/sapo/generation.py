@@ -10,6 +10,9 @@ the trainer. Two engines are provided (pick one by name with `make_sampler`):
   device every `check_every` steps, to stop early once every row has ended), optionally with the decode
   step compiled by `torch.compile` (CUDA graphs), which removes most per-token launch overhead.
 
+"auto" (the default of `SAPOConfig.generation_engine`) picks one of them per device type and decoding mode
+from measurements (`auto_engine`), and falls back to `generate`, with one warning, if compiling fails.
+
 Both draw from the same distribution: `SamplingSettings`, plus what `generate` takes from the model's
 `generation_config` on its own (see `checkpoint_sampling`: the static engine applies the repetition penalty
 and min_p, and refuses to run with any other field `generate` would act on).
@@ -28,9 +31,12 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, StaticCache
 
+from sapo.decode_attention import decode_attention
+
 logger = logging.getLogger(__name__)
 
 SAMPLER_NAMES = ("hf", "static")  # the keys of ENGINES (defined below the engines)
+ENGINE_CHOICES = ("auto", *SAMPLER_NAMES)  # what `generation_engine` accepts
 
 
 class SegmentSampler(Protocol):
@@ -427,6 +433,10 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+class _CompileFailed(Exception):
+    """Compiling the decode step failed and the sampler has a fallback engine to use instead."""
+
+
 class StaticCacheSampler:
     """Batched decoding over a pre-allocated `StaticCache`, with sampling and EOS tracking on the device.
 
@@ -443,10 +453,19 @@ class StaticCacheSampler:
     `compile` (default: on for CUDA, off elsewhere) wraps the decode step in `torch.compile` with
     `compile_mode` ("reduce-overhead" uses CUDA graphs); batches are then padded to `batch_size` rows and
     the cache length rounded up to `cache_len_multiple` (default 128; 8 without compile), so a few shapes
-    cover a whole run, and the cache is kept between calls (CUDA graphs need fixed addresses; `release()`
-    frees it). `cache_len` fixes the cache length for every call that fits in it (in SAPO, prompt + y[:k] +
-    G never exceeds `max_length`, so `cache_len=max_length` gives a single shape). If compilation fails
-    the sampler logs a warning and decodes eagerly from then on.
+    cover a whole run. `cache_len` fixes the cache length of compiled calls that fit in it: the trainer passes
+    the rows of a generation round as `batch_size` and `max_length + token_generate_length` (a bound on
+    context + new tokens) as `cache_len`, so a run compiles once.
+
+    Decode state between calls (`keeps_state`): compiled, the cache and the compiled step are kept (CUDA
+    graphs replay on fixed addresses), so the memory they hold is bounded by one cache of `batch_size` x
+    `cache_len` plus the graphs' pool, allocated at the first call and never grown with fixed shapes
+    (`release()` frees it); eager, the cache is freed at the end of every call. Models with grouped-query
+    attention decode through `sapo.decode_attention` (the query is reshaped instead of the KV cache repeated),
+    set on the model for the call only.
+
+    If compilation fails, the sampler logs one warning and then decodes with `fallback` (the "auto" engine
+    passes `HFGenerateSampler`) or, without one, eagerly with its own loop.
 
     Like `generate`, it also applies the model's `generation_config.repetition_penalty` (prompt and sampled
     tokens, left padding excluded) and, when sampling, its `min_p`; any other field that `generate` would act
@@ -457,7 +476,8 @@ class StaticCacheSampler:
     def __init__(self, settings: SamplingSettings, *, pad_token_id: int, eos_token_ids: Collection[int],
                  batch_size: int | None = None, compile: bool | None = None,
                  compile_mode: str | None = "reduce-overhead", check_every: int = 16,
-                 cache_len: int | None = None, cache_len_multiple: int | None = None) -> None:
+                 cache_len: int | None = None, cache_len_multiple: int | None = None,
+                 fallback: SegmentSampler | None = None) -> None:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         if batch_size is not None and batch_size < 1:
@@ -471,6 +491,7 @@ class StaticCacheSampler:
         self.check_every = check_every
         self.cache_len = cache_len
         self.cache_len_multiple = cache_len_multiple
+        self.fallback = fallback
         self.last_stats: dict[str, float] = {}
         self._cache: StaticCache | None = None
         self._cache_key: tuple[Any, ...] | None = None
@@ -481,6 +502,14 @@ class StaticCacheSampler:
     # -- public ---------------------------------------------------------------------------------
 
     def sample(self, model: nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        if self._compile_failed and self.fallback is not None:
+            return self.fallback.sample(model, contexts, max_new_tokens)
+        try:
+            return self._sample(model, contexts, max_new_tokens)
+        except _CompileFailed:
+            return self.fallback.sample(model, contexts, max_new_tokens)
+
+    def _sample(self, model: nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         fields = checkpoint_sampling(getattr(model, "generation_config", None), self.settings.do_sample)
         if not contexts:
             return []
@@ -498,15 +527,16 @@ class StaticCacheSampler:
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, len(order), step):
-                rows = order[start:start + step]
-                samples, steps = self._sample_batch(model, [contexts[i] for i in rows], max_new_tokens, fields)
-                decode_steps += steps
-                for row, sample in zip(rows, samples, strict=True):
-                    results[row] = sample
+            with decode_attention(model):
+                for start in range(0, len(order), step):
+                    rows = order[start:start + step]
+                    samples, steps = self._sample_batch(model, [contexts[i] for i in rows], max_new_tokens, fields)
+                    decode_steps += steps
+                    for row, sample in zip(rows, samples, strict=True):
+                        results[row] = sample
         finally:
             model.train(was_training)
-            if not self.uses_compile(device):  # eager decoding gains nothing from keeping the cache
+            if not self.keeps_state(device):  # eager decoding gains nothing from keeping the cache
                 self._cache, self._cache_key = None, None
         self.last_stats = {"rows": float(len(contexts)), "new_tokens": float(sum(len(r) for r in results)),
                            "decode_steps": float(decode_steps), "seconds": time.perf_counter() - started}
@@ -517,6 +547,11 @@ class StaticCacheSampler:
         if self._compile_failed:
             return False
         return self.compile if self.compile is not None else device.type == "cuda"
+
+    def keeps_state(self, device: torch.device) -> bool:
+        """Whether the cache and compiled step outlive a call on `device` (compiled decoding), so the caller should
+        keep handing in the same module, with its weights refreshed in place, for the graphs to be replayed."""
+        return self.uses_compile(device)
 
     @property
     def compile_failed(self) -> bool:
@@ -541,10 +576,13 @@ class StaticCacheSampler:
             except Exception as error:
                 if self._compile_works:
                     raise
+                instead = "model.generate" if self.fallback is not None else "the eager decode loop"
                 logger.warning("StaticCacheSampler: torch.compile of the decode step failed (%s: %s); "
-                               "decoding without it from now on", type(error).__name__, error)
+                               "decoding with %s from now on", type(error).__name__, error, instead)
                 self._compile_failed = True
                 self.release()
+                if self.fallback is not None:
+                    raise _CompileFailed from error
         return self._decode(model, contexts, max_new_tokens, fields, compiled=False)
 
     def _static_cache(self, model: nn.Module, batch: int, cache_len: int, device: torch.device) -> StaticCache:
@@ -577,8 +615,8 @@ class StaticCacheSampler:
         ids, mask = left_pad(contexts, self.pad_token_id, device)
         batch, width = ids.shape
         needed = width + max_new_tokens
-        if self.cache_len is not None and needed <= self.cache_len:
-            cache_len = self.cache_len
+        if compiled and self.cache_len is not None and needed <= self.cache_len:
+            cache_len = self.cache_len  # one shape for the compiled step; eager decoding attends over less
         else:
             cache_len = _round_up(needed, self.cache_len_multiple or (128 if compiled else 8))
         cache = self._static_cache(model, batch, cache_len, device)
@@ -619,13 +657,40 @@ class StaticCacheSampler:
 ENGINES: dict[str, type] = {"hf": HFGenerateSampler, "static": StaticCacheSampler}
 """Generation engines by the name `--generation_engine` takes; a new engine registers here."""
 
+AUTO_ENGINES: dict[str, str] = {"cuda": "static", "cpu": "static"}
+"""The engine "auto" picks per device type, from `benchmarks/speed.py --config cpu --phases gen` (README "Speed"): on
+CPU, at the 64 rows of a default generation round, the static loop (eager) decoded 1.8x (greedy) and 1.3x (sampled)
+as many tokens per second as `generate`; on CUDA it is compiled with CUDA graphs, which removes the per-token
+launch overhead that dominates `generate` there. Device types not listed use `generate`."""
+
+
+def auto_engine(device: torch.device | str | None, do_sample: bool,
+                generation_config: GenerationConfig | None = None) -> str:
+    """The engine "auto" stands for on `device`: `AUTO_ENGINES`, except that a model whose generation_config sets
+    a field only `generate` implements (see `checkpoint_sampling`) gets `generate`."""
+    device_type = torch.device(device).type if device is not None else "cpu"
+    engine = AUTO_ENGINES.get(device_type, "hf")
+    if engine == "static":
+        try:
+            checkpoint_sampling(generation_config, do_sample)
+        except ValueError as error:
+            logger.info("generation_engine auto: using model.generate (%s)", error)
+            return "hf"
+    return engine
+
 
 def make_sampler(name: str, settings: SamplingSettings, pad_token_id: int, eos_token_ids: Collection[int],
-                 batch_size: int | None = None, **options: Any) -> SegmentSampler:
-    """A sampler by name from `ENGINES`; `options` go to its constructor (the static engine takes some)."""
-    if name not in ENGINES:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+                 batch_size: int | None = None, *, device: torch.device | str | None = None,
+                 generation_config: GenerationConfig | None = None, **options: Any) -> SegmentSampler:
+    """A sampler by name from `ENGINES`, or "auto" (`auto_engine` on `device`, with `generation_config` the
+    model's). `options` go to the static engine's constructor; "auto" drops them when it picks "hf", and gives
+    the static engine a `generate` fallback for a failed compilation."""
+    if name not in ENGINE_CHOICES:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(ENGINE_CHOICES)}")
+    common = {"pad_token_id": pad_token_id, "eos_token_ids": eos_token_ids, "batch_size": batch_size}
+    if name == "auto":
+        name = auto_engine(device, settings.do_sample, generation_config)
+        options = {} if name == "hf" else {"fallback": HFGenerateSampler(settings, **common), **options}
     if name == "hf" and options:
         raise TypeError(f"make_sampler('hf') takes no options, got {sorted(options)}")
-    return ENGINES[name](settings, pad_token_id=pad_token_id, eos_token_ids=eos_token_ids, batch_size=batch_size,
-                         **options)
+    return ENGINES[name](settings, **common, **options)

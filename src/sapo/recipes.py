@@ -165,10 +165,10 @@ class SelfAugmented(Recipe):
         return replayed
 
     def _queue_for_augmentation(self, inputs: dict[str, list[Any]]) -> None:
-        """Augment once `generation_batch_size` examples are waiting (or the buffer is still empty)."""
+        """Augment once a round's examples are waiting (`SAPOConfig.generation_round_size`: generation_batch_size or
+        its default rule), or at once while the buffer is still empty."""
         self.pending.extend(zip(inputs["prompt_ids"], inputs["response_ids"], strict=True))
-        round_size = self.args.generation_batch_size or len(inputs["prompt_ids"])
-        if len(self.pending) >= round_size or len(self.buffer) == 0:
+        if len(self.pending) >= self.args.generation_round_size or len(self.buffer) == 0:
             prompts, responses = zip(*self.pending, strict=True)
             self.pending = []
             self.augment(list(prompts), list(responses))

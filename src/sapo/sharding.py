@@ -124,6 +124,18 @@ def materialized(model: nn.Module, sharding: str, weights: Mapping[str, torch.Te
     """
     release_gathered(model, sharding)  # FSDP2 registers its sharded parameters on the modules again
     module = empty_like_model(model, dtype, device)
+    gather_into(module, model, sharding, weights)
+    try:
+        yield module
+    finally:
+        del module
+
+
+def gather_into(module: nn.Module, model: nn.Module, sharding: str, weights: Mapping[str, torch.Tensor]) -> None:
+    """Write `weights` (local shards, by name) gathered whole, and `model`'s other weights and buffers, into the
+    plain `module` in place: its tensors keep their storage, so a compiled decode step (and its CUDA graphs)
+    recorded on it stays valid. A collective: every rank must call it."""
+    release_gathered(model, sharding)
     targets = dict(module.named_parameters())
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -135,10 +147,6 @@ def materialized(model: nn.Module, sharding: str, weights: Mapping[str, torch.Te
         for name, buffer in model.named_buffers():
             if name in buffers:
                 buffers[name].copy_(buffer)
-    try:
-        yield module
-    finally:
-        del module, targets
 
 
 @contextmanager

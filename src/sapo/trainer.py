@@ -320,9 +320,7 @@ class SAPOTrainer(Trainer):
             offload=args.offload_copies, dtype=args.copies_dtype, device=args.device, ref_model=ref_model)
         if not self.copies.params:
             raise ValueError("the model has no trainable parameters")
-        self.sampler: SegmentSampler = sampler or make_sampler(
-            args.generation_engine, args.sampling_settings, pad_token_id=processing_class.pad_token_id,
-            eos_token_ids=self.eos_token_ids)
+        self.sampler: SegmentSampler = sampler or self._make_sampler()
         self._metrics: dict[str, list[float | torch.Tensor]] = defaultdict(list)  # tensors: synced when logged
         self.recipe: Recipe = RECIPES[args.recipe](args, self._services(), seed=args.seed + args.process_index)
         self.ref_update_steps = args.ref_update_steps
@@ -381,6 +379,15 @@ class SAPOTrainer(Trainer):
                            "has none" if self.args.uses_reference else f"(recipe {self.args.recipe!r}, loss "
                            f"{self.args.loss_type!r}) uses no reference model")
         return ref_model
+
+    def _make_sampler(self) -> SegmentSampler:
+        """The configured engine, told the fixed shapes of this run's generation calls (rows of a round, a bound on
+        context + new tokens) so that a compiled decode step is compiled once for the whole run."""
+        args = self.args
+        shapes = {} if args.generation_engine == "hf" else {"cache_len": args.generation_cache_len}
+        return make_sampler(args.generation_engine, args.sampling_settings, self.processing_class.pad_token_id,
+                            self.eos_token_ids, batch_size=args.generation_rows, device=args.device,
+                            generation_config=getattr(self.policy, "generation_config", None), **shapes)
 
     def _refuse_a_dropped_engine(self) -> None:
         """An engine asked for must be the one accelerate set up: it silently trains plain DDP instead of FSDP on CPU
@@ -495,11 +502,15 @@ class SAPOTrainer(Trainer):
         """Sample with the EMA model or the reference under the policy's precision policy (the copies are not
         wrapped by accelerate, so mixed precision is entered here), timed for the metrics."""
         started = time.perf_counter()
-        with self.copies.as_model(which) as generator, self.accelerator.autocast():
+        keeps_state = getattr(self.sampler, "keeps_state", None)  # compiled decoding: hand in the same module
+        persistent = bool(keeps_state and keeps_state(self.args.device))
+        with self.copies.as_model(which, persistent=persistent) as generator, self.accelerator.autocast():
             samples = self.sampler.sample(generator, contexts, max_new_tokens)
         release = getattr(self.sampler, "release", None)
-        if self.copies.mode == SHARDS and release is not None:  # caches keyed to a module that is now gone
-            release()
+        if self.copies.mode == SHARDS and not persistent:
+            self.copies.release_decode_modules()  # kept from compiled rounds, if compilation failed since
+            if release is not None:  # caches keyed to a module that is now gone
+                release()
         self._timing["generation"] += time.perf_counter() - started
         self._timing["generated_tokens"] += sum(map(len, samples))
         return samples

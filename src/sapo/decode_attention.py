@@ -1,0 +1,92 @@
+"""Grouped-query attention for one-token decode steps without repeating the KV cache.
+
+transformers' SDPA path (`sdpa_attention_forward`) handles grouped-query attention (n_heads > n_kv_heads) in
+one of three ways: `enable_gqa=True` when there is no mask, a query reshape for one-token queries (eager only:
+it is skipped while dynamo traces), or `repeat_kv`, which materialises the K/V cache n_heads / n_kv_heads
+times, per layer, per token. A static-cache decode step always has a mask (left padding) and is compiled,
+so it gets `repeat_kv`: for Qwen2-0.5B (14 heads, 2 KV heads) that is 7 copies of the whole cache read and
+written per layer per token, more memory traffic than the attention itself.
+
+`gqa_decode_attention` reshapes the one-token query instead, (b, n_heads, 1, d) -> (b, n_kv_heads, groups, d),
+so that each KV head serves its `groups` query heads as if they were `groups` query positions; the mask,
+(b, 1, 1, kv), broadcasts over them. Everything else (prefill, no groups, per-head masks, position biases,
+softcapping) goes to transformers' own SDPA function unchanged. It is registered under `DECODE_ATTENTION`
+with `AttentionInterface` and its masks are SDPA's (`AttentionMaskInterface`), and `decode_attention` sets
+it on a model only while decoding, so training forwards never see it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+DECODE_ATTENTION = "sapo_gqa_decode"
+REPLACED = ("sdpa",)  # implementations this path computes exactly (eager, flash and custom ones are left alone)
+
+
+def _packs(module: nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
+    """Whether the query reshape applies: grouped heads, one query token, a mask shared by all heads."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    shared_mask = attention_mask is None or attention_mask.shape[1] == 1
+    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+    return groups > 1 and query.shape[2] == 1 and shared_mask and plain
+
+
+def gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """An `AttentionInterface` function: query (b, n_heads, q, d), key/value (b, n_kv_heads, kv, d)."""
+    if not _packs(module, query, attention_mask, kwargs):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    batch, heads, _, _ = query.shape
+    kv_heads = key.shape[1]
+    # Head h uses KV head h // groups (repeat_kv's layout), so (heads,) splits as (kv_heads, groups).
+    packed = query.reshape(batch, kv_heads, heads // kv_heads, query.shape[-1])
+    output = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask,
+                                                              dropout_p=dropout, scale=scaling)
+    return output.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, gqa_decode_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # through peft wrappers
+
+
+def uses_grouped_heads(model: nn.Module) -> bool:
+    config = getattr(_base_model(model), "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return bool(heads and kv_heads and heads > kv_heads)
+
+
+def _can_switch(model: nn.Module) -> bool:
+    """Models written against `AttentionInterface` can switch implementations at run time (others only warn)."""
+    can = getattr(model, "_can_set_attn_implementation", None)
+    return hasattr(model, "set_attn_implementation") and can is not None and bool(can())
+
+
+@contextmanager
+def decode_attention(model: nn.Module) -> Iterator[bool]:
+    """`model` attends with `gqa_decode_attention` inside the block (yields True) when it uses grouped-query
+    attention through SDPA; otherwise it is left as it is (yields False). The implementation is restored on exit."""
+    base = _base_model(model)
+    config = getattr(base, "config", None)
+    original = getattr(config, "_attn_implementation", None)
+    if original not in REPLACED or not uses_grouped_heads(base) or not _can_switch(base):
+        yield False
+        return
+    base.set_attn_implementation(DECODE_ATTENTION)
+    try:
+        yield True
+    finally:
+        base.set_attn_implementation(original)
