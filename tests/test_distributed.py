@@ -75,6 +75,11 @@ def check_run(reports, engine, bf16_copies=False):
         assert all(r["ema_dtype"] == "torch.bfloat16" for r in reports)
 
 
+# DDP scores pairs packed around their shared prefix; sharded engines cannot apply the head outside the engine's
+# forward, so they score the two rows separately through full logits: the same numbers up to float summation order.
+SCORING_PATHS_ATOL = 3e-5
+
+
 def assert_close_to(out, reference_out, atol):
     ours, theirs = final_weights(out), final_weights(reference_out)
     for file, weights in theirs.items():
@@ -102,7 +107,7 @@ def test_sharded_engines_match_ddp_and_resume_from_per_rank_shards(engine, ddp_r
     out = tmp_path / "run"
     first = torchrun(engine, out, 4)
     check_run(first, engine)
-    assert_close_to(out, ddp_run[0], atol=1e-5)
+    assert_close_to(out, ddp_run[0], atol=SCORING_PATHS_ATOL)
     state = out / "checkpoint-4" / "sapo_state"
     for rank in (0, 1):
         assert (state / f"ema_rank{rank}.safetensors").exists()
@@ -120,7 +125,7 @@ def test_more_engine_settings_match_ddp(engine, ddp_run, tmp_path):
     """ZeRO-2; FSDP2 keeping weights gathered after forward (the reference must not see the policy's)."""
     out = tmp_path / "run"
     check_run(torchrun(engine, out, 4), engine)
-    assert_close_to(out, ddp_run[0], atol=1e-5)
+    assert_close_to(out, ddp_run[0], atol=SCORING_PATHS_ATOL)
 
 
 def test_zero3_model_loaded_by_path_is_partitioned_as_it_loads_and_trains_the_same(ddp_run, tmp_path):
@@ -128,7 +133,7 @@ def test_zero3_model_loaded_by_path_is_partitioned_as_it_loads_and_trains_the_sa
     reports = torchrun("zero3-by-path", out, 4)
     assert all(r["partitioned_at_load"] for r in reports)  # zero.Init: never whole on a rank
     check_run(reports, "zero3-by-path")
-    assert_close_to(out, ddp_run[0], atol=1e-5)
+    assert_close_to(out, ddp_run[0], atol=SCORING_PATHS_ATOL)
 
 
 def test_offloaded_bf16_copies_train_like_full_precision_ones(ddp_run, tmp_path):

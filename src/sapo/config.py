@@ -187,7 +187,9 @@ class SAPOConfig(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Allow training into a non-empty output_dir that is not being resumed."},
+        metadata={"help": "Allow training into a non-empty output_dir that is not being resumed; the previous run's "
+                  "checkpoints (checkpoint-N with a sapo_state/) are removed first, other files are kept, and the "
+                  "final outputs are replaced at the end."},
     )
     skip_invalid: bool = field(
         default=False, metadata={"help": "Drop invalid data records (counted in the log) instead of failing."}

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 from sapo.packing import packed_layout
 
@@ -71,9 +72,11 @@ def output_projection(model: nn.Module) -> nn.Module:
 
 
 def inner_model(model: nn.Module) -> nn.Module:
-    """The causal LM inside DDP/accelerate wrappers (a peft wrapper is kept: it forwards attribute lookups)."""
+    """The causal LM inside DDP/DeepSpeed/accelerate wrappers (a peft wrapper is kept: it forwards attribute
+    lookups). A wrapper is anything with a `.module` that is not itself a transformers model: DeepSpeed's engine
+    forwards `get_output_embeddings` to its module, but its own `config` is DeepSpeed's, not the model's."""
     inner = model
-    while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
+    while not isinstance(inner, PreTrainedModel) and hasattr(inner, "module"):
         inner = inner.module
     return inner
 

@@ -202,7 +202,8 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
     settings = {"output_dir": out, "max_steps": max_steps, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
                 "token_generate_length": 4, "max_length": 64, "max_prompt_length": 48, "logging_steps": 1,
                 "report_to": "none", "save_steps": 2, "disable_tqdm": True,
-                "ref_update_steps": 3, "seed": 0}
+                "ref_update_steps": 3, "seed": 0,
+                "generation_batch_size": 4}  # a generation round every step: each run checks per-round traffic
     if spin:
         settings.update(recipe="spin", spin_iterations=2)
     args = SAPOConfig(**{**settings, **engine_arguments(engine)})
