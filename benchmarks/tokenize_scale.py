@@ -3,6 +3,7 @@
     python benchmarks/tokenize_scale.py                                # 200k records, Qwen2 ChatML tokenizer
     python benchmarks/tokenize_scale.py --tokenizer llama3-instruct    # Llama-3's tiktoken BPE and template
     python benchmarks/tokenize_scale.py --records 2000                 # a quick look
+    python benchmarks/tokenize_scale.py --num_proc 1                   # one process, whatever the core count
 
 The records are synthetic conversations of English-like words (a fixed seed, so every run tokenizes the same
 text): a system message in one record of four, one to three user/assistant exchanges, user turns of 10-60 words
@@ -14,8 +15,10 @@ each with sapo's own functions and a real tokenizer built offline by ``tests/rea
 * ``tokenize``: `sapo.data.tokenize_examples` (render the chat template, tokenize, split at the prompt boundary,
   apply the length limits), what `SAPOTrainer` runs on the records it is given.
 
-The last line is ``tokenize_scale: N records in T s (R records/s)`` over both stages; a line before it gives each
-stage. Times are wall-clock on whatever else the machine is running: note its load with the figure.
+Above `sapo.data.PARALLEL_MIN_EXAMPLES` records sapo tokenizes in one process per CPU core (`datasets.map`); the
+result is the same as in one process. The last line is ``tokenize_scale: N records in T s (R records/s)`` over both
+stages; a line before it gives each stage in wall-clock and CPU seconds (workers included): wall time depends on
+whatever else the machine runs, CPU time much less.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -83,33 +87,47 @@ def build_tokenizer(name: str) -> Any:
     return prepare_tokenizer(factory())
 
 
-def timed(step: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the tokenizing workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(step: Callable[[], Any]) -> tuple[Any, float, float]:
+    """`step()`, its wall-clock seconds and its CPU seconds."""
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     result = step()
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - start, cpu_seconds() - start_cpu
 
 
-def run(records: int, tokenizer_name: str, seed: int, max_length: int, max_prompt_length: int) -> dict[str, Any]:
-    from sapo.data import load_examples, tokenize_examples
+def run(records: int, tokenizer_name: str, seed: int, max_length: int, max_prompt_length: int,
+        num_proc: int | None) -> dict[str, Any]:
+    from sapo.data import default_num_proc, load_examples, tokenize_examples
 
     tokenizer = build_tokenizer(tokenizer_name)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "chats.jsonl"
         write_records(path, records, seed)
-        examples, read_s = timed(lambda: load_examples(path))
-    tokenized, tokenize_s = timed(lambda: tokenize_examples(
-        tokenizer, examples, max_length=max_length, max_prompt_length=max_prompt_length, progress=True))
+        examples, read_s, read_cpu = timed(lambda: load_examples(path))
+    tokenized, tokenize_s, tokenize_cpu = timed(lambda: tokenize_examples(
+        tokenizer, examples, max_length=max_length, max_prompt_length=max_prompt_length, progress=True,
+        num_proc=num_proc))
     tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in tokenized)
     return {"records": records, "tokenizer": tokenizer_name, "read_s": read_s, "tokenize_s": tokenize_s,
-            "total_s": read_s + tokenize_s, "kept": len(tokenized), "tokens_kept": tokens}
+            "total_s": read_s + tokenize_s, "read_cpu_s": read_cpu, "tokenize_cpu_s": tokenize_cpu,
+            "num_proc": default_num_proc(records) if num_proc is None else num_proc,
+            "kept": len(tokenized), "tokens_kept": tokens,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def report(result: dict[str, Any]) -> str:
     count, total = result["records"], result["total_s"]
     return "\n".join([
-        f"tokenizer {result['tokenizer']}: {result['kept']} examples kept, {result['tokens_kept']} tokens",
-        f"read {result['read_s']:.1f} s ({count / result['read_s']:.0f} records/s), "
-        f"tokenize {result['tokenize_s']:.1f} s ({count / result['tokenize_s']:.0f} records/s)",
+        f"tokenizer {result['tokenizer']}: {result['kept']} examples kept, {result['tokens_kept']} tokens, "
+        f"peak RSS {result['peak_rss_gib']:.1f} GiB",
+        f"read {result['read_s']:.1f} s ({count / result['read_s']:.0f} records/s, CPU {result['read_cpu_s']:.1f} s), "
+        f"tokenize {result['tokenize_s']:.1f} s ({count / result['tokenize_s']:.0f} records/s, CPU "
+        f"{result['tokenize_cpu_s']:.1f} s, {result['num_proc']} process(es))",
         f"tokenize_scale: {count} records in {total:.1f} s ({count / total:.0f} records/s)",
     ])
 
@@ -121,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_length", type=int, default=2048)
     parser.add_argument("--max_prompt_length", type=int, default=1024)
+    parser.add_argument("--num_proc", type=int, default=None,
+                        help="tokenizing processes (default: sapo's own choice, sapo.data.default_num_proc)")
     args = parser.parse_args(argv)
-    result = run(args.records, args.tokenizer, args.seed, args.max_length, args.max_prompt_length)
+    result = run(args.records, args.tokenizer, args.seed, args.max_length, args.max_prompt_length, args.num_proc)
     print("TOKENIZE_SCALE_RESULT " + json.dumps(result))
     print(report(result))
     return 0
