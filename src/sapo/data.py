@@ -815,12 +815,14 @@ def _tokenize_in_processes(tokenizer: Any, examples: Sequence[Example], end_toke
     finally:
         if shown and not progress:
             datasets.enable_progress_bars()
-    first_error = next((error for error in mapped["error"] if error is not None), None)
+    table = mapped.with_format("arrow")[:]  # whole Arrow columns to lists: several times faster than row by row
+    first_error = next((error for error in table.column("error").to_pylist() if error is not None), None)
     if first_error is not None:
         raise DataError(first_error)
-    rejected = mapped["rejected_ids"] if any(e.rejected is not None for e in examples) else [None] * len(examples)
-    return [(TokenizedExample(prompt, response, refused), merged) for prompt, response, refused, merged
-            in zip(mapped["prompt_ids"], mapped["response_ids"], rejected, mapped["merged"], strict=True)]
+    prompts, responses, rejected, merged = (table.column(name).to_pylist()
+                                            for name in ("prompt_ids", "response_ids", "rejected_ids", "merged"))
+    return [(TokenizedExample(prompt, response, refused), joined) for prompt, response, refused, joined
+            in zip(prompts, responses, rejected, merged, strict=True)]
 
 
 _WORKER_TOKENIZER: list[Any] = [None, None]  # (the pickle it came from, the tokenizer), one per worker process
