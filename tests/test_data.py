@@ -7,9 +7,11 @@ instead of being recomputed with the code under test.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,12 @@ import real_tokenizers
 
 from sapo.data import (
     CHATML_TEMPLATE,
+    PARALLEL_MIN_EXAMPLES,
     DataError,
     Example,
     Message,
     TokenizedExample,
+    default_num_proc,
     examples_from_records,
     fit_lengths,
     load_examples,
@@ -714,3 +718,48 @@ def test_a_dataset_dict_is_named_by_its_splits() -> None:
     with pytest.raises(DataError, match=r"a DatasetDict with splits 'train', 'test'; pass one split, "
                                         r"e.g. dataset\['train'\]"):
         examples_from_records(splits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Large datasets: tokenized in several processes, with the same result and the same messages
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_tokenizing_in_processes_gives_the_same_examples_and_warnings(caplog) -> None:
+    tok = real_tokenizer("qwen2-chatml")
+    examples = [Example([msg("user", f"Poem {i}?")], msg("assistant", ("\n" if i % 3 == 0 else "") + f"Roses {i}."),
+                        msg("assistant", f"Violets {i} are blue.") if i % 2 else None, location=f"poems.jsonl:{i + 1}")
+                for i in range(12)]
+    runs, logs = {}, {}
+    for num_proc in (1, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sapo.data"):
+            runs[num_proc] = tokenize_examples(tok, examples, max_length=14, max_prompt_length=12,
+                                               end_token_ids=end_ids("qwen2-chatml", tok), num_proc=num_proc)
+        logs[num_proc] = [record.getMessage() for record in caplog.records]
+    assert runs[2] == runs[1]
+    assert all(type(ids) is list for t in runs[2] for ids in (t.prompt_ids, t.response_ids))
+    assert [t.rejected_ids is None for t in runs[2]] == [i % 2 == 0 for i in range(12)]
+    assert logs[2] == logs[1]
+    assert "4 record(s) (first: poems.jsonl:1, poems.jsonl:4, poems.jsonl:7)" in logs[2][0]
+    assert "responses truncated" in logs[2][1]
+
+
+def test_in_processes_the_error_names_the_first_bad_record() -> None:
+    tok = prepare_tokenizer(real_tokenizer("gemma"))  # Gemma's template raises on a system message
+    examples = [Example([msg("user", "Hi")], msg("assistant", "Hello"), location=f"chats.jsonl:{i + 1}")
+                for i in range(6)]
+    for bad in (2, 3):  # one in each process's half; the second half may well finish first
+        examples[bad] = dataclasses.replace(examples[bad], prompt=[msg("system", "Be brief."), msg("user", "Hi")])
+    with pytest.raises(DataError, match=r"^chats.jsonl:3: the chat template refuses this record \(.*System role"):
+        tokenize_examples(tok, examples, max_length=64, max_prompt_length=32, num_proc=2)
+
+
+def test_large_datasets_use_this_ranks_share_of_the_cores(monkeypatch) -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_num_proc(PARALLEL_MIN_EXAMPLES - 1) == 1
+    assert default_num_proc(10**7) == cores
+    assert default_num_proc(PARALLEL_MIN_EXAMPLES) == min(cores, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # one rank per core: no extra processes
+    assert default_num_proc(10**7) == 1
