@@ -61,6 +61,25 @@ def test_train_from_yaml_writes_outputs(tmp_path, model_dir, dataset_file, capsy
     assert "EMA model" in capsys.readouterr().out
 
 
+def test_a_default_train_shows_the_bar_evaluations_and_a_summary_not_log_dictionaries(tmp_path, model_dir,
+                                                                                     dataset_file):
+    """Run as a user types it (a subprocess of the console script, tqdm on, defaults): no raw Trainer log dictionary,
+    no DeepSpeed accelerator line, no per-save bars; one line per evaluation and a summary at the end."""
+    sapo = Path(sys.executable).with_name("sapo")
+    out = tmp_path / "out"
+    result = subprocess.run([str(sapo), "train", "--model_name_or_path", str(model_dir), "--dataset_name",
+                             str(dataset_file), "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "1",
+                             "--eval_dataset_name", str(dataset_file), "--eval_strategy", "steps", "--eval_steps", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout + result.stderr
+    assert "{'loss'" not in text and "'rewards/margins'" not in text and "Setting accelerator to CPU" not in text
+    assert "Writing model shards" not in text
+    assert text.count(" eval: loss ") == 2 and "loss=" in text  # one line per evaluation; metrics on the bar
+    assert "sapo: trained 4 steps" in result.stdout and f"policy: {out}" in result.stdout
+    assert "last training row (step 4): loss " in result.stdout and "last evaluation (step 4): loss " in result.stdout
+
+
 def test_use_peft_flag_trains_adapters(tmp_path, model_dir, dataset_file):
     pytest.importorskip("peft")
     config_file = write_yaml(tmp_path, model_dir, dataset_file, max_steps=2)

@@ -665,15 +665,64 @@ def run_train(argv: Sequence[str]) -> int:
             raise UsageError(f"cannot set up training: {_one_paragraph(error)}") from error
         trainer.data_source = model_args.dataset_name
         trainer.command = shlex.join(["sapo", "train", *argv])
+        show_bar_and_summary(trainer)
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     except USER_ERRORS:
         remove_if_created_empty(out, created)
         raise
     trainer.save_model()
     if trainer.is_world_process_zero():
-        ema_note = f", EMA model to {Path(config.output_dir) / 'ema'}" if trainer.copies.ema is not None else ""
-        print(f"sapo: policy written to {config.output_dir}{ema_note}")
+        print(run_summary(trainer.state.log_history, Path(config.output_dir), trainer.copies.ema is not None))
     return 0
+
+
+SUMMARY_METRICS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "accuracy",
+                   "logps/real": "log p(real)", "nll_loss": "nll"}
+EVAL_METRICS = {"eval_loss": "loss", "eval_rewards/margins": "margin", "eval_rewards/accuracies": "accuracy",
+                "eval_logps/real_per_token": "log p(real)/token", "eval_judge/score": "judge"}
+
+
+def _brief(row: Mapping[str, Any], names: Mapping[str, str]) -> str:
+    return ", ".join(f"{short} {row[key]:.4g}" for key, short in names.items() if isinstance(row.get(key), float | int))
+
+
+def show_bar_and_summary(trainer: Any) -> None:
+    """`sapo train` shows the progress bar (with the latest loss, margin and accuracy on it) and one short line per
+    evaluation, instead of the Trainer's raw dictionary of every metric at each logging step; metrics.jsonl and
+    report_to integrations still get every value. transformers' own bars ("Writing model shards" at every save) are
+    turned off; the hub's upload bars stay."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers import ProgressCallback
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    enable_progress_bars()
+
+    class BarAndEvaluations(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "eval_loss" in logs:
+                self.training_bar.write(f"step {state.global_step} eval: {_brief(logs, EVAL_METRICS)}")
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(BarAndEvaluations)
+
+
+def run_summary(log_history: Sequence[Mapping[str, Any]], out: Path, has_ema: bool) -> str:
+    """What a finished `sapo train` prints: steps and time, the last logged training (and evaluation) metrics, and
+    where the outputs are."""
+    train_rows = [row for row in log_history if "loss" in row and "eval_loss" not in row]
+    eval_rows = [row for row in log_history if "eval_loss" in row]
+    end = next((row for row in reversed(log_history) if "train_runtime" in row), {})
+    lines = [f"sapo: trained {log_history[-1].get('step', 0) if log_history else 0} steps"
+             + (f" in {end['train_runtime']:.1f} s" if "train_runtime" in end else "")]
+    if train_rows:
+        last = train_rows[-1]
+        lines.append(f"  last training row (step {last.get('step')}): {_brief(last, SUMMARY_METRICS)}")
+    if eval_rows:
+        lines.append(f"  last evaluation (step {eval_rows[-1].get('step')}): {_brief(eval_rows[-1], EVAL_METRICS)}")
+    lines.append(f"  policy: {out}" + (f"   EMA model: {out / 'ema'}" if has_ema else ""))
+    lines.append(f"  every logged value: {out / 'metrics.jsonl'} (curves: sapo plot {out})")
+    return "\n".join(lines)
 
 
 def run_demo(argv: Sequence[str]) -> int:
@@ -724,7 +773,20 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stdout if argv else sys.stderr)
         return 0 if argv else EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_deepspeed_probe()
     return _run_guarded(commands[argv[0]], argv[1:], debug)
+
+
+def quiet_deepspeed_probe() -> None:
+    """accelerate imports deepspeed whenever it is installed (to unwrap models), and deepspeed then warns "Setting
+    accelerator to CPU" on every machine without CUDA, though nothing uses it. Naming the CPU accelerator, which it
+    would pick anyway, keeps that line out of a CPU run; a GPU machine, or a choice the user made, is left alone."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _run_guarded(command, argv: Sequence[str], debug: bool) -> int:

@@ -304,6 +304,8 @@ class SAPOTrainer(Trainer):
         self._rows_before_training: list[dict[str, Any]] = []  # logged by evaluate() before train(), written once
         # it starts (a fresh run's output_dir must be empty, and its metrics.jsonl starts empty)
         self._first_created = first_missing(Path(args.output_dir))  # Trainer creates it; undone on early errors
+        if args.dataloader_pin_memory and args.device.type == "cpu":  # nothing to pin for; torch warns each epoch
+            args.dataloader_pin_memory = False
         super().__init__(model=model, args=args, data_collator=collate_examples, train_dataset=dataset,
                          eval_dataset=self._trainer_eval_dataset(), processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers)
