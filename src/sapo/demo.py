@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback
+from transformers.utils.logging import disable_progress_bar
 
 from sapo import tasks, tiny
 from sapo.config import SAPOConfig
@@ -108,6 +109,7 @@ def run(settings: DemoSettings) -> dict:
     suite = tasks.make_suite(settings.n_train, settings.n_heldout, seed=settings.seed)
     started = time.perf_counter()
     timing: dict[str, float] = {}
+    disable_progress_bar()  # transformers' load and save bars would interleave with the demo's own lines
     clock = time.perf_counter()
     print(f"[1/3] SFT warm-up: {settings.sft_steps} steps on {len(suite['train'])} demonstrations")
     sft_dir = out / "sft"
