@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from sapo.errors import DataError
+from sapo.packing import common_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -593,7 +594,7 @@ def _tokenize_with_boundary(tokenizer: Any, example: Example,
     except jinja2.TemplateError as error:  # raise_exception('...') in the template, or an undefined name
         raise DataError(f"{example.location or 'a record'}: the chat template refuses this record "
                         f"({' '.join(str(error).split())})") from None
-    boundary = _common_prefix_length([prompt_alone, *conversations])
+    boundary = common_prefix_length(prompt_alone, *conversations)
     responses = [_through_end_token(ids[boundary:], ends, tokenizer.eos_token_id) for ids in conversations]
     rejected = responses[1] if len(responses) > 1 else None
     tokenized = TokenizedExample(conversations[0][:boundary], responses[0], rejected)
@@ -653,15 +654,6 @@ def _adds_bos_when_encoding(tokenizer: Any) -> bool:
         cached = (key, tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [key])
         _ADDS_BOS[tokenizer] = cached
     return cached[1]
-
-
-def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    length = 0
-    for column in zip(*sequences, strict=False):
-        if any(token != column[0] for token in column):
-            break
-        length += 1
-    return length
 
 
 def _through_end_token(response: list[int], end_token_ids: Collection[int], eos_token_id: int) -> list[int]:

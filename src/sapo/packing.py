@@ -21,11 +21,12 @@ from dataclasses import dataclass
 import torch
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Number of leading tokens `a` and `b` share."""
+def common_prefix_length(*sequences: Sequence[int]) -> int:
+    """Number of leading tokens all `sequences` share (a pair's shared prefix; also where a conversation's ids stop
+    agreeing with its prompt's, in `sapo.data`)."""
     length = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
+    for column in zip(*sequences, strict=False):
+        if any(token != column[0] for token in column):
             break
         length += 1
     return length
