@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from sapo.errors import DataError, UsageError
 from sapo.judging import Judge, load_judge
 from sapo.logprobs import sequence_logps
 from sapo.losses import PairLoss
-from sapo.segments import sample_truncation_point, splice_rejected
+from sapo.segments import Generate, rewrite_segments
 
 SINGLE = ""  # key of an eval set given as one dataset (named sets keep their names)
 EVAL_PAIRS_FILE = "eval_pairs.json"  # in a checkpoint's sapo_state: the rejected side of every eval pair
@@ -50,7 +50,6 @@ EVAL_SEED_OFFSET = 7919  # eval generation seed = args.seed + this + rank, apart
 STATISTICS = ("pair_loss", "reward_real", "reward_rejected", "logp_real", "tokens_real", "logp_rejected")
 """Per-example columns gathered from every eval batch (NaN where a recipe has no pairs)."""
 
-Generate = Callable[[Sequence[Sequence[int]], int], list[list[int]]]  # (contexts, max new tokens) -> samples
 
 
 @dataclass
@@ -232,16 +231,10 @@ def rejected_source(args: Any) -> str | None:
 def segment_rejected(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], generate: Generate, *,
                      token_generate_length: int, max_length: int, eos_token_ids: set[int],
                      rng: random.Random) -> list[list[int]]:
-    """One rejected response per real one, made as training makes them (SPEC §1 step 2): a truncation point per
-    example from `rng`, one sample of the segment after prompt + real prefix, spliced into the real response."""
-    plans = [sample_truncation_point(len(p), len(y), token_generate_length, max_length, rng)
-             for p, y in zip(prompts, responses, strict=True)]
-    if not plans:
-        return []
-    contexts = [list(p) + list(y[:k]) for p, y, (k, _) in zip(prompts, responses, plans, strict=True)]
-    samples = generate(contexts, max(g for _, g in plans))
-    return [splice_rejected(y, k, sample, g, eos_token_ids)[0]
-            for y, (k, g), sample in zip(responses, plans, samples, strict=True)]
+    """One rejected response per real one, made as training makes them (`sapo.segments.rewrite_segments`)."""
+    return [rewrite.rejected for rewrite in rewrite_segments(
+        prompts, responses, generate, token_generate_length=token_generate_length, max_length=max_length,
+        eos_token_ids=eos_token_ids, rng=rng)]
 
 
 def whole_rejected(prompts: Sequence[Sequence[int]], generate: Generate, *, max_new_tokens: int,

@@ -19,6 +19,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ from sapo.copies import EMA, REFERENCE  # which copy generates
 from sapo.layout import buffer_file, pending_file, segment_rng_file, spin_file
 from sapo.losses import REFERENCE_LOSS_TYPES
 from sapo.packing import packed_pair_ids
-from sapo.segments import sample_truncation_point, splice_rejected
+from sapo.segments import rewrite_segments
 
 
 def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
@@ -176,18 +177,12 @@ class SelfAugmented(Recipe):
     def augment(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[ReplayEntry]:
         """Make rejected responses for a batch of real ones and push them to the buffer."""
         args = self.args
-        plans = [sample_truncation_point(len(p), len(y), args.token_generate_length, args.max_length,
-                                         self.segment_rng) for p, y in zip(prompts, responses, strict=True)]
-        n = args.responses_per_prompt
-        contexts = [list(p) + list(y[:k]) for p, y, (k, _) in zip(prompts, responses, plans, strict=True)
-                    for _ in range(n)]
-        samples = self.services.generate(EMA, contexts, max(g for _, g in plans))
-        entries = []
-        for index, sample in enumerate(samples):
-            example = index // n
-            k, gen_len = plans[example]
-            rejected, replaced = splice_rejected(responses[example], k, sample, gen_len, self.services.eos_token_ids)
-            entries.append(ReplayEntry(list(prompts[example]), list(responses[example]), rejected, k, replaced))
+        rewrites = rewrite_segments(prompts, responses, partial(self.services.generate, EMA),
+                                    token_generate_length=args.token_generate_length, max_length=args.max_length,
+                                    eos_token_ids=self.services.eos_token_ids, rng=self.segment_rng,
+                                    samples_per_example=args.responses_per_prompt)
+        entries = [ReplayEntry(list(prompts[r.example]), list(responses[r.example]), r.rejected, r.segment_start,
+                               r.replaced) for r in rewrites]
         self.buffer.extend(entries)
         for entry in entries:
             self.services.record("segment/replaced_length", float(entry.segment_length))

@@ -10,14 +10,19 @@ integer/list arithmetic so that it can be tested exhaustively without a model.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 __all__ = [
+    "SegmentRewrite",
     "generation_length",
+    "rewrite_segments",
     "sample_truncation_point",
     "splice_rejected",
     "truncation_bound",
 ]
+
+Generate = Callable[[Sequence[Sequence[int]], int], list[list[int]]]  # (contexts, max new tokens) -> samples
 
 # Tokens kept after the regenerated segment at the latest truncation point; the paper's
 # reference code leaves a short tail so the segment never swallows the final EOS.
@@ -120,3 +125,35 @@ def splice_rejected(
             f"generation_length={generation_length}"
         )
     return list(response[:k]) + sample + list(response[k + generation_length :]), generation_length
+
+
+@dataclass(frozen=True)
+class SegmentRewrite:
+    """One rejected response made from the real response of example `example`."""
+
+    example: int
+    segment_start: int
+    rejected: list[int]
+    replaced: int  # tokens of the real response the segment replaced
+
+
+def rewrite_segments(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], generate: Generate, *,
+                     token_generate_length: int, max_length: int, eos_token_ids: Collection[int],
+                     rng: random.Random, samples_per_example: int = 1) -> list[SegmentRewrite]:
+    """SPEC §1 step 2 for a batch: a truncation point per example from `rng`, `samples_per_example` samples of the
+    segment after prompt + real prefix (one `generate` call for all), each spliced into its real response. Used
+    by training (the replay buffer's entries) and by evaluation (its fixed pairs), so both rewrite alike."""
+    plans = [sample_truncation_point(len(p), len(y), token_generate_length, max_length, rng)
+             for p, y in zip(prompts, responses, strict=True)]
+    if not plans:
+        return []
+    contexts = [list(p) + list(y[:k]) for p, y, (k, _) in zip(prompts, responses, plans, strict=True)
+                for _ in range(samples_per_example)]
+    samples = generate(contexts, max(g for _, g in plans))
+    rewrites = []
+    for index, sample in enumerate(samples):
+        example = index // samples_per_example
+        k, gen_len = plans[example]
+        rejected, replaced = splice_rejected(responses[example], k, sample, gen_len, eos_token_ids)
+        rewrites.append(SegmentRewrite(example, k, rejected, replaced))
+    return rewrites
