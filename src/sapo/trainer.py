@@ -103,7 +103,7 @@ from sapo.logprobs import (
     response_token_logps,
     shared_prefix_scoring_is_exact,
 )
-from sapo.losses import LOSSES, nll_from_logps, pair_loss, pair_metrics
+from sapo.losses import LOSSES, PairLoss, nll_from_logps, pair_loss, pair_metrics
 from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
 from sapo.recipes import RECIPES, Recipe, StepServices, pad_pairs, pad_sequences
 from sapo.sharding import any_rank, local_shard, materialized
@@ -544,19 +544,22 @@ class SAPOTrainer(Trainer):
             loss = nll_from_logps(self.token_logps(model, inputs), mask)
             self._metrics["nll_loss"].append(loss.detach())
             return (loss, None) if return_outputs else loss
-        # The reference goes first: with sharded copies its forward borrows the policy's parameter storage.
-        ref_token_logps = None
-        if LOSSES[self.args.loss_type].needs_reference:
-            ref_token_logps = self.copies.reference_forward(lambda m: self.token_logps(m, inputs), model)
-        token_logps = self.token_logps(model, inputs)
-        result = pair_loss(self.args.loss_type, token_logps, mask, ref_token_logps, beta=self.args.beta,
-                           label_smoothing=self.args.label_smoothing)
+        result = self._pair_loss(model, inputs)
         if result.nll is not None:
             self._metrics["nll_loss"].append(result.nll.detach())
         for name, value in pair_metrics(result, mask).items():
             self._metrics[name].append(value)
         loss, output = result.loss, result.output
         return (loss, output) if return_outputs else loss
+
+    def _pair_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> PairLoss:
+        """The run's preference loss of a batch of pairs (real rows, then rejected rows), for training and eval."""
+        # The reference goes first: with sharded copies its forward borrows the policy's parameter storage.
+        ref_token_logps = None
+        if LOSSES[self.args.loss_type].needs_reference:
+            ref_token_logps = self.copies.reference_forward(lambda m: self.token_logps(m, batch), model)
+        return pair_loss(self.args.loss_type, self.token_logps(model, batch), batch["loss_mask"][:, 1:],
+                         ref_token_logps, beta=self.args.beta, label_smoothing=self.args.label_smoothing)
 
     # --------------------------------------------------------------------------------------------
     # Once per optimizer step
@@ -871,11 +874,7 @@ class SAPOTrainer(Trainer):
                 token_logps = self.token_logps(model, batch)
                 loss, statistics = nll_from_logps(token_logps, mask), real_statistics(token_logps, mask)
             else:
-                ref_token_logps = None
-                if LOSSES[self.args.loss_type].needs_reference:
-                    ref_token_logps = self.copies.reference_forward(lambda m: self.token_logps(m, batch), model)
-                result = pair_loss(self.args.loss_type, self.token_logps(model, batch), mask, ref_token_logps,
-                                   beta=self.args.beta, label_smoothing=self.args.label_smoothing)
+                result = self._pair_loss(model, batch)
                 loss, statistics = result.loss, pair_statistics(result, mask)
         self._eval_statistics.append(self.accelerator.gather_for_metrics(statistics).cpu())
         return loss.detach(), None, None
