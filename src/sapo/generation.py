@@ -659,9 +659,9 @@ ENGINES: dict[str, type] = {"hf": HFGenerateSampler, "static": StaticCacheSample
 
 AUTO_ENGINES: dict[str, str] = {"cuda": "static", "cpu": "static"}
 """The engine "auto" picks per device type, from `benchmarks/speed.py --config cpu --phases gen` (README "Speed"): on
-CPU, at the 64 rows of a default generation round, the static loop (eager) decoded 1.8x (greedy) and 1.3x (sampled)
-as many tokens per second as `generate`; on CUDA it is compiled with CUDA graphs, which removes the per-token
-launch overhead that dominates `generate` there. Device types not listed use `generate`."""
+CPU, at the 64 rows of a default generation round, the static loop (eager) decoded 1.47x (greedy) and 1.59x
+(sampled) as many tokens per second as `generate` (a quiet run); on CUDA it is compiled with CUDA graphs, which
+removes the per-token launch overhead that dominates `generate` there. Device types not listed use `generate`."""
 
 
 def auto_engine(device: torch.device | str | None, do_sample: bool,
