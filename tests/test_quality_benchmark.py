@@ -1,4 +1,5 @@
-"""benchmarks/quality.py in a drastically reduced form: every recipe, 2 steps, 1 seed, 8 held-out prompts."""
+"""benchmarks/quality.py in a drastically reduced form: the whole protocol (SFT start, dev grid, recipes, ablations,
+diagnostics) with a tiny model, 2 steps, 1 seed, 8 held-out prompts; and its pure pieces."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 import pytest
 from conftest import load_benchmark
 
+RECIPES = ("sft", "dpo", "sapo-dpo")
+ABLATIONS = ("whole", "no-replay")
+
 
 @pytest.fixture(scope="module")
 def quality():
@@ -14,9 +18,11 @@ def quality():
 
 
 def tiny_settings(quality, out, **overrides):
-    values = dict(out=str(out), seeds=(0,), n_train=64, n_heldout=8, hidden_size=32, num_layers=2, sft_steps=3,
-                  sft_batch_size=8, steps=2, batch_size=4, warmup_steps=0, eval_every=1, max_new_tokens=8,
-                  token_generate_length=3, max_length=64, max_prompt_length=48)
+    values = dict(out=str(out), seeds=(0,), recipes=RECIPES, ablations=ABLATIONS, n_train=64, n_dev=8,
+                  n_heldout=8, hidden_size=32, num_layers=2, sft_steps=4, sft_batch_size=8, sft_eval_every=2,
+                  steps=2, batch_size=4, warmup_steps=0, grid_learning_rates=(1e-4,), grid_betas=(0.1, 0.5),
+                  eval_every=1, max_new_tokens=8, eval_batch_size=8, token_generate_length=3, ref_update_steps=1,
+                  max_length=200, max_prompt_length=96, diagnostic_per_family=2, workers=1)
     values.update(overrides)
     return quality.Settings(**values)
 
@@ -30,63 +36,118 @@ def result(quality, tmp_path_factory):
 def test_benchmark_writes_table_json_and_png(quality, result):
     result, out = result
     table = (out / "table.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| recipe")]
-    assert [row.split(" | ")[0][2:] for row in rows] == [quality.START, *quality.RECIPES]
-    header = table.splitlines()[2]
-    assert header.count("|") == table.splitlines()[3].count("|")  # separator matches the header
-    assert "learning rate 2e-05 for every recipe" in table and "2 optimizer steps" in table
+    rows = [line.split(" | ")[0][2:] for line in table.split("\n\n")[2].splitlines()[2:]]
+    assert rows == [quality.START, *RECIPES, *(f"ablation: {a}: {quality.ABLATION_TEXT[a]}" for a in ABLATIONS)]
+    header, separator = table.split("\n\n")[2].splitlines()[:2]
+    assert header.count("|") == separator.count("|")
+    assert "lr {0.0001} x beta {0.1, 0.5}" in table and "after 2 optimizer steps" in table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "sft" / "config.json").is_file()
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["runs"]) == set(quality.RECIPES)
-    for recipe, runs in saved["runs"].items():
-        (run,) = runs
-        assert run["seed"] == 0 and [p["step"] for p in run["curve"]] == [0, 1, 2]
+    assert [p["step"] for p in saved["sft"]["dev_curve"]] == [2, 4]
+    assert len(saved["grid"]) == 1 + 2 + 2  # sft has no beta
+    assert {g["recipe"] for g in saved["grid"]} == set(RECIPES)
+    for run in saved["runs"]:
+        assert [p["step"] for p in run["curve"]] == [0, 1, 2]
         assert run["curve"][0]["overall"] == saved["start"]["overall"]  # every curve starts at the checkpoint
         assert run["final"]["overall"] == run["curve"][-1]["overall"]
-        assert len(run["scores"]) == len(run["responses"]) == 8
-        assert 0.0 <= run["win_vs_start"]["win_rate"] <= 1.0
-        assert (out / "runs" / recipe / "seed-0" / "metrics.jsonl").is_file()
-        assert saved["summary"][recipe]["overall"]["values"] == [run["final"]["overall"]]
-    assert saved["families"] == ["arithmetic", "string", "constraint"]
+        assert len(run["scores"]) == 8 and 0.0 <= run["win_vs_start"] <= 1.0
+        assert (out / "runs" / run["group"] / run["name"] / "seed-0" / "metrics.jsonl").is_file()
+        chosen = saved["chosen"][run["recipe"]]
+        assert [run["learning_rate"], run["beta"]] == chosen
+    assert saved["families"] == ["chain", "listing", "profile", "format"]
+
+
+def test_recipes_are_tuned_on_dev_and_reported_on_heldout(quality, result):
+    result, _ = result
+    assert {g["recipe"]: g for g in result["grid"]}  # every grid run judged on dev
+    for run in result["runs"]:
+        assert run["split"] == "heldout" and run["group"] in ("main", "ablation")
+    best = max((g for g in result["grid"] if g["recipe"] == "dpo"), key=lambda g: g["final"]["overall"])
+    assert result["chosen"]["dpo"] == (best["learning_rate"], best["beta"])
 
 
 def test_final_score_matches_an_independent_evaluation(quality, result):
-    """The callback's numbers are the judge's mean over the stored responses."""
+    """The callback's numbers are the judge's mean over the stored responses, on the held-out split."""
     from sapo import tasks
 
+    result, out = result
+    heldout = quality.suite_of(quality.Settings(**result["settings"]))["heldout"]
+    saved = json.loads((out / "runs" / "main" / "sapo-dpo" / "seed-0" / "result.json").read_text())
+    scores = tasks.score_responses(heldout, saved["responses"])
+    assert saved["final"]["overall"] == pytest.approx(scores["overall"])
+    assert saved["final"]["chain"] == pytest.approx(scores["chain"])
+
+
+def test_ablations_change_what_they_name(quality, result):
+    """The whole-response ablation rewrites from k = 0; the base starts segments later; the diagnostics come
+    from the trainer's own evaluation of fixed dev pairs, per family."""
     result, _ = result
-    heldout = tasks.make_suite(64, 8, seed=quality.SUITE_SEED)["heldout"]
-    run = result["runs"]["sapo-dpo"][0]
-    assert run["final"]["overall"] == pytest.approx(tasks.score_responses(heldout, run["responses"])["overall"])
+    summary = result["summary"]
+    whole = summary["ablation: whole"]["diagnostics"]
+    base = summary["sapo-dpo"]["diagnostics"]
+    starts = [whole[f]["buffer/segment_start"] for f in whole if "buffer/segment_start" in whole[f]]
+    assert starts and all(start == 0.0 for start in starts)  # the buffer holds the first round: some families
+    assert any(base[f].get("buffer/segment_start", 0.0) > 0.0 for f in base)
+    for family in result["families"]:
+        assert {"rewards/margins", "rewards/accuracies", "logps/real_per_token"} <= set(base[family])
+        assert "rewards/margins" not in summary["sft"]["diagnostics"][family]  # sft has no pairs
+
+
+def test_a_second_invocation_reuses_every_run(quality, result, tmp_path):
+    """Runs and the SFT start are cached by their settings, so an interrupted benchmark resumes; a changed
+    setting reruns."""
+    result, out = result
+    files = sorted(out.glob("runs/*/*/seed-0/result.json")) + [out / "sft" / "model.safetensors"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = quality.run_benchmark(tiny_settings(quality, out), log=lambda *_: None)
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert again["summary"]["sapo-dpo"]["overall"] == result["summary"]["sapo-dpo"]["overall"]
+    spec = quality.RunSpec("main", "sft", "sft", 0, 1e-4, 0.1, "heldout")
+    settings = tiny_settings(quality, out, steps=3)
+    assert quality.run_key(spec, settings) != quality.run_key(spec, tiny_settings(quality, out))
+
+
+def test_workers_run_each_spec_in_a_subprocess(quality, result):
+    result, out = result
+    settings = tiny_settings(quality, out, workers=2, recipes=("sft",), ablations=())
+    spec = quality.RunSpec("grid", "sft-probe", "sft", 0, 1e-4, 0.1, "dev")
+    (run,) = quality.run_all([spec], settings, log=lambda *_: None)
+    assert run["name"] == "sft-probe" and (out / spec.directory / "result.json").is_file()
+    assert run["key"] == quality.run_key(spec, settings)
 
 
 def test_summary_is_mean_and_sample_std_over_seeds(quality):
-    start = {"overall": 0.5, "mean_length": 3.0, "by_family": {"a": 0.5}}
-    runs = {"sft": [{"final": {"overall": v, "a": v, "mean_length": 2.0}, "win_vs_start": {"win_rate": 0.5},
-                     "seconds": 1.0} for v in (0.2, 0.4)]}
-    summary = quality.summarise(start, runs, ["a"])
-    assert summary["sft"]["overall"]["mean"] == pytest.approx(0.3)
-    assert summary["sft"]["overall"]["std"] == pytest.approx(0.1414213562)
-    assert quality._cell(summary["sft"]["overall"]) == "0.300 ± 0.141"
-    assert quality._cell(summary[quality.START]["overall"]) == "0.500"
+    stats = quality._stats([0.2, 0.4])
+    assert stats["mean"] == pytest.approx(0.3) and stats["std"] == pytest.approx(0.1414213562)
+    assert quality._cell(stats) == "0.300 ± 0.141"
+    assert quality._cell(quality._stats([0.5])) == "0.500"
 
 
-def test_per_recipe_learning_rates_are_stated_in_the_header(quality, result):
-    result, _ = result
-    settings = dict(result["settings"], lr_for={"dpo": 1e-4})
-    table = quality.markdown_table(dict(result, settings=settings))
-    assert "learning rate per recipe: sft 2e-05, dpo 0.0001, orpo 2e-05" in table
+def test_score_at_equal_time_interpolates_the_curve(quality):
+    curve = [{"seconds": 0.0, "overall": 0.5}, {"seconds": 10.0, "overall": 0.6}, {"seconds": 30.0, "overall": 0.2}]
+    assert quality.score_at_time(curve, 5.0) == pytest.approx(0.55)
+    assert quality.score_at_time(curve, 20.0) == pytest.approx(0.4)
+    assert quality.score_at_time(curve, 99.0) == 0.2
+
+
+def test_choose_takes_the_best_dev_score_first_on_ties(quality):
+    grid = [{"recipe": "dpo", "learning_rate": lr, "beta": b, "final": {"overall": s}}
+            for lr, b, s in ((1e-4, 0.1, 0.3), (1e-4, 0.5, 0.4), (2e-4, 0.1, 0.4))]
+    assert quality.choose(grid) == {"dpo": (1e-4, 0.5)}
 
 
 def test_quick_preset_and_overrides(quality):
-    quick = quality.settings_from_args(["--quick", "--out", "x", "--seeds", "3", "4", "--lr_for", "spin=1e-4"])
-    assert quick.out == "x" and quick.seeds == (3, 4) and quick.lr_for == {"spin": 1e-4}
+    quick = quality.settings_from_args(["--quick", "--out", "x", "--seeds", "3", "4"])
+    assert quick.out == "x" and quick.seeds == (3, 4)
     assert quick.steps == quality.QUICK["steps"] and len(quality.QUICK["seeds"]) >= 2
     full = quality.settings_from_args(["--full"])
     assert full == quality.Settings() and len(full.seeds) >= 3 and full.recipes == quality.RECIPES
 
 
-def test_unknown_recipe_is_rejected_before_training(quality, tmp_path):
-    with pytest.raises(ValueError, match="unknown recipe"):
-        quality.run_benchmark(tiny_settings(quality, tmp_path, recipes=("sft", "kto")))
+@pytest.mark.parametrize("field, value, message", [("recipes", ("sft", "kto"), "unknown recipe"),
+                                                   ("ablations", ("no-such",), "unknown ablation")])
+def test_unknown_names_are_rejected_before_training(quality, tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        quality.run_benchmark(tiny_settings(quality, tmp_path, **{field: value}))
+    assert not (tmp_path / "sft").exists()
