@@ -25,7 +25,7 @@ demo: install
 
 test: install-dev
 	$(VENV)/bin/ruff check src tests scripts benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests scripts benchmarks

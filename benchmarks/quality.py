@@ -16,7 +16,8 @@ Protocol (identical for every run, so that only the recipe or the ablated part d
   by every run, and cached in ``OUT/sft`` for later invocations with the same settings.
 * Recipes from that checkpoint: ``sft`` (continued SFT: if it still gains, the start was not converged),
   ``dpo`` and ``orpo`` (offline, on the records' near-miss ``rejected`` answers), ``spin``, ``sapo-dpo``,
-  ``sapo-orpo``. Equal optimizer steps, batch, schedule (AdamW, linear warm-up then constant) and lengths.
+  ``sapo-orpo``. Equal optimizer steps, batch, schedule (AdamW, linear warm-up then linear decay to 0, as in the
+  paper) and lengths.
 * Grid: each recipe's learning rate and beta are chosen on the dev split (seed 0) from the same grid
   (``grid_learning_rates`` x ``grid_betas``; sft has no beta). The chosen pair is then run with every seed
   and judged on held-out prompts.
@@ -73,11 +74,11 @@ class Settings:
     out: str = "runs/quality"
     seeds: tuple[int, ...] = (0, 1, 2)
     recipes: tuple[str, ...] = RECIPES
-    ablations: tuple[str, ...] = ("whole", "G12", "G48", "no-ema", "no-replay", "ref-policy", "ref-fixed")
+    ablations: tuple[str, ...] = ("whole", "G12", "no-ema", "no-replay", "ref-policy", "ref-fixed")
     families: tuple[str, ...] = ("chain", "listing", "profile", "format")
     n_train: int = 6000
     n_dev: int = 200
-    n_heldout: int = 400
+    n_heldout: int = 300
     # model and the SFT start
     hidden_size: int = 128
     num_layers: int = 4
@@ -86,10 +87,11 @@ class Settings:
     sft_learning_rate: float = 2e-3
     sft_eval_every: int = 250
     # the post-SFT stage, shared by every run
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 16
     warmup_steps: int = 10
-    grid_learning_rates: tuple[float, ...] = (5e-5, 2e-4)
+    lr_scheduler: str = "linear"  # warm-up, then linear decay to 0 at the last step (the paper's schedule)
+    grid_learning_rates: tuple[float, ...] = (1e-5, 3e-5, 1e-4)
     grid_betas: tuple[float, ...] = (0.1, 0.5)
     token_generate_length: int = 24
     ref_update_steps: int = 50
@@ -106,9 +108,10 @@ class Settings:
 
 QUICK: dict[str, Any] = {
     "seeds": (0, 1), "ablations": ("whole", "no-ema"), "n_train": 3000, "n_dev": 80, "n_heldout": 120,
-    "sft_steps": 500, "sft_eval_every": 250, "steps": 40, "eval_every": 20, "grid_learning_rates": (2e-4,),
-    "grid_betas": (0.5,), "diagnostic_per_family": 8,
+    "sft_steps": 300, "sft_eval_every": 150, "steps": 30, "eval_every": 15, "grid_learning_rates": (2e-4,),
+    "grid_betas": (0.5,), "ref_update_steps": 15, "diagnostic_per_family": 8,
 }
+"""--quick: the same protocol reduced (a one-point grid is not run; its point is every recipe's setting)."""
 
 
 def ablation_settings(name: str, settings: Settings) -> dict[str, Any]:
@@ -275,8 +278,8 @@ def train_start(settings: Settings, suite: dict[str, list[dict]], directory: Pat
 # ------------------------------------------------------------------------------------------------
 
 
-RUN_KEYS = ("steps", "batch_size", "warmup_steps", "token_generate_length", "ref_update_steps", "spin_iterations",
-            "eval_every", "diagnostic_per_family", "n_heldout")
+RUN_KEYS = ("steps", "batch_size", "warmup_steps", "lr_scheduler", "token_generate_length", "ref_update_steps",
+            "spin_iterations", "eval_every", "diagnostic_per_family", "n_heldout")
 
 
 def run_key(spec: RunSpec, settings: Settings) -> dict[str, Any]:
@@ -290,7 +293,7 @@ def config_of(spec: RunSpec, settings: Settings, out: Path) -> Any:
     values: dict[str, Any] = dict(
         output_dir=str(out), overwrite_output_dir=True, recipe=spec.recipe, seed=spec.seed,
         max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-        learning_rate=spec.learning_rate, lr_scheduler_type="constant_with_warmup",
+        learning_rate=spec.learning_rate, lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=settings.warmup_steps, beta=spec.beta, token_generate_length=settings.token_generate_length,
         ref_update_steps=settings.ref_update_steps, spin_iterations=settings.spin_iterations,
         max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
@@ -436,6 +439,17 @@ def choose(grid: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     return {recipe: (run["learning_rate"], run["beta"]) for recipe, run in best.items()}
 
 
+def tune(settings: Settings, log=print) -> tuple[list[dict[str, Any]], dict[str, tuple[float, float]]]:
+    """The grid's dev runs and each recipe's chosen (learning rate, beta); a one-point grid needs no runs."""
+    if len(settings.grid_learning_rates) == 1 and len(settings.grid_betas) == 1:
+        point = (settings.grid_learning_rates[0], settings.grid_betas[0])
+        log(f"one-point grid: lr {point[0]:g}, beta {point[1]:g} for every recipe, not tuned")
+        return [], dict.fromkeys(settings.recipes, point)
+    log(f"grid on dev: {len(grid_specs(settings))} runs")
+    grid = run_all(grid_specs(settings), settings, log)
+    return grid, choose(grid)
+
+
 def main_specs(settings: Settings, chosen: dict[str, tuple[float, float]]) -> list[RunSpec]:
     return [RunSpec("main", recipe, recipe, seed, *chosen[recipe], "heldout")
             for seed in settings.seeds for recipe in settings.recipes]
@@ -470,9 +484,7 @@ def run_benchmark(settings: Settings, log=print) -> dict[str, Any]:
         log("  dev curve: " + ", ".join(f"{p['step']}: {p['overall']:.3f}" for p in sft["dev_curve"]))
         start = _start_scores(settings, suite, out / "sft")
         log(f"  held-out score of the start {start['overall']:.3f}")
-        log(f"grid on dev: {len(grid_specs(settings))} runs")
-        grid = run_all(grid_specs(settings), settings, log)
-        chosen = choose(grid)
+        grid, chosen = tune(settings, log)
         specs = main_specs(settings, chosen) + ablation_specs(settings, chosen)
         log(f"recipes and ablations on held-out: {len(specs)} runs")
         runs = run_all(specs, settings, log)
@@ -600,10 +612,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{s['sft_batch_size']}, cosine from {s['sft_learning_rate']:g}); dev score by step: {curve}.",
         "",
         f"Held-out judge score ({s['n_heldout']} prompts, greedy, partial credit) after {s['steps']} optimizer "
-        f"steps of batch {s['batch_size']} from that checkpoint; mean ± std over seeds "
-        f"{', '.join(map(str, s['seeds']))}. Learning rate and beta chosen per recipe on the dev split from "
-        f"lr {{{', '.join(f'{v:g}' for v in s['grid_learning_rates'])}}} x beta "
-        f"{{{', '.join(f'{v:g}' for v in s['grid_betas'])}}}: {chosen}. SAPO: segment G = "
+        f"steps of batch {s['batch_size']} from that checkpoint ({s['warmup_steps']} warm-up steps, then "
+        f"{s['lr_scheduler']} schedule); mean ± std over seeds "
+        f"{', '.join(map(str, s['seeds']))}. {_tuning_text(result, chosen)}. SAPO: segment G = "
         f"{s['token_generate_length']} tokens, reference refreshed every {s['ref_update_steps']} steps. "
         "Equal time = the score interpolated at the training time of the fastest recipe of the same seed.",
         "",
@@ -632,6 +643,16 @@ def markdown_table(result: dict[str, Any]) -> str:
             lines.append(f"| {label} | {family} | "
                          + " | ".join("—" if c is None or not math.isfinite(c) else f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _tuning_text(result: dict[str, Any], chosen: str) -> str:
+    s = result["settings"]
+    if not result["grid"]:
+        return (f"One setting for every recipe, not tuned: lr {s['grid_learning_rates'][0]:g}, beta "
+                f"{s['grid_betas'][0]:g}")
+    return (f"Learning rate and beta chosen per recipe on the dev split from lr "
+            f"{{{', '.join(f'{v:g}' for v in s['grid_learning_rates'])}}} x beta "
+            f"{{{', '.join(f'{v:g}' for v in s['grid_betas'])}}}: {chosen}")
 
 
 def plot_curves(result: dict[str, Any], path: Path) -> Path:

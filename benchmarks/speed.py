@@ -553,6 +553,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "whole batches of at least 64 rows)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile of the static engine's decode step (auto: its own choice, CUDA only)")
+    parser.add_argument("--token_generate_length", type=int, default=None,
+                        help="SAPO's segment length G (default: the config's, 256 as SAPOConfig; on the cpu config "
+                             "G = min(256, 128) rewrites whole responses; 64 gives the gpu config's G/len of 1/2)")
     parser.add_argument("--check_every", type=int, default=16, help="static sampler: steps between EOS checks")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed optimizer steps (SAPO rounds up to whole generation periods); default 6, "
@@ -593,8 +596,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def shape_of(args: argparse.Namespace) -> Shape:
-    shape = CONFIGS[args.config]
-    return dry_run_shape(shape) if args.dry_run else shape
+    shape = dry_run_shape(CONFIGS[args.config]) if args.dry_run else CONFIGS[args.config]
+    if args.token_generate_length is not None:
+        shape = replace(shape, token_generate_length=args.token_generate_length)
+    return shape
 
 
 def options_of(args: argparse.Namespace) -> dict[str, Any]:

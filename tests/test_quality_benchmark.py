@@ -3,6 +3,7 @@ diagnostics) with a tiny model, 2 steps, 1 seed, 8 held-out prompts; and its pur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -151,3 +152,12 @@ def test_unknown_names_are_rejected_before_training(quality, tmp_path, field, va
     with pytest.raises(ValueError, match=message):
         quality.run_benchmark(tiny_settings(quality, tmp_path, **{field: value}))
     assert not (tmp_path / "sft").exists()
+
+
+def test_a_one_point_grid_is_not_run(quality, tmp_path):
+    settings = tiny_settings(quality, tmp_path, grid_learning_rates=(3e-4,), grid_betas=(0.2,))
+    grid, chosen = quality.tune(settings, log=lambda *_: None)
+    assert grid == [] and chosen == dict.fromkeys(RECIPES, (3e-4, 0.2))
+    assert not (tmp_path / "runs").exists()
+    table = quality._tuning_text({"grid": [], "settings": dataclasses.asdict(settings)}, "")
+    assert table == "One setting for every recipe, not tuned: lr 0.0003, beta 0.2"
