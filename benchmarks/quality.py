@@ -315,13 +315,12 @@ def execute(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     out = root / spec.directory
     suite = suite_of(settings)
     records = suite[spec.split]
-    diagnostic = {family: [r for r in suite["dev"] if r["task"] == family][:settings.diagnostic_per_family]
-                  for family in settings.families}
     holder: dict[str, Any] = {}
     curve = _curve_callback(records, settings, settings.eval_every, lambda: holder["trainer"].policy,
                             lambda: holder["trainer"].processing_class)
     trainer = SAPOTrainer(model=str(root / "sft"), args=config_of(spec, settings, out),
-                          train_dataset=suite["train"], eval_dataset=diagnostic, callbacks=[curve])
+                          train_dataset=suite["train"], eval_dataset=diagnostic_sets(settings, suite),
+                          callbacks=[curve])
     trainer.remove_callback(PrinterCallback)
     holder["trainer"] = trainer
     trainer.train()
@@ -333,6 +332,26 @@ def execute(spec: RunSpec, settings: Settings) -> dict[str, Any]:
               "buffer": buffer_diagnostics(trainer, suite["train"]) if spec.recipe in SAPO_RECIPES else None}
     (out / "result.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
     return result
+
+
+def diagnostic_sets(settings: Settings, suite: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Dev records per family whose fixed pairs the trainer evaluates during every run (`eval_dataset` by name)."""
+    return {family: [r for r in suite["dev"] if r["task"] == family][:settings.diagnostic_per_family]
+            for family in settings.families}
+
+
+def start_diagnostics(settings: Settings, suite: dict[str, list[dict]]) -> dict[str, float]:
+    """Per family, the start's per-token log-likelihood of the diagnostic dev answers, by the trainer's own
+    evaluation (nothing trained), so that each run's change is measured from the start."""
+    from sapo.trainer import SAPOTrainer
+
+    root = Path(settings.out)
+    spec = RunSpec("start", "start", "sft", SUITE_SEED, settings.grid_learning_rates[0], 0.1, "dev")
+    trainer = SAPOTrainer(model=str(root / "sft"), args=config_of(spec, settings, root / spec.directory),
+                          train_dataset=suite["train"][:settings.batch_size],
+                          eval_dataset=diagnostic_sets(settings, suite))
+    metrics = trainer.evaluate()
+    return {family: metrics[f"eval_{family}_logps/real_per_token"] for family in settings.families}
 
 
 def buffer_diagnostics(trainer: Any, train_records: Sequence[dict]) -> dict[str, dict[str, float]]:
@@ -490,12 +509,13 @@ def run_benchmark(settings: Settings, log=print) -> dict[str, Any]:
         runs = run_all(specs, settings, log)
     finally:
         torch.set_num_threads(threads)
-    result = summarise(settings, sft, start, grid, chosen, runs)
+    result = summarise(settings, sft, start, grid, chosen, runs, start_diagnostics(settings, suite))
     result["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     table = markdown_table(result)
     (out / "table.md").write_text(table, encoding="utf-8")
     plot_curves(result, out / "curves.png")
+    plot_diagnostics(result, out / "diagnostics.png")
     result["table"] = table
     return result
 
@@ -538,7 +558,7 @@ def _last_logged(history: Sequence[dict[str, Any]], name: str) -> float | None:
 
 
 def summarise(settings: Settings, sft: dict, start: dict, grid: Sequence[dict], chosen: dict,
-              runs: Sequence[dict]) -> dict[str, Any]:
+              runs: Sequence[dict], start_logps: dict[str, float]) -> dict[str, Any]:
     from sapo.judging import win_rates
 
     families = list(settings.families)
@@ -561,37 +581,47 @@ def summarise(settings: Settings, sft: dict, start: dict, grid: Sequence[dict], 
             "at_equal_time": _stats([score_at_time(r["curve"], budgets[r["seed"]]) for r in group]),
             "win_vs_start": _stats([r["win_vs_start"] for r in group]),
             "seconds": _stats([r["seconds"] for r in group]),
-            "diagnostics": _diagnostics(group, families),
+            "diagnostics": _diagnostics(group, families, start_logps),
         }
     return {"settings": dataclasses.asdict(settings), "families": families, "sft": sft,
             "start": {**start_point, "scores": start["scores"], "responses": start["responses"]},
             "grid": [{k: g[k] for k in ("recipe", "learning_rate", "beta", "final", "seconds")} for g in grid],
-            "chosen": chosen, "budgets": budgets, "summary": summary,
+            "chosen": chosen, "budgets": budgets, "summary": summary, "start_logps": start_logps,
             "runs": [{k: v for k, v in r.items() if k != "responses"} for r in runs]}
 
 
-def _diagnostics(group: Sequence[dict], families: Sequence[str]) -> dict[str, Any]:
+def _diagnostics(group: Sequence[dict], families: Sequence[str], start_logps: dict[str, float]) -> dict[str, Any]:
     """Per family: final dev-pair margin, accuracy and real per-token log-likelihood (and its change from the
-    first evaluation), and the replay buffer's statistics."""
+    start), and the replay buffer's statistics; means over the group's seeds."""
     result: dict[str, Any] = {}
     for family in families:
         prefix = f"eval_{family}_"
         values: dict[str, list[float]] = {}
         for run in group:
-            history = run["log_history"]
-            first = next((row for row in history if prefix + "logps/real_per_token" in row), None)
             for name in ("rewards/margins", "rewards/accuracies", "logps/real_per_token"):
-                value = _last_logged(history, prefix + name)
+                value = _last_logged(run["log_history"], prefix + name)
                 if value is not None:
                     values.setdefault(name, []).append(value)
-            last = _last_logged(history, prefix + "logps/real_per_token")
-            if first is not None and last is not None:
-                values.setdefault("real_per_token_change", []).append(last - first[prefix + "logps/real_per_token"])
             for name, value in ((run.get("buffer") or {}).get(family) or {}).items():
                 if name != "entries":
                     values.setdefault(f"buffer/{name}", []).append(value)
-        result[family] = {name: _stats(v)["mean"] for name, v in values.items()}
+        means = {name: _stats(v)["mean"] for name, v in values.items()}
+        if "logps/real_per_token" in means:
+            means["real_per_token_change"] = means["logps/real_per_token"] - start_logps[family]
+        result[family] = means
     return result
+
+
+def diagnostic_curve(runs: Sequence[dict], family: str, name: str, start: float | None = None) -> tuple[list, list]:
+    """(steps, mean over runs) of one evaluated dev-pair metric; `start` is put at step 0 when given."""
+    by_step: dict[int, list[float]] = {}
+    for run in runs:
+        for row in run["log_history"]:
+            if f"eval_{family}_{name}" in row:
+                by_step.setdefault(row["step"], []).append(row[f"eval_{family}_{name}"])
+    steps = sorted(by_step)
+    values = [statistics.fmean(by_step[step]) for step in steps]
+    return ([0, *steps], [start, *values]) if start is not None else (steps, values)
 
 
 def _cell(stats: dict[str, Any], digits: int = 3) -> str:
@@ -690,6 +720,38 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path:
         ax.grid(True, alpha=0.3)
     axes[1].set_ylabel("judge score (mean over seeds)")
     axes[1].legend(fontsize="small")
+    figure.savefig(path, format="png")
+    return path
+
+
+def plot_diagnostics(result: dict[str, Any], path: Path) -> Path:
+    """Per family, over training (mean over seeds): the fixed dev pairs' reward margin and the real answers'
+    per-token log-likelihood, for every recipe and ablation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    families = result["families"]
+    figure = Figure(figsize=(4.0 * len(families), 7.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, len(families), squeeze=False)
+    groups: dict[str, list[dict]] = {}
+    for run in result["runs"]:
+        groups.setdefault(run["name"] if run["group"] == "main" else f"ablation: {run['name']}", []).append(run)
+    for column, family in enumerate(families):
+        for index, (label, runs) in enumerate(groups.items()):
+            style = {"color": f"C{index % 10}", "marker": "o", "markersize": 3, "label": label,
+                     "linestyle": "-" if runs[0]["group"] == "main" else ":"}
+            steps, margins = diagnostic_curve(runs, family, "rewards/margins")
+            if steps:
+                axes[0][column].plot(steps, margins, **style)
+            axes[1][column].plot(*diagnostic_curve(runs, family, "logps/real_per_token",
+                                                   result["start_logps"][family]), **style)
+        axes[0][column].set_title(f"{family}: dev-pair reward margin", fontsize="medium")
+        axes[1][column].set_title(f"{family}: real answers' log-likelihood / token", fontsize="medium")
+        for row in (0, 1):
+            axes[row][column].set_xlabel("optimizer step after SFT")
+            axes[row][column].grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize="x-small")
     figure.savefig(path, format="png")
     return path
 

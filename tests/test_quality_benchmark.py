@@ -42,7 +42,8 @@ def test_benchmark_writes_table_json_and_png(quality, result):
     header, separator = table.split("\n\n")[2].splitlines()[:2]
     assert header.count("|") == separator.count("|")
     assert "lr {0.0001} x beta {0.1, 0.5}" in table and "after 2 optimizer steps" in table
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("curves.png", "diagnostics.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "sft" / "config.json").is_file()
     saved = json.loads((out / "results.json").read_text())
     assert [p["step"] for p in saved["sft"]["dev_curve"]] == [2, 4]
@@ -93,6 +94,9 @@ def test_ablations_change_what_they_name(quality, result):
     for family in result["families"]:
         assert {"rewards/margins", "rewards/accuracies", "logps/real_per_token"} <= set(base[family])
         assert "rewards/margins" not in summary["sft"]["diagnostics"][family]  # sft has no pairs
+        assert result["start_logps"][family] < 0.0
+        change = base[family]["logps/real_per_token"] - result["start_logps"][family]
+        assert base[family]["real_per_token_change"] == pytest.approx(change)
 
 
 def test_a_second_invocation_reuses_every_run(quality, result, tmp_path):
