@@ -660,19 +660,36 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_cell(row['overall'])} | " + " | ".join(_cell(row[f]) for f in families)
                      + f" | {_cell(row['at_equal_time'])} | {_cell(row['win_vs_start'])} | "
                      f"{_cell(row['mean_length'], 1)} | {row['seconds']['mean']:.0f} |")
-    lines += ["", "Diagnostics per family (mean over seeds): dev pairs' final reward margin / accuracy, change of "
-              "the real answers' per-token log-likelihood over training; replay buffer: rejected == real, "
-              "segment start (fraction of the response), rejected judged worse than real.", "",
-              "| run | family | margin | accuracy | Δ real logp/token | identical | segment start | judged worse |",
-              "|---|---|---|---|---|---|---|---|"]
-    for label, row in summary.items():
+    lines += ["", "Diagnostics (mean over seeds; first over the families, then per family): the fixed dev pairs' "
+              "final reward margin and accuracy, the change of the real answers' per-token log-likelihood from "
+              "the start; from the final replay buffer: rejected == real, segment start (fraction of the "
+              "response), rejected judged worse than the real answer.", ""]
+    lines += _diagnostics_table(summary, ["all"], {label: {"all": _over_families(row["diagnostics"], families)}
+                                                   for label, row in summary.items()})
+    lines += [""] + _diagnostics_table(summary, families, {label: row["diagnostics"]
+                                                            for label, row in summary.items()})
+    return "\n".join(lines) + "\n"
+
+
+DIAGNOSTICS = ("rewards/margins", "rewards/accuracies", "real_per_token_change", "buffer/identical",
+               "buffer/segment_start", "buffer/judged_worse")
+
+
+def _over_families(diagnostics: dict[str, dict[str, float]], families: Sequence[str]) -> dict[str, float]:
+    return {name: statistics.fmean(diagnostics[f][name] for f in families)
+            for name in DIAGNOSTICS if all(name in diagnostics.get(f, {}) for f in families)}
+
+
+def _diagnostics_table(summary: dict[str, Any], families: Sequence[str],
+                       diagnostics: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = ["| run | family | margin | accuracy | Δ real logp/token | identical | segment start | judged worse |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label in summary:
         for family in families:
-            d = row["diagnostics"].get(family, {})
-            cells = [d.get(k) for k in ("rewards/margins", "rewards/accuracies", "real_per_token_change",
-                                         "buffer/identical", "buffer/segment_start", "buffer/judged_worse")]
+            cells = [diagnostics[label].get(family, {}).get(name) for name in DIAGNOSTICS]
             lines.append(f"| {label} | {family} | "
                          + " | ".join("—" if c is None or not math.isfinite(c) else f"{c:.3f}" for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _tuning_text(result: dict[str, Any], chosen: str) -> str:

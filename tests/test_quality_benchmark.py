@@ -41,6 +41,7 @@ def test_benchmark_writes_table_json_and_png(quality, result):
     assert rows == [quality.START, *RECIPES, *(f"ablation: {a}: {quality.ABLATION_TEXT[a]}" for a in ABLATIONS)]
     header, separator = table.split("\n\n")[2].splitlines()[:2]
     assert header.count("|") == separator.count("|")
+    assert "| sapo-dpo | all |" in table and "| sapo-dpo | chain |" in table  # over families, then per family
     assert "lr {0.0001} x beta {0.1, 0.5}" in table and "after 2 optimizer steps" in table
     for figure in ("curves.png", "diagnostics.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
