@@ -74,7 +74,7 @@ class Settings:
     out: str = "runs/quality"
     seeds: tuple[int, ...] = (0, 1, 2)
     recipes: tuple[str, ...] = RECIPES
-    ablations: tuple[str, ...] = ("whole", "G12", "no-ema", "no-replay", "ref-policy", "ref-fixed")
+    ablations: tuple[str, ...] = ("whole", "G12", "no-ema", "no-replay", "ref-policy", "ref-fixed", "T1")
     families: tuple[str, ...] = ("chain", "listing", "profile", "format")
     n_train: int = 6000
     n_dev: int = 200
@@ -124,6 +124,7 @@ def ablation_settings(name: str, settings: Settings) -> dict[str, Any]:
         "no-replay": {"max_replay_buffer_size": settings.batch_size, "generation_batch_size": settings.batch_size},
         "ref-policy": {"ref_update_mode": "policy"},
         "ref-fixed": {"ref_update_mode": "fixed"},
+        "T1": {"temperature": 1.0},
     }
     if name not in table:
         raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(table)}")
@@ -138,6 +139,7 @@ ABLATION_TEXT = {
     "no-replay": "no replay: buffer = one batch of fresh pairs, generated every step",
     "ref-policy": "reference refreshed from the policy",
     "ref-fixed": "fixed reference (the SFT checkpoint)",
+    "T1": "EMA samples at temperature 1.0 (default 0.7)",
 }
 
 
