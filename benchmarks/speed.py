@@ -3,6 +3,7 @@
     python benchmarks/speed.py --config cpu                                  # what `sapo train` does, on a CPU
     python benchmarks/speed.py --config cpu --sampler hf                     # SAPO with model.generate instead
     python benchmarks/speed.py --config cpu --generation_batch_size 8        # the paper's per-step flow
+    python benchmarks/speed.py --config cpu --token_generate_length 64     # G = len(y)/2, the gpu config's ratio
     python benchmarks/speed.py --config gpu                                  # Qwen2-0.5B shape, bf16, one GPU
     python benchmarks/speed.py --config gpu --dry_run                        # same code path, tiny shapes (CPU ok)
 

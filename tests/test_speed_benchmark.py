@@ -33,3 +33,14 @@ def test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share():
     parts = dict(re.findall(r"(generation|policy|reference|ema|other) ([\d.]+)", breakdown))
     assert set(parts) == {"generation", "policy", "reference", "ema", "other"} and float(parts["policy"]) > 0
     assert re.search(r"^sapo/trl peak memory ratio: \d+\.\d\d", result.stdout, re.MULTILINE)
+
+
+def test_token_generate_length_flag_sets_the_segment_of_the_measured_shape():
+    from conftest import load_benchmark
+
+    for speed in load_benchmark("speed"):
+        full = speed.shape_of(speed.parse_args(["--config", "cpu", "--token_generate_length", "64"]))
+        assert (full.segment, full.response_len) == (64, 128)
+        assert speed.shape_of(speed.parse_args(["--config", "cpu"])).segment == 128  # whole response by default
+        dry = speed.shape_of(speed.parse_args(["--config", "gpu", "--dry_run", "--token_generate_length", "8"]))
+        assert dry.segment == 8 and dry.hidden == 64
