@@ -107,9 +107,9 @@ class Settings:
 
 
 QUICK: dict[str, Any] = {
-    "seeds": (0, 1), "ablations": ("whole", "no-ema"), "n_train": 3000, "n_dev": 80, "n_heldout": 120,
-    "sft_steps": 300, "sft_eval_every": 150, "steps": 30, "eval_every": 15, "grid_learning_rates": (2e-4,),
-    "grid_betas": (0.5,), "ref_update_steps": 15, "diagnostic_per_family": 8,
+    "seeds": (0, 1), "ablations": ("whole", "no-ema"), "n_train": 3000, "n_dev": 80, "n_heldout": 80,
+    "sft_steps": 250, "sft_eval_every": 125, "steps": 24, "eval_every": 24, "grid_learning_rates": (3e-5,),
+    "grid_betas": (0.1,), "ref_update_steps": 12, "diagnostic_per_family": 8,
 }
 """--quick: the same protocol reduced (a one-point grid is not run; its point is every recipe's setting)."""
 
