@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --quick            # < 10 min on 2 CPU cores: the same protocol, reduced
     python benchmarks/quality.py --full             # the README's numbers
-    python benchmarks/quality.py --full --out DIR   # outputs elsewhere (default runs/quality)
+    python benchmarks/quality.py --full --out DIR   # outputs elsewhere (default runs/quality, runs/quality-quick)
 
 Protocol (identical for every run, so that only the recipe or the ablated part differs):
 
@@ -381,13 +381,18 @@ def buffer_diagnostics(trainer: Any, train_records: Sequence[dict]) -> dict[str,
             for family, values in rows.items()}
 
 
-def cached_or_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
+def cached_result(spec: RunSpec, settings: Settings) -> dict[str, Any] | None:
+    """The run's saved result when it was trained with the same settings, else None."""
     path = Path(settings.out) / spec.directory / "result.json"
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == run_key(spec, settings):
             return saved
-    return execute(spec, settings)
+    return None
+
+
+def cached_or_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
+    return cached_result(spec, settings) or execute(spec, settings)
 
 
 def run_all(specs: Sequence[RunSpec], settings: Settings, log=print) -> list[dict[str, Any]]:
@@ -409,6 +414,10 @@ def run_all(specs: Sequence[RunSpec], settings: Settings, log=print) -> list[dic
 
 
 def _run_in_subprocess(spec: RunSpec, settings: Settings) -> dict[str, Any]:
+    """A cached run is read here; only a run to train pays for a fresh interpreter importing torch."""
+    saved = cached_result(spec, settings)
+    if saved is not None:
+        return saved
     job = Path(settings.out) / spec.directory / "job.json"
     job.parent.mkdir(parents=True, exist_ok=True)
     job.write_text(json.dumps({"spec": dataclasses.asdict(spec), "settings": dataclasses.asdict(settings)}))

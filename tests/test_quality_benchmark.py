@@ -121,6 +121,10 @@ def test_workers_run_each_spec_in_a_subprocess(quality, result):
     (run,) = quality.run_all([spec], settings, log=lambda *_: None)
     assert run["name"] == "sft-probe" and (out / spec.directory / "result.json").is_file()
     assert run["key"] == quality.run_key(spec, settings)
+    job = out / spec.directory / "job.json"
+    stamp = job.stat().st_mtime_ns
+    (again,) = quality.run_all([spec], settings, log=lambda *_: None)
+    assert again == run and job.stat().st_mtime_ns == stamp  # a cached run starts no worker
 
 
 def test_summary_is_mean_and_sample_std_over_seeds(quality):
