@@ -14,7 +14,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from sapo.decode_attention import DECODE_ATTENTION, decode_attention, gqa_decode_attention
+import sapo.decode_attention
+from sapo.decode_attention import DECODE_ATTENTION, decode_attention, gqa_decode_attention, written_slots
 from sapo.generation import (
     CheckpointSampling,
     HFGenerateSampler,
@@ -657,7 +658,7 @@ def attention_implementations_seen(model, action):
     return seen
 
 
-def test_static_sampler_decodes_gqa_models_with_the_gqa_path_only_while_decoding(tokenizer):
+def test_static_sampler_decodes_sdpa_models_with_its_own_path_only_while_decoding(tokenizer):
     model = build_decoder("qwen2", len(tokenizer))
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     contexts = varied_contexts(len(tokenizer), count=4)
@@ -669,8 +670,51 @@ def test_static_sampler_decodes_gqa_models_with_the_gqa_path_only_while_decoding
     full_heads = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                               num_attention_heads=2, num_key_value_heads=2,
                                               intermediate_size=32)).eval()
-    with decode_attention(full_heads) as replaced:
-        assert not replaced and full_heads.config._attn_implementation == "sdpa"
+    with decode_attention(full_heads) as replaced:  # full heads too: eager steps read the written slots only
+        assert replaced and full_heads.config._attn_implementation == DECODE_ATTENTION
+    assert full_heads.config._attn_implementation == "sdpa"
     model.set_attn_implementation("eager")
     with decode_attention(model) as replaced:  # only SDPA is replaced; eager is left as chosen
         assert not replaced and model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_written_slots_give_the_attention_of_the_whole_cache_with_its_tail_masked(groups):
+    """Unwritten slots hold anything (here random keys); masked, they must not matter, and cut, they are not read."""
+    query, key, value, mask = attention_inputs(heads=2 * groups, q_len=1, kv_len=11)
+    mask[..., 7:] = False  # slots 7.. unwritten: transformers masks them
+    expected = repeated_kv_attention(query, key, value, mask, 0.3)
+    with written_slots(cache_len=11) as slots:
+        slots.written = 7
+        out, _ = gqa_decode_attention(GroupedModule(groups), query, key, value, mask, scaling=0.3)
+        short, _ = gqa_decode_attention(GroupedModule(groups), query, key[:, :, :9], value[:, :, :9], mask[..., :9],
+                                        scaling=0.3)  # a shorter (sliding-window) layer is left whole
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(short, repeated_kv_attention(query, key[:, :, :9], value[:, :, :9], mask[..., :9],
+                                                            0.3), atol=1e-6, rtol=1e-5)
+    # Prefill: every query of the context, keys cut to the context's slots.
+    query, key, value, mask = attention_inputs(heads=2 * groups, q_len=5, kv_len=11)
+    mask = mask & torch.ones(5, 11, dtype=torch.bool).tril()
+    with written_slots(cache_len=11) as slots:
+        slots.written = 5
+        out, _ = gqa_decode_attention(GroupedModule(groups), query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(out, repeated_kv_attention(query, key, value, mask, 0.3), atol=1e-6, rtol=1e-5)
+
+
+def test_eager_decoding_attends_over_the_written_slots_only(tokenizer, monkeypatch):
+    model = build_decoder("llama", len(tokenizer))
+    contexts = varied_contexts(len(tokenizer), count=3)
+    width = max(map(len, contexts))
+    lengths = []
+    cut = sapo.decode_attention._written_part
+
+    def recording(key, value, mask):
+        key, value, mask = cut(key, value, mask)
+        lengths.append(key.shape[-2])
+        return key, value, mask
+
+    monkeypatch.setattr(sapo.decode_attention, "_written_part", recording)
+    sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids=set())
+    sampler.sample(model, contexts, 5)
+    layers = model.config.num_hidden_layers
+    assert lengths == [n for n in range(width, width + 5) for _ in range(layers)]  # prefill, then one slot a step

@@ -24,6 +24,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, StaticCache
 
-from sapo.decode_attention import decode_attention
+from sapo.decode_attention import WrittenSlots, decode_attention, written_slots
 
 logger = logging.getLogger(__name__)
 
@@ -620,13 +621,26 @@ class StaticCacheSampler:
         else:
             cache_len = _round_up(needed, self.cache_len_multiple or (128 if compiled else 8))
         cache = self._static_cache(model, batch, cache_len, device)
-        cache_argument = _cache_argument(model)
         # Constant over the whole decode: pads are off, every later slot on (causality hides unwritten ones).
         attention_mask = torch.ones((batch, cache_len), dtype=torch.long, device=device)
         attention_mask[:, :width] = mask
+        # Eager steps attend over the written slots only; compiled ones keep fixed shapes (the whole cache).
+        with nullcontext(None) if compiled else written_slots(cache_len) as slots:
+            tokens, steps = self._decode_loop(model, ids, mask, attention_mask, cache, max_new_tokens, fields,
+                                              compiled, slots)
+        new_tokens = tokens[:rows, :steps].tolist()
+        return [cut_after_eos(row, self.eos_token_ids) for row in new_tokens], steps
+
+    def _decode_loop(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, attention_mask: torch.Tensor,
+                     cache: StaticCache, max_new_tokens: int, fields: CheckpointSampling, compiled: bool,
+                     slots: WrittenSlots | None) -> tuple[torch.Tensor, int]:
+        """Prefill, then one token per step; `slots.written` (eager decoding) follows the cache's written slots."""
+        device, (batch, width) = ids.device, ids.shape
+        cache_argument = _cache_argument(model)
         positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as generate does for left padding
         eos = torch.tensor(sorted(self.eos_token_ids) or [-1], dtype=torch.long, device=device)
-
+        if slots is not None:
+            slots.written = width
         outputs = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1, **{cache_argument: cache})
         logits = outputs.logits[:, -1]
@@ -646,12 +660,13 @@ class StaticCacheSampler:
                 break
             if mark_step:
                 torch.compiler.cudagraph_mark_step_begin()
+            if slots is not None:
+                slots.written = width + index
             token, finished, seen = step(model, token, position, attention_mask, cache, finished, eos, seen)
             tokens[:, index] = token
             position = position + 1
             steps = index + 1
-        new_tokens = tokens[:rows, :steps].tolist()
-        return [cut_after_eos(row, self.eos_token_ids) for row in new_tokens], steps
+        return tokens, steps
 
 
 ENGINES: dict[str, type] = {"hf": HFGenerateSampler, "static": StaticCacheSampler}
