@@ -54,6 +54,7 @@ def check_run(reports, engine, bf16_copies=False):
     for key in ("policy", "ema", "ref"):
         assert reports[0][key] == reports[1][key], key
     assert reports[0]["buffer"] != reports[1]["buffer"]  # each rank augments its own data shard
+    assert [r["shared_prefix"] for r in reports] == [True, True]  # probed in the engine when sharded
     tolerance = 5e-3 if bf16_copies else 1e-6
     for report in reports:
         assert report["ema_error"] < tolerance
@@ -75,8 +76,8 @@ def check_run(reports, engine, bf16_copies=False):
         assert all(r["ema_dtype"] == "torch.bfloat16" for r in reports)
 
 
-# DDP scores pairs packed around their shared prefix; sharded engines cannot apply the head outside the engine's
-# forward, so they score the two rows separately through full logits: the same numbers up to float summation order.
+# Every engine scores pairs packed around their shared prefix; sharded engines cannot apply the head outside the
+# engine's forward, so they read the packed rows' full logits: the same numbers up to float summation order.
 SCORING_PATHS_ATOL = 3e-5
 
 
@@ -149,6 +150,7 @@ def test_spin_under_sharded_engines_trains_like_ddp(tmp_path):
         out = tmp_path / engine
         reports = torchrun(engine, out, 4)
         assert [r["spin_iteration"] for r in reports] == [1, 1]  # the opponent was refreshed once
+        assert [r["shared_prefix"] for r in reports] == [True, True]
         for key in ("policy", "ref"):
             assert reports[0][key] == reports[1][key], (engine, key)
         for report in reports:

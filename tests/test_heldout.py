@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+import sapo.trainer
 from sapo import SAPOConfig, SAPOTrainer, tasks
 from sapo.cli import main
 from sapo.copies import EMA
@@ -149,7 +150,8 @@ def test_eval_strategy_without_eval_data_names_both(tmp_path, tokenizer, tiny_mo
     assert not (tmp_path / "out").exists()
 
 
-def test_metrics_are_the_training_loss_on_the_fixed_pairs(tmp_path, tokenizer, tiny_model, suite, heldout):
+def test_metrics_are_the_training_loss_on_the_fixed_pairs(tmp_path, tokenizer, tiny_model, suite, heldout,
+                                                          monkeypatch):
     logged = []
 
     class Integration(TrainerCallback):  # what report_to integrations receive
@@ -159,7 +161,12 @@ def test_metrics_are_the_training_loss_on_the_fixed_pairs(tmp_path, tokenizer, t
     trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=3), train_dataset=suite["train"],
                           eval_dataset=heldout, processing_class=tokenizer, callbacks=[Integration()])
     trainer.train()
+    packed_calls = []
+    packed = sapo.trainer.packed_response_token_logps
+    monkeypatch.setattr(sapo.trainer, "packed_response_token_logps",
+                        lambda *args, **kwargs: packed_calls.append(1) or packed(*args, **kwargs))
     metrics = trainer.evaluate()
+    assert packed_calls  # eval pairs are scored like training pairs: packed around their shared prefix
     assert logged[-1]["eval_rewards/margins"] == metrics["eval_rewards/margins"]
     assert eval_rows(tmp_path / "out")[-1]["eval_loss"] == metrics["eval_loss"]  # and metrics.jsonl, at step 3
     pairs = trainer._eval_pairs[""]

@@ -135,8 +135,10 @@ def pair_models(tokenizer):
     return {"llama-sdpa": llama_sdpa, "llama-eager": llama_eager, "qwen2-sdpa": qwen_sdpa, "qwen2-eager": qwen_eager}
 
 
+@pytest.mark.parametrize("use_hidden_states", [True, False], ids=["hidden-states", "full-logits"])
 @pytest.mark.parametrize("name", ["llama-sdpa", "llama-eager", "qwen2-sdpa", "qwen2-eager"])
-def test_packed_pairs_equal_separate_rows_in_values_and_gradients(tokenizer, name):
+def test_packed_pairs_equal_separate_rows_in_values_and_gradients(tokenizer, name, use_hidden_states):
+    """Full logits are what sharded engines score with (their head runs only inside their forward)."""
     model = pair_models(tokenizer)[name]
     assert model.config._attn_implementation == name.split("-")[1]
     b = pad_pairs(pair_entries(), tokenizer.pad_token_id)
@@ -149,9 +151,10 @@ def test_packed_pairs_equal_separate_rows_in_values_and_gradients(tokenizer, nam
         return logps, torch.autograd.grad((logps * weights).sum(), params)
 
     want, want_grads = scored(response_token_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"],
-                                                   chunk_size=7))
+                                                   chunk_size=7, use_hidden_states=use_hidden_states))
     got, got_grads = scored(packed_response_token_logps(model, b["packed_input_ids"], b["prefix_lengths"],
-                                                        b["attention_mask"], b["loss_mask"], chunk_size=7))
+                                                        b["attention_mask"], b["loss_mask"], chunk_size=7,
+                                                        use_hidden_states=use_hidden_states))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert torch.all(got[~b["loss_mask"][:, 1:]] == 0)
     for g, w in zip(got_grads, want_grads, strict=True):
@@ -171,6 +174,8 @@ def test_the_probe_accepts_packing_and_refuses_a_model_that_ignores_position_ids
     ignoring = IgnoresPositionIds(model.config)
     ignoring.load_state_dict(model.state_dict())
     assert not shared_prefix_scoring_is_exact(ignoring, b)
+    assert shared_prefix_scoring_is_exact(model, b, use_hidden_states=False)  # the sharded engines' probe
+    assert not shared_prefix_scoring_is_exact(ignoring, b, use_hidden_states=False)
 
 
 def test_packing_is_refused_where_a_custom_mask_cannot_be_exact(tokenizer):

@@ -158,19 +158,27 @@ def packed_response_token_logps(
     loss_mask: torch.Tensor,
     *,
     chunk_size: int = 1024,
+    use_hidden_states: bool = True,
 ) -> torch.Tensor:
     """`response_token_logps` of a batch of pairs (real rows, then rejected rows; `attention_mask`, `loss_mask`
     (2B, W)), computed from one packed row per pair (see `sapo.packing`): the shared prefix runs once, and each
-    packed token's log-prob is projected once and scattered to every row that holds it."""
+    packed token's log-prob is projected once and scattered to every row that holds it. Without hidden states
+    (sharded engines, whose head only runs inside their forward), the packed rows' ordinary logits are read: still
+    one logit row per packed token, fewer than the two separate rows would produce."""
     pairs, width = packed_input_ids.shape
     layout = packed_layout(width, prefix_lengths, attention_mask, loss_mask)
-    hidden = final_hidden_states(model, input_ids=packed_input_ids, position_ids=layout.position_ids,
-                                 attention_mask=_attention_mask_for(model, layout.allowed))
-    rows = torch.arange(pairs, device=hidden.device)[:, None] * width
+    inputs = {"input_ids": packed_input_ids, "position_ids": layout.position_ids,
+              "attention_mask": _attention_mask_for(model, layout.allowed)}
+    rows = torch.arange(pairs, device=packed_input_ids.device)[:, None] * width
     picked_rows = (rows + layout.predecessors)[layout.targets]
-    picked = chunked_token_logps(hidden.flatten(0, 1)[picked_rows], packed_input_ids[layout.targets],
-                                 output_projection(model), chunk_size)
-    packed = torch.zeros(layout.targets.shape, dtype=torch.float32, device=hidden.device)
+    labels = packed_input_ids[layout.targets]
+    if use_hidden_states:
+        hidden = final_hidden_states(model, **inputs)
+        picked = chunked_token_logps(hidden.flatten(0, 1)[picked_rows], labels, output_projection(model), chunk_size)
+    else:
+        logits = model(**inputs, use_cache=False).logits
+        picked = token_logps_from_logits(logits.flatten(0, 1)[picked_rows], labels)
+    packed = torch.zeros(layout.targets.shape, dtype=torch.float32, device=packed_input_ids.device)
     packed = packed.masked_scatter(layout.targets, picked)
     gathered = torch.cat([packed, packed]).gather(1, layout.source)
     return torch.where(loss_mask[:, 1:].bool(), gathered, torch.zeros_like(gathered))
@@ -190,20 +198,24 @@ def hidden_state_scoring_is_exact(model: nn.Module, probe_ids: Any, atol: float 
         model.train(was_training)
 
 
-def shared_prefix_scoring_is_exact(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+def shared_prefix_scoring_is_exact(model: nn.Module, batch: dict[str, torch.Tensor], *, use_hidden_states: bool = True,
+                                   half_precision: bool = False) -> bool:
     """Whether packed pair rows give the unshared rows' log-probs on `batch` (a `pad_pairs` batch): false where
-    the model ignores a custom mask or position ids. The tolerance follows the weights' precision (half-precision
-    kernels round the two layouts differently; a mask that is not honoured moves log-probs by far more)."""
+    the model ignores a custom mask or position ids. The tolerance follows the precision the model computes in
+    (`half_precision`, or half-precision weights): half-precision kernels round the two layouts differently, and a
+    mask that is not honoured moves log-probs by far more."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            separate = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            separate = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                            use_hidden_states=use_hidden_states)
             packed = packed_response_token_logps(model, batch["packed_input_ids"], batch["prefix_lengths"],
-                                                 batch["attention_mask"], batch["loss_mask"])
+                                                 batch["attention_mask"], batch["loss_mask"],
+                                                 use_hidden_states=use_hidden_states)
     finally:
         model.train(was_training)
-    half = output_projection(model).weight.dtype in (torch.float16, torch.bfloat16)
+    half = half_precision or output_projection(model).weight.dtype in (torch.float16, torch.bfloat16)
     return bool(torch.allclose(packed, separate, atol=3e-2 if half else 1e-4, rtol=1e-2 if half else 1e-4))
 
 

@@ -54,9 +54,15 @@ def pad_pairs(entries: Sequence[ReplayEntry], pad_token_id: int) -> dict[str, to
     """Real and rejected sequences of the pairs in one batch (real rows first): one forward scores both. The batch
     also carries each pair packed into one row around its shared prefix (`packed_input_ids`, `prefix_lengths`;
     see `sapo.packing`), which the trainer scores instead where the model allows it."""
-    sequences = [(e.prompt, e.real) for e in entries] + [(e.prompt, e.rejected) for e in entries]
-    batch = pad_sequences(sequences, pad_token_id)
-    full = [([*e.prompt, *e.real], [*e.prompt, *e.rejected]) for e in entries]
+    return pad_pair_sequences([(e.prompt, e.real, e.rejected) for e in entries], pad_token_id)
+
+
+def pad_pair_sequences(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                       pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`pad_pairs` of (prompt, real, rejected) token lists: replay entries, or the eval sets' pairs."""
+    batch = pad_sequences([(p, real) for p, real, _ in pairs] + [(p, rejected) for p, _, rejected in pairs],
+                          pad_token_id)
+    full = [([*p, *real], [*p, *rejected]) for p, real, rejected in pairs]
     batch["packed_input_ids"], batch["prefix_lengths"] = packed_pair_ids(full, pad_token_id)
     return batch
 

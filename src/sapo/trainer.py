@@ -105,8 +105,8 @@ from sapo.logprobs import (
 )
 from sapo.losses import LOSSES, PairLoss, nll_from_logps, pair_loss, pair_metrics
 from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
-from sapo.recipes import RECIPES, Recipe, StepServices, pad_pairs, pad_sequences
-from sapo.sharding import any_rank, local_shard, materialized
+from sapo.recipes import RECIPES, Recipe, StepServices, pad_pair_sequences, pad_pairs, pad_sequences
+from sapo.sharding import any_rank, global_shape, local_shard, materialized
 
 logger = logging.getLogger(__name__)
 
@@ -452,28 +452,45 @@ class SAPOTrainer(Trainer):
             logger.info("the model's logits are not lm_head(hidden state); scoring with full logits")
         return exact
 
-    def _check_shared_prefix_scoring(self, ref_model: nn.Module | None) -> bool:
+    def _check_shared_prefix_scoring(self, ref_model: nn.Module | None) -> bool | None:
         """Whether pairs are scored packed around their shared prefix (`pair_scoring`): probed once on the policy
-        (and on a `ref_model=` given), falling back to separate rows, with one info log, where it is not exact."""
+        (and on a `ref_model=` given), falling back to separate rows, with one info log, where it is not exact.
+        Sharded engines (FSDP2, ZeRO-3) can run the policy only inside their forward, which exists once the engine
+        is prepared: here they get the checks that need no forward, and None, so that the probe runs at their first
+        scoring (`_probe_shared_prefix_in_engine`)."""
         if self.args.pair_scoring != "shared_prefix" or self.recipe.supervised:
-            return False
-        if not self._use_hidden_states:
-            logger.info("pair_scoring shared_prefix needs hidden-state scoring; scoring pairs as separate rows")
             return False
         models = [self.policy] + ([self.copies.reference_module] if ref_model is not None else [])
         for model in models:
             reason = packing_unsupported_reason(model)
-            if reason is None and not shared_prefix_scoring_is_exact(model, self._packing_probe(model)):
+            if reason is None and not self.copies.sharded and not self._packs_exactly(model):
                 reason = "packed rows do not reproduce the separate rows' log-probs"
             if reason is not None:
                 logger.info("pair_scoring shared_prefix: %s (%s); scoring pairs as separate rows", reason,
                             type(model).__name__)
                 return False
-        return True
+        return None if self.copies.sharded else True
+
+    def _packs_exactly(self, model: nn.Module, half_precision: bool = False) -> bool:
+        return shared_prefix_scoring_is_exact(model, self._packing_probe(model), half_precision=half_precision,
+                                              use_hidden_states=self._use_hidden_states)
+
+    def _probe_shared_prefix_in_engine(self, model: nn.Module) -> bool:
+        """The probe of `_check_shared_prefix_scoring` for sharded engines, at their first scoring forward through
+        `model` (the engine's wrapper). Every rank runs it at the same point (each forward is a collective) on the
+        same probe pairs, and all take one decision, since they must run the same forwards from then on."""
+        models = [model] + ([self.copies.reference_module] if self.copies.reference_module is not None else [])
+        half = bool(self.args.bf16 or self.args.fp16)  # the engine computes in half precision: its tolerance
+        exact = all(self._packs_exactly(m, half) for m in models)
+        exact = not any_rank(not exact, self.args.device)
+        if not exact:
+            logger.info("pair_scoring shared_prefix: packed rows do not reproduce the separate rows' log-probs under "
+                        "%s; scoring pairs as separate rows", self.copies.sharding)
+        return exact
 
     def _packing_probe(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Pairs with a long, a prompt-only and a whole-sequence shared prefix, on the model's device."""
-        vocab = output_projection(model).weight.shape[0]
+        vocab = global_shape(output_projection(model).weight)[0]  # a ZeRO-3 partition is empty
         ids = [(7 * i + 3) % vocab for i in range(24)]
         entries = [ReplayEntry(ids[:5], ids[5:12], ids[5:8] + ids[16:20], 3, 4),
                    ReplayEntry(ids[:3], ids[3:7], ids[12:18], 0, 6),
@@ -532,7 +549,8 @@ class SAPOTrainer(Trainer):
             if self._shared_prefix and "packed_input_ids" in batch:
                 return packed_response_token_logps(model, batch["packed_input_ids"], batch["prefix_lengths"],
                                                    batch["attention_mask"], batch["loss_mask"],
-                                                   chunk_size=self.args.logprob_chunk_size)
+                                                   chunk_size=self.args.logprob_chunk_size,
+                                                   use_hidden_states=self._use_hidden_states)
             return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                                         chunk_size=self.args.logprob_chunk_size,
                                         use_hidden_states=self._use_hidden_states)
@@ -554,6 +572,8 @@ class SAPOTrainer(Trainer):
 
     def _pair_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> PairLoss:
         """The run's preference loss of a batch of pairs (real rows, then rejected rows), for training and eval."""
+        if self._shared_prefix is None:  # a sharded engine's first scoring
+            self._shared_prefix = self._probe_shared_prefix_in_engine(model)
         # The reference goes first: with sharded copies its forward borrows the policy's parameter storage.
         ref_token_logps = None
         if LOSSES[self.args.loss_type].needs_reference:
@@ -864,10 +884,13 @@ class SAPOTrainer(Trainer):
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None):
         """The training loss of a batch of eval pairs; per-example statistics are kept for `evaluation_loop`."""
-        pairs = list(zip(inputs["prompt_ids"], inputs["response_ids"], strict=True))
-        if not self.recipe.supervised:
-            pairs += list(zip(inputs["prompt_ids"], inputs["rejected_ids"], strict=True))
-        batch = self._prepare_inputs(pad_sequences(pairs, self.processing_class.pad_token_id))
+        pad = self.processing_class.pad_token_id
+        if self.recipe.supervised:
+            padded = pad_sequences(list(zip(inputs["prompt_ids"], inputs["response_ids"], strict=True)), pad)
+        else:  # scored like training pairs (packed around their shared prefix where the model allows it)
+            padded = pad_pair_sequences(list(zip(inputs["prompt_ids"], inputs["response_ids"], inputs["rejected_ids"],
+                                                 strict=True)), pad)
+        batch = self._prepare_inputs(padded)
         mask = batch["loss_mask"][:, 1:]
         with torch.no_grad():
             if self.recipe.supervised:
