@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.torch
+import torch
 
 from sapo.buffer import ReplayBuffer, ReplayEntry
 
@@ -271,3 +272,72 @@ def test_load_state_dict_rejects_inconsistent_offsets() -> None:
     buf = ReplayBuffer(1)
     with pytest.raises(ValueError, match="real"):
         buf.load_state_dict(tensors, metadata)
+
+
+# ----------------------------------------------------------------- remembered reference scores
+
+
+def scores_for(entry: ReplayEntry, offset: float = 0.0):
+    real = torch.arange(len(entry.real), dtype=torch.float32) * -0.5 - offset
+    rejected = torch.arange(len(entry.rejected), dtype=torch.float32) * -0.25 - offset
+    return real, rejected
+
+
+def test_entry_ids_follow_insertion_and_survive_eviction() -> None:
+    buf = ReplayBuffer(capacity=3, seed=0)
+    buf.extend(make_entry(i) for i in range(5))  # 0 and 1 evicted
+    assert [e.entry_id for e in buf.entries()] == [2, 3, 4]
+    assert ids(buf.entries()) == [2, 3, 4]
+    drawn = buf.sample(20)
+    assert all(e.prompt[0] == e.entry_id for e in drawn)  # make_entry(i) went in as the i-th entry
+
+
+def test_reference_scores_are_returned_until_evicted_or_forgotten() -> None:
+    buf = ReplayBuffer(capacity=3, seed=0)
+    buf.extend(make_entry(i) for i in range(3))
+    entry = buf.entries()[1]
+    real, rejected = scores_for(entry)
+    buf.remember_reference_logps(entry.entry_id, real, rejected)
+    kept = {e.entry_id: e.reference_logps for e in buf.sample(30)}
+    assert kept[1] is not None and torch.equal(kept[1][0], real) and torch.equal(kept[1][1], rejected)
+    assert kept[0] is None and kept[2] is None
+    assert entry.reference_logps is None  # snapshots taken before are not changed
+    buf.forget_reference_logps()
+    assert all(e.reference_logps is None for e in buf.entries())
+    buf.remember_reference_logps(1, real, rejected)
+    buf.extend(make_entry(i) for i in range(3, 5))  # evicts entries 0 and 1
+    assert [e.reference_logps for e in buf.entries()] == [None] * 3
+    buf.remember_reference_logps(0, real, rejected)  # an evicted id is ignored
+    assert [e.reference_logps for e in buf.entries()] == [None] * 3
+    with pytest.raises(ValueError, match="entry 4: reference log-probs of shapes"):
+        buf.remember_reference_logps(4, real, rejected)  # entry 4 has other response lengths
+
+
+def test_reference_scores_and_ids_round_trip(tmp_path: Path) -> None:
+    buf = ReplayBuffer(capacity=4, seed=1)
+    buf.extend(make_entry(i) for i in range(6))
+    for entry in buf.entries()[::2]:
+        buf.remember_reference_logps(entry.entry_id, *scores_for(entry, offset=entry.entry_id))
+    buf.save(tmp_path / "b.safetensors")
+    loaded = ReplayBuffer.load(tmp_path / "b.safetensors")
+    before, after = buf.entries(), loaded.entries()
+    assert [e.entry_id for e in after] == [e.entry_id for e in before] == [2, 3, 4, 5]
+    for a, b in zip(before, after, strict=True):
+        assert (a.reference_logps is None) == (b.reference_logps is None)
+        if a.reference_logps is not None:
+            assert all(torch.equal(x, y) for x, y in zip(a.reference_logps, b.reference_logps, strict=True))
+    loaded.add(make_entry(6))
+    assert loaded.entries()[-1].entry_id == 6
+
+
+def test_version_1_state_loads_without_ids_or_scores() -> None:
+    buf = ReplayBuffer(capacity=4, seed=1)
+    buf.extend(make_entry(i) for i in range(3))
+    tensors, metadata = buf.state_dict()
+    old_tensors = {k: v for k, v in tensors.items() if not k.startswith("reference_")}
+    old_metadata = {k: v for k, v in metadata.items() if k != "next_id"} | {"version": "1"}
+    loaded = ReplayBuffer(capacity=1)
+    loaded.load_state_dict(old_tensors, old_metadata)
+    assert loaded.entries() == buf.entries()
+    assert [e.entry_id for e in loaded.entries()] == [0, 1, 2]
+    assert all(e.reference_logps is None for e in loaded.entries())

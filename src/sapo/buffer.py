@@ -10,6 +10,12 @@ with the entry slots, so sampling is vectorised even for tens of thousands of en
 ``ReplayEntry.times_sampled`` field is only a snapshot: the numpy counts are the truth and
 are copied into the entries returned by :meth:`ReplayBuffer.entries` and
 :meth:`ReplayBuffer.sample`.
+
+Each entry also gets an id (consecutive in insertion order) under which the trainer can remember
+what the reference model scored for it: the reference only moves at its refreshes, so an entry
+drawn again before the next refresh needs no second reference forward.  The scores are dropped
+with the entry, or all at once by :meth:`ReplayBuffer.forget_reference_logps` when the
+reference moves, and saved with the buffer so a resumed run reuses exactly the same numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +36,8 @@ import torch
 __all__ = ["ReplayBuffer", "ReplayEntry"]
 
 _FORMAT = "sapo.replay_buffer"
-_VERSION = "1"
+_VERSION = "2"  # 2: entry ids and cached reference log-probs (version 1 files load with neither)
+_VERSIONS = ("1", _VERSION)
 _TOKEN_FIELDS = ("prompt", "real", "rejected")
 # Bit generators we are willing to rebuild from a saved state; avoids getattr on arbitrary names.
 _BIT_GENERATORS = {
@@ -52,6 +59,10 @@ class ReplayEntry:
     segment_start: int
     segment_length: int
     times_sampled: int = 0
+    # Snapshot fields, set by the buffer and left out of equality (like times_sampled, the buffer holds the truth):
+    entry_id: int = field(default=-1, compare=False)
+    # The reference's per-token log-probs of the real and the rejected response, while they are valid.
+    reference_logps: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
 
 class ReplayBuffer:
@@ -70,8 +81,10 @@ class ReplayBuffer:
         self._counts = np.zeros(capacity, dtype=np.int64)
         self._seg_start = np.zeros(capacity, dtype=np.int64)
         self._seg_len = np.zeros(capacity, dtype=np.int64)
+        self._reference: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * capacity
         self._head = 0  # physical slot of the oldest entry
         self._size = 0
+        self._next_id = 0  # the id the next added entry gets; the live ones are the _size ids before it
 
     @property
     def capacity(self) -> int:
@@ -98,16 +111,51 @@ class ReplayBuffer:
         self._counts[slot] = entry.times_sampled
         self._seg_start[slot] = entry.segment_start
         self._seg_len[slot] = entry.segment_length
+        self._reference[slot] = entry.reference_logps
+        self._next_id += 1
 
     def extend(self, entries: Iterable[ReplayEntry]) -> None:
         for entry in entries:
             self.add(entry)
 
     def _snapshot(self, slot: int) -> ReplayEntry:
-        """Shallow copy with the live count, so callers cannot desynchronise the buffer's counts."""
+        """Shallow copy with the live count, id and reference scores, so callers cannot desynchronise them."""
         entry = self._slots[slot]
         assert entry is not None
-        return dataclasses.replace(entry, times_sampled=int(self._counts[slot]))
+        return dataclasses.replace(entry, times_sampled=int(self._counts[slot]), entry_id=self._id_of(slot),
+                                   reference_logps=self._reference[slot])
+
+    def _id_of(self, slot: int) -> int:
+        return self._next_id - self._size + (slot - self._head) % self._capacity
+
+    def _slot_of(self, entry_id: int) -> int | None:
+        """The slot that holds entry `entry_id`, or None once it has been evicted (or was never added)."""
+        age = entry_id - (self._next_id - self._size)
+        return (self._head + age) % self._capacity if 0 <= age < self._size else None
+
+    def remember_reference_logps(self, entry_id: int, real: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Keep the reference's per-token log-probs of entry `entry_id`'s real and rejected response (one value
+        per token of each), returned with the entry until it is evicted or `forget_reference_logps` is called.
+        An evicted entry's scores are dropped."""
+        slot = self._slot_of(entry_id)
+        if slot is None:
+            return
+        entry = self._slots[slot]
+        assert entry is not None
+        if real.shape != (len(entry.real),) or rejected.shape != (len(entry.rejected),):
+            raise ValueError(f"entry {entry_id}: reference log-probs of shapes {tuple(real.shape)} and "
+                             f"{tuple(rejected.shape)} for responses of {len(entry.real)} and {len(entry.rejected)} "
+                             "tokens")
+        self._reference[slot] = (real, rejected)
+
+    def reference_logps(self, entry_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The scores remembered for entry `entry_id` (None: none, or the entry is gone)."""
+        slot = self._slot_of(entry_id)
+        return None if slot is None else self._reference[slot]
+
+    def forget_reference_logps(self) -> None:
+        """Drop every remembered reference score (the reference has moved)."""
+        self._reference = [None] * self._capacity
 
     def entries(self) -> list[ReplayEntry]:
         """Shallow copies, oldest first; token lists are shared with the buffer and must not be mutated."""
@@ -163,23 +211,36 @@ class ReplayBuffer:
             "segment_start": torch.from_numpy(self._seg_start[order].copy()),
             "segment_length": torch.from_numpy(self._seg_len[order].copy()),
         }
-        for field in _TOKEN_FIELDS:
-            flat, offsets = _flatten([getattr(e, field) for e in live])
-            tensors[f"{field}_tokens"] = torch.from_numpy(flat)
-            tensors[f"{field}_offsets"] = torch.from_numpy(offsets)
+        for name in _TOKEN_FIELDS:
+            flat, offsets = _flatten([getattr(e, name) for e in live])
+            tensors[f"{name}_tokens"] = torch.from_numpy(flat)
+            tensors[f"{name}_offsets"] = torch.from_numpy(offsets)
+        tensors.update(self._reference_state(order))
         metadata = {
             "format": _FORMAT,
             "version": _VERSION,
             "seed": str(self._seed),
             "rng_state": json.dumps(self._rng.bit_generator.state),
+            "next_id": str(self._next_id),
         }
         return tensors, metadata
+
+    def _reference_state(self, order: np.ndarray) -> dict[str, torch.Tensor]:
+        """Which entries (oldest first) have reference scores, and the scores of those, concatenated in fp32."""
+        scored = [self._reference[int(slot)] for slot in order]
+        present = torch.tensor([pair is not None for pair in scored], dtype=torch.int64)
+        kept = [pair for pair in scored if pair is not None]
+        state = {"reference_present": present}
+        for index, name in enumerate(("real", "rejected")):
+            pieces = [pair[index].detach().float().cpu() for pair in kept]
+            state[f"reference_{name}_logps"] = torch.cat(pieces) if pieces else torch.zeros(0)
+        return state
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         """Replace the whole state (capacity included) so sampling resumes exactly where it stopped."""
         if metadata.get("format") != _FORMAT:
             raise ValueError(f"not a replay buffer state (format={metadata.get('format')!r})")
-        if metadata.get("version") != _VERSION:
+        if metadata.get("version") not in _VERSIONS:
             raise ValueError(f"unsupported replay buffer state version {metadata.get('version')!r}")
         capacity = int(_as_numpy(tensors, "capacity")[0])
         counts = _as_numpy(tensors, "times_sampled")
@@ -191,13 +252,18 @@ class ReplayBuffer:
         if seg_start.shape[0] != size or seg_len.shape[0] != size:
             raise ValueError("inconsistent state: per-entry arrays have different lengths")
         fields = {f: _unflatten(tensors, f, size) for f in _TOKEN_FIELDS}
+        reference = _reference_scores(tensors, fields["real"], fields["rejected"])
         if "rng_state" not in metadata:
             raise ValueError("replay buffer state is missing the 'rng_state' metadata")
         rng = _restore_rng(metadata["rng_state"])
+        next_id = int(metadata.get("next_id", str(size)))
+        if next_id < size:
+            raise ValueError(f"inconsistent state: next entry id {next_id} below the {size} entries held")
 
         self._reset(capacity)
         self._seed = int(metadata.get("seed", "0"))
         self._rng = rng
+        self._next_id = next_id - size  # the entries below get the ids they had
         for i in range(size):
             self.add(
                 ReplayEntry(
@@ -207,6 +273,7 @@ class ReplayBuffer:
                     segment_start=int(seg_start[i]),
                     segment_length=int(seg_len[i]),
                     times_sampled=int(counts[i]),
+                    reference_logps=reference[i],
                 )
             )
 
@@ -255,6 +322,30 @@ def _unflatten(tensors: dict[str, torch.Tensor], field: str, size: int) -> list[
     if len(offsets) != size + 1 or offsets[0] != 0 or offsets[-1] != len(flat):
         raise ValueError(f"inconsistent state: bad offsets for {field!r}")
     return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+def _reference_scores(tensors: dict[str, torch.Tensor], real: list[list[int]],
+                      rejected: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per entry, the saved reference log-probs (split by the responses' lengths), or None; version 1 has none."""
+    if "reference_present" not in tensors:
+        return [None] * len(real)
+    present = _as_numpy(tensors, "reference_present").astype(bool)
+    if present.shape[0] != len(real):
+        raise ValueError("inconsistent state: reference_present has a different length than the entries")
+    scores: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(real)
+    splits = []
+    for name, responses in (("real", real), ("rejected", rejected)):
+        key = f"reference_{name}_logps"
+        if key not in tensors:
+            raise ValueError(f"replay buffer state is missing tensor {key!r}")
+        lengths = [len(responses[i]) for i in np.flatnonzero(present)]
+        if tensors[key].numel() != sum(lengths):
+            raise ValueError(f"inconsistent state: {key} holds {tensors[key].numel()} values for {sum(lengths)} "
+                             "tokens")
+        splits.append(torch.split(tensors[key].float(), lengths))
+    for i, pair in zip(np.flatnonzero(present), zip(*splits, strict=True), strict=True):
+        scores[int(i)] = (pair[0].clone(), pair[1].clone())
+    return scores
 
 
 def _restore_rng(state_json: str) -> np.random.Generator:

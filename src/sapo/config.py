@@ -120,8 +120,9 @@ class SAPOConfig(TrainingArguments):
         metadata={"help": "How the EMA model samples: 'hf' (model.generate), 'static' (sapo's static-KV-cache decode "
                   "loop, sampling on the device, compiled with CUDA graphs on GPUs; greedy-identical to generate) or "
                   "'auto': the faster one as measured per device (CUDA: static, compiled, falling back to generate "
-                  "with one warning if compiling fails; CPU: static when sampling, generate when greedy; other "
-                  "devices: generate). A `sampler=` passed to SAPOTrainer overrides it."},
+                  "with one warning if compiling fails; CPU: static, eager; other devices: generate; generate for "
+                  "a model whose generation_config sets a field only generate implements). A `sampler=` passed to "
+                  "SAPOTrainer overrides it."},
     )
     generation_batch_size: int | None = field(
         default=None,
@@ -161,7 +162,15 @@ class SAPOConfig(TrainingArguments):
                   "(the prompt and the real response before the rewritten segment run once, with a block attention "
                   "mask), 'separate' runs the real and the rejected sequence as two rows. Same log-probs up to float "
                   "rounding; shared_prefix falls back to separate (logged once) where the model cannot take it "
-                  "(flash-attention, sliding windows, soft-capped logits)."},
+                  "(flash-attention, sliding windows)."},
+    )
+    cache_reference_logps: bool = field(
+        default=True,
+        metadata={"help": "Remember the reference's log-probs of each replay-buffer pair until the reference next "
+                  "moves (ref_update_steps), so a pair drawn again is not run through the reference again; the "
+                  "same numbers up to float rounding, kept on the training device (4 bytes per response token "
+                  "of each buffered pair) and saved with checkpoints. False: one reference forward of every "
+                  "drawn pair, as the authors' code."},
     )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Turn dropout off in the policy (as TRL's preference trainers do)."}

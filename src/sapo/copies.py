@@ -178,6 +178,12 @@ class ModelCopies:
         """Free the modules `as_model(..., persistent=True)` kept (decoding no longer compiled)."""
         self._decode_modules.clear()
 
+    @property
+    def reference_forward_is_collective(self) -> bool:
+        """Whether `reference_forward` runs through the engine's wrapper of the policy (whose forward may be a
+        collective under DDP or sharding: ranks must then run it together), rather than a module of its own."""
+        return self.reference_module is None
+
     def reference_forward(self, score: Callable[[nn.Module], torch.Tensor], policy_model: nn.Module) -> torch.Tensor:
         """`score` run on the reference without gradients. `policy_model` is the model the Trainer passes to
         `compute_loss` (the engine's wrapper), through which shards must be gathered."""

@@ -57,6 +57,19 @@ def pad_pairs(entries: Sequence[ReplayEntry], pad_token_id: int) -> dict[str, to
     return pad_pair_sequences([(e.prompt, e.real, e.rejected) for e in entries], pad_token_id)
 
 
+def pair_rows(batch: dict[str, Any], pairs: Sequence[int]) -> dict[str, Any]:
+    """The tensors of a `pad_pairs` batch for some of its pairs only (real rows, then rejected rows, as in
+    the batch; the same padded width)."""
+    count = batch["loss_mask"].shape[0] // 2
+    index = torch.tensor(list(pairs), device=batch["loss_mask"].device)
+    both = torch.cat([index, index + count])
+    rows = {name: batch[name][both] for name in ("input_ids", "attention_mask", "loss_mask")}
+    for name in ("packed_input_ids", "prefix_lengths"):  # one row per pair
+        if name in batch:
+            rows[name] = batch[name][index]
+    return rows
+
+
 def pad_pair_sequences(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
                        pad_token_id: int) -> dict[str, torch.Tensor]:
     """`pad_pairs` of (prompt, real, rejected) token lists: replay entries, or the eval sets' pairs."""
@@ -94,8 +107,15 @@ class Recipe:
         self.args, self.services = args, services
 
     def batch(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> dict[str, torch.Tensor]:
-        """The padded batch of this micro-step, from the incoming demonstrations (ragged token lists)."""
-        return pad_pairs(self.pairs(inputs, step, max_steps), self.services.pad_token_id)
+        """The padded batch of this micro-step, from the incoming demonstrations (ragged token lists). Beside the
+        tensors it carries host-side lists (the Trainer moves tensors only): which buffer entry each pair is (-1:
+        none) and the lengths of its prompt and responses, so that the trainer can reuse and remember reference
+        scores without reading the device."""
+        entries = self.pairs(inputs, step, max_steps)
+        batch: dict[str, Any] = pad_pairs(entries, self.services.pad_token_id)
+        batch["entry_ids"] = [e.entry_id for e in entries]
+        batch["pair_lengths"] = [(len(e.prompt), len(e.real), len(e.rejected)) for e in entries]
+        return batch
 
     def pairs(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> list[ReplayEntry]:
         raise NotImplementedError
@@ -103,6 +123,16 @@ class Recipe:
     def reference_refresh(self, step: int, period: int) -> str | None:
         """After optimizer step `step`: which copy the reference becomes (EMA, 'policy'), or None."""
         return None
+
+    def cached_reference_logps(self, entry_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """The reference's per-token log-probs (real, rejected) remembered for these pairs, None where unknown."""
+        return [None] * len(entry_ids)
+
+    def remember_reference_logps(self, entry_id: int, real: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Keep what the reference scored for a pair, valid until `reference_moved` (pairs with no id are dropped)."""
+
+    def reference_moved(self) -> None:
+        """The reference's weights changed: forget every remembered score."""
 
     def schedule_period(self, num_training_steps: int) -> int | None:
         """Steps after which the learning-rate schedule restarts, or None for one schedule over the run."""
@@ -200,6 +230,15 @@ class SelfAugmented(Recipe):
     def reference_refresh(self, step: int, period: int) -> str | None:
         mode = self.args.ref_update_mode
         return mode if mode != "fixed" and step % period == 0 else None
+
+    def cached_reference_logps(self, entry_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        return [self.buffer.reference_logps(i) for i in entry_ids]
+
+    def remember_reference_logps(self, entry_id: int, real: torch.Tensor, rejected: torch.Tensor) -> None:
+        self.buffer.remember_reference_logps(entry_id, real, rejected)
+
+    def reference_moved(self) -> None:
+        self.buffer.forget_reference_logps()
 
     def state_files(self, rank: int) -> list[str]:
         return [segment_rng_file(rank), buffer_file(rank), pending_file(rank)]

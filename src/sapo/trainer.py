@@ -105,7 +105,7 @@ from sapo.logprobs import (
 )
 from sapo.losses import LOSSES, PairLoss, nll_from_logps, pair_loss, pair_metrics
 from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
-from sapo.recipes import RECIPES, Recipe, StepServices, pad_pair_sequences, pad_pairs, pad_sequences
+from sapo.recipes import RECIPES, Recipe, StepServices, pad_pair_sequences, pad_pairs, pad_sequences, pair_rows
 from sapo.sharding import any_rank, global_shape, local_shard, materialized
 
 logger = logging.getLogger(__name__)
@@ -577,9 +577,50 @@ class SAPOTrainer(Trainer):
         # The reference goes first: with sharded copies its forward borrows the policy's parameter storage.
         ref_token_logps = None
         if LOSSES[self.args.loss_type].needs_reference:
-            ref_token_logps = self.copies.reference_forward(lambda m: self.token_logps(m, batch), model)
+            ref_token_logps = self._reference_token_logps(model, batch)
         return pair_loss(self.args.loss_type, self.token_logps(model, batch), batch["loss_mask"][:, 1:],
                          ref_token_logps, beta=self.args.beta, label_smoothing=self.args.label_smoothing)
+
+    def _reference_token_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The reference's per-token log-probs of a batch of pairs. Replay-buffer pairs (`entry_ids`) whose scores
+        the recipe remembers since the reference last moved are not run again (`cache_reference_logps`); the others
+        are, and are remembered. Where the reference forward is collective (it runs through the engine's wrapper)
+        and several processes train, a rank runs it whenever any rank must."""
+        def forward(rows: dict[str, Any]) -> torch.Tensor:
+            return self.copies.reference_forward(lambda m: self.token_logps(m, rows), model)
+
+        entry_ids = batch.get("entry_ids")
+        if entry_ids is None or not self.args.cache_reference_logps or max(entry_ids) < 0:  # not buffer pairs
+            return forward(batch)
+        cached = self.recipe.cached_reference_logps(entry_ids)
+        missing = [i for i, scores in enumerate(cached) if scores is None]
+        self._metrics["ref/cached_fraction"].append(1.0 - len(missing) / len(entry_ids))
+        run = bool(missing)
+        if self.copies.reference_forward_is_collective and self.args.world_size > 1:
+            run = any_rank(run, self.args.device)
+        if len(missing) == len(entry_ids):
+            fresh, rows = forward(batch), missing
+        elif run:
+            rows = missing or [0]  # this rank joins another's forward; one row is the least it can run
+            fresh = forward(pair_rows(batch, rows))
+        else:
+            rows, fresh = [], None
+        mask = batch["loss_mask"]
+        out = torch.zeros((mask.shape[0], mask.shape[1] - 1), dtype=torch.float32, device=mask.device)
+        pairs, spans = len(entry_ids), batch["pair_lengths"]
+        for i, scores in enumerate(cached):
+            if scores is not None:
+                prompt, real, rejected = spans[i]
+                out[i, prompt - 1:prompt - 1 + real] = scores[0]
+                out[pairs + i, prompt - 1:prompt - 1 + rejected] = scores[1]
+        if fresh is not None:
+            index = torch.tensor([*rows, *(pairs + i for i in rows)], device=out.device)
+            out.index_copy_(0, index, fresh.float())
+            for j, i in enumerate(rows):
+                prompt, real, rejected = spans[i]
+                self.recipe.remember_reference_logps(entry_ids[i], fresh[j, prompt - 1:prompt - 1 + real].clone(),
+                                                     fresh[len(rows) + j, prompt - 1:prompt - 1 + rejected].clone())
+        return out
 
     # --------------------------------------------------------------------------------------------
     # Once per optimizer step
@@ -632,6 +673,7 @@ class SAPOTrainer(Trainer):
         source = self.recipe.reference_refresh(self.state.global_step, self.ref_update_steps)
         if source is not None and self.copies.reference is not None:
             self.copies.refresh_reference(source)
+            self.recipe.reference_moved()
             self._metrics["ref/refreshes"].append(1.0)
 
     def _should_stop(self) -> bool:
