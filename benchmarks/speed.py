@@ -359,6 +359,7 @@ def sapo_config(shape: Shape, options: dict[str, Any], **extra: Any):
         max_length=shape.max_length, max_prompt_length=shape.prompt_len,
         token_generate_length=shape.token_generate_length, generation_engine=options["sampler"],
         generation_batch_size=options["generation_batch_size"], **PAPER_SAMPLING, report_to="none",
+        cache_reference_logps=options["reference_cache"] == "on",
         bf16=options["autocast"], **checkpointing(shape), seed=0, disable_tqdm=True, dataloader_num_workers=0,
         **extra)
 
@@ -367,6 +368,20 @@ def set_compile(sampler: Any, flag: str) -> None:
     """`--compile on|off` overrides the static engine's own choice (auto: compiled on CUDA only)."""
     if flag != "auto" and hasattr(sampler, "uses_compile"):
         sampler.compile = flag == "on"
+
+
+def reused_reference_shares(recipe: Any) -> list[float]:
+    """Per micro-step, the share of drawn pairs whose reference scores were remembered (no reference forward)."""
+    shares: list[float] = []
+    lookup = recipe.cached_reference_logps
+
+    def counting(entry_ids):
+        scores = lookup(entry_ids)
+        shares.append(sum(s is not None for s in scores) / max(1, len(scores)))
+        return scores
+
+    recipe.cached_reference_logps = counting
+    return shares
 
 
 def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
@@ -402,6 +417,7 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         reference_seconds: list[float] = []
         timed_calls(trainer, "training_step", training_seconds)
         timed_calls(trainer.copies, "reference_forward", reference_seconds)
+        reused = reused_reference_shares(trainer.recipe)
         timer = step_timer_callback()
         generation_per_step: list[tuple[float, int]] = []  # (seconds, tokens) generated during each step
         last = {"seconds": 0.0, "tokens": 0}
@@ -435,6 +451,7 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         "steady_round_s": statistics.fmean(rounds[2:]) if len(rounds) > 2 else float("nan"),
         "device": str(device),
         "ema_update_ms": 1000 * statistics.mean(ema_seconds) if ema_seconds else float("nan"),
+        "reference_reused": statistics.fmean(reused[warmup * accumulation:]) if reused[warmup * accumulation:] else 0.0,
         **engine_description(sampler.inner, device),
     })
     result["ema_update_share"] = result["ema_update_ms"] / 1000 / result["step_mean_s"]
@@ -558,6 +575,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SAPO's segment length G (default: the config's, 256 as SAPOConfig; on the cpu config "
                              "G = min(256, 128) rewrites whole responses; 64 gives the gpu config's G/len of 1/2)")
     parser.add_argument("--check_every", type=int, default=16, help="static sampler: steps between EOS checks")
+    parser.add_argument("--reference_cache", choices=("on", "off"), default="on",
+                        help="SAPOConfig.cache_reference_logps (default on, as `sapo train`): off runs the reference "
+                             "on every drawn pair")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed optimizer steps (SAPO rounds up to whole generation periods); default 6, "
                              "dry run 1")
@@ -605,7 +625,7 @@ def shape_of(args: argparse.Namespace) -> Shape:
 
 def options_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("sampler", "generation_batch_size", "compile", "check_every", "steps", "warmup", "gen_repeats",
-            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast")
+            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast", "reference_cache")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -746,7 +766,8 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
             parts = r["breakdown_s"]
             lines.append(f"SAPO step breakdown{suffix} (s per timed step): " + ", ".join(
                 f"{name} {parts[name]:.3f}" for name in ("generation", "policy", "reference", "ema", "other"))
-                + " (policy: the training step's forward, loss and backward less generation and reference)")
+                + " (policy: the training step's forward, loss and backward less generation and reference); "
+                f"{r.get('reference_reused', 0.0):.0%} of the timed steps' pairs reused remembered reference scores")
     if "gen" in results:
         g = results["gen"]
         failed = " (torch.compile FAILED)" if g.get("static_compile_failed") else ""

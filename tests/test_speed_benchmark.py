@@ -32,6 +32,8 @@ def test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share():
     breakdown = next(line for line in lines if line.startswith("SAPO step breakdown"))
     parts = dict(re.findall(r"(generation|policy|reference|ema|other) ([\d.]+)", breakdown))
     assert set(parts) == {"generation", "policy", "reference", "ema", "other"} and float(parts["policy"]) > 0
+    reused = int(re.search(r"(\d+)% of the timed steps' pairs reused remembered reference scores", breakdown).group(1))
+    assert 0 <= reused < 100  # the dry run's few steps draw few pairs twice; the defaults' share is in README
     assert re.search(r"^sapo/trl peak memory ratio: \d+\.\d\d", result.stdout, re.MULTILINE)
 
 
@@ -39,6 +41,8 @@ def test_token_generate_length_flag_sets_the_segment_of_the_measured_shape():
     from conftest import load_benchmark
 
     for speed in load_benchmark("speed"):
+        options = speed.options_of(speed.parse_args(["--config", "cpu", "--reference_cache", "off"]))
+        assert not speed.sapo_config(speed.CONFIGS["cpu"], options, output_dir="unused").cache_reference_logps
         full = speed.shape_of(speed.parse_args(["--config", "cpu", "--token_generate_length", "64"]))
         assert (full.segment, full.response_len) == (64, 128)
         assert speed.shape_of(speed.parse_args(["--config", "cpu"])).segment == 128  # whole response by default
