@@ -71,6 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -370,14 +371,14 @@ def set_compile(sampler: Any, flag: str) -> None:
         sampler.compile = flag == "on"
 
 
-def reused_reference_shares(recipe: Any) -> list[float]:
-    """Per micro-step, the share of drawn pairs whose reference scores were remembered (no reference forward)."""
-    shares: list[float] = []
+def reused_reference_shares(recipe: Any, step: Callable[[], int]) -> list[tuple[int, float]]:
+    """(optimizer step, share of the drawn pairs whose reference scores were remembered) per micro-step."""
+    shares: list[tuple[int, float]] = []
     lookup = recipe.cached_reference_logps
 
     def counting(entry_ids):
         scores = lookup(entry_ids)
-        shares.append(sum(s is not None for s in scores) / max(1, len(scores)))
+        shares.append((step(), sum(s is not None for s in scores) / max(1, len(scores))))
         return scores
 
     recipe.cached_reference_logps = counting
@@ -413,11 +414,14 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         set_compile(trainer.sampler, options["compile"])
         sampler = trainer.sampler = TimedSampler(trainer.sampler)
         ema_seconds = time_ema_updates(device)
-        training_seconds: list[float] = []  # Trainer.training_step: pairs (generation included), loss, backward
-        reference_seconds: list[float] = []
-        timed_calls(trainer, "training_step", training_seconds)
-        timed_calls(trainer.copies, "reference_forward", reference_seconds)
-        reused = reused_reference_shares(trainer.recipe)
+        # (optimizer step, seconds) of each call: a step may run the reference forward once or not at all (every
+        # drawn pair's reference scores remembered), so calls are attributed to steps, not counted.
+        training_seconds: list[tuple[int, float]] = []  # Trainer.training_step: pairs (generation included), loss,
+        reference_seconds: list[tuple[int, float]] = []  # backward; the reference forward
+        step_now = lambda: trainer.state.global_step  # noqa: E731 (read at each call)
+        timed_calls(trainer, "training_step", training_seconds, step_now)
+        timed_calls(trainer.copies, "reference_forward", reference_seconds, step_now)
+        reused = reused_reference_shares(trainer.recipe, step_now)
         timer = step_timer_callback()
         generation_per_step: list[tuple[float, int]] = []  # (seconds, tokens) generated during each step
         last = {"seconds": 0.0, "tokens": 0}
@@ -431,10 +435,10 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         trainer.train()
         walls, cpus = timer.durations()
     result = summarize_steps(walls, cpus, warmup, 2 * batch * shape.max_length)
-    accumulation = trainer.args.gradient_accumulation_steps
     result["breakdown_s"] = step_breakdown(
         walls, warmup, sum(seconds for seconds, _ in generation_per_step[warmup:]),
-        sum(training_seconds[warmup * accumulation:]), sum(reference_seconds[warmup * accumulation:]),
+        sum(seconds for step, seconds in training_seconds if step >= warmup),
+        sum(seconds for step, seconds in reference_seconds if step >= warmup),
         sum(ema_seconds[warmup:]))
     timed_generation = sum(seconds for seconds, _ in generation_per_step[warmup:])
     timed_tokens = sum(tokens for _, tokens in generation_per_step[warmup:])
@@ -451,7 +455,7 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         "steady_round_s": statistics.fmean(rounds[2:]) if len(rounds) > 2 else float("nan"),
         "device": str(device),
         "ema_update_ms": 1000 * statistics.mean(ema_seconds) if ema_seconds else float("nan"),
-        "reference_reused": statistics.fmean(reused[warmup * accumulation:]) if reused[warmup * accumulation:] else 0.0,
+        "reference_reused": statistics.fmean([share for step, share in reused if step >= warmup] or [0.0]),
         **engine_description(sampler.inner, device),
     })
     result["ema_update_share"] = result["ema_update_ms"] / 1000 / result["step_mean_s"]
@@ -673,18 +677,19 @@ def step_row(label: str, r: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:>9.0f} {r['peak_mib']:>9.0f}")
 
 
-def timed_calls(owner: Any, name: str, seconds: list[float]) -> None:
-    """Replace `owner.name` (an instance's method) by a synchronised timer around it that appends to `seconds`."""
+def timed_calls(owner: Any, name: str, seconds: list[tuple[int, float]], step: Callable[[], int]) -> None:
+    """Replace `owner.name` (an instance's method) by a synchronised timer around it that appends (`step()` at the
+    call, seconds) to `seconds`."""
     original = getattr(owner, name)
 
     def timed(*args, **kwargs):
         synchronize()
-        started = time.perf_counter()
+        started, at = time.perf_counter(), step()
         try:
             return original(*args, **kwargs)
         finally:
             synchronize()
-            seconds.append(time.perf_counter() - started)
+            seconds.append((at, time.perf_counter() - started))
 
     setattr(owner, name, timed)
 

@@ -48,3 +48,20 @@ def test_token_generate_length_flag_sets_the_segment_of_the_measured_shape():
         assert speed.shape_of(speed.parse_args(["--config", "cpu"])).segment == 128  # whole response by default
         dry = speed.shape_of(speed.parse_args(["--config", "gpu", "--dry_run", "--token_generate_length", "8"]))
         assert dry.segment == 8 and dry.hidden == 64
+
+
+def test_timed_calls_are_attributed_to_the_step_they_ran_in():
+    """A step may run the reference forward once or not at all: the breakdown sums calls by step, not by count."""
+    from conftest import load_benchmark
+
+    for speed in load_benchmark("speed"):
+        class Owner:
+            def forward(self, value):
+                return value * 2
+
+        owner, seconds, step = Owner(), [], {"now": 0}
+        speed.timed_calls(owner, "forward", seconds, lambda step=step: step["now"])
+        for now, calls in ((0, 1), (1, 0), (2, 2)):  # step 1 made no call
+            step["now"] = now
+            assert [owner.forward(3) for _ in range(calls)] == [6] * calls
+        assert [at for at, _ in seconds] == [0, 2, 2] and all(s >= 0 for _, s in seconds)
