@@ -480,6 +480,20 @@ def test_compiled_static_sampler_on_cpu_matches_generate(tokenizer):
     assert not sampler._compile_failed
 
 
+def test_the_compiled_decode_step_is_one_graph(tokenizer, monkeypatch):
+    """CUDA graphs need the decode step captured whole: anything in it that dynamo cannot trace (a ContextVar read
+    in the attention function once did) splits it at every layer. Compiled here with fullgraph=True, which raises
+    at the first graph break (the sampler would then fall back, and the test sees it)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_(fn, **{**options, "fullgraph": True}))
+    model = build_decoder("qwen2", len(tokenizer))  # grouped-query attention: the query-reshape path
+    contexts = varied_contexts(len(tokenizer), count=2)
+    sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS},
+                                 batch_size=2, compile=True, compile_mode=None)
+    assert sampler.sample(model, contexts, 4) == reference_greedy(model, contexts, 4, {EOS})
+    assert sampler._compile_works and not sampler.compile_failed
+
+
 @pytest.mark.slow
 def test_compiled_static_sampler_applies_the_repetition_penalty(tokenizer):
     """The seen-token mask of the repetition penalty flows through the compiled decode step."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -57,25 +56,27 @@ class WrittenSlots:
     written: int
 
 
-_WRITTEN_SLOTS: ContextVar[WrittenSlots | None] = ContextVar("sapo_written_slots", default=None)
+# A module global rather than a ContextVar: torch.compile cannot trace ContextVar.get (it would break the compiled
+# decode step's graph at every layer), while a global that is None outside eager decoding is one guard.
+_written_slots: WrittenSlots | None = None
 
 
 @contextmanager
 def written_slots(cache_len: int) -> Iterator[WrittenSlots]:
     """Decode forwards inside the block attend over `written` slots of the cache only: set `written` (the slots
     filled once this forward has stored its keys) before each forward."""
-    slots = WrittenSlots(cache_len, cache_len)
-    token = _WRITTEN_SLOTS.set(slots)
+    global _written_slots
+    outer, _written_slots = _written_slots, WrittenSlots(cache_len, cache_len)
     try:
-        yield slots
+        yield _written_slots
     finally:
-        _WRITTEN_SLOTS.reset(token)
+        _written_slots = outer
 
 
 def _written_part(key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None):
     """Key, value and mask cut to the written slots, for layers whose cache has the full length (a sliding-window
     layer's shorter, rolling cache is left whole)."""
-    slots = _WRITTEN_SLOTS.get()
+    slots = _written_slots
     length = key.shape[-2]
     if slots is None or length != slots.cache_len or not 0 < slots.written < length:
         return key, value, attention_mask
