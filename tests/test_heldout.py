@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import sapo.trainer
+import sapo.scoring
 from sapo import SAPOConfig, SAPOTrainer, tasks
 from sapo.cli import main
 from sapo.copies import EMA
@@ -162,8 +162,8 @@ def test_metrics_are_the_training_loss_on_the_fixed_pairs(tmp_path, tokenizer, t
                           eval_dataset=heldout, processing_class=tokenizer, callbacks=[Integration()])
     trainer.train()
     packed_calls = []
-    packed = sapo.trainer.packed_response_token_logps
-    monkeypatch.setattr(sapo.trainer, "packed_response_token_logps",
+    packed = sapo.scoring.packed_response_token_logps
+    monkeypatch.setattr(sapo.scoring, "packed_response_token_logps",
                         lambda *args, **kwargs: packed_calls.append(1) or packed(*args, **kwargs))
     metrics = trainer.evaluate()
     assert packed_calls  # eval pairs are scored like training pairs: packed around their shared prefix

@@ -503,7 +503,7 @@ def test_shared_prefix_and_separate_scoring_train_alike(tmp_path, tokenizer, sui
                               args=config(tmp_path / scoring, recipe=recipe, max_steps=3, pair_scoring=scoring),
                               train_dataset=suite["train"], processing_class=tokenizer,
                               sampler=ScriptedSampler([[40, 41, 42, 43, 44, 45], [50, 51, tokenizer.eos_token_id]]))
-        assert trainer._shared_prefix == (scoring == "shared_prefix")
+        assert trainer.scoring.shared_prefix == (scoring == "shared_prefix")
         trainer.train()
         runs[scoring] = read_metrics(tmp_path / scoring / "out")
     keys = ["loss", "rewards/margins", "rewards/real", "logps/real", "logps/rejected"]
@@ -523,10 +523,10 @@ def test_a_model_that_cannot_pack_pairs_is_scored_separately(tmp_path, tokenizer
             return super().forward(*args, **kwargs)
 
     model = IgnoresPositionIds(build_model(tokenizer, hidden_size=32, seed=0).config)
-    with caplog.at_level("INFO", logger="sapo.trainer"):
+    with caplog.at_level("INFO", logger="sapo.scoring"):
         trainer = SAPOTrainer(model=model, args=config(tmp_path, max_steps=1), train_dataset=suite["train"],
                               processing_class=tokenizer)
-    assert not trainer._shared_prefix
+    assert not trainer.scoring.shared_prefix
     assert "do not reproduce the separate rows' log-probs" in caplog.text
 
 

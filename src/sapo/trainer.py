@@ -31,7 +31,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint, rotate_checkpoints
 
-from sapo.buffer import ReplayEntry
 from sapo.checkpoint import (
     OutputDirLock,
     check_allowed_changes,
@@ -95,18 +94,11 @@ from sapo.layout import (
     TRAINER_STATE_FILE,
     step_state_file,
 )
-from sapo.logprobs import (
-    hidden_state_scoring_is_exact,
-    output_projection,
-    packed_response_token_logps,
-    packing_unsupported_reason,
-    response_token_logps,
-    shared_prefix_scoring_is_exact,
-)
-from sapo.losses import LOSSES, PairLoss, nll_from_logps, pair_loss, pair_metrics
+from sapo.losses import LOSSES, nll_from_logps, pair_metrics
 from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
-from sapo.recipes import RECIPES, Recipe, StepServices, pad_pair_sequences, pad_pairs, pad_sequences, pair_rows
-from sapo.sharding import any_rank, global_shape, local_shard, materialized
+from sapo.recipes import RECIPES, Recipe, StepServices, pad_pair_sequences, pad_sequences
+from sapo.scoring import PairScoring
+from sapo.sharding import any_rank, local_shard, materialized
 
 logger = logging.getLogger(__name__)
 
@@ -326,9 +318,9 @@ class SAPOTrainer(Trainer):
         self._metrics: dict[str, list[float | torch.Tensor]] = defaultdict(list)  # tensors: synced when logged
         self.recipe: Recipe = RECIPES[args.recipe](args, self._services(), seed=args.seed + args.process_index)
         self.ref_update_steps = args.ref_update_steps
-        # Sharded heads cannot be applied outside the engine's forward: score through ordinary logits there.
-        self._use_hidden_states = not self.copies.sharded and self._check_hidden_state_scoring()
-        self._shared_prefix = self._check_shared_prefix_scoring(ref_model)
+        self.scoring = PairScoring(args, self.policy, self.copies, self.recipe, processing_class.pad_token_id,
+                                   processing_class.eos_token_id, self.accelerator.autocast, self._record,
+                                   checks_reference=ref_model is not None)
         self._timing = {"generation": 0.0, "step": 0.0, "generated_tokens": 0.0}
         self._step_skipped = False
         self._nonfinite_in_a_row = 0
@@ -409,8 +401,11 @@ class SAPOTrainer(Trainer):
         return StepServices(
             generate=self._generate, refresh_reference_from_policy=lambda: self.copies.refresh_reference("policy"),
             any_rank=lambda flag: any_rank(flag, self.args.device) if sharded else flag,
-            record=lambda name, value: self._metrics[name].append(value),
-            pad_token_id=self.processing_class.pad_token_id, eos_token_ids=self.eos_token_ids)
+            record=self._record, pad_token_id=self.processing_class.pad_token_id, eos_token_ids=self.eos_token_ids)
+
+    def _record(self, name: str, value: float | torch.Tensor) -> None:
+        """A metric value, averaged with the others of its name until the next log."""
+        self._metrics[name].append(value)
 
     @property
     def policy(self) -> nn.Module:
@@ -440,63 +435,6 @@ class SAPOTrainer(Trainer):
         if resume_from_checkpoint is not None:
             self.load_sapo_state(Path(resume_from_checkpoint) / STATE_DIR)
         return model, train_dataloader
-
-    def _check_hidden_state_scoring(self) -> bool:
-        probe = torch.tensor([[self.processing_class.eos_token_id] * 4], device=self.args.device)
-        try:
-            exact = hidden_state_scoring_is_exact(self.policy, probe)
-        except Exception as error:  # unusual heads: fall back to ordinary logits
-            logger.info("hidden-state scoring unavailable (%s); using full logits", error)
-            return False
-        if not exact:
-            logger.info("the model's logits are not lm_head(hidden state); scoring with full logits")
-        return exact
-
-    def _check_shared_prefix_scoring(self, ref_model: nn.Module | None) -> bool | None:
-        """Whether pairs are scored packed around their shared prefix (`pair_scoring`): probed once on the policy
-        (and on a `ref_model=` given), falling back to separate rows, with one info log, where it is not exact.
-        Sharded engines (FSDP2, ZeRO-3) can run the policy only inside their forward, which exists once the engine
-        is prepared: here they get the checks that need no forward, and None, so that the probe runs at their first
-        scoring (`_probe_shared_prefix_in_engine`)."""
-        if self.args.pair_scoring != "shared_prefix" or self.recipe.supervised:
-            return False
-        models = [self.policy] + ([self.copies.reference_module] if ref_model is not None else [])
-        for model in models:
-            reason = packing_unsupported_reason(model)
-            if reason is None and not self.copies.sharded and not self._packs_exactly(model):
-                reason = "packed rows do not reproduce the separate rows' log-probs"
-            if reason is not None:
-                logger.info("pair_scoring shared_prefix: %s (%s); scoring pairs as separate rows", reason,
-                            type(model).__name__)
-                return False
-        return None if self.copies.sharded else True
-
-    def _packs_exactly(self, model: nn.Module, half_precision: bool = False) -> bool:
-        return shared_prefix_scoring_is_exact(model, self._packing_probe(model), half_precision=half_precision,
-                                              use_hidden_states=self._use_hidden_states)
-
-    def _probe_shared_prefix_in_engine(self, model: nn.Module) -> bool:
-        """The probe of `_check_shared_prefix_scoring` for sharded engines, at their first scoring forward through
-        `model` (the engine's wrapper). Every rank runs it at the same point (each forward is a collective) on the
-        same probe pairs, and all take one decision, since they must run the same forwards from then on."""
-        models = [model] + ([self.copies.reference_module] if self.copies.reference_module is not None else [])
-        half = bool(self.args.bf16 or self.args.fp16)  # the engine computes in half precision: its tolerance
-        exact = all(self._packs_exactly(m, half) for m in models)
-        exact = not any_rank(not exact, self.args.device)
-        if not exact:
-            logger.info("pair_scoring shared_prefix: packed rows do not reproduce the separate rows' log-probs under "
-                        "%s; scoring pairs as separate rows", self.copies.sharding)
-        return exact
-
-    def _packing_probe(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Pairs with a long, a prompt-only and a whole-sequence shared prefix, on the model's device."""
-        vocab = global_shape(output_projection(model).weight)[0]  # a ZeRO-3 partition is empty
-        ids = [(7 * i + 3) % vocab for i in range(24)]
-        entries = [ReplayEntry(ids[:5], ids[5:12], ids[5:8] + ids[16:20], 3, 4),
-                   ReplayEntry(ids[:3], ids[3:7], ids[12:18], 0, 6),
-                   ReplayEntry(ids[:4], ids[4:9], ids[4:9], 0, 0)]
-        device = next(model.parameters()).device
-        return {name: t.to(device) for name, t in pad_pairs(entries, self.processing_class.pad_token_id).items()}
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """A recipe may restart the schedule periodically (SPIN trains each iteration as a fresh run): the schedule
@@ -543,17 +481,8 @@ class SAPOTrainer(Trainer):
         return loss
 
     def token_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-token log-probs of the batch's response tokens, under the accelerator's autocast, so the policy, its
-        reference and the head projection that runs outside the prepared forward share one precision policy."""
-        with self.accelerator.autocast():
-            if self._shared_prefix and "packed_input_ids" in batch:
-                return packed_response_token_logps(model, batch["packed_input_ids"], batch["prefix_lengths"],
-                                                   batch["attention_mask"], batch["loss_mask"],
-                                                   chunk_size=self.args.logprob_chunk_size,
-                                                   use_hidden_states=self._use_hidden_states)
-            return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                        chunk_size=self.args.logprob_chunk_size,
-                                        use_hidden_states=self._use_hidden_states)
+        """Per-token log-probs of the batch's response tokens, scored as this run scores them (`sapo.scoring`)."""
+        return self.scoring.token_logps(model, batch)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
@@ -562,65 +491,13 @@ class SAPOTrainer(Trainer):
             loss = nll_from_logps(self.token_logps(model, inputs), mask)
             self._metrics["nll_loss"].append(loss.detach())
             return (loss, None) if return_outputs else loss
-        result = self._pair_loss(model, inputs)
+        result = self.scoring.pair_loss(model, inputs)
         if result.nll is not None:
             self._metrics["nll_loss"].append(result.nll.detach())
         for name, value in pair_metrics(result, mask).items():
             self._metrics[name].append(value)
         loss, output = result.loss, result.output
         return (loss, output) if return_outputs else loss
-
-    def _pair_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> PairLoss:
-        """The run's preference loss of a batch of pairs (real rows, then rejected rows), for training and eval."""
-        if self._shared_prefix is None:  # a sharded engine's first scoring
-            self._shared_prefix = self._probe_shared_prefix_in_engine(model)
-        # The reference goes first: with sharded copies its forward borrows the policy's parameter storage.
-        ref_token_logps = None
-        if LOSSES[self.args.loss_type].needs_reference:
-            ref_token_logps = self._reference_token_logps(model, batch)
-        return pair_loss(self.args.loss_type, self.token_logps(model, batch), batch["loss_mask"][:, 1:],
-                         ref_token_logps, beta=self.args.beta, label_smoothing=self.args.label_smoothing)
-
-    def _reference_token_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """The reference's per-token log-probs of a batch of pairs. Replay-buffer pairs (`entry_ids`) whose scores
-        the recipe remembers since the reference last moved are not run again (`cache_reference_logps`); the others
-        are, and are remembered. Where the reference forward is collective (it runs through the engine's wrapper)
-        and several processes train, a rank runs it whenever any rank must."""
-        def forward(rows: dict[str, Any]) -> torch.Tensor:
-            return self.copies.reference_forward(lambda m: self.token_logps(m, rows), model)
-
-        entry_ids = batch.get("entry_ids")
-        if entry_ids is None or not self.args.cache_reference_logps or max(entry_ids) < 0:  # not buffer pairs
-            return forward(batch)
-        cached = self.recipe.cached_reference_logps(entry_ids)
-        missing = [i for i, scores in enumerate(cached) if scores is None]
-        self._metrics["ref/cached_fraction"].append(1.0 - len(missing) / len(entry_ids))
-        run = bool(missing)
-        if self.copies.reference_forward_is_collective and self.args.world_size > 1:
-            run = any_rank(run, self.args.device)
-        if len(missing) == len(entry_ids):
-            fresh, rows = forward(batch), missing
-        elif run:
-            rows = missing or [0]  # this rank joins another's forward; one row is the least it can run
-            fresh = forward(pair_rows(batch, rows))
-        else:
-            rows, fresh = [], None
-        mask = batch["loss_mask"]
-        out = torch.zeros((mask.shape[0], mask.shape[1] - 1), dtype=torch.float32, device=mask.device)
-        pairs, spans = len(entry_ids), batch["pair_lengths"]
-        for i, scores in enumerate(cached):
-            if scores is not None:
-                prompt, real, rejected = spans[i]
-                out[i, prompt - 1:prompt - 1 + real] = scores[0]
-                out[pairs + i, prompt - 1:prompt - 1 + rejected] = scores[1]
-        if fresh is not None:
-            index = torch.tensor([*rows, *(pairs + i for i in rows)], device=out.device)
-            out.index_copy_(0, index, fresh.float())
-            for j, i in enumerate(rows):
-                prompt, real, rejected = spans[i]
-                self.recipe.remember_reference_logps(entry_ids[i], fresh[j, prompt - 1:prompt - 1 + real].clone(),
-                                                     fresh[len(rows) + j, prompt - 1:prompt - 1 + rejected].clone())
-        return out
 
     # --------------------------------------------------------------------------------------------
     # Once per optimizer step
@@ -939,7 +816,7 @@ class SAPOTrainer(Trainer):
                 token_logps = self.token_logps(model, batch)
                 loss, statistics = nll_from_logps(token_logps, mask), real_statistics(token_logps, mask)
             else:
-                result = self._pair_loss(model, batch)
+                result = self.scoring.pair_loss(model, batch)
                 loss, statistics = result.loss, pair_statistics(result, mask)
         self._eval_statistics.append(self.accelerator.gather_for_metrics(statistics).cpu())
         return loss.detach(), None, None

@@ -215,7 +215,7 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
         ref = full_copy(trainer, "reference")
         report = {"world_size": args.world_size, "engine": trainer.copies.sharding, "step": trainer.state.global_step,
                   "policy": digest(full_policy(trainer)), "ref": digest(ref),
-                  "spin_iteration": trainer.recipe.iteration, "shared_prefix": trainer._shared_prefix,
+                  "spin_iteration": trainer.recipe.iteration, "shared_prefix": trainer.scoring.shared_prefix,
                   **reference_check(trainer)}
         trainer.save_model()
         return finish(out, args, report)
@@ -236,7 +236,7 @@ def main(out: str, max_steps: int, engine: str, resume: str | None) -> None:
               "ema_device": str(trainer.copies.ema.tensors[0].device),
               "ema_dtype": str(trainer.copies.ema.tensors[0].dtype),
               "buffer": [e.real for e in trainer.recipe.buffer.entries()], "generation_traffic": traffic,
-              "partitioned_at_load": partitioned_at_load, "shared_prefix": trainer._shared_prefix,
+              "partitioned_at_load": partitioned_at_load, "shared_prefix": trainer.scoring.shared_prefix,
               **reference_check(trainer)}
     trainer.save_model()
     finish(out, args, report)

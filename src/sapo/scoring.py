@@ -1,0 +1,196 @@
+"""How a batch of pairs is scored: the per-token log-probs of the policy and the reference, and the loss.
+
+Three choices are made once per run. Each gives the same numbers up to float rounding, and each is cheaper than
+the plain way:
+
+- **the head**: log-probs from the decoder's last hidden state through a chunked vocabulary projection
+  (`sapo.logprobs`), or through ordinary logits where that is not exact (soft-capped heads) or not possible
+  (sharded engines apply their head only inside their forward);
+- **the layout**: one packed row per pair around its shared prefix (`sapo.packing`), or two separate rows, decided
+  by a probe on the model (sharded engines probe at their first scoring, all ranks together);
+- **the reference**: a replay pair drawn again before the reference moves reuses the scores of its first draw
+  (`cache_reference_logps`), kept by the recipe's buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+
+from sapo.buffer import ReplayEntry
+from sapo.copies import ModelCopies
+from sapo.logprobs import (
+    hidden_state_scoring_is_exact,
+    output_projection,
+    packed_response_token_logps,
+    packing_unsupported_reason,
+    response_token_logps,
+    shared_prefix_scoring_is_exact,
+)
+from sapo.losses import LOSSES, PairLoss, pair_loss
+from sapo.recipes import Recipe, pad_pairs, pair_rows
+from sapo.sharding import any_rank, global_shape
+
+logger = logging.getLogger(__name__)
+
+
+class PairScoring:
+    """The scoring choices of one run (`use_hidden_states`, `shared_prefix`: None until a sharded engine has probed)
+    and the forwards that follow them."""
+
+    def __init__(self, args: Any, policy: nn.Module, copies: ModelCopies, recipe: Recipe, pad_token_id: int,
+                 probe_token_id: int, autocast: Callable[[], AbstractContextManager[Any]],
+                 record: Callable[[str, float], None], checks_reference: bool) -> None:
+        """`autocast`: the accelerator's, so the policy, its reference and the head projection that runs outside the
+        prepared forward share one precision policy. `record`: a metric value for the next log.
+        `checks_reference`: a `ref_model=` was given, which is probed like the policy."""
+        self.args, self.copies, self.recipe = args, copies, recipe
+        self.pad_token_id, self.autocast, self.record = pad_token_id, autocast, record
+        self.use_hidden_states = not copies.sharded and self._hidden_state_scoring_works(policy, probe_token_id)
+        self.shared_prefix: bool | None = self._check_shared_prefix(policy, checks_reference)
+
+    # -- the choices ----------------------------------------------------------------------------
+
+    def _hidden_state_scoring_works(self, policy: nn.Module, token_id: int) -> bool:
+        probe = torch.tensor([[token_id] * 4], device=self.args.device)
+        try:
+            exact = hidden_state_scoring_is_exact(policy, probe)
+        except Exception as error:  # unusual heads: fall back to ordinary logits
+            logger.info("hidden-state scoring unavailable (%s); using full logits", error)
+            return False
+        if not exact:
+            logger.info("the model's logits are not lm_head(hidden state); scoring with full logits")
+        return exact
+
+    def _check_shared_prefix(self, policy: nn.Module, checks_reference: bool) -> bool | None:
+        """Whether pairs are scored packed around their shared prefix (`pair_scoring`): probed once on the policy
+        (and on a `ref_model=` given), falling back to separate rows, with one info log, where it is not exact.
+        Sharded engines (FSDP2, ZeRO-3) can run the policy only inside their forward, which exists once the engine
+        is prepared: here they get the checks that need no forward, and None, so that the probe runs at their first
+        scoring (`_probe_in_engine`)."""
+        if self.args.pair_scoring != "shared_prefix" or self.recipe.supervised:
+            return False
+        models = [policy] + ([self.copies.reference_module] if checks_reference else [])
+        for model in models:
+            reason = packing_unsupported_reason(model)
+            if reason is None and not self.copies.sharded and not self._packs_exactly(model):
+                reason = "packed rows do not reproduce the separate rows' log-probs"
+            if reason is not None:
+                logger.info("pair_scoring shared_prefix: %s (%s); scoring pairs as separate rows", reason,
+                            type(model).__name__)
+                return False
+        return None if self.copies.sharded else True
+
+    def _packs_exactly(self, model: nn.Module, half_precision: bool = False) -> bool:
+        return shared_prefix_scoring_is_exact(model, self._packing_probe(model), half_precision=half_precision,
+                                              use_hidden_states=self.use_hidden_states)
+
+    def _probe_in_engine(self, model: nn.Module) -> bool:
+        """The packing probe for sharded engines, at their first scoring forward through `model` (the engine's
+        wrapper). Every rank runs it at the same point (each forward is a collective) on the same probe pairs, and
+        all take one decision, since they must run the same forwards from then on."""
+        models = [model] + ([self.copies.reference_module] if self.copies.reference_module is not None else [])
+        half = bool(self.args.bf16 or self.args.fp16)  # the engine computes in half precision: its tolerance
+        exact = all(self._packs_exactly(m, half) for m in models)
+        exact = not any_rank(not exact, self.args.device)
+        if not exact:
+            logger.info("pair_scoring shared_prefix: packed rows do not reproduce the separate rows' log-probs under "
+                        "%s; scoring pairs as separate rows", self.copies.sharding)
+        return exact
+
+    def _packing_probe(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Pairs with a long, a prompt-only and a whole-sequence shared prefix, on the model's device."""
+        vocab = global_shape(output_projection(model).weight)[0]  # a ZeRO-3 partition is empty
+        ids = [(7 * i + 3) % vocab for i in range(24)]
+        entries = [ReplayEntry(ids[:5], ids[5:12], ids[5:8] + ids[16:20], 3, 4),
+                   ReplayEntry(ids[:3], ids[3:7], ids[12:18], 0, 6),
+                   ReplayEntry(ids[:4], ids[4:9], ids[4:9], 0, 0)]
+        device = next(model.parameters()).device
+        return {name: t.to(device) for name, t in pad_pairs(entries, self.pad_token_id).items()}
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def token_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-token log-probs of the batch's response tokens (real rows, then rejected rows for pairs)."""
+        with self.autocast():
+            if self.shared_prefix and "packed_input_ids" in batch:
+                return packed_response_token_logps(model, batch["packed_input_ids"], batch["prefix_lengths"],
+                                                   batch["attention_mask"], batch["loss_mask"],
+                                                   chunk_size=self.args.logprob_chunk_size,
+                                                   use_hidden_states=self.use_hidden_states)
+            return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                        chunk_size=self.args.logprob_chunk_size,
+                                        use_hidden_states=self.use_hidden_states)
+
+    def pair_loss(self, model: nn.Module, batch: dict[str, Any]) -> PairLoss:
+        """The run's preference loss of a batch of pairs (real rows, then rejected rows), for training and eval."""
+        if self.shared_prefix is None:  # a sharded engine's first scoring
+            self.shared_prefix = self._probe_in_engine(model)
+        # The reference goes first: with sharded copies its forward borrows the policy's parameter storage.
+        ref_token_logps = None
+        if LOSSES[self.args.loss_type].needs_reference:
+            ref_token_logps = self.reference_token_logps(model, batch)
+        return pair_loss(self.args.loss_type, self.token_logps(model, batch), batch["loss_mask"][:, 1:],
+                         ref_token_logps, beta=self.args.beta, label_smoothing=self.args.label_smoothing)
+
+    def reference_token_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The reference's per-token log-probs of a batch of pairs. Replay-buffer pairs (`entry_ids`) whose scores
+        the recipe remembers since the reference last moved are not run again (`cache_reference_logps`); the others
+        are, and are remembered. Where the reference forward is collective (it runs through the engine's wrapper)
+        and several processes train, a rank runs it whenever any rank must."""
+        def forward(rows: dict[str, Any]) -> torch.Tensor:
+            return self.copies.reference_forward(lambda m: self.token_logps(m, rows), model)
+
+        entry_ids = batch.get("entry_ids")
+        if entry_ids is None or not self.args.cache_reference_logps or max(entry_ids) < 0:  # not buffer pairs
+            return forward(batch)
+        cached = self.recipe.cached_reference_logps(entry_ids)
+        missing = [i for i, scores in enumerate(cached) if scores is None]
+        self.record("ref/cached_fraction", 1.0 - len(missing) / len(entry_ids))
+        run = bool(missing)
+        if self.copies.reference_forward_is_collective and self.args.world_size > 1:
+            run = any_rank(run, self.args.device)
+        if len(missing) == len(entry_ids):
+            fresh, rows = forward(batch), missing
+        elif run:
+            rows = missing or [0]  # this rank joins another's forward; one row is the least it can run
+            fresh = forward(pair_rows(batch, rows))
+        else:
+            rows, fresh = [], None
+        out = self._place_remembered(batch, cached)
+        if fresh is not None:
+            self._place_and_remember(batch, out, rows, fresh)
+        return out
+
+    @staticmethod
+    def _place_remembered(batch: dict[str, Any], cached: list[tuple[torch.Tensor, torch.Tensor] | None]
+                          ) -> torch.Tensor:
+        """The batch's (2B, W-1) layout with the remembered scores in their pairs' response positions, zeros
+        elsewhere (host-side lengths: no device read)."""
+        mask = batch["loss_mask"]
+        out = torch.zeros((mask.shape[0], mask.shape[1] - 1), dtype=torch.float32, device=mask.device)
+        pairs = len(cached)
+        for i, scores in enumerate(cached):
+            if scores is not None:
+                prompt, real, rejected = batch["pair_lengths"][i]
+                out[i, prompt - 1:prompt - 1 + real] = scores[0]
+                out[pairs + i, prompt - 1:prompt - 1 + rejected] = scores[1]
+        return out
+
+    def _place_and_remember(self, batch: dict[str, Any], out: torch.Tensor, rows: list[int],
+                            fresh: torch.Tensor) -> None:
+        """Put freshly scored pairs (`rows` of the batch, as `pair_rows` laid them out) into `out`, and have the
+        recipe remember them."""
+        pairs = len(batch["entry_ids"])
+        index = torch.tensor([*rows, *(pairs + i for i in rows)], device=out.device)
+        out.index_copy_(0, index, fresh.float())
+        for j, i in enumerate(rows):
+            prompt, real, rejected = batch["pair_lengths"][i]
+            self.recipe.remember_reference_logps(batch["entry_ids"][i],
+                                                 fresh[j, prompt - 1:prompt - 1 + real].clone(),
+                                                 fresh[len(rows) + j, prompt - 1:prompt - 1 + rejected].clone())
