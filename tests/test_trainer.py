@@ -2,7 +2,6 @@ import copy
 import json
 import math
 import random
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ from conftest import clones
 from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer
-from sapo.buffer import ReplayBuffer, ReplayEntry
+from sapo.buffer import ReplayEntry
 from sapo.data import tokenized_dataset
 from sapo.recipes import pad_pairs
 
@@ -489,118 +488,8 @@ def test_init_kwargs_that_cannot_apply_to_a_loaded_model_are_reported(tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------------
-# Shared-prefix pair scoring and the step's bookkeeping
+# The step's bookkeeping
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("recipe", ["sapo-dpo", "sapo-orpo"])
-def test_shared_prefix_and_separate_scoring_train_alike(tmp_path, tokenizer, suite, recipe):
-    from sapo.tiny import build_model
-
-    runs = {}
-    for scoring in ("shared_prefix", "separate"):
-        trainer = SAPOTrainer(model=build_model(tokenizer, hidden_size=32, seed=0),
-                              args=config(tmp_path / scoring, recipe=recipe, max_steps=3, pair_scoring=scoring),
-                              train_dataset=suite["train"], processing_class=tokenizer,
-                              sampler=ScriptedSampler([[40, 41, 42, 43, 44, 45], [50, 51, tokenizer.eos_token_id]]))
-        assert trainer.scoring.shared_prefix == (scoring == "shared_prefix")
-        trainer.train()
-        runs[scoring] = read_metrics(tmp_path / scoring / "out")
-    keys = ["loss", "rewards/margins", "rewards/real", "logps/real", "logps/rejected"]
-    for shared, separate in zip(runs["shared_prefix"], runs["separate"], strict=True):
-        for key in keys:
-            assert shared[key] == pytest.approx(separate[key], abs=1e-5), key
-    assert runs["shared_prefix"][-1]["rewards/margins"] != 0  # the steps trained on real differences
-
-
-def test_a_model_that_cannot_pack_pairs_is_scored_separately(tmp_path, tokenizer, suite, caplog):
-    from transformers import LlamaForCausalLM
-
-    from sapo.tiny import build_model
-
-    class IgnoresPositionIds(LlamaForCausalLM):
-        def forward(self, *args, position_ids=None, **kwargs):
-            return super().forward(*args, **kwargs)
-
-    model = IgnoresPositionIds(build_model(tokenizer, hidden_size=32, seed=0).config)
-    with caplog.at_level("INFO", logger="sapo.scoring"):
-        trainer = SAPOTrainer(model=model, args=config(tmp_path, max_steps=1), train_dataset=suite["train"],
-                              processing_class=tokenizer)
-    assert not trainer.scoring.shared_prefix
-    assert "do not reproduce the separate rows' log-probs" in caplog.text
-
-
-def reference_rows_counted(trainer):
-    """Rows of every reference forward the trainer runs (each call scores real rows then rejected rows)."""
-    rows, forward = [], trainer.copies.reference_forward
-
-    def counting(score, model):
-        out = forward(score, model)
-        rows.append(out.shape[0] // 2)
-        return out
-
-    trainer.copies.reference_forward = counting
-    return rows
-
-
-@pytest.mark.parametrize("ref_update_mode", ["fixed", "ema"])
-def test_remembered_reference_scores_train_like_fresh_ones_with_fewer_reference_rows(tmp_path, tokenizer, suite,
-                                                                                       ref_update_mode):
-    """A small buffer is drawn from again and again: most pairs were scored before. With the reference refreshed
-    every 2 steps (ema), remembered scores must be dropped at each refresh or the losses would drift."""
-    from sapo.tiny import build_model
-
-    runs, rows, refreshes = {}, {}, []
-    for cache in (True, False):
-        out = tmp_path / str(cache)
-        trainer = SAPOTrainer(model=build_model(tokenizer, hidden_size=32, seed=0),
-                              args=config(out, max_steps=6, cache_reference_logps=cache, generation_batch_size=4,
-                                          ref_update_mode=ref_update_mode, ref_update_steps=2, ema_beta=0.5),
-                              train_dataset=suite["train"], processing_class=tokenizer)
-        rows[cache] = reference_rows_counted(trainer)
-        refresh = trainer.copies.refresh_reference
-        trainer.copies.refresh_reference = lambda source, refresh=refresh: refreshes.append(source) or refresh(source)
-        trainer.train()
-        runs[cache] = read_metrics(out / "out")
-        if cache:
-            scored = [e for e in trainer.recipe.buffer.entries() if e.reference_logps is not None]
-            if ref_update_mode == "fixed":
-                assert scored and all(e.reference_logps[0].shape == (len(e.real),) for e in scored)
-            else:  # step 6 refreshed the reference: nothing it scored before is kept
-                assert not scored
-    for cached, fresh in zip(runs[True], runs[False], strict=True):
-        for key in ("loss", "rewards/margins", "rewards/real", "rewards/rejected"):
-            assert cached[key] == pytest.approx(fresh[key], abs=1e-5), key
-    assert sum(rows[False]) == 6 * 4  # every drawn pair, every step
-    assert sum(rows[True]) < sum(rows[False])
-    assert max(r["ref/cached_fraction"] for r in runs[True]) > 0
-    if ref_update_mode == "ema":
-        assert refreshes == ["ema"] * 6  # steps 2, 4 and 6 of both runs: the reference did move
-        assert runs[True][-1]["rewards/margins"] != 0
-
-
-def test_remembered_reference_scores_are_checkpointed_and_resume_exactly(tmp_path, tokenizer, suite):
-    from sapo.tiny import build_model
-
-    def run(out, max_steps, resume=None):
-        trainer = SAPOTrainer(model=build_model(tokenizer, hidden_size=32, seed=0),
-                              args=config(out, max_steps=max_steps, generation_batch_size=4, save_steps=3,
-                                          save_strategy="steps"),
-                              train_dataset=suite["train"], processing_class=tokenizer)
-        rows = reference_rows_counted(trainer)
-        trainer.train(resume_from_checkpoint=resume)
-        return trainer, rows
-
-    run(tmp_path / "whole", 6)
-    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-3"
-    shutil.copytree(tmp_path / "whole" / "out" / "checkpoint-3", checkpoint)
-    saved = ReplayBuffer.load(checkpoint / "sapo_state" / "replay_buffer_rank0.safetensors").entries()
-    assert any(e.reference_logps is not None for e in saved)
-    _, rows = run(tmp_path / "resumed", 6, resume=str(checkpoint))
-    keys = ("loss", "grad_norm", "rewards/margins", "rewards/real", "rewards/rejected", "ref/cached_fraction")
-    resumed, whole = (read_metrics(tmp_path / name / "out")[-3:] for name in ("resumed", "whole"))
-    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in whole]  # bit for bit
-    assert sum(rows) < 3 * 4  # the resumed steps reused the checkpointed scores
 
 
 def test_step_metrics_stay_on_the_device_until_logged(tmp_path, tokenizer, tiny_model, suite):
