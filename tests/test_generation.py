@@ -486,7 +486,9 @@ def test_the_compiled_decode_step_is_one_graph(tokenizer, monkeypatch):
     at the first graph break (the sampler would then fall back, and the test sees it)."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_(fn, **{**options, "fullgraph": True}))
-    model = build_decoder("qwen2", len(tokenizer))  # grouped-query attention: the query-reshape path
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, pad_token_id=PAD, eos_token_id=EOS)
+    model = Qwen2ForCausalLM(config).eval()  # grouped-query attention (the query-reshape path); one layer: quick
     contexts = varied_contexts(len(tokenizer), count=2)
     sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids={EOS},
                                  batch_size=2, compile=True, compile_mode=None)
