@@ -137,3 +137,61 @@ def test_remembered_scores_land_where_the_loss_mask_reads_their_tokens():
     assert out[0][mask[0]].tolist() == [-1, -2, -3] and out[3][mask[3]].tolist() == [-4]
     assert out[2][mask[2]].tolist() == [-5] and out[5][mask[5]].tolist() == [-6, -7, -8]
     assert not out[~mask].any() and not out[1].any() and not out[4].any()  # nothing outside; pair 1 unknown
+
+
+class CountingCopies:
+    """The reference side of `ModelCopies` as `PairScoring` uses it: a collective forward through the policy."""
+
+    reference_forward_is_collective = True
+
+    def __init__(self):
+        self.rows = []
+
+    def reference_forward(self, score, model):
+        out = score(model)
+        self.rows.append(out.shape[0] // 2)
+        return out
+
+
+def test_a_rank_with_every_score_remembered_still_joins_a_collective_reference_forward(monkeypatch, tokenizer,
+                                                                                       tmp_path):
+    """Under a sharded engine every rank must run the same forwards. Here this rank remembers all its pairs while
+    another rank (simulated through `any_rank`) needs a forward: this rank runs one row, and its scores stay right."""
+    from types import SimpleNamespace
+
+    import sapo.scoring
+    from sapo.recipes import SelfAugmented, StepServices
+    from sapo.tiny import build_model
+
+    model = build_model(tokenizer, hidden_size=32, seed=0).eval()
+    settings = config(tmp_path)
+    args = SimpleNamespace(**vars(settings), world_size=2, device=torch.device("cpu"))  # as rank 0 of two
+    services = StepServices(generate=None, refresh_reference_from_policy=None, any_rank=None,
+                            record=lambda name, value: None, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_ids={tokenizer.eos_token_id})
+    recipe = SelfAugmented(args, services, seed=0)
+    recipe.buffer.extend([ReplayEntry([1, 5, 6], [7, 8, 9], [7, 10], 1, 1), ReplayEntry([1, 11], [12, 13], [14], 0, 1)])
+    copies = CountingCopies()
+    scoring = PairScoring.__new__(PairScoring)  # the choices set by hand: the probes need no engine here
+    scoring.args, scoring.copies, scoring.recipe, scoring.pad_token_id = args, copies, recipe, tokenizer.pad_token_id
+    scoring.autocast, scoring.record = (lambda: torch.autocast("cpu", enabled=False)), (lambda name, value: None)
+    scoring.use_hidden_states, scoring.shared_prefix = True, True
+    asked = []
+    monkeypatch.setattr(sapo.scoring, "any_rank", lambda flag, device: asked.append(flag) or True)
+
+    def batch():
+        entries = recipe.buffer.entries()
+        padded = pad_pairs(entries, tokenizer.pad_token_id)
+        padded["entry_ids"] = [e.entry_id for e in entries]
+        padded["pair_lengths"] = [(len(e.prompt), len(e.real), len(e.rejected)) for e in entries]
+        return padded
+
+    with torch.no_grad():
+        first = scoring.reference_token_logps(model, batch())  # nothing remembered: both pairs run
+        again = scoring.reference_token_logps(model, batch())  # all remembered, but another rank needs a forward
+    assert copies.rows == [2, 1] and asked == [True, False]
+    torch.testing.assert_close(again, first, rtol=0, atol=1e-6)
+    copies.reference_forward_is_collective = False  # a reference module of its own: no need to join
+    with torch.no_grad():
+        scoring.reference_token_logps(model, batch())
+    assert copies.rows == [2, 1] and asked == [True, False]
