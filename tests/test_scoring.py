@@ -140,9 +140,10 @@ def test_remembered_scores_land_where_the_loss_mask_reads_their_tokens():
 
 
 class CountingCopies:
-    """The reference side of `ModelCopies` as `PairScoring` uses it: a collective forward through the policy."""
+    """`ModelCopies` as `PairScoring` uses it, replicated (not sharded), its reference forward a collective one
+    through the policy."""
 
-    reference_forward_is_collective = True
+    reference_forward_is_collective, sharded, reference_module = True, False, None
 
     def __init__(self):
         self.rows = []
@@ -172,10 +173,10 @@ def test_a_rank_with_every_score_remembered_still_joins_a_collective_reference_f
     recipe = SelfAugmented(args, services, seed=0)
     recipe.buffer.extend([ReplayEntry([1, 5, 6], [7, 8, 9], [7, 10], 1, 1), ReplayEntry([1, 11], [12, 13], [14], 0, 1)])
     copies = CountingCopies()
-    scoring = PairScoring.__new__(PairScoring)  # the choices set by hand: the probes need no engine here
-    scoring.args, scoring.copies, scoring.recipe, scoring.pad_token_id = args, copies, recipe, tokenizer.pad_token_id
-    scoring.autocast, scoring.record = (lambda: torch.autocast("cpu", enabled=False)), (lambda name, value: None)
-    scoring.use_hidden_states, scoring.shared_prefix = True, True
+    scoring = PairScoring(args, model, copies, recipe, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                          autocast=lambda: torch.autocast("cpu", enabled=False), record=lambda name, value: None,
+                          checks_reference=False)
+    assert scoring.use_hidden_states and scoring.shared_prefix  # the constructor's probes, on this model
     asked = []
     monkeypatch.setattr(sapo.scoring, "any_rank", lambda flag, device: asked.append(flag) or True)
 

@@ -177,9 +177,8 @@ class PairScoring:
         pairs = len(cached)
         for i, scores in enumerate(cached):
             if scores is not None:
-                prompt, real, rejected = batch["pair_lengths"][i]
-                out[i, prompt - 1:prompt - 1 + real] = scores[0]
-                out[pairs + i, prompt - 1:prompt - 1 + rejected] = scores[1]
+                real, rejected = _response_slices(batch["pair_lengths"][i])
+                out[i, real], out[pairs + i, rejected] = scores
         return out
 
     def _place_and_remember(self, batch: dict[str, Any], out: torch.Tensor, rows: list[int],
@@ -190,7 +189,13 @@ class PairScoring:
         index = torch.tensor([*rows, *(pairs + i for i in rows)], device=out.device)
         out.index_copy_(0, index, fresh.float())
         for j, i in enumerate(rows):
-            prompt, real, rejected = batch["pair_lengths"][i]
-            self.recipe.remember_reference_logps(batch["entry_ids"][i],
-                                                 fresh[j, prompt - 1:prompt - 1 + real].clone(),
-                                                 fresh[len(rows) + j, prompt - 1:prompt - 1 + rejected].clone())
+            real, rejected = _response_slices(batch["pair_lengths"][i])
+            self.recipe.remember_reference_logps(batch["entry_ids"][i], fresh[j, real].clone(),
+                                                 fresh[len(rows) + j, rejected].clone())
+
+
+def _response_slices(lengths: tuple[int, int, int]) -> tuple[slice, slice]:
+    """Where a pair's real and rejected response tokens sit in its rows of the shifted (W-1) layout, from its
+    (prompt, real, rejected) lengths: position t-1 predicts token t, so both responses start at prompt - 1."""
+    prompt, real, rejected = lengths
+    return slice(prompt - 1, prompt - 1 + real), slice(prompt - 1, prompt - 1 + rejected)
