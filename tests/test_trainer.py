@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import clones
+from conftest import CopyingSampler, clones
 from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer
@@ -178,10 +178,11 @@ def test_end_to_end_margin_rises_and_outputs_load(tmp_path, tokenizer, model_dir
     assert after["eval_rewards/accuracies"] > 0.5, after
     for key in ("rewards/real", "rewards/rejected", "rewards/accuracies", "buffer/size", "time/generation_share"):
         assert key in rows[-1]
-    rounds = [index for index, row in enumerate(rows) if "segment/replaced_length" in row]
-    assert rounds == [0, 8, 16, 24]  # the first batch at once, then a round once 8 batches wait
-    assert all("segment/identical_fraction" in rows[index] for index in rounds)
-    assert rows[-1]["buffer/size"] == 8 + 3 * 64
+    rounds = [index for index, row in enumerate(rows) if "segment/identical_fraction" in row]
+    # The first batch at once, then a round once 3 batches wait (96 examples, 12 batches per epoch: the default
+    # round of 64 examples is capped at a quarter epoch, 24), and what waits at an epoch's last batch (11, 23).
+    assert rounds == [0, 3, 6, 9, 11, 14, 17, 20, 23, 26, 29]
+    assert rows[-1]["buffer/size"] + rows[-1]["pairs/dropped"] == 30 * 8
     assert_loads_without_sapo(out, out / "ema")
 
 
@@ -537,28 +538,6 @@ def test_the_non_finite_check_reads_the_norm_the_trainer_computed(tmp_path, toke
     trainer._get_grad_norm(trainer.model, torch.tensor(3.0))
     assert trainer._gradients_are_finite()
     assert trainer._grad_norm is None  # used once: a later step without a norm reads its own gradients
-
-
-class CopyingSampler:
-    """A generator that reproduces its demonstrations: each context prompt + y[:k] is continued with y itself, except
-    for the examples in `differ` (dataset indices) and in every call from the `differ_from_call`-th on, whose
-    continuation is each token shifted (a real rewrite)."""
-
-    def __init__(self, differ=(), differ_from_call=None):
-        self.differ, self.differ_from_call, self.calls, self.sequences = set(differ), differ_from_call, 0, []
-
-    def attach(self, trainer):
-        self.sequences = [e.prompt_ids + e.response_ids for e in trainer.train_dataset.examples]
-        return trainer
-
-    def sample(self, model, contexts, max_new_tokens):
-        samples, self.calls = [], self.calls + 1
-        changed = self.differ_from_call is not None and self.calls > self.differ_from_call
-        for context in contexts:
-            index = next(i for i, s in enumerate(self.sequences) if s[:len(context)] == list(context))
-            copy = self.sequences[index][len(context):len(context) + max_new_tokens]
-            samples.append([(t % 50) + 1 for t in copy] if changed or index in self.differ else copy)
-        return samples
 
 
 def copying_trainer(tmp_path, tokenizer, suite, sampler, **overrides):

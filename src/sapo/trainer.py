@@ -748,12 +748,20 @@ class SAPOTrainer(Trainer):
                 for name, values in self._metrics.items()}
 
     def _reduced_metrics(self) -> dict[str, float]:
-        """Means since the last log, averaged over ranks."""
+        """Means since the last log, averaged over the ranks that recorded each metric (a rank may record one that
+        another does not: `rewards/accuracies` where every pair it drew was a tie, pair metrics where it had only
+        stand-in pairs), so every rank reduces the same list of names."""
         metrics = self._metric_values()
         names = sorted(metrics)
-        local = torch.tensor([sum(metrics[n]) / max(1, len(metrics[n])) for n in names], device=self.args.device)
-        values = self.accelerator.reduce(local, reduction="mean").tolist()
-        reduced = dict(zip(names, values, strict=True))
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            names = sorted(set().union(*gather_object([names])))
+        means = [sum(metrics[n]) / len(metrics[n]) if metrics.get(n) else 0.0 for n in names]
+        recorded = [1.0 if metrics.get(n) else 0.0 for n in names]
+        local = torch.tensor([means, recorded], device=self.args.device, dtype=torch.float64)
+        total, ranks = self.accelerator.reduce(local, reduction="sum").tolist()
+        reduced = {n: value / count for n, value, count in zip(names, total, ranks, strict=True) if count > 0}
         reduced.pop("ref/refreshes", None)
         if self._timing["step"] > 0:
             reduced["time/generation_share"] = self._timing["generation"] / self._timing["step"]
