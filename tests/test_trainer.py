@@ -4,6 +4,7 @@ import math
 import random
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -604,3 +605,27 @@ def test_a_resume_across_skipped_steps_and_dropped_pairs_is_exact(tmp_path, toke
     assert full.recipe.dropped == resumed.recipe.dropped > 0
     assert all(torch.equal(a, b) for a, b in zip(full.policy.parameters(), resumed.policy.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(full.copies.ema.tensors, resumed.copies.ema.tensors, strict=True))
+
+
+def test_rejected_judge_keeps_only_rewrites_the_task_judge_scores_below_the_real_answer(tmp_path, tokenizer, suite):
+    """The filter beyond the paper, through the trainer: the built-in task judge reads each training record's ground
+    truth; a rewrite that scores as well as the real answer (here: every rewrite of half the examples copies it)
+    never enters the buffer."""
+    from sapo import tasks
+
+    trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(differ=range(0, 16, 2)),
+                              rejected_judge="sapo.tasks:judge", identical_rejected="drop")
+    trainer.train()
+    examples = trainer.train_dataset.examples
+    assert trainer.recipe.buffer.entries()
+    for entry in trainer.recipe.buffer.entries():
+        record = next(e.origin.record for e in examples if (e.prompt_ids, e.response_ids) == (entry.prompt, entry.real))
+        decode = partial(tokenizer.decode, skip_special_tokens=True)
+        assert tasks.judge("", decode(entry.rejected), record) < tasks.judge("", decode(entry.real), record)
+    rows = read_metrics(tmp_path / "out")
+    assert "pairs/judged_not_worse" in rows[0] and rows[-1]["pairs/dropped"] >= 8
+
+
+def test_rejected_judge_needs_a_sapo_recipe_and_a_loadable_function(tmp_path):
+    with pytest.raises(ValueError, match="rejected_judge judges the EMA model's rewrites"):
+        config(tmp_path, recipe="dpo", rejected_judge="sapo.tasks:judge")
