@@ -1,5 +1,6 @@
 import copy
 import json
+import logging
 import math
 import random
 import subprocess
@@ -550,19 +551,21 @@ def copying_trainer(tmp_path, tokenizer, suite, sampler, **overrides):
                                       processing_class=tokenizer, sampler=sampler))
 
 
-def test_a_model_that_reproduces_its_demonstrations_takes_no_step(tmp_path, tokenizer, suite):
+def test_a_model_that_reproduces_its_demonstrations_takes_no_step(tmp_path, tokenizer, suite, caplog):
     """Issue #23: identical pairs never enter the buffer (each is retried at a new segment start, then dropped), and
     a step with nothing that carries signal changes no weight, optimizer moment or EMA (AdamW's weight decay and
-    momentum included) but still counts."""
-    trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler())
+    momentum included) but still counts; after 10 such steps the run says why it is not learning."""
+    trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(), max_steps=10)
     before = clones(trainer.policy.parameters())
-    trainer.train()
+    with caplog.at_level(logging.WARNING, logger="sapo.trainer"):
+        trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.copies.ema.tensors, strict=True))
-    assert trainer.state.global_step == 4 and len(trainer.recipe.buffer) == 0
+    assert trainer.state.global_step == 10 and len(trainer.recipe.buffer) == 0
     assert not trainer.optimizer.state  # AdamW never stepped: no moments
     last = read_metrics(tmp_path / "out")[-1]
-    assert last["steps/skipped_no_signal"] == 4 and last["pairs/dropped"] == 16
+    assert last["steps/skipped_no_signal"] == 10 and last["pairs/dropped"] == 40
+    assert "10 optimizer steps in a row had no pair that carries signal (40 rewrites dropped" in caplog.text
     assert "rewards/accuracies" not in last  # stand-in pairs are not logged as pairs
 
 

@@ -104,6 +104,7 @@ from sapo.sharding import any_rank, local_shard, materialized
 logger = logging.getLogger(__name__)
 
 NONFINITE_EXIT_CODE = 3  # exit status of a run stopped by repeated non-finite steps
+NO_SIGNAL_WARNING_STEPS = 10  # skipped steps in a row after which the run says why it is not learning
 
 
 def refuse_an_uncoordinated_launch(args: SAPOConfig) -> None:
@@ -330,6 +331,7 @@ class SAPOTrainer(Trainer):
         self._step_skipped = False
         self._step_has_signal = False  # some micro-batch of the current optimizer step has pairs that carry signal
         self.no_signal_steps = 0
+        self._no_signal_in_a_row = 0
         self._nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
         self._stop_reason: tuple[str, int] | None = None
@@ -564,12 +566,19 @@ class SAPOTrainer(Trainer):
         if self.args.world_size > 1:
             has_signal = any_rank(has_signal, self.args.device)
         if has_signal:
+            self._no_signal_in_a_row = 0
             return False
         for param in self.copies.params:
             param.grad = None
         self._grad_norm = None
         self._step_skipped = True
         self.no_signal_steps += 1
+        self._no_signal_in_a_row += 1
+        if self._no_signal_in_a_row == NO_SIGNAL_WARNING_STEPS:
+            logger.warning("%d optimizer steps in a row had no pair that carries signal (%d rewrites dropped so far): "
+                           "the EMA model reproduces these demonstrations, so SAPO has nothing to learn from them; "
+                           "use demonstrations the model has not learned, a higher temperature, or a rejected_judge "
+                           "that accepts more rewrites", self._no_signal_in_a_row, getattr(self.recipe, "dropped", 0))
         return True
 
     def _skip_step_if_nonfinite(self) -> None:
