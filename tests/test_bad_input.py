@@ -762,7 +762,7 @@ EVAL_CASES = {
     "missing_model_dir": (lambda s: ["eval", str(s.tmp / "nope"), "--suite", "heldout"], "{tmp}/nope: no such model"),
     "model_dir_is_a_file": (lambda s: ["eval", str(s.data), "--suite", "heldout"], "{data}: is a file, not a model"),
     "directory_without_a_model": (lambda s: ["eval", str(s.tmp), "--suite", "heldout"],
-                                  "{tmp}: not a model directory (config.json missing)"),
+                                  "{tmp}: directory has no model (config.json missing)"),
     "same_model_twice": (lambda s: ["eval", str(s.model_dir), str(s.model_dir), "--suite", "heldout"],
                          "the same MODEL_DIR is given twice"),
     "neither_data_nor_suite": (lambda s: ["eval", str(s.model_dir)], "give exactly one of --data FILE and --suite"),

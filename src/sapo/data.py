@@ -525,9 +525,15 @@ def prepare_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
         raise DataError("chat_template: this tokenizer (MistralCommonBackend, from tekken.json) renders chats with "
                         "mistral-common and takes no Jinja template; drop --chat_template")
     if template is not None:
+        if not template.strip():
+            raise DataError("chat_template is empty: it would render every prompt as no tokens")
         check_chat_template(template, "chat_template")
         tokenizer.chat_template = template
     elif isinstance(getattr(tokenizer, "chat_template", None), str):
+        if not tokenizer.chat_template.strip():
+            source = getattr(tokenizer, "name_or_path", None)
+            raise DataError(f"the tokenizer's chat template is empty{f' ({source})' if source else ''}, so every "
+                            "prompt would render as no tokens; pass chat_template (CLI: --chat_template)")
         check_chat_template(tokenizer.chat_template, "the tokenizer's own chat template (pass --chat_template to "
                                                      "replace it)")
     source = getattr(tokenizer, "name_or_path", None)
@@ -595,6 +601,8 @@ def _tokenize_with_boundary(tokenizer: Any, example: Example,
         raise DataError(f"{example.location or 'a record'}: the chat template refuses this record "
                         f"({' '.join(str(error).split())})") from None
     boundary = common_prefix_length(prompt_alone, *conversations)
+    if boundary == 0:  # the sampler needs at least one token to continue from, and so does the loss
+        raise DataError(f"{example.location or 'a record'}: the chat template renders the prompt as no tokens")
     responses = [_through_end_token(ids[boundary:], ends, tokenizer.eos_token_id) for ids in conversations]
     rejected = responses[1] if len(responses) > 1 else None
     tokenized = TokenizedExample(conversations[0][:boundary], responses[0], rejected)
