@@ -357,7 +357,7 @@ YAML_CASES = {
     "mapping_for_a_number": ("max_steps: {a: 1}\n", "run.yaml: option 'max_steps' expects an integer, got {'a': 1}"),
     "fraction_for_an_integer": ("seed: 2.5\n", "run.yaml: option 'seed' expects an integer, got 2.5"),
     "token_generate_length_8_7": ("token_generate_length: 8.7\n",
-                                  "run.yaml: option 'token_generate_length' expects an integer, got 8.7"),
+                                  "run.yaml: option 'token_generate_length' expects an integer or null, got 8.7"),
     "text_for_a_number": ("beta: high\n", "run.yaml: option 'beta' expects a number or null, got 'high'"),
     "boolean_for_an_integer": ("max_steps: true\n", "run.yaml: option 'max_steps' expects an integer, got True"),
     "null_for_a_number": ("learning_rate:\n", "run.yaml: option 'learning_rate' expects a number, got None"),

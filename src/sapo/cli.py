@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from sapo.errors import USER_ERRORS, TrainingStopped, UsageError
+from sapo.errors import USER_ERRORS, TrainingStopped, UsageError, describe_unusable_path
 from sapo.errors import one_paragraph as _one_paragraph
 from sapo.loading import (  # noqa: F401  (re-exported: these lived here before sapo.loading)
     TOKENIZER_FILES,
@@ -113,6 +113,8 @@ def read_yaml_config(path: str, known: set[str], parser: argparse.ArgumentParser
     import difflib
 
     file = Path(path)
+    if describe_unusable_path(file):
+        raise UsageError(f"--config {path}: {describe_unusable_path(file)}, not a YAML file")
     if file.is_dir():
         raise UsageError(f"--config {path}: is a directory, not a YAML file")
     if not file.is_file():

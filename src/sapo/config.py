@@ -35,6 +35,7 @@ PAIR_SCORINGS = ("shared_prefix", "separate")
 DEFAULT_LOSS_TYPE = "sigmoid"
 DPO_BETA = 0.1  # paper, SAPO-DPO (Mistral-7B)
 ORPO_LAMBDA = 0.05  # paper and authors' code, SAPO-ORPO (LLaMA-3-8B)
+PAPER_TOKEN_GENERATE_LENGTH = 256  # paper and authors' code: tokens regenerated per rejected response
 DEFAULT_GENERATION_ROWS = 64  # sequences decoded together by default (generation_batch_size's rule)
 
 
@@ -98,8 +99,10 @@ class SAPOConfig(TrainingArguments):
                   "tokens, 'drop' removes the example (the count is logged)."},
     )
     # --- self-augmentation ------------------------------------------------------------------------
-    token_generate_length: int = field(
-        default=256, metadata={"help": "Tokens the EMA model regenerates per rejected response (segment length)."}
+    token_generate_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens the EMA model regenerates per rejected response (segment length), at most "
+                  "max_length. Default: the paper's 256, or max_length when that is smaller."},
     )
     ema_beta: float = field(
         default=0.5,
@@ -344,6 +347,8 @@ class SAPOConfig(TrainingArguments):
         _check_choice("generation_engine", self.generation_engine, ENGINE_CHOICES)
         _check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
         _check_choice("pair_scoring", self.pair_scoring, PAIR_SCORINGS)
+        if self.token_generate_length is None:
+            self.token_generate_length = min(PAPER_TOKEN_GENERATE_LENGTH, self.max_length)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
                      "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
                      "spin_iterations", "spin_max_new_tokens", "eval_judge_max_new_tokens"):
@@ -354,6 +359,9 @@ class SAPOConfig(TrainingArguments):
                 f"SAPOConfig.max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                 f"({self.max_length}) to leave room for the response"
             )
+        if self.token_generate_length > self.max_length:
+            raise ValueError(f"SAPOConfig.token_generate_length ({self.token_generate_length}) must be at most "
+                             f"max_length ({self.max_length}): a rewritten segment lies within one sequence")
         if not 0.0 <= self.ema_beta <= 1.0:
             raise ValueError(f"SAPOConfig.ema_beta must be in [0, 1], got {self.ema_beta}")
         if self.beta <= 0:
@@ -397,6 +405,11 @@ class SAPOConfig(TrainingArguments):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SAPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < -1:  # transformers reads any max_steps <= 0 as "train num_train_epochs epochs"
+            raise ValueError(f"SAPOConfig.max_steps must be > 0, or -1 to train num_train_epochs epochs; got "
+                             f"{self.max_steps}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:  # a negative norm silently disables clipping
+            raise ValueError(f"SAPOConfig.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError(f"SAPOConfig.num_train_epochs must be > 0 when max_steps is not set, got "
                              f"{self.num_train_epochs}")

@@ -162,7 +162,8 @@ def check_tokenizer_source(path: str, option: str, *, chat_template: str | None 
     if directory is None:
         return
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise UsageError(f"{_shown(option)} {path}: directory holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+        raise UsageError(f"{_shown(option)} {path}: directory holds no tokenizer (none of "
+                         f"{', '.join(TOKENIZER_FILES)})")
     settings: dict[str, Any] = {}
     for name in TOKENIZER_JSON_FILES:
         if (directory / name).exists() or (directory / name).is_symlink():
