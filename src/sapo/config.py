@@ -55,8 +55,36 @@ class SAPOConfig(TrainingArguments):
                   "iterate vs the real ones with a reference loss, spin_iterations times; fixes ref_update_mode "
                   "fixed and samples with the spin_* settings. A loss_type a recipe cannot use is an error."},
     )
-    spin_iterations: int = field(
-        default=3, metadata={"help": "SPIN only: iterations (opponent refreshes) over the run's optimizer steps."}
+    spin_iterations: int | None = field(
+        default=None,
+        metadata={"help": "SPIN only: iterations (opponent refreshes) over the run's optimizer steps. Default: the "
+                  "number of per-iteration values given (spin_preset, spin_learning_rates, spin_betas), else 3."},
+    )
+    spin_preset: str | None = field(
+        default=None,
+        metadata={"help": "SPIN only: 'paper' is the SPIN scripts' schedule in one setting: 4 iterations, learning "
+                  "rates 5e-7, 5e-7, 1e-7, 1e-7 and betas 0.1, 0.1, 0.1, 5.0 per iteration, fresh optimizer state "
+                  "each iteration, cut responses ended with EOS. The scripts also use optim rmsprop and 6 epochs per "
+                  "iteration (num_train_epochs 24): set those yourself."},
+    )
+    spin_learning_rates: list[float] | None = field(
+        default=None,
+        metadata={"help": "SPIN only: the peak learning rate of each iteration (one value per iteration; replaces "
+                  "learning_rate). The schedule restarts at each iteration and scales to its value."},
+    )
+    spin_betas: list[float] | None = field(
+        default=None,
+        metadata={"help": "SPIN only: the loss's beta in each iteration (one value per iteration; replaces beta)."},
+    )
+    spin_reset_optimizer: bool = field(
+        default=False,
+        metadata={"help": "SPIN only: start each iteration with fresh optimizer state, as each run of the SPIN "
+                  "scripts starts a new optimizer."},
+    )
+    spin_end_with_eos: bool = field(
+        default=False,
+        metadata={"help": "SPIN only: end an opponent response cut at its token budget with the end token, as the SPIN "
+                  "code does when it re-renders each generated answer with the chat template."},
     )
     spin_do_sample: bool = field(
         default=False,
@@ -333,6 +361,8 @@ class SAPOConfig(TrainingArguments):
                              f"got loss_type {self.loss_type!r}")
         if self.beta is None:
             self.beta = ORPO_LAMBDA if self.loss_type in REFERENCE_FREE_LOSS_TYPES else DPO_BETA
+        for recipe_class in dict.fromkeys(RECIPE_CLASSES.values()):  # each checks its own settings, chosen or not
+            recipe_class.configure(self)
         if recipe.fixed_reference and self.ref_update_mode != "fixed":
             self.ref_update_mode = "fixed"  # the reference is the SFT model (dpo) or managed per iteration (spin)
 

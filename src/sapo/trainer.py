@@ -372,7 +372,14 @@ class SAPOTrainer(Trainer):
         return StepServices(
             generate=self._generate, refresh_reference_from_policy=lambda: self.copies.refresh_reference("policy"),
             any_rank=lambda flag: any_rank(flag, self.args.device) if sharded else flag,
-            record=self._record, pad_token_id=self.processing_class.pad_token_id, eos_token_ids=self.eos_token_ids)
+            record=self._record, pad_token_id=self.processing_class.pad_token_id, eos_token_ids=self.eos_token_ids,
+            reset_optimizer=self._reset_optimizer_state)
+
+    def _reset_optimizer_state(self) -> None:
+        """Forget the optimizer's running statistics (moments, square averages): SPIN's scripts start each iteration
+        with a new optimizer. The learning rate is the scheduler's, which restarts on its own."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        optimizer.state.clear()
 
     def _record(self, name: str, value: float | torch.Tensor) -> None:
         """A metric value, averaged with the others of its name until the next log."""
@@ -415,8 +422,12 @@ class SAPOTrainer(Trainer):
             return super().create_scheduler(num_training_steps, optimizer)
         scheduler = super().create_scheduler(period, optimizer)
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            scheduler.lr_lambdas = [_restarting_every(period, f) for f in scheduler.lr_lambdas]
+            scale = self.recipe.learning_rate_scale
+            scheduler.lr_lambdas = [_restarting_every(period, f, scale) for f in scheduler.lr_lambdas]
             return scheduler
+        if self.args.spin_learning_rates:
+            raise UsageError(f"spin_learning_rates: lr_scheduler_type {self.args.lr_scheduler_type!r} cannot restart "
+                             "at each iteration; use linear, cosine, constant_with_warmup or another LambdaLR schedule")
         logger.warning("lr_scheduler_type %r cannot restart every %d steps; it runs once over the whole run",
                        self.args.lr_scheduler_type, period)
         self.lr_scheduler = None
@@ -1054,6 +1065,7 @@ class SAPOTrainer(Trainer):
                             verify_content=self.is_world_process_zero())
 
 
-def _restarting_every(period: int, schedule: Any) -> Any:
-    # A closure, not a callable object: LambdaLR would try to save an object's attributes in its state_dict.
-    return lambda step: schedule(step % period)
+def _restarting_every(period: int, schedule: Any, scale: Any) -> Any:
+    # A closure, not a callable object: LambdaLR would try to save an object's attributes in its state_dict. The
+    # factor is a function of the step alone, so a resumed run continues the same per-period rates.
+    return lambda step: scale(step // period) * schedule(step % period)
