@@ -370,3 +370,18 @@ def test_a_short_dataset_fills_the_buffer_within_its_epoch(tmp_path, model_dir):
     recipe = json.loads((state / "pending_rank0.json").read_text())
     assert recipe["pending"] == [] and len(buffer) + recipe["dropped"] == 48
     assert len({tuple(e.prompt + e.real) for e in buffer.entries()}) == len(buffer)  # each example once
+
+
+def test_spin_schedule_options_parse_from_flags_and_yaml(tmp_path, model_dir, dataset_file):
+    from sapo.cli import parse_train_args
+
+    base = ["--model_name_or_path", str(model_dir), "--dataset_name", str(dataset_file), "--output_dir",
+            str(tmp_path / "out"), "--recipe", "spin", "--use_cpu"]
+    _, config = parse_train_args([*base, "--spin_preset", "paper"])
+    assert (config.spin_iterations, config.spin_betas, config.learning_rate) == (4, [0.1, 0.1, 0.1, 5.0], 5e-7)
+    _, config = parse_train_args([*base, "--spin_learning_rates", "1e-6", "2e-7", "--spin_betas", "0.1", "1.0"])
+    assert (config.spin_iterations, config.spin_learning_rates, config.beta) == (2, [1e-6, 2e-7], 0.1)
+    config_file = tmp_path / "spin.yaml"
+    config_file.write_text("spin_betas: [0.1, 0.5, 2.0]\nspin_end_with_eos: true\n")
+    _, config = parse_train_args([*base, "--config", str(config_file)])
+    assert (config.spin_iterations, config.spin_betas, config.spin_end_with_eos) == (3, [0.1, 0.5, 2.0], True)

@@ -763,3 +763,17 @@ def test_large_datasets_use_this_ranks_share_of_the_cores(monkeypatch) -> None:
     assert default_num_proc(PARALLEL_MIN_EXAMPLES) == min(cores, 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # one rank per core: no extra processes
     assert default_num_proc(10**7) == 1
+
+
+def test_records_carrying_both_forms_of_the_same_conversation_are_accepted():
+    """ultrachat_200k (`prompt` = the first user turn beside `messages`) and ultrafeedback_binarized (`messages` equal
+    to `chosen`, with `prompt` and `rejected`) carry the same conversation twice; only a disagreement is refused."""
+    user, answer = {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}
+    later = [{"role": "user", "content": "More?"}, {"role": "assistant", "content": "Yes"}]
+    ultrachat = {"prompt": "Hi there", "prompt_id": "x", "messages": [user, answer, *later]}
+    assert normalize_record(ultrachat, "u:1").response == later[1]
+    feedback = {"prompt": "Hi there", "messages": [user, answer], "chosen": [user, answer],
+                "rejected": [user, {"role": "assistant", "content": "No"}]}
+    assert normalize_record(feedback, "f:1", with_rejected=True).rejected["content"] == "No"
+    with pytest.raises(DataError, match="f:1: record has both 'messages' and 'prompt' and 'chosen'"):
+        normalize_record({**feedback, "chosen": [user, {"role": "assistant", "content": "Other"}]}, "f:1")

@@ -234,7 +234,7 @@ def test_eval_usage_errors(two_models, extra, message):
 
 def test_eval_rejects_missing_model_dirs_before_generating(two_models, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "generate_responses", lambda *a, **k: pytest.fail("generated"))
-    with pytest.raises(UsageError, match="not a model directory"):
+    with pytest.raises(UsageError, match="directory has no model"):
         evaluation.main([two_models[0], str(tmp_path), "--suite", "heldout", "--n", "2"])
     with pytest.raises(UsageError, match="given twice"):
         evaluation.main([two_models[0], two_models[0], "--suite", "heldout"])

@@ -341,3 +341,99 @@ def test_a_short_epoch_caps_the_round_and_flushes_what_is_pending_at_its_last_ba
     assert len(recipe.buffer) == 2 + 76 // 20 * 20 and len(recipe.pending) == 76 % 20
     recipe.pairs(INPUTS, 39, 100)  # the epoch's last batch: everything pending is generated
     assert recipe.pending == [] and len(recipe.buffer) == 80 and recipe.epoch_position == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SPIN's per-iteration schedule (the SPIN scripts' learning rates and betas), fresh optimizer, EOS on cut answers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_spin_paper_preset_is_the_spin_scripts_schedule_in_one_setting():
+    args = config_like(recipe="spin", spin_preset="paper")
+    assert args.spin_iterations == 4
+    assert args.spin_learning_rates == [5e-7, 5e-7, 1e-7, 1e-7] and args.spin_betas == [0.1, 0.1, 0.1, 5.0]
+    assert (args.learning_rate, args.beta) == (5e-7, 0.1)  # what the optimizer starts from and the card shows
+    assert args.spin_reset_optimizer and args.spin_end_with_eos
+    assert config_like(recipe="spin").spin_iterations == 3  # the default without per-iteration values
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"recipe": "spin", "spin_preset": "paper", "spin_betas": [0.1, 0.2, 0.3, 0.4]},
+     "spin_preset 'paper' sets spin_betas; give one or the other"),
+    ({"recipe": "spin", "spin_preset": "zephyr"}, "spin_preset must be one of paper; got 'zephyr'"),
+    ({"recipe": "spin", "spin_betas": [0.1, 0.2], "spin_iterations": 3},
+     "spin_betas has 2 value(s), one per iteration, but spin_iterations is 3"),
+    ({"recipe": "spin", "spin_learning_rates": [1e-6, -1e-7]}, "spin_learning_rates must be finite numbers > 0"),
+    ({"recipe": "sapo", "spin_preset": "paper"}, "spin_preset applies to recipe 'spin' only, not 'sapo'"),
+    ({"recipe": "dpo", "spin_end_with_eos": True}, "spin_end_with_eos applies to recipe 'spin' only"),
+])
+def test_spin_schedule_settings_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_like(**overrides)
+
+
+def test_spin_iterations_carry_their_beta_learning_rate_and_a_fresh_optimizer():
+    fake = FakeServices(sample=(30, 31, EOS))
+    resets = []
+    services = fake.services()
+    services.reset_optimizer = lambda: resets.append(1)
+    recipe = Spin(unit_args(recipe="spin", spin_learning_rates=[1e-3, 2e-4], spin_betas=[0.1, 5.0],
+                            spin_reset_optimizer=True), services, 0)
+    assert recipe.beta == 0.1 and recipe.learning_rate_scale(0) == 1.0
+    assert recipe.learning_rate_scale(1) == pytest.approx(0.2)
+    recipe.pairs(INPUTS, 0, max_steps=4)
+    assert recipe.beta == 0.1 and not resets
+    recipe.pairs(INPUTS, 2, max_steps=4)
+    assert recipe.beta == 5.0 and resets == [1] and fake.metrics["spin/beta"] == [0.1, 5.0]
+
+
+@pytest.mark.parametrize("end_with_eos,expected", [(False, [30, 31, 32]), (True, [30, 31, 32, EOS])])
+def test_spin_ends_a_cut_answer_with_the_end_token_when_asked(end_with_eos, expected):
+    fake = FakeServices(sample=(30, 31, 32, 33))
+    recipe = Spin(unit_args(recipe="spin", spin_max_new_tokens=3, spin_end_with_eos=end_with_eos), fake.services(),
+                  0)
+    assert [p.rejected for p in recipe.pairs(INPUTS, 0, max_steps=4)] == [expected] * 2
+    tight = Spin(config_like(recipe="spin", max_steps=4, per_device_train_batch_size=2, max_length=6,
+                             max_prompt_length=3, token_generate_length=3, spin_end_with_eos=True),
+                 FakeServices(sample=(30, 31, 32, 33)).services(), 0)
+    assert [p.rejected for p in tight.pairs(INPUTS, 0, max_steps=4)] == [[30, 31, EOS]] * 2  # max_length 6
+    finished = Spin(unit_args(recipe="spin", spin_max_new_tokens=3, spin_end_with_eos=True),
+                    FakeServices(sample=(30, EOS)).services(), 0)
+    assert [p.rejected for p in finished.pairs(INPUTS, 0, max_steps=4)] == [[30, EOS]] * 2  # left as generated
+
+
+def test_spin_per_iteration_rates_and_betas_reach_the_optimizer_and_the_loss_and_survive_resume(
+        tmp_path, tokenizer, tiny_model, suite):
+    import copy
+
+    settings = dict(recipe="spin", max_steps=4, spin_learning_rates=[1e-3, 2e-4], spin_betas=[0.1, 5.0],
+                    spin_reset_optimizer=True, lr_scheduler_type="constant", save_strategy="steps", save_steps=1)
+    trainer = SAPOTrainer(model=copy.deepcopy(tiny_model), args=config(tmp_path, **settings),
+                          train_dataset=suite["train"], processing_class=tokenizer)
+    trainer.train()
+    assert [r["learning_rate"] for r in rows(tmp_path)] == pytest.approx([1e-3, 1e-3, 2e-4, 2e-4])
+    resumed = SAPOTrainer(model=copy.deepcopy(tiny_model), args=config(tmp_path, **settings),
+                          train_dataset=suite["train"], processing_class=tokenizer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    assert resumed.recipe.iteration == 1 and resumed.recipe.beta == 5.0
+    assert rows(tmp_path)[-1]["learning_rate"] == pytest.approx(2e-4)
+
+
+def test_spin_loss_uses_the_iterations_beta(tmp_path, tokenizer, tiny_model, suite):
+    """Same pairs, same models: the loss differs between iterations exactly when their betas do."""
+    losses = {}
+    for betas in ([0.1, 0.1], [0.1, 5.0]):
+        args = config(tmp_path, recipe="spin", max_steps=2, spin_betas=betas, overwrite_output_dir=True)
+        trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer)
+        with torch.no_grad():
+            trainer.copies.reference.tensors[0].add_(0.05)  # a reference that differs from the policy
+        items = [trainer.train_dataset[i] for i in range(2)]
+        inputs = {key: [item[key] for item in items] for key in items[0]}
+        batch = trainer.recipe.batch(inputs, 0, 2)
+        values = []
+        for iteration in (0, 1):  # the same pairs and opponent, scored as iteration 0 and as iteration 1
+            trainer.recipe.iteration = iteration
+            values.append(float(trainer.scoring.pair_loss(trainer.model, batch).loss))
+        losses[tuple(betas)] = values
+    assert losses[(0.1, 0.1)][0] == pytest.approx(losses[(0.1, 0.1)][1], abs=1e-6)
+    assert losses[(0.1, 5.0)][0] != pytest.approx(losses[(0.1, 5.0)][1], abs=1e-3)

@@ -474,7 +474,7 @@ def test_a_load_refused_by_transformers_names_the_path_and_the_option(tmp_path, 
     from sapo.errors import UsageError
 
     args = config(tmp_path, **{field: {"attn_implementation": "nonsense"}})
-    with pytest.raises(UsageError, match=rf"{model_dir}: cannot load the model with {field} "
+    with pytest.raises(UsageError, match=rf"{model_dir}: cannot load the model's weights with {field} "
                                          r'\{"attn_implementation": "nonsense"\} \(ValueError: .*nonsense'):
         SAPOTrainer(model=str(model_dir), args=args, train_dataset=suite["train"], ref_model=str(model_dir))
 

@@ -29,14 +29,17 @@ from typing import Any
 
 import yaml
 
-from sapo.errors import USER_ERRORS, TrainingStopped, UsageError
+from sapo.errors import USER_ERRORS, TrainingStopped, UsageError, describe_unusable_path
+from sapo.errors import one_paragraph as _one_paragraph
+from sapo.loading import (  # noqa: F401  (re-exported: these lived here before sapo.loading)
+    TOKENIZER_FILES,
+    WEIGHT_FILES,
+    check_model_source,
+    check_tokenizer_source,
+)
 
 EXIT_USAGE = 2
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
 FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
@@ -110,6 +113,8 @@ def read_yaml_config(path: str, known: set[str], parser: argparse.ArgumentParser
     import difflib
 
     file = Path(path)
+    if describe_unusable_path(file):
+        raise UsageError(f"--config {path}: {describe_unusable_path(file)}, not a YAML file")
     if file.is_dir():
         raise UsageError(f"--config {path}: is a directory, not a YAML file")
     if not file.is_file():
@@ -316,112 +321,9 @@ def check_model_arguments(model_args: ModelArguments) -> None:
         raise UsageError(f"--lora_target_modules must name one or more modules, got {targets!r}")
 
 
-def _one_paragraph(error: BaseException | str, limit: int = 600) -> str:
-    """A library's message on one line (some span several paragraphs, some carry terminal colour codes), shortened
-    to `limit` characters."""
-    import re
-
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ------------------------------------------------------------------------------------------------
 # Model and tokenizer sources
 # ------------------------------------------------------------------------------------------------
-
-
-def _is_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return (0 < len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
-            and "\\" not in name and not name.endswith((".json", ".safetensors", ".bin")))
-
-
-def _local_directory(path: str, option: str, expected: str) -> Path | None:
-    """`path` as an existing directory; None for a hub id the hub can answer (an offline machine fails at once)."""
-    directory = Path(path)
-    if not directory.exists():
-        if _is_hub_id(path):
-            from sapo.data import hub_unreachable
-
-            reason = hub_unreachable(path, "model")
-            if reason:
-                raise UsageError(f"--{option} {path}: no such local directory, and as a hub id: {reason}")
-            return None
-        raise UsageError(f"--{option} {path}: no such directory")
-    if not directory.is_dir():
-        raise UsageError(f"--{option} {path}: is a file; expected {expected}")
-    return directory
-
-
-def check_model_source(path: str, option: str, *, trust_remote_code: bool) -> list[Path] | None:
-    """Check a model directory before anything is loaded or written: it exists, its config.json is valid JSON of a
-    known or (trusted) custom architecture, and its weights are all there. Returns the weight files; None for a hub
-    id (after making sure the hub can answer, so an offline machine fails at once)."""
-    directory = _local_directory(path, option, "a model directory (config.json and weights)")
-    if directory is None:
-        return None
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        if (directory / "adapter_config.json").is_file():
-            raise UsageError(f"{path}: directory holds LoRA adapters only (adapter_config.json, no config.json); "
-                             "pass the full model it was trained from, or merge the adapters into it first")
-        raise UsageError(f"{path}: directory has no model (config.json missing)")
-    config = _read_json_object(config_file)
-    if "model_type" not in config and "auto_map" not in config:
-        raise UsageError(f"{config_file}: no 'model_type' key, so the architecture is unknown")
-    if "auto_map" in config and not trust_remote_code:
-        from transformers import CONFIG_MAPPING
-
-        if config.get("model_type") not in CONFIG_MAPPING:
-            raise UsageError(
-                f"{path}: the model's code ships with the checkpoint (config.json 'auto_map', model_type "
-                f"{config.get('model_type')!r} is not built into transformers); pass --trust_remote_code to run it, "
-                "only for a checkpoint you trust")
-    return _weight_files(directory)
-
-
-def _read_json_object(file: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise UsageError(f"{file}: not valid UTF-8 (byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{file}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
-    except (RecursionError, ValueError) as error:
-        raise UsageError(f"{file}: invalid JSON ({_one_paragraph(error, 120)})") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{file}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    """The directory's weight files; refuses a directory without any, or with shards its index lists missing."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index_file = directory / index_name
-        if index_file.is_file():
-            weight_map = _read_json_object(index_file).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise UsageError(f"{index_file}: no 'weight_map' of parameter names to shard files")
-            shards = sorted(set(map(str, weight_map.values())))
-            missing = [s for s in shards if not (directory / s).is_file()]
-            if missing:
-                raise UsageError(f"{index_file}: lists {len(missing)} shard file(s) that are missing: "
-                                 f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-            return [directory / s for s in shards]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / name).is_file():
-            return [directory / name]
-    others = sorted(p.name for p in directory.glob("*.safetensors")) + sorted(p.name for p in directory.glob("*.bin"))
-    hint = f" (found {', '.join(others[:3])}, which transformers does not load without an index)" if others else ""
-    raise UsageError(f"{directory}: has config.json but no weights: none of {', '.join(WEIGHT_FILES)}{hint}")
-
-
-def check_tokenizer_source(path: str, option: str) -> None:
-    directory = _local_directory(path, option, "a directory holding a tokenizer")
-    if directory is None:
-        return
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise UsageError(f"--{option} {path}: directory holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
 
 
 # from_pretrained arguments `sapo train` passes itself: set through its own options, not model_init_kwargs
@@ -448,82 +350,19 @@ def model_init_kwargs(model_args: ModelArguments, from_config: dict[str, Any] | 
     return merged
 
 
-def load_model_and_tokenizer(model_args: ModelArguments, init_kwargs: dict[str, Any] | None = None):
-    """The checked model (loaded with `init_kwargs`, see `model_init_kwargs`) and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(model_args: ModelArguments, init_kwargs: dict[str, Any] | None = None,
+                             max_length: int | None = None):
+    """`sapo train`'s model and prepared tokenizer, loaded by `sapo.loading` (the one loader) with `init_kwargs`
+    (see `model_init_kwargs`) and the --trust_remote_code, --tokenizer_name_or_path and --chat_template options."""
+    from sapo import loading
 
-    path = model_args.model_name_or_path
-    if path is None:
+    if model_args.model_name_or_path is None:
         raise UsageError("--model_name_or_path is required")
-    tokenizer_path = model_args.tokenizer_name_or_path or path
-    trust = model_args.trust_remote_code
-    check_model_source(path, "model_name_or_path", trust_remote_code=trust)
-    check_tokenizer_source(tokenizer_path, "tokenizer_name_or_path" if model_args.tokenizer_name_or_path
-                           else "model_name_or_path")
-    with _library_errors(f"{path}: cannot read the model's configuration"):
-        model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-    _check_causal_lm(model_config, path, trust)
     init_kwargs = model_init_kwargs(model_args, None) if init_kwargs is None else init_kwargs
-    kwargs: dict[str, Any] = {"dtype": "auto", **init_kwargs, "trust_remote_code": trust, "config": model_config,
-                              "output_loading_info": True}
-    shown = f" with model_init_kwargs {json.dumps(init_kwargs, default=str)}" if init_kwargs else ""
-    with _library_errors(f"{path}: cannot load the model's weights{shown}"):
-        model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        raise UsageError(f"{path}: the weights lack {len(missing)} parameter(s) the config.json architecture needs "
-                         f"(e.g. {', '.join(missing[:3])}): they would start random; the weights do not belong to "
-                         "this config.json")
-    with _library_errors(f"{tokenizer_path}: cannot load the tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
-    embeddings = model.get_input_embeddings()
-    rows = getattr(embeddings, "num_embeddings", None)
-    if isinstance(rows, int) and len(tokenizer) > rows:
-        raise UsageError(f"the tokenizer ({tokenizer_path}) has {len(tokenizer)} tokens but the model ({path}) "
-                         f"embeds only {rows}: they do not belong together")
-    return model, tokenizer
-
-
-def _check_causal_lm(config: Any, path: str, trust_remote_code: bool) -> None:
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    model_type = getattr(config, "model_type", None)
-    custom = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    name = f"model_type {model_type!r} ({type(config).__name__})"
-    if not custom and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UsageError(f"{path}: {name} is not a causal language model (AutoModelForCausalLM cannot load it); "
-                         "SAPO trains decoder-only models")
-    if getattr(config, "is_encoder_decoder", False):
-        raise UsageError(f"{path}: {name} is an encoder-decoder model; SAPO trains decoder-only models")
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and getattr(config, "is_decoder", None) is False:
-        raise UsageError(f"{path}: {name} is a bidirectional encoder (is_decoder is false in config.json), not a "
-                         "causal language model; SAPO trains decoder-only models")
-
-
-@contextlib.contextmanager
-def _library_errors(what: str) -> Iterator[None]:
-    """Turn a loading library's exception (transformers, safetensors, torch's safe unpickler, tokenizers, jinja)
-    into one paragraph that says what was being loaded; `--debug` still shows the original traceback."""
-    try:
-        yield
-    except USER_ERRORS:
-        raise
-    except Exception as error:
-        kind = type(error).__name__
-        text = _one_paragraph(error)
-        if kind == "UnpicklingError" or "weights only load failed" in text.lower():
-            raise UsageError(f"{what}: pytorch_model.bin is a pickle that torch's safe loader (weights_only) refuses "
-                             f"({_one_paragraph(text.split('.')[0], 120)}); it could run code on loading: convert the "
-                             "weights to safetensors with code you trust, or use a safetensors checkpoint") from error
-        hint = ""
-        if "custom code" in text or "trust_remote_code" in text:
-            hint = "; pass --trust_remote_code to run the checkpoint's own code, only for a checkpoint you trust"
-        elif kind == "SafetensorError" or "deserializ" in text:
-            hint = "; the weights file is truncated or corrupt: copy or download it again"
-        raise UsageError(f"{what} ({kind}: {text}){hint}") from error
+    return loading.load_model_and_tokenizer(
+        model_args.model_name_or_path, tokenizer_path=model_args.tokenizer_name_or_path,
+        chat_template=model_args.chat_template, max_length=max_length,
+        init_kwargs={**init_kwargs, "trust_remote_code": model_args.trust_remote_code})
 
 
 def apply_lora(model: Any, model_args: ModelArguments) -> Any:
@@ -651,7 +490,7 @@ def run_train(argv: Sequence[str]) -> int:
     eval_records = None if model_args.eval_dataset_name is None else read_eval_records(
         model_args.eval_dataset_name, model_args.eval_split, skip_invalid=config.skip_invalid,
         with_rejected=config.needs_rejected_data)
-    model, tokenizer = load_model_and_tokenizer(model_args, config.model_init_kwargs)
+    model, tokenizer = load_model_and_tokenizer(model_args, config.model_init_kwargs, config.max_length)
     if model_args.use_peft:
         model = apply_lora(model, model_args)
     created = first_missing(out)

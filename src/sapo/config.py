@@ -36,6 +36,7 @@ IDENTICAL_REJECTED_MODES = ("resample", "drop", "keep")
 DEFAULT_LOSS_TYPE = "sigmoid"
 DPO_BETA = 0.1  # paper, SAPO-DPO (Mistral-7B)
 ORPO_LAMBDA = 0.05  # paper and authors' code, SAPO-ORPO (LLaMA-3-8B)
+PAPER_TOKEN_GENERATE_LENGTH = 256  # paper and authors' code: tokens regenerated per rejected response
 DEFAULT_GENERATION_ROWS = 64  # sequences decoded together by default (generation_batch_size's rule)
 
 
@@ -55,8 +56,36 @@ class SAPOConfig(TrainingArguments):
                   "iterate vs the real ones with a reference loss, spin_iterations times; fixes ref_update_mode "
                   "fixed and samples with the spin_* settings. A loss_type a recipe cannot use is an error."},
     )
-    spin_iterations: int = field(
-        default=3, metadata={"help": "SPIN only: iterations (opponent refreshes) over the run's optimizer steps."}
+    spin_iterations: int | None = field(
+        default=None,
+        metadata={"help": "SPIN only: iterations (opponent refreshes) over the run's optimizer steps. Default: the "
+                  "number of per-iteration values given (spin_preset, spin_learning_rates, spin_betas), else 3."},
+    )
+    spin_preset: str | None = field(
+        default=None,
+        metadata={"help": "SPIN only: 'paper' is the SPIN scripts' schedule in one setting: 4 iterations, learning "
+                  "rates 5e-7, 5e-7, 1e-7, 1e-7 and betas 0.1, 0.1, 0.1, 5.0 per iteration, fresh optimizer state "
+                  "each iteration, cut responses ended with EOS. The scripts also use optim rmsprop and 6 epochs per "
+                  "iteration (num_train_epochs 24): set those yourself."},
+    )
+    spin_learning_rates: list[float] | None = field(
+        default=None,
+        metadata={"help": "SPIN only: the peak learning rate of each iteration (one value per iteration; replaces "
+                  "learning_rate). The schedule restarts at each iteration and scales to its value."},
+    )
+    spin_betas: list[float] | None = field(
+        default=None,
+        metadata={"help": "SPIN only: the loss's beta in each iteration (one value per iteration; replaces beta)."},
+    )
+    spin_reset_optimizer: bool = field(
+        default=False,
+        metadata={"help": "SPIN only: start each iteration with fresh optimizer state, as each run of the SPIN "
+                  "scripts starts a new optimizer."},
+    )
+    spin_end_with_eos: bool = field(
+        default=False,
+        metadata={"help": "SPIN only: end an opponent response cut at its token budget with the end token, as the SPIN "
+                  "code does when it re-renders each generated answer with the chat template."},
     )
     spin_do_sample: bool = field(
         default=False,
@@ -99,8 +128,10 @@ class SAPOConfig(TrainingArguments):
                   "tokens, 'drop' removes the example (the count is logged)."},
     )
     # --- self-augmentation ------------------------------------------------------------------------
-    token_generate_length: int = field(
-        default=256, metadata={"help": "Tokens the EMA model regenerates per rejected response (segment length)."}
+    token_generate_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens the EMA model regenerates per rejected response (segment length), at most "
+                  "max_length. Default: the paper's 256, or max_length when that is smaller."},
     )
     ema_beta: float = field(
         default=0.5,
@@ -362,6 +393,8 @@ class SAPOConfig(TrainingArguments):
                              f"got loss_type {self.loss_type!r}")
         if self.beta is None:
             self.beta = ORPO_LAMBDA if self.loss_type in REFERENCE_FREE_LOSS_TYPES else DPO_BETA
+        for recipe_class in dict.fromkeys(RECIPE_CLASSES.values()):  # each checks its own settings, chosen or not
+            recipe_class.configure(self)
         if self.rejected_judge is not None and not recipe.needs_ema:
             raise ValueError(f"SAPOConfig.rejected_judge judges the EMA model's rewrites; recipe {self.recipe!r} makes "
                              "none (use a sapo recipe, or leave rejected_judge unset)")
@@ -380,6 +413,8 @@ class SAPOConfig(TrainingArguments):
         _check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
         _check_choice("pair_scoring", self.pair_scoring, PAIR_SCORINGS)
         _check_choice("identical_rejected", self.identical_rejected, IDENTICAL_REJECTED_MODES)
+        if self.token_generate_length is None:
+            self.token_generate_length = min(PAPER_TOKEN_GENERATE_LENGTH, self.max_length)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
                      "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
                      "spin_iterations", "spin_max_new_tokens", "eval_judge_max_new_tokens"):
@@ -390,6 +425,9 @@ class SAPOConfig(TrainingArguments):
                 f"SAPOConfig.max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                 f"({self.max_length}) to leave room for the response"
             )
+        if self.token_generate_length > self.max_length:
+            raise ValueError(f"SAPOConfig.token_generate_length ({self.token_generate_length}) must be at most "
+                             f"max_length ({self.max_length}): a rewritten segment lies within one sequence")
         if not 0.0 <= self.ema_beta <= 1.0:
             raise ValueError(f"SAPOConfig.ema_beta must be in [0, 1], got {self.ema_beta}")
         if self.beta <= 0:
@@ -433,6 +471,11 @@ class SAPOConfig(TrainingArguments):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SAPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < -1:  # transformers reads any max_steps <= 0 as "train num_train_epochs epochs"
+            raise ValueError(f"SAPOConfig.max_steps must be > 0, or -1 to train num_train_epochs epochs; got "
+                             f"{self.max_steps}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:  # a negative norm silently disables clipping
+            raise ValueError(f"SAPOConfig.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError(f"SAPOConfig.num_train_epochs must be > 0 when max_steps is not set, got "
                              f"{self.num_train_epochs}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sapo.errors import DataError
+from sapo.errors import DataError, describe_unusable_path
 from sapo.packing import common_prefix_length
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class TokenizedExample:
 def read_records(source: str | os.PathLike, split: str = "train") -> list[RawRecord]:
     """Read every record of a file, a local dataset directory or a hub dataset, keeping locations."""
     path = Path(source)
+    unusable = describe_unusable_path(path)
+    if unusable:
+        raise DataError(f"{source}: {unusable}, not a data file or directory")
     if path.is_file():
         return list(_read_file(path))
     if path.is_dir():
@@ -301,7 +304,12 @@ def _normalize_chosen(record: Any, location: str) -> Example:
     record = {key: value for key, value in record.items() if value is not None}
     if "messages" in record:
         messages = _messages(record["messages"], location, "messages")
-        return _split_conversation(messages, location, "messages")
+        example = _split_conversation(messages, location, "messages")
+        _check_other_fields_agree(record, location, example)
+        return example
+    if "chosen" in record and "completion" in record:
+        raise DataError(f"{location}: record has both 'chosen' and 'completion', two responses to train on; keep "
+                        "one of them")
     if "chosen" in record:
         return _from_preference(record, location)
     if "completion" in record:
@@ -311,6 +319,30 @@ def _normalize_chosen(record: Any, location: str) -> Example:
         f"{location}: record has none of the supported fields 'messages', 'prompt'+'completion', "
         f"'prompt'+'chosen' with a non-null value (found: {', '.join(map(str, fields)) or 'nothing'})"
     )
+
+
+def _check_other_fields_agree(record: Mapping[str, Any], location: str, example: Example) -> None:
+    """A record with `messages` and also `prompt`/`completion`/`chosen` is trained on its `messages`; refuse it when
+    the other fields say something else (which one was meant cannot be known). Datasets that carry both forms of the
+    same conversation (ultrachat_200k's `prompt` is the first user turn, ultrafeedback_binarized's `chosen` equals
+    its `messages`) agree and pass."""
+    others = [name for name in ("prompt", "completion", "chosen") if name in record]
+    if not others:
+        return
+    if "completion" in record or "chosen" in record:
+        if "completion" in record:
+            other = Example(_prompt(record, location), _completion(record["completion"], location, "completion"))
+        else:
+            other = _from_preference(record, location)
+        agrees = (other.prompt, other.response) == (example.prompt, example.response)
+    else:
+        value = record["prompt"]
+        users = [m["content"].strip() for m in example.prompt if m["role"] == "user"]
+        agrees = (isinstance(value, str) and value.strip() in users) or (
+            isinstance(value, list) and _messages(value, location, "prompt") == example.prompt)
+    if not agrees:
+        raise DataError(f"{location}: record has both 'messages' and {' and '.join(repr(o) for o in others)}, and "
+                        "they disagree about the conversation to train on; keep one format")
 
 
 def _from_preference(record: Mapping[str, Any], location: str) -> Example:
@@ -484,6 +516,9 @@ def resolve_chat_template(value: str | None) -> str | None:
     if "{" in value:
         return value
     path = Path(value)
+    unusable = describe_unusable_path(path)
+    if unusable:
+        raise DataError(f"chat_template: {value}: {unusable}, not a template file")
     if not path.is_file():
         raise DataError(f"chat_template: {value!r} is neither a file, a built-in name "
                         f"({', '.join(NAMED_CHAT_TEMPLATES)}) nor a Jinja template")
@@ -529,9 +564,15 @@ def prepare_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
         raise DataError("chat_template: this tokenizer (MistralCommonBackend, from tekken.json) renders chats with "
                         "mistral-common and takes no Jinja template; drop --chat_template")
     if template is not None:
+        if not template.strip():
+            raise DataError("chat_template is empty: it would render every prompt as no tokens")
         check_chat_template(template, "chat_template")
         tokenizer.chat_template = template
     elif isinstance(getattr(tokenizer, "chat_template", None), str):
+        if not tokenizer.chat_template.strip():
+            source = getattr(tokenizer, "name_or_path", None)
+            raise DataError(f"the tokenizer's chat template is empty{f' ({source})' if source else ''}, so every "
+                            "prompt would render as no tokens; pass chat_template (CLI: --chat_template)")
         check_chat_template(tokenizer.chat_template, "the tokenizer's own chat template (pass --chat_template to "
                                                      "replace it)")
     source = getattr(tokenizer, "name_or_path", None)
@@ -599,6 +640,8 @@ def _tokenize_with_boundary(tokenizer: Any, example: Example,
         raise DataError(f"{example.location or 'a record'}: the chat template refuses this record "
                         f"({' '.join(str(error).split())})") from None
     boundary = common_prefix_length(prompt_alone, *conversations)
+    if boundary == 0:  # the sampler needs at least one token to continue from, and so does the loss
+        raise DataError(f"{example.location or 'a record'}: the chat template renders the prompt as no tokens")
     responses = [_through_end_token(ids[boundary:], ends, tokenizer.eos_token_id) for ids in conversations]
     rejected = responses[1] if len(responses) > 1 else None
     tokenized = TokenizedExample(conversations[0][:boundary], responses[0], rejected)

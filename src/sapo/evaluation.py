@@ -21,9 +21,10 @@ from typing import Any
 from torch import nn
 
 from sapo.data import Message
-from sapo.errors import UsageError
+from sapo.errors import UsageError, describe_unusable_path
 from sapo.generation import SamplingSettings
 from sapo.judging import DEFAULT_JUDGE, build_report, generate_responses, load_judge
+from sapo.loading import check_model_source, check_tokenizer_source
 
 
 def suite_families(names: str) -> tuple[str, ...]:
@@ -98,25 +99,12 @@ def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message]], li
 
 
 def load_model(path: str, *, device: str = "cpu", chat_template: str | None = None) -> tuple[nn.Module, Any]:
-    """A model directory loaded as a user would: `AutoModelForCausalLM` / `AutoTokenizer`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A model directory and its tokenizer, loaded and checked by `sapo.loading` (as `sapo train` loads them), in
+    eval mode on `device`."""
+    from sapo.loading import load_model_and_tokenizer
 
-    from sapo.data import prepare_tokenizer
-
-    if not (Path(path) / "config.json").is_file():
-        raise UsageError(f"{path}: not a model directory (config.json missing)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path).to(device)
-    except Exception as error:  # transformers, safetensors, torch's safe unpickler: corrupt or foreign weights
-        raise UsageError(f"{path}: cannot load the model ({type(error).__name__}: {' '.join(str(error).split())})") \
-            from error
-    model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as error:
-        raise UsageError(f"{path}: cannot load the tokenizer ({type(error).__name__}: "
-                         f"{' '.join(str(error).split())})") from error
-    return model, prepare_tokenizer(tokenizer, chat_template)
+    model, tokenizer = load_model_and_tokenizer(path, chat_template=chat_template, option="MODEL_DIR")
+    return model.to(device).eval(), tokenizer
 
 
 def _check_device(name: str) -> str:
@@ -203,11 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sample and (args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
         raise UsageError("--sample needs --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
     for path in args.model_dirs:  # fail before any generation, not after the first model
-        if not Path(path).is_dir():
+        if not Path(path).is_dir() and not describe_unusable_path(path):
             raise UsageError(f"{path}: no such model directory" if not Path(path).exists()
                              else f"{path}: is a file, not a model directory")
-        if not (Path(path) / "config.json").is_file():
-            raise UsageError(f"{path}: not a model directory (config.json missing)")
+        check_model_source(path, "MODEL_DIR", trust_remote_code=False)
+        check_tokenizer_source(path, "MODEL_DIR", chat_template=args.chat_template)
     if args.output:
         _check_output_file(args.output)
     judge = load_judge(args.judge)

@@ -86,7 +86,7 @@ def build_model(
     num_layers: int = 2,
     num_heads: int = 4,
     intermediate_size: int | None = None,
-    max_position_embeddings: int = 512,
+    max_position_embeddings: int = 1024,  # SAPOConfig's default max_length: runs with defaults fit
     seed: int = 0,
 ) -> LlamaForCausalLM:
     """Build a small, randomly initialised Llama whose vocabulary and special ids match ``tokenizer``.

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from sapo.checkpoint import (
@@ -59,7 +59,7 @@ from sapo.checkpoint import (
 )
 from sapo.config import SAPOConfig, sapo_fields
 from sapo.copies import EMA, REFERENCE, SHARDS, ModelCopies
-from sapo.data import collate_examples, keep_legacy_flag, prepare_tokenizer, save_tokenizer, tokenized_dataset
+from sapo.data import collate_examples, keep_legacy_flag, save_tokenizer, tokenized_dataset
 from sapo.errors import USER_ERRORS, CheckpointError, OutputDirError, TrainingStopped, UsageError
 from sapo.generation import SegmentSampler, checkpoint_sampling, eos_token_ids_of, make_sampler
 from sapo.heldout import (
@@ -95,6 +95,7 @@ from sapo.layout import (
     TRAINER_STATE_FILE,
     step_state_file,
 )
+from sapo.loading import load_policy, load_reference, warn_unless_loaded_with  # noqa: F401  (re-exported)
 from sapo.losses import LOSSES, nll_from_logps, pair_metrics
 from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
 from sapo.recipes import RECIPES, Recipe, StepServices, pad_pair_sequences, pad_sequences
@@ -129,28 +130,6 @@ def is_peft_model(model: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
-
-
-def load_by_path(path: str, init_kwargs: dict[str, Any], option: str) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained(path, **init_kwargs)`, a refusal naming the path and the option."""
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
-    except (OSError, ValueError, TypeError, ImportError) as error:
-        shown = f" with {option} {json.dumps(init_kwargs, default=str)}" if init_kwargs else ""
-        raise UsageError(f"{path}: cannot load the model{shown} ({type(error).__name__}: "
-                         f"{' '.join(str(error).split())[:500]})") from error
-
-
-def warn_unless_loaded_with(model: nn.Module, init_kwargs: dict[str, Any], option: str, argument: str) -> None:
-    """`option` only applies when `argument` is a path; say so when the instance given was loaded otherwise."""
-    config = getattr(model, "config", None)
-    found = {"dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
-             "attn_implementation": getattr(config, "_attn_implementation", None)}
-    differ = [f"{key} {init_kwargs[key]!r} (the instance has {found[key]!r})" for key in found
-              if init_kwargs.get(key) not in (None, "auto") and found[key] and init_kwargs[key] != found[key]]
-    if differ:
-        logger.warning("%s applies only when %s is a path; the %s instance passed in is used as it is, not with %s",
-                       option, argument, argument, ", ".join(differ))
 
 
 class _SAPOStepHooks(TrainerCallback):
@@ -280,7 +259,7 @@ class SAPOTrainer(Trainer):
         self.eval_judge = load_eval_judge(args.eval_judge)
         self.rejected_judge = load_eval_judge(args.rejected_judge, "rejected_judge")
         model, processing_class = self._load(model, processing_class, chat_template, peft_config,
-                                             args.model_init_kwargs)
+                                             args.model_init_kwargs, args.max_length)
         if args.disable_dropout:
             disable_dropout(model)
         if sampler is None and args.generation_engine == "static":  # refuse before anything is written
@@ -348,19 +327,11 @@ class SAPOTrainer(Trainer):
 
     @staticmethod
     def _load(model: nn.Module | str, tokenizer: Any, chat_template: str | None, peft_config: Any,
-              model_init_kwargs: dict[str, Any] | None) -> tuple[nn.Module, Any]:
-        """The policy (loaded by path with `model_init_kwargs`, wrapped with LoRA when asked) and its prepared
-        tokenizer (loaded from the same path, at the same revision)."""
-        if tokenizer is None:
-            if not isinstance(model, str):
-                raise ValueError("pass processing_class (the tokenizer) when model is an instance")
-            shared = {k: v for k, v in (model_init_kwargs or {}).items() if k in ("revision", "trust_remote_code")}
-            tokenizer = AutoTokenizer.from_pretrained(model, **shared)
-        if isinstance(model, str):
-            model = load_by_path(model, model_init_kwargs or {}, "model_init_kwargs")
-        elif model_init_kwargs:
-            warn_unless_loaded_with(model, model_init_kwargs, "model_init_kwargs", "model")
-        tokenizer = prepare_tokenizer(tokenizer, chat_template)
+              model_init_kwargs: dict[str, Any] | None, max_length: int | None = None) -> tuple[nn.Module, Any]:
+        """The policy and its prepared tokenizer, loaded and checked by `sapo.loading` (the loader `sapo train` and
+        `sapo eval` use), then wrapped with LoRA when asked."""
+        model, tokenizer = load_policy(model, tokenizer, chat_template=chat_template, init_kwargs=model_init_kwargs,
+                                       max_length=max_length)
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -369,19 +340,19 @@ class SAPOTrainer(Trainer):
 
     def _load_reference(self, ref_model: nn.Module | str | None) -> nn.Module | None:
         """A reference given by path is loaded with `ref_model_init_kwargs` (default: the policy's
-        `model_init_kwargs`, so both load alike, as TRL does)."""
+        `model_init_kwargs`, so both load alike, as TRL does); either way it is checked like the policy."""
         init_kwargs = self.args.ref_model_init_kwargs
         if isinstance(ref_model, str):
             name = "model_init_kwargs" if init_kwargs is None else "ref_model_init_kwargs"
             chosen = self.args.model_init_kwargs if init_kwargs is None else init_kwargs
-            return load_by_path(ref_model, chosen or {}, name)
+            return load_reference(ref_model, chosen, name, self.processing_class, self.args.max_length)
         if ref_model is not None and init_kwargs:
             warn_unless_loaded_with(ref_model, init_kwargs, "ref_model_init_kwargs", "ref_model")
         elif ref_model is None and init_kwargs is not None:
             logger.warning("ref_model_init_kwargs is unused: it applies to a ref_model given by path, and this run %s",
                            "has none" if self.args.uses_reference else f"(recipe {self.args.recipe!r}, loss "
                            f"{self.args.loss_type!r}) uses no reference model")
-        return ref_model
+        return load_reference(ref_model, None, "ref_model_init_kwargs", self.processing_class, self.args.max_length)
 
     def _make_sampler(self) -> SegmentSampler:
         """The configured engine, told the fixed shapes of this run's generation calls (rows of a round, a bound on
@@ -411,7 +382,8 @@ class SAPOTrainer(Trainer):
             generate=self._generate, refresh_reference_from_policy=lambda: self.copies.refresh_reference("policy"),
             any_rank=lambda flag: any_rank(flag, self.args.device) if sharded else flag,
             record=self._record, pad_token_id=self.processing_class.pad_token_id, eos_token_ids=self.eos_token_ids,
-            judge_rewrites=self._judge_rewrites if self.rejected_judge is not None else None)
+            judge_rewrites=self._judge_rewrites if self.rejected_judge is not None else None,
+            reset_optimizer=self._reset_optimizer_state)
 
     def _judge_rewrites(self, indices: Sequence[int | None], real: Sequence[list[int]],
                         rejected: Sequence[list[int]]) -> list[bool]:
@@ -429,6 +401,12 @@ class SAPOTrainer(Trainer):
         real_scores = judge_scores(self.rejected_judge, name, prompts, [decode(t) for t in real], records)
         rejected_scores = judge_scores(self.rejected_judge, name, prompts, [decode(t) for t in rejected], records)
         return [worse < better for worse, better in zip(rejected_scores, real_scores, strict=True)]
+
+    def _reset_optimizer_state(self) -> None:
+        """Forget the optimizer's running statistics (moments, square averages): SPIN's scripts start each iteration
+        with a new optimizer. The learning rate is the scheduler's, which restarts on its own."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        optimizer.state.clear()
 
     def _record(self, name: str, value: float | torch.Tensor) -> None:
         """A metric value, averaged with the others of its name until the next log."""
@@ -471,8 +449,12 @@ class SAPOTrainer(Trainer):
             return super().create_scheduler(num_training_steps, optimizer)
         scheduler = super().create_scheduler(period, optimizer)
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            scheduler.lr_lambdas = [_restarting_every(period, f) for f in scheduler.lr_lambdas]
+            scale = self.recipe.learning_rate_scale
+            scheduler.lr_lambdas = [_restarting_every(period, f, scale) for f in scheduler.lr_lambdas]
             return scheduler
+        if self.args.spin_learning_rates:
+            raise UsageError(f"spin_learning_rates: lr_scheduler_type {self.args.lr_scheduler_type!r} cannot restart "
+                             "at each iteration; use linear, cosine, constant_with_warmup or another LambdaLR schedule")
         logger.warning("lr_scheduler_type %r cannot restart every %d steps; it runs once over the whole run",
                        self.args.lr_scheduler_type, period)
         self.lr_scheduler = None
@@ -1152,6 +1134,7 @@ class SAPOTrainer(Trainer):
                             verify_content=self.is_world_process_zero())
 
 
-def _restarting_every(period: int, schedule: Any) -> Any:
-    # A closure, not a callable object: LambdaLR would try to save an object's attributes in its state_dict.
-    return lambda step: schedule(step % period)
+def _restarting_every(period: int, schedule: Any, scale: Any) -> Any:
+    # A closure, not a callable object: LambdaLR would try to save an object's attributes in its state_dict. The
+    # factor is a function of the step alone, so a resumed run continues the same per-period rates.
+    return lambda step: scale(step // period) * schedule(step % period)
