@@ -1,44 +1,63 @@
-"""Quality benchmark: SAPO against its peers from one converged SFT checkpoint, with ablations of SAPO's parts.
+"""Quality benchmark in the paper's shape: a start fine-tuned on one split of demonstrations, then SAPO and its
+peers on a disjoint split of NEW demonstrations of the same families, with ablations of SAPO's parts.
 
     python benchmarks/quality.py --quick            # < 10 min on 2 CPU cores: the same protocol, reduced
-    python benchmarks/quality.py --full             # the README's numbers
+    python benchmarks/quality.py --full             # the README's numbers (designed for <= ~60 min, 2 workers)
     python benchmarks/quality.py --full --out DIR   # outputs elsewhere (default runs/quality, runs/quality-quick)
 
 Protocol (identical for every run, so that only the recipe or the ablated part differs):
 
 * Data: the structured task families of :mod:`sapo.tasks` (``chain``: worked multi-step sums; ``listing``:
   numbered sorts and reversals; ``profile``: facts as sentences; ``format``: lines under several checkable
-  constraints). Answers are 25-150 characters, i.e. 25-150 tokens of the character-level tokenizer, and each
-  family's judge gives partial credit, so one wrong step costs a fraction. Train, dev and held-out prompts are
-  disjoint by hash; settings are chosen on dev, the table is held-out.
-* Start: ONE SFT checkpoint (tiny Llama, ``hidden_size`` x ``num_layers``), trained on the train split with a
-  cosine schedule while its dev score is measured every ``sft_eval_every`` steps (the SFT curve). It is shared
-  by every run, and cached in ``OUT/sft`` for later invocations with the same settings.
-* Recipes from that checkpoint: ``sft`` (continued SFT: if it still gains, the start was not converged),
-  ``dpo`` and ``orpo`` (offline, on the records' near-miss ``rejected`` answers), ``spin``, ``sapo-dpo``,
-  ``sapo-orpo``. Equal optimizer steps, batch, schedule (AdamW, linear warm-up then linear decay to 0, as in the
-  paper) and lengths.
-* Grid: each recipe's learning rate and beta are chosen on the dev split (seed 0) from the same grid
-  (``grid_learning_rates`` x ``grid_betas``; sft has no beta). The chosen pair is then run with every seed
-  and judged on held-out prompts.
-* Ablations of SAPO's parts, each from the base (``sapo-dpo`` with its chosen settings), same seeds and steps:
-  the segment rewrite against a whole-response rewrite (k = 0, G = len(y)), segment lengths G, the EMA
-  generator against the current policy (ema_beta = 0), the replay buffer against fresh pairs only (buffer = one
-  batch, generated every step), and the reference refresh modes (ema / policy / fixed).
+  constraints), whose judges give partial credit. Two sides: the START's demonstrations and the NEW ones, on
+  disjoint prompts. Under the default split rule ``harder`` the new side is the larger instances of every family
+  (``HARDER_FROM``: chains of 6-7 numbers, lists of 8-9 words, 5 facts, 5 lines) and the start's side the smaller
+  ones; under ``same`` both sides are one distribution split by a hash of the prompt. Dev (choices) and
+  held-out (the table) prompts are new-side and disjoint from both training sides by the suite's hash split.
+* Why ``harder``: the paper's SAPO gets demonstrations its start has not learned. A disjoint split of the same
+  distribution is what the old protocol's held-out split already was, and a converged start scored 0.827 there
+  (profile 0.994): it rewrote 51% of its answers into themselves (profile 100%, chain 72%), and an identical
+  pair carries no gradient. Training the start less on the same distribution would make every recipe's gain
+  the SFT it skipped. Larger instances of the learned families are new to the start and stay in reach of the
+  same skills. The start's census (below) measures it before anything long runs: at ``--quick`` size, 0% of
+  the start's rewrites of the new side are identical under either rule (its start is weak); the run stops when
+  more than ``max_start_identical`` are (the ``--full`` start's figure is in its table).
+* Start: ONE SFT checkpoint (tiny Llama, ``hidden_size`` x ``num_layers``) trained on the start's side only with a
+  cosine schedule; its dev score on both sides every ``sft_eval_every`` steps (the SFT curves). Shared by every
+  run, cached in ``OUT/sft``. Its census of the new side: its segment rewrites of ``diagnostic_per_family`` new
+  training records per family, made exactly as SAPO's generator makes them (``sapo.segments.rewrite_segments``
+  through the trainer's sampler), at each of ``census_temperatures``: identical to the real answer, judged
+  worse. Its rewrites at the base temperature are the FIXED pairs of the diagnostics.
+* Recipes from that checkpoint, all on the same new demonstrations: ``sft`` (continued SFT: the baseline SAPO
+  must beat), ``dpo`` and ``orpo`` (offline, on the records' near-miss ``rejected`` answers), ``spin``,
+  ``sapo-dpo``, ``sapo-orpo``. Equal optimizer steps, batch, schedule (AdamW, linear warm-up then linear decay
+  to 0, as in the paper) and lengths.
+* Grid: each recipe's learning rate (and beta, when ``grid_betas`` has several) is chosen on dev (seed 0). When a
+  recipe's best dev score is at the lowest or highest learning rate tried, the grid grows one step past that
+  edge (the edge times its ratio to its neighbour), up to ``grid_widen`` times; a recipe still at an edge is
+  marked so in the table. The chosen setting then runs with every seed on held-out prompts.
+* Ablations, from ``sapo-dpo`` with its chosen setting (seeds ``ablation_seeds``, default all): identical-pair
+  handling off (``keep``: the paper, identical rewrites enter the buffer and every step runs), step skipping off
+  (``no-skip``) and on with identical pairs kept (``keep-skip``), segment vs whole response (``whole``), EMA vs the
+  current policy as generator (``no-ema``), temperature 0.3 / 1.0 (``T0.3``, ``T1``; base 0.7), and the judge
+  filter beyond the paper (``judge``: ``rejected_judge`` = the task judge, a rewrite kept only when scored below
+  the real answer). More are available by name (``G12``, ``no-replay``, ``ref-policy``, ``ref-fixed``...).
 * Evaluation: greedy decoding, scored by ``sapo.tasks.judge``, every ``eval_every`` steps and after the last.
   Scores are at equal steps (the last step) and at equal wall time (interpolated on the curve at the training
-  time of the fastest recipe of the same seed; evaluation time excluded). Win rates are per held-out prompt
-  against the start, a tie counting half. Rows give mean ± sample std over seeds.
-* Diagnostics: reward margins and accuracies and the real answers' per-token log-likelihood over training, per
-  family, on fixed dev pairs (the trainer's own evaluation, ``eval_dataset`` by family); for SAPO runs, from
-  the final replay buffer: the fraction of rejected answers equal to the real one, where the segment starts
-  (fraction of the response), and the fraction the judge scores below the real answer.
+  time of the fastest recipe of the same seed; evaluation excluded). Win rates are per held-out prompt against
+  the start, a tie counting half. Rows give mean ± sample std over seeds.
+* Diagnostics, at every evaluation point, against the FIXED start (never a reference refreshed at the
+  evaluation step): per family, the real answers' per-token log-likelihood change on the census records, the
+  margin (log p(y) - log p0(y)) - (log p(y-) - log p0(y-)) on the start's non-identical rewrites and its
+  accuracy; the parameter distance from the start. From sapo's training logs: the identical fraction before
+  handling, ties, pairs dropped, pairs judged not worse, steps skipped. For SAPO runs, per family: the census
+  of the final generator (identical, judged worse) and of the final replay buffer (segment start, judged worse).
 
-Outputs in ``--out``: ``results.json`` (settings, SFT curve, grid, every run), ``table.md`` (also printed),
-``curves.png``, ``sft/`` (the checkpoint) and ``runs/GROUP/NAME/seed-N/`` (each run's ``result.json``, which a
-later invocation reuses when its settings match, and ``metrics.jsonl``, which ``sapo plot`` reads). Runs go to
-``--workers`` processes with one torch thread each (on a shared 2-core machine two intra-op threads were up to
-5x slower than one).
+Outputs in ``--out``: ``results.json``, ``table.md`` (also printed), ``curves.png``, ``diagnostics.png``, ``sft/``
+(the checkpoint, ``start.json`` with its census and fixed pairs, ``trained_prompts.json``) and
+``runs/GROUP/NAME/seed-N/`` (``result.json``, reused by a later invocation when its settings match,
+``trained_prompts.json``: the prompts the run's trainer was given, decoded from its own training set, and
+``metrics.jsonl`` for ``sapo plot``). Runs go to ``--workers`` processes with one torch thread each.
 """
 
 from __future__ import annotations
@@ -85,17 +104,17 @@ class Settings:
     split_rule: str = "harder"  # how the recipes' new demonstrations differ from the start's (SPLIT_RULES)
     n_start: int = 6000  # the start's demonstrations
     n_train: int = 2000  # the new demonstrations every recipe trains on (disjoint from the start's)
-    n_dev: int = 200
-    n_heldout: int = 300
+    n_dev: int = 150
+    n_heldout: int = 250
     # model and the SFT start
     hidden_size: int = 128
-    num_layers: int = 4
-    sft_steps: int = 800
+    num_layers: int = 3
+    sft_steps: int = 1000
     sft_batch_size: int = 32
     sft_learning_rate: float = 2e-3
-    sft_eval_every: int = 200
+    sft_eval_every: int = 250
     # the post-SFT stage, shared by every run
-    steps: int = 150
+    steps: int = 120
     batch_size: int = 16
     warmup_steps: int = 10
     lr_scheduler: str = "linear"  # warm-up, then linear decay to 0 at the last step (the paper's schedule)
@@ -109,17 +128,18 @@ class Settings:
     max_length: int = 256
     max_prompt_length: int = 96
     # evaluation and diagnostics
-    eval_every: int = 50
+    eval_every: int = 60
     max_new_tokens: int = 170
     eval_batch_size: int = 100
     diagnostic_per_family: int = 24  # new-split training records per family: census and fixed pairs
     census_temperatures: tuple[float, ...] = (0.3, 0.7, 1.0)
+    max_start_identical: float = 0.5  # stop before the grid when more of the start's rewrites are identical
     workers: int = 2
 
 
 QUICK: dict[str, Any] = {
     "seeds": (0, 1), "ablation_seeds": (0,), "n_start": 3000, "n_train": 600, "n_dev": 60, "n_heldout": 80,
-    "hidden_size": 64, "num_layers": 2, "sft_steps": 300, "sft_eval_every": 150, "steps": 30, "eval_every": 15,
+    "hidden_size": 64, "num_layers": 2, "sft_steps": 300, "sft_eval_every": 300, "steps": 30, "eval_every": 15,
     "grid_learning_rates": (3e-4,), "ref_update_steps": 15, "diagnostic_per_family": 8,
     "census_temperatures": (0.7,),
 }
@@ -800,6 +820,7 @@ def run_benchmark(settings: Settings, log=print) -> dict[str, Any]:
         census = start_census(settings, suite, out)
         log("  the start's rewrites of the new demonstrations, identical to the real answer: " + ", ".join(
             f"T {t}: {_over(c, 'identical'):.2f}" for t, c in census["census"].items()))
+        _check_signal(census, settings)
         start = _start_scores(settings, suite, out / "sft")
         log(f"  held-out score of the start {start['overall']:.3f}")
         grid, chosen = tune(settings, log)
@@ -817,6 +838,17 @@ def run_benchmark(settings: Settings, log=print) -> dict[str, Any]:
     plot_diagnostics(result, out / "diagnostics.png")
     result["table"] = table
     return result
+
+
+def _check_signal(census: dict[str, Any], settings: Settings) -> None:
+    """Nothing long runs when the start reproduces the new demonstrations: SAPO would learn from identical pairs."""
+    identical = _over(census["census"][f"{settings.temperature:g}"], "identical")
+    if identical > settings.max_start_identical:
+        raise RuntimeError(
+            f"the start rewrites {identical:.0%} of the new demonstrations into themselves at temperature "
+            f"{settings.temperature:g} (max_start_identical {settings.max_start_identical:g}): the recipes would "
+            "have little to learn from; train the start less (--sft_steps), use --split_rule harder, or raise "
+            "--max_start_identical to run anyway")
 
 
 def _over(families: dict[str, dict[str, float]], name: str) -> float:
@@ -1174,7 +1206,7 @@ def build_parser() -> argparse.ArgumentParser:
     for item in dataclasses.fields(Settings):
         value = getattr(defaults, item.name)
         if isinstance(value, tuple):
-            parser.add_argument(f"--{item.name}", nargs="+", type=type(value[0]), default=None,
+            parser.add_argument(f"--{item.name}", nargs="+", type=type(value[0]) if value else int, default=None,
                                 help=f"(full: {' '.join(map(str, value))})")
         else:
             parser.add_argument(f"--{item.name}", type=type(value), default=None, help=f"(full: {value})")
