@@ -498,3 +498,17 @@ def test_pair_loss_refuses_an_unknown_loss_and_a_missing_reference():
         pair_loss("kto", logps, mask, logps, beta=0.1)
     with pytest.raises(ValueError, match="needs the reference model's log-probs"):
         pair_loss("sigmoid", logps, mask, None, beta=0.1)
+
+
+def test_pair_metrics_report_ties_apart_from_accuracy() -> None:
+    from sapo.losses import pair_loss, pair_metrics
+
+    # pairs 0 and 2 are identical (the rejected rows repeat the real ones), pair 1 is ranked right, pair 3 wrong
+    real = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-2.0, -2.0], [-3.0, -3.0]])
+    rejected = torch.tensor([[-1.0, -1.0], [-4.0, -4.0], [-2.0, -2.0], [-1.0, -1.0]])
+    mask = torch.ones(8, 2, dtype=torch.bool)
+    result = pair_loss("sigmoid", torch.cat([real, rejected]), mask, torch.zeros(8, 2), beta=0.1)
+    metrics = pair_metrics(result, mask, [True, False, True, False])
+    assert metrics["rewards/ties"].item() == 0.5 and metrics["rewards/accuracies"].item() == 0.5
+    assert pair_metrics(result, mask)["rewards/accuracies"].item() == 0.25  # without flags: TRL's definition
+    assert "rewards/accuracies" not in pair_metrics(result, mask, [True] * 4)

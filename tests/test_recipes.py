@@ -243,3 +243,101 @@ def test_pad_pairs_packs_each_pair_around_its_shared_prefix():
     assert batch["packed_input_ids"].shape == (3, 8)
     assert batch["packed_input_ids"][:, :5].tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [6, 5, 4, 3, 0]]
     assert batch["packed_input_ids"][0, 5].item() == 9
+
+
+class CopyingServices(FakeServices):
+    """A generator that continues every context with the real response it came from (a model that reproduces its
+    demonstrations), except at the segment starts in `differ_at`, where it writes the scripted sample."""
+
+    def __init__(self, inputs, differ_at=(), judge=None):
+        super().__init__()
+        self.sequences = [p + y for p, y in zip(inputs["prompt_ids"], inputs["response_ids"], strict=True)]
+        self.differ_at, self.judge, self.judged = set(differ_at), judge, []
+
+    def services(self):
+        services = super().services()
+        if self.judge is not None:
+            services.judge_rewrites = self.judge_rewrites
+        return services
+
+    def generate(self, which, contexts, max_new_tokens):
+        self.generated.append((which, [list(c) for c in contexts], max_new_tokens))
+        samples = []
+        for context in contexts:
+            full = next(s for s in self.sequences if s[:len(context)] == list(context))
+            start = len(context) - len(INPUTS["prompt_ids"][0])
+            samples.append(self.sample[:max_new_tokens] if start in self.differ_at
+                           else full[len(context):len(context) + max_new_tokens])
+        return samples
+
+    def judge_rewrites(self, indices, real, rejected):
+        self.judged.append(list(indices))
+        return [self.judge(r) for r in rejected]
+
+
+def test_an_identical_rewrite_is_regenerated_at_a_new_segment_start_then_dropped_and_counted():
+    fake = CopyingServices(INPUTS)
+    recipe = SelfAugmented(unit_args(), fake.services(), seed=0)
+    recipe.augment(INPUTS["prompt_ids"], INPUTS["response_ids"], INPUTS["index"])
+    assert len(fake.generated) == 2  # the round, then one retry of both examples at fresh segment starts
+    assert len(recipe.buffer) == 0 and recipe.dropped == 2
+    assert fake.metrics["segment/identical_fraction"] == [1.0, 1.0]
+
+
+def test_a_retry_that_differs_enters_the_buffer():
+    fake = CopyingServices(INPUTS, differ_at=(1, 2, 3))
+    recipe = SelfAugmented(unit_args(), fake.services(), seed=3)
+    entries = recipe.augment(INPUTS["prompt_ids"], INPUTS["response_ids"], INPUTS["index"])
+    assert all(e.rejected != e.real for e in entries) and recipe.dropped == 2 - len(entries)
+    assert len(recipe.buffer) == len(entries) > 0
+
+
+@pytest.mark.parametrize("mode,generations,in_buffer", [("drop", 1, 0), ("keep", 1, 2)])
+def test_drop_generates_once_and_keep_is_the_papers_buffer(mode, generations, in_buffer):
+    fake = CopyingServices(INPUTS)
+    recipe = SelfAugmented(unit_args(identical_rejected=mode), fake.services(), seed=0)
+    recipe.augment(INPUTS["prompt_ids"], INPUTS["response_ids"], INPUTS["index"])
+    assert len(fake.generated) == generations and len(recipe.buffer) == in_buffer
+    assert recipe.dropped == 2 - in_buffer
+
+
+def test_with_nothing_to_draw_the_batch_is_stand_in_pairs_without_signal():
+    recipe = SelfAugmented(unit_args(), CopyingServices(INPUTS).services(), seed=0)
+    batch = recipe.batch(INPUTS, 0, 4)
+    assert batch["placeholder"] is True and batch["signal"] is False and batch["identical"] == [True, True]
+    assert batch["entry_ids"] == [-1, -1]
+    kept = SelfAugmented(unit_args(identical_rejected="keep"), CopyingServices(INPUTS).services(), seed=0)
+    batch = kept.batch(INPUTS, 0, 4)  # the paper's buffer: identical pairs drawn, no signal, not stand-ins
+    assert batch["placeholder"] is False and batch["signal"] is False and batch["entry_ids"] != [-1, -1]
+    orpo = SelfAugmented(unit_args(identical_rejected="keep", loss_type="orpo"), CopyingServices(INPUTS).services(),
+                         seed=0)
+    assert orpo.batch(INPUTS, 0, 4)["signal"] is True  # ORPO's NLL term trains on an identical pair too
+
+
+def test_rejected_judge_keeps_only_rewrites_it_scores_below_the_real_response():
+    judge = lambda rejected: 8 not in rejected  # noqa: E731 - "worse" unless the sample wrote an 8
+    fake = CopyingServices(INPUTS, differ_at=range(7), judge=judge)
+    recipe = SelfAugmented(unit_args(identical_rejected="drop"), fake.services(), seed=0)
+    entries = recipe.augment(INPUTS["prompt_ids"], INPUTS["response_ids"], INPUTS["index"])
+    assert fake.judged == [[0, 1]]  # the dataset index of each judged rewrite
+    assert entries == [] and recipe.dropped == 2 and fake.metrics["pairs/judged_not_worse"] == [1.0]
+    fake = CopyingServices(INPUTS, differ_at=range(7), judge=lambda rejected: True)
+    recipe = SelfAugmented(unit_args(identical_rejected="drop"), fake.services(), seed=0)
+    assert len(recipe.augment(INPUTS["prompt_ids"], INPUTS["response_ids"], INPUTS["index"])) == 2
+
+
+def test_a_short_epoch_caps_the_round_and_flushes_what_is_pending_at_its_last_batch():
+    """Issue #22.4: 48 examples at batch 8 (6 batches) with the default round of 64 examples: before, the first
+    batch's 8 pairs were the buffer for the whole epoch."""
+    fake = FakeServices()
+    recipe = SelfAugmented(unit_args(), fake.services(), seed=0)  # batch 2, default round: 64 examples
+    assert recipe.round_size == 64
+    recipe.set_epoch_length(3)  # 6 examples per epoch: a quarter is under one batch, so one batch per round
+    assert recipe.round_size == 2
+    recipe.set_epoch_length(40)  # 80 examples: rounds of 20
+    assert recipe.round_size == 20
+    for step in range(39):
+        recipe.pairs(INPUTS, step, 100)
+    assert len(recipe.buffer) == 2 + 76 // 20 * 20 and len(recipe.pending) == 76 % 20
+    recipe.pairs(INPUTS, 39, 100)  # the epoch's last batch: everything pending is generated
+    assert recipe.pending == [] and len(recipe.buffer) == 80 and recipe.epoch_position == 0

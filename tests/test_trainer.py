@@ -537,3 +537,91 @@ def test_the_non_finite_check_reads_the_norm_the_trainer_computed(tmp_path, toke
     trainer._get_grad_norm(trainer.model, torch.tensor(3.0))
     assert trainer._gradients_are_finite()
     assert trainer._grad_norm is None  # used once: a later step without a norm reads its own gradients
+
+
+class CopyingSampler:
+    """A generator that reproduces its demonstrations: each context prompt + y[:k] is continued with y itself, except
+    for the examples in `differ` (dataset indices) and in every call from the `differ_from_call`-th on, whose
+    continuation is each token shifted (a real rewrite)."""
+
+    def __init__(self, differ=(), differ_from_call=None):
+        self.differ, self.differ_from_call, self.calls, self.sequences = set(differ), differ_from_call, 0, []
+
+    def attach(self, trainer):
+        self.sequences = [e.prompt_ids + e.response_ids for e in trainer.train_dataset.examples]
+        return trainer
+
+    def sample(self, model, contexts, max_new_tokens):
+        samples, self.calls = [], self.calls + 1
+        changed = self.differ_from_call is not None and self.calls > self.differ_from_call
+        for context in contexts:
+            index = next(i for i, s in enumerate(self.sequences) if s[:len(context)] == list(context))
+            copy = self.sequences[index][len(context):len(context) + max_new_tokens]
+            samples.append([(t % 50) + 1 for t in copy] if changed or index in self.differ else copy)
+        return samples
+
+
+def copying_trainer(tmp_path, tokenizer, suite, sampler, **overrides):
+    from sapo.tiny import build_model
+
+    model = build_model(tokenizer, hidden_size=32, seed=0)
+    args = config(tmp_path, ema_beta=0.5, weight_decay=0.1, **overrides)
+    return sampler.attach(SAPOTrainer(model=model, args=args, train_dataset=suite["train"][:16],
+                                      processing_class=tokenizer, sampler=sampler))
+
+
+def test_a_model_that_reproduces_its_demonstrations_takes_no_step(tmp_path, tokenizer, suite):
+    """Issue #23: identical pairs never enter the buffer (each is retried at a new segment start, then dropped), and
+    a step with nothing that carries signal changes no weight, optimizer moment or EMA (AdamW's weight decay and
+    momentum included) but still counts."""
+    trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler())
+    before = clones(trainer.policy.parameters())
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.copies.ema.tensors, strict=True))
+    assert trainer.state.global_step == 4 and len(trainer.recipe.buffer) == 0
+    assert not trainer.optimizer.state  # AdamW never stepped: no moments
+    last = read_metrics(tmp_path / "out")[-1]
+    assert last["steps/skipped_no_signal"] == 4 and last["pairs/dropped"] == 16
+    assert "rewards/accuracies" not in last  # stand-in pairs are not logged as pairs
+
+
+def test_the_papers_buffer_keeps_identical_pairs_and_reports_them_as_ties(tmp_path, tokenizer, suite):
+    trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(), identical_rejected="keep")
+    before = clones(trainer.policy.parameters())
+    trainer.train()
+    rows = read_metrics(tmp_path / "out")
+    assert all(r["rewards/ties"] == 1.0 and "rewards/accuracies" not in r for r in rows)
+    assert rows[-1]["steps/skipped_no_signal"] == 0 and rows[-1]["pairs/dropped"] == 0
+    assert len(trainer.recipe.buffer) == 16 and trainer.optimizer.state  # AdamW stepped on zero-signal pairs
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))  # decay
+    skipping = copying_trainer(tmp_path / "skip", tokenizer, suite, CopyingSampler(), identical_rejected="keep",
+                               skip_no_signal_steps=True)
+    skipping.train()
+    assert read_metrics(tmp_path / "skip" / "out")[-1]["steps/skipped_no_signal"] == 4
+
+
+def test_steps_with_signal_train_and_ties_are_apart_from_accuracy(tmp_path, tokenizer, suite):
+    trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(differ=range(0, 16, 2)))
+    before = clones(trainer.policy.parameters())
+    trainer.train()
+    rows = read_metrics(tmp_path / "out")
+    assert rows[-1]["pairs/dropped"] == 8 and all(r["rewards/ties"] == 0.0 for r in rows)
+    assert all(e.rejected != e.real for e in trainer.recipe.buffer.entries())
+    assert rows[-1]["steps/skipped_no_signal"] < 4
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))
+
+
+def test_a_resume_across_skipped_steps_and_dropped_pairs_is_exact(tmp_path, tokenizer, suite):
+    # The first round and its retry reproduce the data (all dropped: step 1 skips), later rewrites differ; the
+    # sampler is the user's plug-in, whose own state (its call count) is not sapo's to checkpoint.
+    full = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(differ_from_call=2), save_strategy="steps",
+                           save_steps=1)
+    full.train()
+    resumed = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(differ_from_call=0), save_strategy="steps",
+                              save_steps=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert full.no_signal_steps == resumed.no_signal_steps > 0
+    assert full.recipe.dropped == resumed.recipe.dropped > 0
+    assert all(torch.equal(a, b) for a, b in zip(full.policy.parameters(), resumed.policy.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(full.copies.ema.tensors, resumed.copies.ema.tensors, strict=True))

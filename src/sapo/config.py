@@ -32,6 +32,7 @@ RECIPES = tuple(RECIPE_CLASSES)
 PROMPT_TRUNCATION_MODES = ("left", "drop")
 COPY_DTYPES = ("auto", "bfloat16", "float16", "float32")
 PAIR_SCORINGS = ("shared_prefix", "separate")
+IDENTICAL_REJECTED_MODES = ("resample", "drop", "keep")
 DEFAULT_LOSS_TYPE = "sigmoid"
 DPO_BETA = 0.1  # paper, SAPO-DPO (Mistral-7B)
 ORPO_LAMBDA = 0.05  # paper and authors' code, SAPO-ORPO (LLaMA-3-8B)
@@ -135,11 +136,35 @@ class SAPOConfig(TrainingArguments):
                   f"that decodes at least {DEFAULT_GENERATION_ROWS} sequences (x responses_per_prompt), e.g. 64 "
                   "examples, m = 8, a lag of up to 7 steps at batch 8. Set it to per_device_train_batch_size for the "
                   "paper's flow (every batch augmented at once, no lag). The first round runs at step 0 on the "
-                  "first batch alone, since the buffer must not be empty."},
+                  "first batch alone, since the buffer must not be empty. A short dataset never waits for a round "
+                  "it cannot fill: a round is at most a quarter of the examples a process sees per epoch (in whole "
+                  "batches, at least one), and what is pending at an epoch's last batch is generated then."},
     )
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the EMA model."})
     top_k: int = field(default=50, metadata={"help": "Top-k of the EMA model's sampling (0 disables)."})
     top_p: float = field(default=0.95, metadata={"help": "Top-p (nucleus) of the EMA model's sampling (1 disables)."})
+    identical_rejected: str = field(
+        default="resample",
+        metadata={"help": "What happens to a rewrite that carries no preference signal (identical to the real "
+                  "response, or not judged worse by rejected_judge): 'resample' regenerates it once at a new segment "
+                  "start and drops it (counted as pairs/dropped) if it is still unusable; 'drop' drops it at once; "
+                  "'keep' pushes it into the buffer like any other, as the paper does (an identical pair has zero "
+                  "gradient)."},
+    )
+    skip_no_signal_steps: bool | None = field(
+        default=None,
+        metadata={"help": "Skip an optimizer step whose pairs carry no gradient on any rank (all identical, or no "
+                  "pair to draw yet): no weight, optimizer-moment or EMA change; the step still counts for "
+                  "max_steps and the schedule (counted as steps/skipped_no_signal). Default: on unless "
+                  "identical_rejected is 'keep' (the paper's behaviour)."},
+    )
+    rejected_judge: str | None = field(
+        default=None,
+        metadata={"help": "A judge that must score each rewrite below its real response for the pair to be kept: "
+                  "module:function (or file.py:function), the judge interface of `sapo eval`, (prompt, response, "
+                  "record) -> float, given the training record. A rewrite it does not score lower is handled as "
+                  "identical_rejected says. Unset: no judge."},
+    )
     # --- reference model --------------------------------------------------------------------------
     ref_update_mode: str = field(
         default="ema",
@@ -286,6 +311,13 @@ class SAPOConfig(TrainingArguments):
         return self.max_prompt_length + self.spin_max_new_tokens
 
     @property
+    def skips_no_signal_steps(self) -> bool:
+        """`skip_no_signal_steps`, its default resolved (on, unless identical pairs are kept as in the paper)."""
+        if self.skip_no_signal_steps is not None:
+            return self.skip_no_signal_steps
+        return self.identical_rejected != "keep"
+
+    @property
     def recipe_class(self) -> type[Recipe]:
         return RECIPE_CLASSES[self.recipe]
 
@@ -330,6 +362,9 @@ class SAPOConfig(TrainingArguments):
                              f"got loss_type {self.loss_type!r}")
         if self.beta is None:
             self.beta = ORPO_LAMBDA if self.loss_type in REFERENCE_FREE_LOSS_TYPES else DPO_BETA
+        if self.rejected_judge is not None and not recipe.needs_ema:
+            raise ValueError(f"SAPOConfig.rejected_judge judges the EMA model's rewrites; recipe {self.recipe!r} makes "
+                             "none (use a sapo recipe, or leave rejected_judge unset)")
         if recipe.fixed_reference and self.ref_update_mode != "fixed":
             self.ref_update_mode = "fixed"  # the reference is the SFT model (dpo) or managed per iteration (spin)
 
@@ -344,6 +379,7 @@ class SAPOConfig(TrainingArguments):
         _check_choice("generation_engine", self.generation_engine, ENGINE_CHOICES)
         _check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
         _check_choice("pair_scoring", self.pair_scoring, PAIR_SCORINGS)
+        _check_choice("identical_rejected", self.identical_rejected, IDENTICAL_REJECTED_MODES)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
                      "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
                      "spin_iterations", "spin_max_new_tokens", "eval_judge_max_new_tokens"):
@@ -420,6 +456,8 @@ class SAPOConfig(TrainingArguments):
                              f"got {self.eval_steps}")
         if self.eval_judge is not None and not self.eval_judge.strip():
             raise ValueError("SAPOConfig.eval_judge is empty; give module:function or leave it unset")
+        if self.rejected_judge is not None and not self.rejected_judge.strip():
+            raise ValueError("SAPOConfig.rejected_judge is empty; give module:function or leave it unset")
 
 
 def _has_accelerator() -> bool:

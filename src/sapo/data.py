@@ -8,6 +8,7 @@ line and the field, because a traceback from deep inside `datasets` tells a user
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ class Example:
     response: Message
     rejected: Message | None = None  # only read for the offline preference baselines (dpo, orpo)
     location: str = field(default="", compare=False)  # where the record came from, for messages about it
+    record: Any = field(default=None, compare=False, repr=False)  # the raw record, for a judge that reads its fields
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class TokenizedExample:
     prompt_ids: list[int]
     response_ids: list[int]
     rejected_ids: list[int] | None = None
+    origin: Example | None = field(default=None, compare=False, repr=False)  # kept only for `rejected_judge`
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,7 +456,8 @@ def _normalise_all(raws: Iterable[RawRecord], skip_invalid: bool, origin: str,
         try:
             if raw.error is not None:
                 raise DataError(raw.error)
-            examples.append(normalize_record(raw.data, raw.location, with_rejected))
+            examples.append(dataclasses.replace(normalize_record(raw.data, raw.location, with_rejected),
+                                                record=raw.data))
         except DataError as error:
             if not skip_invalid:
                 raise
@@ -700,7 +704,7 @@ def fit_lengths(
             report.responses_truncated += 1
         if rejected is not None:
             rejected = rejected[:room]
-        fitted.append(TokenizedExample(prompt, response, rejected))
+        fitted.append(dataclasses.replace(example, prompt_ids=prompt, response_ids=response, rejected_ids=rejected))
     report.kept = len(fitted)
     return fitted, report
 
@@ -719,11 +723,13 @@ def tokenize_examples(
     end_token_ids: Collection[int] | None = None,
     progress: bool = False,
     num_proc: int | None = None,
+    keep_origin: bool = False,
 ) -> list[TokenizedExample]:
     """Tokenize and fit every example; log what was truncated or dropped, fail if nothing is left.
 
     `end_token_ids` are the ids at which generation stops (the tokenizer's EOS and the model's
     generation_config EOS ids): each response ends at its last one, as the model's own answers do.
+    `keep_origin`: each tokenized example keeps its `Example` (and so its raw record), for `rejected_judge`.
     `num_proc` processes share the work (None: one per CPU core of this rank for large datasets, see
     `default_num_proc`); the result is the same list, and an error names the first bad record, as without them.
     """
@@ -734,7 +740,7 @@ def tokenize_examples(
         results = _tokenize_here(tokenizer, examples, end_token_ids, progress)
     tokenized, merged_at = [], []
     for example, (result, merged) in zip(examples, results, strict=True):
-        tokenized.append(result)
+        tokenized.append(dataclasses.replace(result, origin=example) if keep_origin else result)
         if merged:
             merged_at.append(example.location or f"example {len(tokenized) - 1}")
     if merged_at:
@@ -875,6 +881,6 @@ def tokenized_dataset(train_dataset: Any, tokenizer: Any, args: Any, eos_token_i
                                      with_rejected=args.needs_rejected_data)
     tokenized = tokenize_examples(tokenizer, examples, max_length=args.max_length,
                                   max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
-                                  end_token_ids=eos_token_ids,
+                                  end_token_ids=eos_token_ids, keep_origin=args.rejected_judge is not None,
                                   progress=not args.disable_tqdm and args.process_index == 0)
     return TokenizedDataset(tokenized)

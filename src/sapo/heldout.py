@@ -99,21 +99,23 @@ def check_eval_data(args: Any, eval_dataset: Any) -> None:
                          f"SAPOTrainer (--eval_dataset_name FILE on the command line), or {off}")
 
 
-def load_eval_judge(spec: str | None) -> Judge | None:
-    """`eval_judge` resolved as `sapo eval --judge` resolves its judge, its errors naming `eval_judge`."""
+def load_eval_judge(spec: str | None, setting: str = "eval_judge") -> Judge | None:
+    """A judge setting (`eval_judge`, `rejected_judge`) resolved as `sapo eval --judge` resolves its judge, its
+    errors naming the setting."""
     if spec is None:
         return None
     try:
         return load_judge(spec)
     except UsageError as error:
-        raise UsageError(str(error).replace("--judge", "eval_judge", 1)) from None
+        raise UsageError(str(error).replace("--judge", setting, 1)) from None
 
 
 def eval_metric_names(args: Any, set_names: Sequence[str], judged: bool) -> list[str]:
     """Every metric an evaluation of these eval sets logs, as Trainer names them (`eval_loss`, `eval_dev_loss`)."""
     metrics = ["loss", "logps/real", "logps/real_per_token"]
     if rejected_source(args) is not None:
-        metrics += ["rewards/real", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/rejected"]
+        metrics += ["rewards/real", "rewards/rejected", "rewards/margins", "rewards/accuracies", "rewards/ties",
+                    "logps/rejected"]
     metrics += ["judge/score"] if judged else []
     metrics += ["runtime", "samples_per_second", "steps_per_second"]
     return [f"eval{'' if name == SINGLE else f'_{name}'}_{metric}" for name in set_names for metric in metrics]
@@ -301,6 +303,8 @@ def eval_metrics(rows: torch.Tensor, *, adds_nll: bool) -> dict[str, float]:
         "loss": column["pair_loss"].mean().item() - (per_token if adds_nll else 0.0),
         "rewards/real": real.mean().item(), "rewards/rejected": rejected.mean().item(),
         "rewards/margins": (real - rejected).mean().item(),
-        "rewards/accuracies": (real > rejected).double().mean().item(),
+        # a tie (margin exactly 0: the rejected response is the real one) is reported apart from the ranked pairs
+        "rewards/ties": (real == rejected).double().mean().item(),
+        "rewards/accuracies": ((real > rejected).sum() / (real != rejected).sum().clamp(min=1)).item(),
         "logps/rejected": column["logp_rejected"].mean().item()})
     return metrics

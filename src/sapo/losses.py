@@ -11,6 +11,7 @@ the caller decides how to reduce them (mean over the batch, gradient accumulatio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -264,16 +265,28 @@ def pair_loss(
     return PairLoss(loss if nll is None else nll + loss, output, nll, sums)
 
 
-def pair_metrics(result: PairLoss, mask: Tensor) -> dict[str, Tensor]:
-    """What preference trainers log for a batch of pairs (see :func:`pair_loss`): implicit rewards, their margin and
-    accuracy, summed log-probs and response lengths of each side."""
+def pair_metrics(result: PairLoss, mask: Tensor, identical: Sequence[bool] | None = None) -> dict[str, Tensor]:
+    """What preference trainers log for a batch of pairs (see :func:`pair_loss`): implicit rewards, their margin,
+    summed log-probs and response lengths of each side, and how the pairs are ranked.
+
+    `identical` (host-side, one flag per pair): pairs whose rejected response is the real one. Such a tie has a zero
+    margin whatever the weights, so it is reported apart (`rewards/ties`) and `rewards/accuracies` is the fraction
+    of the other pairs ranked right (absent when every pair is a tie); without flags, every pair counts."""
     sums = result.sums.detach()
     half = sums.shape[0] // 2
     real, rejected = result.output.real_rewards.float(), result.output.rejected_rewards.float()
     lengths = mask.sum(-1).float()
-    return {
-        "rewards/real": real.mean(), "rewards/rejected": rejected.mean(),
-        "rewards/margins": (real - rejected).mean(), "rewards/accuracies": (real > rejected).float().mean(),
+    metrics = {
+        "rewards/real": real.mean(), "rewards/rejected": rejected.mean(), "rewards/margins": (real - rejected).mean(),
         "logps/real": sums[:half].mean(), "logps/rejected": sums[half:].mean(),
         "length/real": lengths[:half].mean(), "length/rejected": lengths[half:].mean(),
     }
+    ties = [False] * half if identical is None else list(identical)
+    decided = [i for i, tie in enumerate(ties) if not tie]
+    metrics["rewards/ties"] = torch.tensor(1.0 - len(decided) / max(1, half))
+    if len(decided) == half:
+        metrics["rewards/accuracies"] = (real > rejected).float().mean()
+    elif decided:
+        index = torch.tensor(decided, device=real.device)
+        metrics["rewards/accuracies"] = (real[index] > rejected[index]).float().mean()
+    return metrics

@@ -29,9 +29,9 @@ from sapo.buffer import ReplayBuffer, ReplayEntry
 from sapo.checkpoint import rng_state_from_json, rng_state_to_json
 from sapo.copies import EMA, REFERENCE  # which copy generates
 from sapo.layout import buffer_file, pending_file, segment_rng_file, spin_file
-from sapo.losses import REFERENCE_LOSS_TYPES
+from sapo.losses import LOSSES, REFERENCE_LOSS_TYPES
 from sapo.packing import packed_pair_ids
-from sapo.segments import rewrite_segments
+from sapo.segments import SegmentRewrite, rewrite_segments
 
 
 def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
@@ -80,6 +80,9 @@ def pad_pair_sequences(pairs: Sequence[tuple[Sequence[int], Sequence[int], Seque
     return batch
 
 
+Pending = tuple[list[int], list[int], int | None]  # (prompt, real response, dataset index) awaiting generation
+
+
 @dataclass
 class StepServices:
     """What a recipe may ask of the trainer during a step."""
@@ -90,6 +93,9 @@ class StepServices:
     record: Callable[[str, float], None]  # a metric value, averaged until the next log
     pad_token_id: int
     eos_token_ids: set[int]
+    # `rejected_judge`: (example indices, real responses, rejected responses) -> whether each rejected one is judged
+    # worse than its real one; None without a judge
+    judge_rewrites: Callable[[Sequence[int | None], Sequence[list[int]], Sequence[list[int]]], list[bool]] | None = None
 
 
 class Recipe:
@@ -115,7 +121,20 @@ class Recipe:
         batch: dict[str, Any] = pad_pairs(entries, self.services.pad_token_id)
         batch["entry_ids"] = [e.entry_id for e in entries]
         batch["pair_lengths"] = [(len(e.prompt), len(e.real), len(e.rejected)) for e in entries]
+        batch["identical"] = [e.rejected == e.real for e in entries]
+        batch["placeholder"] = self.drew_nothing
+        batch["signal"] = not self.drew_nothing and self.carries_signal(entries)
         return batch
+
+    drew_nothing: bool = False  # the last batch holds stand-in pairs: there was nothing to draw (see SelfAugmented)
+
+    def set_epoch_length(self, batches: int) -> None:
+        """How many batches this process sees per epoch (told once training knows it)."""
+
+    def carries_signal(self, entries: Sequence[ReplayEntry]) -> bool:
+        """Whether these pairs give the loss a gradient: an identical pair has a zero margin whatever the weights
+        (zero gradient), unless the loss adds the real response's NLL (ORPO)."""
+        return LOSSES[self.args.loss_type].adds_nll or any(e.rejected != e.real for e in entries)
 
     def pairs(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> list[ReplayEntry]:
         raise NotImplementedError
@@ -191,41 +210,111 @@ class SelfAugmented(Recipe):
         super().__init__(args, services, seed)
         self.buffer = ReplayBuffer(args.max_replay_buffer_size, seed=seed)
         self.segment_rng = random.Random(seed)
-        self.pending: list[tuple[list[int], list[int]]] = []  # examples queued for the next generation round
+        self.pending: list[Pending] = []  # examples queued for the next generation round
+        self.dropped = 0  # rewrites that carried no signal and never entered the buffer (identical_rejected)
+        self.epoch_batches: int | None = None  # batches this process sees per epoch, once training knows it
+        self.epoch_position = 0  # batches of the current epoch seen so far
+
+    def set_epoch_length(self, batches: int) -> None:
+        self.epoch_batches = batches
+
+    @property
+    def round_size(self) -> int:
+        """Examples per generation round: `SAPOConfig.generation_round_size`, capped so a short dataset still has
+        several rounds per epoch: at most a quarter of the examples this process sees in an epoch, in whole
+        batches, at least one batch (and what is pending at an epoch's last batch is generated then)."""
+        size = self.args.generation_round_size
+        if self.epoch_batches is None:
+            return size
+        batch = self.args.per_device_train_batch_size
+        return min(size, max(batch, self.epoch_batches * batch // 4 // batch * batch))
 
     def pairs(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> list[ReplayEntry]:
         if step % self.args.sample_every_n_steps == 0:
             self._queue_for_augmentation(inputs)
-        replayed = self.buffer.sample(self.args.per_device_train_batch_size)
+        self.epoch_position += 1
+        if self.epoch_batches is not None and self.epoch_position >= self.epoch_batches:  # the epoch's last batch
+            self.epoch_position = 0
+            if self.services.any_rank(bool(self.pending)):
+                self.flush()
         self.services.record("buffer/size", float(len(self.buffer)))
+        self.services.record("pairs/dropped", float(self.dropped))
+        self.drew_nothing = len(self.buffer) == 0
+        if self.drew_nothing:  # every rewrite so far was dropped: stand-in pairs, which train nothing
+            return [ReplayEntry(list(p), list(y), list(y), 0, 0) for p, y in zip(
+                inputs["prompt_ids"], inputs["response_ids"], strict=True)]
+        replayed = self.buffer.sample(self.args.per_device_train_batch_size)
         self.services.record("buffer/mean_times_sampled", self.buffer.stats()["mean_times_sampled"])
         return replayed
 
     def _queue_for_augmentation(self, inputs: dict[str, list[Any]]) -> None:
-        """Augment once a round's examples are waiting (`SAPOConfig.generation_round_size`: generation_batch_size or
-        its default rule), or at once while the buffer is still empty."""
-        self.pending.extend(zip(inputs["prompt_ids"], inputs["response_ids"], strict=True))
-        if len(self.pending) >= self.args.generation_round_size or len(self.buffer) == 0:
-            prompts, responses = zip(*self.pending, strict=True)
-            self.pending = []
-            self.augment(list(prompts), list(responses))
+        """Augment once a round's examples are waiting (`round_size`), or at once while the buffer is still empty.
+        Every process decides together: generating from a sharded model is collective."""
+        self.pending.extend(zip(inputs["prompt_ids"], inputs["response_ids"], inputs["index"], strict=True))
+        if self.services.any_rank(len(self.pending) >= self.round_size or len(self.buffer) == 0):
+            self.flush()
 
-    def augment(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[ReplayEntry]:
-        """Make rejected responses for a batch of real ones and push them to the buffer."""
-        args = self.args
-        rewrites = rewrite_segments(prompts, responses, partial(self.services.generate, EMA),
-                                    token_generate_length=args.token_generate_length, max_length=args.max_length,
-                                    eos_token_ids=self.services.eos_token_ids, rng=self.segment_rng,
-                                    samples_per_example=args.responses_per_prompt)
+    def flush(self) -> None:
+        """Generate the rejected responses of every pending example now (a round, or the end of an epoch, so that
+        no example waits for a round its epoch never fills); every process must call it together."""
+        pending, self.pending = self.pending, []
+        prompts, responses, indices = ([list(column) for column in zip(*pending, strict=True)] if pending
+                                       else ([], [], []))
+        self.augment(prompts, responses, indices)
+
+    def augment(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                indices: Sequence[int | None] | None = None) -> list[ReplayEntry]:
+        """Make rejected responses for a batch of real ones and push those that carry signal to the buffer
+        (`identical_rejected`: a rewrite equal to the real response, or not judged worse, is regenerated once at a
+        new segment start, dropped, or kept as the paper keeps it)."""
+        indices = list(indices) if indices is not None else [None] * len(prompts)
+        rewrites = self._rewrite(prompts, responses, self.args.responses_per_prompt)
+        for rewrite in rewrites:
+            self.services.record("segment/identical_fraction", float(rewrite.rejected == responses[rewrite.example]))
+        usable = self._usable(rewrites, responses, indices, record=True)
+        mode = self.args.identical_rejected
+        kept = [r for r, ok in zip(rewrites, usable, strict=True) if ok or mode == "keep"]
+        retry = [r.example for r, ok in zip(rewrites, usable, strict=True) if not ok and mode == "resample"]
+        if mode == "resample" and self.services.any_rank(bool(retry)):  # a sharded generator: all join
+            again = [SegmentRewrite(retry[r.example], r.segment_start, r.rejected, r.replaced) for r in
+                     self._rewrite([prompts[i] for i in retry], [responses[i] for i in retry], 1)]
+            kept += [r for r, ok in zip(again, self._usable(again, responses, indices), strict=True) if ok]
+        self.dropped += len(rewrites) - len(kept)
         entries = [ReplayEntry(list(prompts[r.example]), list(responses[r.example]), r.rejected, r.segment_start,
-                               r.replaced) for r in rewrites]
+                               r.replaced) for r in kept]
         self.buffer.extend(entries)
         for entry in entries:
             self.services.record("segment/replaced_length", float(entry.segment_length))
             self.services.record("segment/start", float(entry.segment_start))
-            # A rejected response equal to the real one carries no preference signal (its loss gradient is zero).
-            self.services.record("segment/identical_fraction", float(entry.rejected == entry.real))
         return entries
+
+    def _rewrite(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                 samples: int) -> list[SegmentRewrite]:
+        """`rewrite_segments` with the EMA model; a process with nothing to rewrite still joins the generation
+        call (with no contexts), since another process's may be collective."""
+        generate = partial(self.services.generate, EMA)
+        if not prompts:
+            generate([], 1)
+            return []
+        return rewrite_segments(prompts, responses, generate, token_generate_length=self.args.token_generate_length,
+                                max_length=self.args.max_length, eos_token_ids=self.services.eos_token_ids,
+                                rng=self.segment_rng, samples_per_example=samples)
+
+    def _usable(self, rewrites: Sequence[SegmentRewrite], responses: Sequence[Sequence[int]],
+                indices: Sequence[int | None], record: bool = False) -> list[bool]:
+        """Which rewrites carry a preference signal: not identical to their real response and, with a
+        `rejected_judge`, judged worse than it."""
+        differs = [r.rejected != list(responses[r.example]) for r in rewrites]
+        judge = self.services.judge_rewrites
+        if judge is None:
+            return differs
+        judged = [r for r, d in zip(rewrites, differs, strict=True) if d]
+        worse = iter(judge([indices[r.example] for r in judged], [list(responses[r.example]) for r in judged],
+                           [r.rejected for r in judged]) if judged else [])
+        usable = [d and next(worse) for d in differs]
+        if record and judged:
+            self.services.record("pairs/judged_not_worse", 1.0 - sum(usable) / len(judged))
+        return usable
 
     def reference_refresh(self, step: int, period: int) -> str | None:
         mode = self.args.ref_update_mode
@@ -245,12 +334,17 @@ class SelfAugmented(Recipe):
 
     def save(self, directory: Path, rank: int) -> None:
         self.buffer.save(directory / buffer_file(rank))
-        (directory / pending_file(rank)).write_text(json.dumps(self.pending))
+        state = {"pending": self.pending, "dropped": self.dropped, "epoch_position": self.epoch_position}
+        (directory / pending_file(rank)).write_text(json.dumps(state))
         (directory / segment_rng_file(rank)).write_text(json.dumps(rng_state_to_json(self.segment_rng)))
 
     def load(self, directory: Path, rank: int) -> None:
         self.buffer = ReplayBuffer.load(directory / buffer_file(rank))
-        self.pending = [tuple(pair) for pair in json.loads((directory / pending_file(rank)).read_text())]
+        state = json.loads((directory / pending_file(rank)).read_text())
+        if isinstance(state, list):  # saved before pairs were filtered: (prompt, response) pairs alone
+            state = {"pending": [[*pair, None] for pair in state], "dropped": 0, "epoch_position": 0}
+        self.pending = [tuple(entry) for entry in state["pending"]]
+        self.dropped, self.epoch_position = state["dropped"], state["epoch_position"]
         self.segment_rng.setstate(rng_state_from_json(json.loads((directory / segment_rng_file(rank)).read_text())))
 
 

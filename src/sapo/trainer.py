@@ -23,6 +23,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +162,12 @@ class _SAPOStepHooks(TrainerCallback):
         if self.trainer.ref_update_steps is None:  # default: one epoch of optimizer steps
             batches = len(train_dataloader) if train_dataloader is not None else 1
             self.trainer.ref_update_steps = max(1, math.ceil(batches / args.gradient_accumulation_steps))
+        if train_dataloader is not None and hasattr(train_dataloader, "__len__"):
+            self.trainer.recipe.set_epoch_length(len(train_dataloader))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._skip_step_if_nonfinite()
+        if not self.trainer._skip_step_without_signal():
+            self.trainer._skip_step_if_nonfinite()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
@@ -273,6 +277,7 @@ class SAPOTrainer(Trainer):
             raise ValueError("SAPOTrainer needs a train_dataset of demonstrations")
         check_eval_data(args, eval_dataset)
         self.eval_judge = load_eval_judge(args.eval_judge)
+        self.rejected_judge = load_eval_judge(args.rejected_judge, "rejected_judge")
         model, processing_class = self._load(model, processing_class, chat_template, peft_config,
                                              args.model_init_kwargs)
         if args.disable_dropout:
@@ -323,6 +328,8 @@ class SAPOTrainer(Trainer):
                                    checks_reference=ref_model is not None)
         self._timing = {"generation": 0.0, "step": 0.0, "generated_tokens": 0.0}
         self._step_skipped = False
+        self._step_has_signal = False  # some micro-batch of the current optimizer step has pairs that carry signal
+        self.no_signal_steps = 0
         self._nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
         self._stop_reason: tuple[str, int] | None = None
@@ -401,7 +408,25 @@ class SAPOTrainer(Trainer):
         return StepServices(
             generate=self._generate, refresh_reference_from_policy=lambda: self.copies.refresh_reference("policy"),
             any_rank=lambda flag: any_rank(flag, self.args.device) if sharded else flag,
-            record=self._record, pad_token_id=self.processing_class.pad_token_id, eos_token_ids=self.eos_token_ids)
+            record=self._record, pad_token_id=self.processing_class.pad_token_id, eos_token_ids=self.eos_token_ids,
+            judge_rewrites=self._judge_rewrites if self.rejected_judge is not None else None)
+
+    def _judge_rewrites(self, indices: Sequence[int | None], real: Sequence[list[int]],
+                        rejected: Sequence[list[int]]) -> list[bool]:
+        """`rejected_judge`: whether it scores each rewrite below its real response, both decoded as the judge of
+        `sapo eval` sees answers, with the example's prompt and raw record."""
+        from sapo.judging import judge_scores
+
+        origins = [self.train_dataset.examples[i].origin if i is not None else None for i in indices]
+        if any(origin is None for origin in origins):
+            raise UsageError("rejected_judge needs the training records (prompts and the fields the judge reads), "
+                             "not an already tokenized dataset")
+        prompts, records = [o.prompt for o in origins], [o.record for o in origins]
+        decode = partial(self.processing_class.decode, skip_special_tokens=True)
+        name = self.args.rejected_judge
+        real_scores = judge_scores(self.rejected_judge, name, prompts, [decode(t) for t in real], records)
+        rejected_scores = judge_scores(self.rejected_judge, name, prompts, [decode(t) for t in rejected], records)
+        return [worse < better for worse, better in zip(rejected_scores, real_scores, strict=True)]
 
     def _record(self, name: str, value: float | torch.Tensor) -> None:
         """A metric value, averaged with the others of its name until the next log."""
@@ -476,6 +501,7 @@ class SAPOTrainer(Trainer):
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         started = time.perf_counter()
         batch = self.recipe.batch(inputs, self.state.global_step, self.state.max_steps)
+        self._step_has_signal = self._step_has_signal or batch.get("signal", True)
         loss = super().training_step(model, batch, num_items_in_batch)
         self._timing["step"] += time.perf_counter() - started
         return loss
@@ -492,9 +518,12 @@ class SAPOTrainer(Trainer):
             self._metrics["nll_loss"].append(loss.detach())
             return (loss, None) if return_outputs else loss
         result = self.scoring.pair_loss(model, inputs)
+        if inputs.get("placeholder"):  # stand-in pairs (nothing to draw yet): they take part in the step, train nothing
+            loss = result.loss * 0.0
+            return (loss, result.output) if return_outputs else loss
         if result.nll is not None:
             self._metrics["nll_loss"].append(result.nll.detach())
-        for name, value in pair_metrics(result, mask).items():
+        for name, value in pair_metrics(result, mask, inputs.get("identical")).items():
             self._metrics[name].append(value)
         loss, output = result.loss, result.output
         return (loss, output) if return_outputs else loss
@@ -524,6 +553,25 @@ class SAPOTrainer(Trainer):
             finite = not any_rank(not finite, self.args.device)
         return finite
 
+    def _skip_step_without_signal(self) -> bool:
+        """`skip_no_signal_steps`: a step none of whose pairs on any rank carries a gradient (identical pairs, or
+        stand-ins while nothing can be drawn) changes nothing: gradients dropped, so the optimizer leaves weights and
+        moments alone, and the EMA stays. Without it AdamW would still apply its momentum and weight decay, and
+        would normalise rounding residue into a full-size update. Returns whether the step is skipped."""
+        has_signal, self._step_has_signal = self._step_has_signal, False
+        if not self.args.skips_no_signal_steps or not self.recipe.needs_ema:
+            return False
+        if self.args.world_size > 1:
+            has_signal = any_rank(has_signal, self.args.device)
+        if has_signal:
+            return False
+        for param in self.copies.params:
+            param.grad = None
+        self._grad_norm = None
+        self._step_skipped = True
+        self.no_signal_steps += 1
+        return True
+
     def _skip_step_if_nonfinite(self) -> None:
         """Drop the gradients of a step whose loss or gradient is NaN/inf, so the optimizer leaves weights alone."""
         params = self.copies.params
@@ -545,6 +593,8 @@ class SAPOTrainer(Trainer):
 
     def _after_optimizer_step(self) -> None:
         self._metrics["nonfinite/skipped_steps"].append(float(self.nonfinite_steps))
+        if self.recipe.needs_ema:
+            self._metrics["steps/skipped_no_signal"].append(float(self.no_signal_steps))
         if self.copies.ema is not None and not self._step_skipped:  # a skipped step leaves the average alone too
             self.copies.update_ema(self.args.ema_beta)
         source = self.recipe.reference_refresh(self.state.global_step, self.ref_update_steps)
@@ -1039,6 +1089,7 @@ class SAPOTrainer(Trainer):
         tr_loss = getattr(self, "_tr_loss", None)
         write_json(directory / step_state_file(rank), {
             "nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self._nonfinite_in_a_row,
+            "no_signal_steps": self.no_signal_steps,
             "metrics": self._metric_values(), "timing": self._timing,
             **({"tr_loss": tr_loss.item(), "globalstep_last_logged": self._globalstep_last_logged}
                if isinstance(tr_loss, torch.Tensor) else {})})
@@ -1060,6 +1111,7 @@ class SAPOTrainer(Trainer):
         step_state = read_json(directory / step_state_file(rank))
         self.nonfinite_steps = step_state["nonfinite_steps"]
         self._nonfinite_in_a_row = step_state["nonfinite_in_a_row"]
+        self.no_signal_steps = step_state.get("no_signal_steps", 0)  # absent in checkpoints of older versions
         self._metrics = defaultdict(list, {name: list(values) for name, values in step_state["metrics"].items()})
         self._timing = dict(step_state["timing"])
         self._resumed_step_state = step_state
