@@ -68,6 +68,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -238,13 +239,33 @@ def _drawn(family: str, split: str, rule: str, want_start: int, want_new: int) -
         size *= 2
 
 
+SUITE_KEYS = ("families", "split_rule", "n_start", "n_train", "n_dev", "n_heldout")
+
+
 def suite_of(settings: Settings) -> dict[str, list[dict]]:
     """`start`: the start's demonstrations; `train`: the new ones every recipe trains on; `dev` and `heldout`:
-    new-side prompts for choices and for the table. The prompts of the four splits are disjoint."""
-    import random
-
+    new-side prompts for choices and for the table. The prompts of the four splits are disjoint. Drawn once and
+    kept in `OUT/suite.json`, which every worker reads (drawing takes seconds, reading milliseconds)."""
     if settings.split_rule not in SPLIT_RULES:
         raise ValueError(f"unknown split_rule {settings.split_rule!r}; choose from {', '.join(SPLIT_RULES)}")
+    path = Path(settings.out) / "suite.json"
+    key = _key(settings, SUITE_KEYS)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["suite"]
+    suite = draw_suite(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_file = path.with_suffix(f".{os.getpid()}.tmp")
+    partial_file.write_text(json.dumps({"key": key, "suite": suite}), encoding="utf-8")
+    partial_file.replace(path)  # whole or not at all, should two processes draw at once
+    return suite
+
+
+def draw_suite(settings: Settings) -> dict[str, list[dict]]:
+    """The four splits, drawn from the task generators (see `suite_of`)."""
+    import random
+
     parts = len(settings.families)
     suite: dict[str, list[dict]] = {"start": [], "train": [], "dev": [], "heldout": []}
     for index, family in enumerate(settings.families):
@@ -573,6 +594,11 @@ LOGGED = {"rewards/ties": "mean", "segment/identical_fraction": "mean", "pairs/j
 """Training metrics kept per run (sapo logs them; absent from older versions and from recipes without them)."""
 
 
+CONFIG_SHOWN = ("identical_rejected", "skips_no_signal_steps", "rejected_judge", "temperature", "ema_beta",
+                "token_generate_length", "learning_rate", "beta")
+"""The settings each run's trainer actually ran with (skips_no_signal_steps: sapo's resolved default)."""
+
+
 def logged_diagnostics(history: Sequence[dict[str, Any]]) -> dict[str, float]:
     result = {}
     for name, how in LOGGED.items():
@@ -611,6 +637,7 @@ def execute(spec: RunSpec, settings: Settings) -> dict[str, Any]:
               "final": curve.points[-1], "scores": final["scores"], "responses": final["responses"],
               "seconds": curve.training_seconds(), "judging_seconds": curve.judging,
               "log_history": trainer.state.log_history, "logged": logged_diagnostics(trainer.state.log_history),
+              "config": {name: getattr(trainer.args, name) for name in CONFIG_SHOWN},
               "buffer": buffer_diagnostics(trainer, suite["train"]) if sapo else None,
               "census": rewrite_census(trainer, tokenized_pairs(trainer, diagnostic_records(settings, suite)),
                                        SUITE_SEED)["families"] if sapo else None}

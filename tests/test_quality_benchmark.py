@@ -12,7 +12,8 @@ import pytest
 from conftest import load_benchmark
 
 RECIPES = ("sft", "dpo", "sapo-dpo")
-ABLATIONS = ("whole", "no-replay")
+BASE = "sapo-dpo"
+ABLATIONS = ("whole", "keep", "judge")
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +193,27 @@ def test_ablations_change_what_they_name(quality, result):
         assert {"margin", "accuracy", "real_change", "census/identical", "census/judged_worse"} <= set(base[family])
         assert "census/identical" not in summary["sft"]["diagnostics"][family]
     assert summary["sapo-dpo"]["moved"]["segment/identical_fraction"]["values"]  # what sapo logged
+
+
+def test_each_ablation_runs_with_the_settings_it_names(quality, result):
+    """Read back from each run's trainer: sapo's defaults (identical rewrites resampled, steps without signal
+    skipped) in the base, the paper's behaviour in `keep`, the task judge in `judge`; the judge filter logs how
+    many rewrites it found not worse, and no pair in the base's buffer is identical to its real answer."""
+    result, _ = result
+    config = {(run["group"], run["name"]): run["config"] for run in result["runs"]}
+    base = config[("main", "sapo-dpo")]
+    assert (base["identical_rejected"], base["skips_no_signal_steps"], base["rejected_judge"]) == ("resample", True,
+                                                                                                   None)
+    keep = config[("ablation", "keep")]
+    assert (keep["identical_rejected"], keep["skips_no_signal_steps"]) == ("keep", False)
+    assert config[("ablation", "judge")]["rejected_judge"] == "sapo.tasks:judge"
+    assert config[("ablation", "whole")]["token_generate_length"] == 200  # max_length
+    for (group, name), values in config.items():
+        assert values["learning_rate"] == result["chosen"][BASE if group == "ablation" else name][0]
+    judge = next(r for r in result["runs"] if r["name"] == "judge")
+    assert "pairs/judged_not_worse" in judge["logged"] and "pairs/dropped" in judge["logged"]
+    for family, values in result["summary"]["sapo-dpo"]["diagnostics"].items():
+        assert values.get("buffer/identical", 0.0) == 0.0, family
 
 
 def test_a_second_invocation_reuses_every_run(quality, result, tmp_path):
