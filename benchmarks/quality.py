@@ -69,9 +69,11 @@ import json
 import logging
 import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -140,7 +142,7 @@ class Settings:
 
 QUICK: dict[str, Any] = {
     "seeds": (0, 1), "ablation_seeds": (0,), "n_start": 3000, "n_train": 600, "n_dev": 60, "n_heldout": 80,
-    "hidden_size": 64, "num_layers": 2, "sft_steps": 300, "sft_eval_every": 300, "steps": 30, "eval_every": 15,
+    "hidden_size": 64, "num_layers": 2, "sft_steps": 300, "sft_eval_every": 300, "steps": 30, "eval_every": 30,
     "grid_learning_rates": (3e-4,), "ref_update_steps": 15, "diagnostic_per_family": 8,
     "census_temperatures": (0.7,),
 }
@@ -635,7 +637,7 @@ def execute(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     final = curve.last
     result = {"key": run_key(spec, settings), **dataclasses.asdict(spec), "curve": curve.points,
               "final": curve.points[-1], "scores": final["scores"], "responses": final["responses"],
-              "seconds": curve.training_seconds(), "judging_seconds": curve.judging,
+              "seconds": curve.training_seconds(), "judging_seconds": curve.judging, "process": os.getpid(),
               "log_history": trainer.state.log_history, "logged": logged_diagnostics(trainer.state.log_history),
               "config": {name: getattr(trainer.args, name) for name in CONFIG_SHOWN},
               "buffer": buffer_diagnostics(trainer, suite["train"]) if sapo else None,
@@ -685,46 +687,113 @@ def cached_or_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     return cached_result(spec, settings) or execute(spec, settings)
 
 
+RUNS_PER_WORKER = 8  # a worker process serves this many runs, then a fresh one returns its memory to the system
+DONE, FAILED = "@@quality-done", "@@quality-failed"  # a worker's replies on stdout, one line per job
+
+
 def run_all(specs: Sequence[RunSpec], settings: Settings, log=print) -> list[dict[str, Any]]:
-    """Every spec, `settings.workers` at a time, each in a subprocess of this script (one torch thread each;
-    a run's memory is returned to the system when it ends). Results come back in the order of `specs`."""
+    """Every spec, `settings.workers` at a time, in worker processes of this script (one torch thread each),
+    each serving up to RUNS_PER_WORKER runs so that importing torch is paid once per worker, not once per run.
+    Cached runs are read here. Results come back in the order of `specs`; each is logged when it ends."""
     if settings.workers <= 1:
         results = []
         for spec in specs:
             results.append(cached_or_run(spec, settings))
             _log_run(results[-1], log)
         return results
+    results: list[dict[str, Any] | None] = [cached_result(spec, settings) for spec in specs]
+    for result in results:
+        if result is not None:
+            _log_run(result, log)
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for index, result in enumerate(results):
+        if result is None:
+            todo.put(index)
+
+    def serve() -> None:
+        with Worker(settings) as worker:
+            while True:
+                try:
+                    index = todo.get_nowait()
+                except queue.Empty:
+                    return
+                results[index] = worker.run(specs[index])
+                _log_run(results[index], log)
+
     with ThreadPoolExecutor(max_workers=settings.workers) as pool:
-        futures = [pool.submit(_run_in_subprocess, spec, settings) for spec in specs]
-        results = []
-        for future in futures:
-            results.append(future.result())
-            _log_run(results[-1], log)
-    return results
+        for future in [pool.submit(serve) for _ in range(settings.workers)]:
+            future.result()
+    return [result for result in results if result is not None]
 
 
-def _run_in_subprocess(spec: RunSpec, settings: Settings) -> dict[str, Any]:
-    """A cached run is read here; only a run to train pays for a fresh interpreter importing torch."""
-    saved = cached_result(spec, settings)
-    if saved is not None:
-        return saved
-    job = Path(settings.out) / spec.directory / "job.json"
-    job.parent.mkdir(parents=True, exist_ok=True)
-    job.write_text(json.dumps({"spec": dataclasses.asdict(spec), "settings": dataclasses.asdict(settings)}))
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(job)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"run {spec.directory} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads((job.parent / "result.json").read_text())
+class Worker:
+    """A `quality.py --worker` process fed job files on stdin, one per line; it answers each with a DONE or
+    FAILED line on stdout (anything else the libraries print there is skipped). Replaced every
+    RUNS_PER_WORKER runs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self.stderr: Any = None
+        self.served = 0
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stdin.close()
+            self.process.wait()
+            self.process = None
+            self.stderr.close()
+
+    def run(self, spec: RunSpec) -> dict[str, Any]:
+        if self.process is None or self.served >= RUNS_PER_WORKER:
+            self.close()
+            self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed with the process, in close()
+            self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                            text=True)
+            self.served = 0
+        job = Path(self.settings.out) / spec.directory / "job.json"
+        job.parent.mkdir(parents=True, exist_ok=True)
+        job.write_text(json.dumps({"spec": dataclasses.asdict(spec), "settings": dataclasses.asdict(self.settings)}))
+        self.process.stdin.write(f"{job}\n")
+        self.process.stdin.flush()
+        self.served += 1
+        for line in self.process.stdout:
+            if line.startswith(DONE):
+                return json.loads((job.parent / "result.json").read_text())
+            if line.startswith(FAILED):
+                raise RuntimeError(f"run {spec.directory} failed:\n{(job.parent / 'error.txt').read_text()[-4000:]}")
+        self.stderr.seek(0)
+        raise RuntimeError(f"run {spec.directory}: its worker process ended (exit {self.process.wait()}):\n"
+                           f"{self.stderr.read()[-4000:]}")
 
 
-def worker_main(job_file: str) -> int:
-    """`quality.py --worker JOB`: one run described by a job file that `_run_in_subprocess` wrote."""
-    job = json.loads(Path(job_file).read_text())
-    spec = job["spec"]
-    spec["overrides"] = tuple(tuple(pair) for pair in spec["overrides"])
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in job["settings"].items()}
-    cached_or_run(RunSpec(**spec), Settings(**settings))
+def worker_main(job_files: Sequence[str]) -> int:
+    """`quality.py --worker [JOB...]`: the runs described by job files that `Worker` wrote, given as arguments
+    or one per line on stdin; each answered on stdout, a failure's traceback left in the run's error.txt."""
+    import traceback
+
+    for line in job_files or sys.stdin:
+        path = Path(line.strip())
+        job = json.loads(path.read_text())
+        spec = job["spec"]
+        spec["overrides"] = tuple(tuple(pair) for pair in spec["overrides"])
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in job["settings"].items()}
+        try:
+            cached_or_run(RunSpec(**spec), Settings(**settings))
+        except Exception:  # noqa: BLE001 - reported to the parent, which raises it with the traceback
+            (path.parent / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            print(FAILED, flush=True)
+            if job_files:
+                return 1
+            continue
+        print(DONE, flush=True)
     return 0
 
 
@@ -1256,7 +1325,7 @@ def settings_from_args(argv: Sequence[str]) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
-        return worker_main(argv[1])
+        return worker_main(argv[1:])
     settings = settings_from_args(argv)
     result = run_benchmark(settings)
     print("\n" + result["table"])

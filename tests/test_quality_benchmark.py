@@ -232,17 +232,31 @@ def test_a_second_invocation_reuses_every_run(quality, result, tmp_path):
         assert quality.run_key(spec, settings) != quality.run_key(spec, tiny_settings(quality, out))
 
 
-def test_workers_run_each_spec_in_a_subprocess(quality, result):
+def test_workers_serve_several_runs_each_in_their_own_processes(quality, result):
+    """Three runs on two workers: none in this process, at most two processes, one of which served two runs;
+    a cached run starts no worker."""
+    import os
+
     result, out = result
     settings = tiny_settings(quality, out, workers=2, recipes=("sft",), ablations=())
-    spec = quality.RunSpec("grid", "sft-probe", "sft", 0, 1e-4, 0.1, "dev")
-    (run,) = quality.run_all([spec], settings, log=lambda *_: None)
-    assert run["name"] == "sft-probe" and (out / spec.directory / "result.json").is_file()
-    assert run["key"] == quality.run_key(spec, settings)
-    job = out / spec.directory / "job.json"
-    stamp = job.stat().st_mtime_ns
-    (again,) = quality.run_all([spec], settings, log=lambda *_: None)
-    assert again == run and job.stat().st_mtime_ns == stamp  # a cached run starts no worker
+    specs = [quality.RunSpec("grid", f"sft-probe{i}", "sft", 0, 1e-4, 0.1, "dev") for i in range(3)]
+    runs = quality.run_all(specs, settings, log=lambda *_: None)
+    assert [run["name"] for run in runs] == ["sft-probe0", "sft-probe1", "sft-probe2"]
+    assert all(run["key"] == quality.run_key(spec, settings) for run, spec in zip(runs, specs, strict=True))
+    processes = [run["process"] for run in runs]
+    assert os.getpid() not in processes and len(set(processes)) < len(processes)
+    jobs = [out / spec.directory / "job.json" for spec in specs]
+    stamps = [job.stat().st_mtime_ns for job in jobs]
+    assert quality.run_all(specs, settings, log=lambda *_: None) == runs
+    assert [job.stat().st_mtime_ns for job in jobs] == stamps  # cached runs start no worker
+
+
+def test_a_failed_run_reports_its_traceback(quality, result):
+    result, out = result
+    settings = tiny_settings(quality, out, workers=2)
+    spec = quality.RunSpec("grid", "bad", "sft", 0, 1e-4, 0.1, "dev", (("no_such_setting", 1),))
+    with pytest.raises(RuntimeError, match=r"(?s)run runs/grid/bad/seed-0 failed:.*no_such_setting"):
+        quality.run_all([spec], settings, log=lambda *_: None)
 
 
 def test_summary_is_mean_and_sample_std_over_seeds(quality):
