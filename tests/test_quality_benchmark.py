@@ -22,8 +22,9 @@ def quality():
 
 
 def tiny_settings(quality, out, **overrides):
-    values = dict(out=str(out), seeds=(0,), recipes=RECIPES, ablations=ABLATIONS, n_start=64, n_train=32, n_dev=8,
-                  n_heldout=8, hidden_size=32, num_layers=2, sft_steps=4, sft_batch_size=8, sft_eval_every=2,
+    values = dict(out=str(out), seeds=(0,), ablation_seeds=(), recipes=RECIPES, ablations=ABLATIONS, n_start=64,
+                  n_train=32, n_dev=8, n_heldout=8, hidden_size=32, num_layers=2, sft_steps=4,
+                  sft_batch_size=8, sft_eval_every=2,
                   steps=2, batch_size=4, warmup_steps=0, grid_learning_rates=(1e-4,), grid_betas=(0.1, 0.5),
                   eval_every=1, max_new_tokens=8, eval_batch_size=8, token_generate_length=3, ref_update_steps=1,
                   max_length=200, max_prompt_length=96, diagnostic_per_family=2, census_temperatures=(0.7, 1.0),
