@@ -1,8 +1,8 @@
 """Quality benchmark in the paper's shape: a start fine-tuned on one split of demonstrations, then SAPO and its
 peers on a disjoint split of NEW demonstrations of the same families, with ablations of SAPO's parts.
 
-    python benchmarks/quality.py --quick            # < 10 min on 2 CPU cores: the same protocol, reduced
-    python benchmarks/quality.py --full             # the README's numbers (designed for <= ~60 min, 2 workers)
+    python benchmarks/quality.py --quick            # the same protocol, reduced: about 4 CPU-minutes
+    python benchmarks/quality.py --full             # the README's numbers (sized for ~60 min on 2 idle cores)
     python benchmarks/quality.py --full --out DIR   # outputs elsewhere (default runs/quality, runs/quality-quick)
 
 Protocol (identical for every run, so that only the recipe or the ablated part differs):
@@ -1297,7 +1297,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help=f"shorter run, < 10 min on 2 cores: {QUICK}")
+    mode.add_argument("--quick", action="store_true", help=f"shorter run, about 4 CPU-minutes: {QUICK}")
     mode.add_argument("--full", action="store_true", help="the README's run (the default)")
     defaults = Settings()
     for item in dataclasses.fields(Settings):
