@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from sapo import tasks
+from sapo.buffer import ReplayBuffer
 from sapo.cli import ModelArguments, build_train_parser, main, parse_train_args
 from sapo.config import sapo_fields
 
@@ -353,3 +354,19 @@ def test_a_run_shorter_than_logging_steps_logs_its_last_step_and_plots(tmp_path,
     assert [r["step"] for r in rows if "loss" in r] == [3]
     assert plot_main([str(tmp_path / "out"), "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "loss.png").exists()
+
+
+def test_a_short_dataset_fills_the_buffer_within_its_epoch(tmp_path, model_dir):
+    """Issue #22.4: 48 examples at batch 8 with gradient accumulation 2 and the default generation round (64
+    examples) trained a whole epoch on the first batch's 8 pairs; now every example is rewritten in its epoch."""
+    data = tmp_path / "short.jsonl"
+    rows = [{"messages": r["messages"]} for r in tasks.make_suite(48, 0, seed=2)["train"]]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config_file = write_yaml(tmp_path, model_dir, data, max_steps=-1, num_train_epochs=1,
+                             per_device_train_batch_size=8, gradient_accumulation_steps=2, save_strategy="epoch")
+    assert main(["train", "--config", str(config_file)]) == 0
+    state = tmp_path / "out" / "checkpoint-3" / "sapo_state"
+    buffer = ReplayBuffer.load(state / "replay_buffer_rank0.safetensors")
+    recipe = json.loads((state / "pending_rank0.json").read_text())
+    assert recipe["pending"] == [] and len(buffer) + recipe["dropped"] == 48
+    assert len({tuple(e.prompt + e.real) for e in buffer.entries()}) == len(buffer)  # each example once

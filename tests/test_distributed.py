@@ -209,3 +209,21 @@ def test_deepspeed_on_cpus_is_refused_as_an_uncoordinated_launch(tmp_path, model
     assert result.returncode != 0
     assert result.stderr.count("sapo: error: the launcher started 2 processes but accelerate joined 1") == 2
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode,skipped", [("one", 0), ("none", 3)])
+def test_a_step_without_signal_is_skipped_on_every_rank_together_or_on_none(tmp_path, mode, skipped):
+    """Rank 0's generator reproduces its data (every pair dropped: it trains on stand-ins); rank 1's writes real
+    rewrites (`one`) or also reproduces its data (`none`). Under DDP the gradient is averaged over ranks, so a rank
+    that skipped alone would leave the others' update half-applied and the ranks' weights apart."""
+    torchrun_bin = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun_bin is None:
+        pytest.skip("torchrun not installed")
+    worker = Path(__file__).parent / "workers" / "signal_train.py"
+    result = subprocess.run([torchrun_bin, "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path), mode],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["skipped"] for r in reports] == [skipped, skipped]
+    assert reports[0]["after"] == reports[1]["after"] and reports[0]["ema"] == reports[1]["ema"]
+    assert (reports[0]["after"] == reports[0]["before"]) == (skipped == 3)

@@ -69,7 +69,8 @@ def test_eval_metrics_over_the_whole_set():
     assert metrics["loss"] == pytest.approx(0.7)
     assert metrics["rewards/real"] == pytest.approx(0.1 / 3) and metrics["rewards/rejected"] == pytest.approx(0.4 / 3)
     assert metrics["rewards/margins"] == pytest.approx(-0.1)
-    assert metrics["rewards/accuracies"] == pytest.approx(1 / 3)  # a tie is not a win
+    assert metrics["rewards/ties"] == pytest.approx(1 / 3)  # the third pair: margin exactly 0
+    assert metrics["rewards/accuracies"] == pytest.approx(1 / 2)  # of the two ranked pairs, one is right
     assert metrics["logps/real"] == pytest.approx(-4.0) and metrics["logps/rejected"] == pytest.approx(-11 / 3)
     assert metrics["logps/real_per_token"] == pytest.approx(-12.0 / 6)  # token-weighted, not a mean of means
     # ORPO adds the token-level NLL of the real responses to the mean pair loss

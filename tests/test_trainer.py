@@ -1,13 +1,15 @@
 import copy
 import json
+import logging
 import math
 import random
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
-from conftest import clones
+from conftest import CopyingSampler, clones
 from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer
@@ -178,10 +180,11 @@ def test_end_to_end_margin_rises_and_outputs_load(tmp_path, tokenizer, model_dir
     assert after["eval_rewards/accuracies"] > 0.5, after
     for key in ("rewards/real", "rewards/rejected", "rewards/accuracies", "buffer/size", "time/generation_share"):
         assert key in rows[-1]
-    rounds = [index for index, row in enumerate(rows) if "segment/replaced_length" in row]
-    assert rounds == [0, 8, 16, 24]  # the first batch at once, then a round once 8 batches wait
-    assert all("segment/identical_fraction" in rows[index] for index in rounds)
-    assert rows[-1]["buffer/size"] == 8 + 3 * 64
+    rounds = [index for index, row in enumerate(rows) if "segment/identical_fraction" in row]
+    # The first batch at once, then a round once 3 batches wait (96 examples, 12 batches per epoch: the default
+    # round of 64 examples is capped at a quarter epoch, 24), and what waits at an epoch's last batch (11, 23).
+    assert rounds == [0, 3, 6, 9, 11, 14, 17, 20, 23, 26, 29]
+    assert rows[-1]["buffer/size"] + rows[-1]["pairs/dropped"] == 30 * 8
     assert_loads_without_sapo(out, out / "ema")
 
 
@@ -539,28 +542,6 @@ def test_the_non_finite_check_reads_the_norm_the_trainer_computed(tmp_path, toke
     assert trainer._grad_norm is None  # used once: a later step without a norm reads its own gradients
 
 
-class CopyingSampler:
-    """A generator that reproduces its demonstrations: each context prompt + y[:k] is continued with y itself, except
-    for the examples in `differ` (dataset indices) and in every call from the `differ_from_call`-th on, whose
-    continuation is each token shifted (a real rewrite)."""
-
-    def __init__(self, differ=(), differ_from_call=None):
-        self.differ, self.differ_from_call, self.calls, self.sequences = set(differ), differ_from_call, 0, []
-
-    def attach(self, trainer):
-        self.sequences = [e.prompt_ids + e.response_ids for e in trainer.train_dataset.examples]
-        return trainer
-
-    def sample(self, model, contexts, max_new_tokens):
-        samples, self.calls = [], self.calls + 1
-        changed = self.differ_from_call is not None and self.calls > self.differ_from_call
-        for context in contexts:
-            index = next(i for i, s in enumerate(self.sequences) if s[:len(context)] == list(context))
-            copy = self.sequences[index][len(context):len(context) + max_new_tokens]
-            samples.append([(t % 50) + 1 for t in copy] if changed or index in self.differ else copy)
-        return samples
-
-
 def copying_trainer(tmp_path, tokenizer, suite, sampler, **overrides):
     from sapo.tiny import build_model
 
@@ -570,19 +551,21 @@ def copying_trainer(tmp_path, tokenizer, suite, sampler, **overrides):
                                       processing_class=tokenizer, sampler=sampler))
 
 
-def test_a_model_that_reproduces_its_demonstrations_takes_no_step(tmp_path, tokenizer, suite):
+def test_a_model_that_reproduces_its_demonstrations_takes_no_step(tmp_path, tokenizer, suite, caplog):
     """Issue #23: identical pairs never enter the buffer (each is retried at a new segment start, then dropped), and
     a step with nothing that carries signal changes no weight, optimizer moment or EMA (AdamW's weight decay and
-    momentum included) but still counts."""
-    trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler())
+    momentum included) but still counts; after 10 such steps the run says why it is not learning."""
+    trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(), max_steps=10)
     before = clones(trainer.policy.parameters())
-    trainer.train()
+    with caplog.at_level(logging.WARNING, logger="sapo.trainer"):
+        trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.copies.ema.tensors, strict=True))
-    assert trainer.state.global_step == 4 and len(trainer.recipe.buffer) == 0
+    assert trainer.state.global_step == 10 and len(trainer.recipe.buffer) == 0
     assert not trainer.optimizer.state  # AdamW never stepped: no moments
     last = read_metrics(tmp_path / "out")[-1]
-    assert last["steps/skipped_no_signal"] == 4 and last["pairs/dropped"] == 16
+    assert last["steps/skipped_no_signal"] == 10 and last["pairs/dropped"] == 40
+    assert "10 optimizer steps in a row had no pair that carries signal (40 rewrites dropped" in caplog.text
     assert "rewards/accuracies" not in last  # stand-in pairs are not logged as pairs
 
 
@@ -625,3 +608,27 @@ def test_a_resume_across_skipped_steps_and_dropped_pairs_is_exact(tmp_path, toke
     assert full.recipe.dropped == resumed.recipe.dropped > 0
     assert all(torch.equal(a, b) for a, b in zip(full.policy.parameters(), resumed.policy.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(full.copies.ema.tensors, resumed.copies.ema.tensors, strict=True))
+
+
+def test_rejected_judge_keeps_only_rewrites_the_task_judge_scores_below_the_real_answer(tmp_path, tokenizer, suite):
+    """The filter beyond the paper, through the trainer: the built-in task judge reads each training record's ground
+    truth; a rewrite that scores as well as the real answer (here: every rewrite of half the examples copies it)
+    never enters the buffer."""
+    from sapo import tasks
+
+    trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(differ=range(0, 16, 2)),
+                              rejected_judge="sapo.tasks:judge", identical_rejected="drop")
+    trainer.train()
+    examples = trainer.train_dataset.examples
+    assert trainer.recipe.buffer.entries()
+    for entry in trainer.recipe.buffer.entries():
+        record = next(e.origin.record for e in examples if (e.prompt_ids, e.response_ids) == (entry.prompt, entry.real))
+        decode = partial(tokenizer.decode, skip_special_tokens=True)
+        assert tasks.judge("", decode(entry.rejected), record) < tasks.judge("", decode(entry.real), record)
+    rows = read_metrics(tmp_path / "out")
+    assert "pairs/judged_not_worse" in rows[0] and rows[-1]["pairs/dropped"] >= 8
+
+
+def test_rejected_judge_needs_a_sapo_recipe_and_a_loadable_function(tmp_path):
+    with pytest.raises(ValueError, match="rejected_judge judges the EMA model's rewrites"):
+        config(tmp_path, recipe="dpo", rejected_judge="sapo.tasks:judge")

@@ -43,12 +43,15 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("rewards", "Implicit rewards", (("rewards/real", "real"), ("rewards/rejected", "rejected"),
                                                ("rewards/margins", "margin (real - rejected)"))),
     FigureSpec("accuracy", "Reward accuracy",
-               (("rewards/accuracies", "fraction with reward(real) > reward(rejected)"),)),
+               (("rewards/accuracies", "fraction with reward(real) > reward(rejected), ties apart"),
+                ("rewards/ties", "fraction of ties (rejected = real)"))),
     FigureSpec("buffer", "Replay buffer", (("buffer/size", "fill (entries)"),
                                            ("buffer/mean_times_sampled", "sample reuse (mean times sampled)"))),
     FigureSpec("segment", "Regenerated segment",
                (("segment/replaced_length", "replaced length (tokens)"),
-                ("segment/identical_fraction", "fraction identical to the real"))),
+                ("segment/identical_fraction", "fraction identical to the real"),
+                ("pairs/dropped", "rewrites dropped without signal (total)"),
+                ("steps/skipped_no_signal", "steps skipped without signal (total)"))),
     FigureSpec("generation_share", "Generation time",
                (("time/generation_share", "share of step time spent generating"),)),
     FigureSpec("eval", "Held-out evaluation (eval pairs fixed for the run)",
@@ -187,7 +190,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
 
 def _fraction_metric(key: str, series: Sequence[tuple[str, list[float], list[float]]]) -> bool:
     """Fractions in [0, 1] get a fixed axis so runs and time ranges compare at a glance."""
-    if key not in ("rewards/accuracies", "segment/identical_fraction", "time/generation_share",
+    if key not in ("rewards/accuracies", "rewards/ties", "segment/identical_fraction", "time/generation_share",
                    "eval_rewards/accuracies"):
         return False
     values = [v for _, _, vs in series for v in vs if not math.isnan(v)]

@@ -104,6 +104,7 @@ from sapo.sharding import any_rank, local_shard, materialized
 logger = logging.getLogger(__name__)
 
 NONFINITE_EXIT_CODE = 3  # exit status of a run stopped by repeated non-finite steps
+NO_SIGNAL_WARNING_STEPS = 10  # skipped steps in a row after which the run says why it is not learning
 
 
 def refuse_an_uncoordinated_launch(args: SAPOConfig) -> None:
@@ -330,6 +331,7 @@ class SAPOTrainer(Trainer):
         self._step_skipped = False
         self._step_has_signal = False  # some micro-batch of the current optimizer step has pairs that carry signal
         self.no_signal_steps = 0
+        self._no_signal_in_a_row = 0
         self._nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
         self._stop_reason: tuple[str, int] | None = None
@@ -564,12 +566,19 @@ class SAPOTrainer(Trainer):
         if self.args.world_size > 1:
             has_signal = any_rank(has_signal, self.args.device)
         if has_signal:
+            self._no_signal_in_a_row = 0
             return False
         for param in self.copies.params:
             param.grad = None
         self._grad_norm = None
         self._step_skipped = True
         self.no_signal_steps += 1
+        self._no_signal_in_a_row += 1
+        if self._no_signal_in_a_row == NO_SIGNAL_WARNING_STEPS:
+            logger.warning("%d optimizer steps in a row had no pair that carries signal (%d rewrites dropped so far): "
+                           "the EMA model reproduces these demonstrations, so SAPO has nothing to learn from them; "
+                           "use demonstrations the model has not learned, a higher temperature, or a rejected_judge "
+                           "that accepts more rewrites", self._no_signal_in_a_row, getattr(self.recipe, "dropped", 0))
         return True
 
     def _skip_step_if_nonfinite(self) -> None:
@@ -748,12 +757,20 @@ class SAPOTrainer(Trainer):
                 for name, values in self._metrics.items()}
 
     def _reduced_metrics(self) -> dict[str, float]:
-        """Means since the last log, averaged over ranks."""
+        """Means since the last log, averaged over the ranks that recorded each metric (a rank may record one that
+        another does not: `rewards/accuracies` where every pair it drew was a tie, pair metrics where it had only
+        stand-in pairs), so every rank reduces the same list of names."""
         metrics = self._metric_values()
         names = sorted(metrics)
-        local = torch.tensor([sum(metrics[n]) / max(1, len(metrics[n])) for n in names], device=self.args.device)
-        values = self.accelerator.reduce(local, reduction="mean").tolist()
-        reduced = dict(zip(names, values, strict=True))
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            names = sorted(set().union(*gather_object([names])))
+        means = [sum(metrics[n]) / len(metrics[n]) if metrics.get(n) else 0.0 for n in names]
+        recorded = [1.0 if metrics.get(n) else 0.0 for n in names]
+        local = torch.tensor([means, recorded], device=self.args.device, dtype=torch.float64)
+        total, ranks = self.accelerator.reduce(local, reduction="sum").tolist()
+        reduced = {n: value / count for n, value, count in zip(names, total, ranks, strict=True) if count > 0}
         reduced.pop("ref/refreshes", None)
         if self._timing["step"] > 0:
             reduced["time/generation_share"] = self._timing["generation"] / self._timing["step"]
