@@ -309,17 +309,6 @@ class OutputDirLock:
             atexit.unregister(self.release)
 
 
-def disk_full_error(error: OSError, out: Path) -> OutputDirError | None:
-    """A full disk or exhausted quota as a one-paragraph error saying what survived; None for other errors."""
-    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return None
-    where = f" (writing {error.filename})" if error.filename else ""
-    return OutputDirError(f"no space left on the device of output_dir {out}{where}. What was written completely is "
-                          "intact: every checkpoint-N present is whole (the one being written stays in .staging and is "
-                          "not used), and metrics.jsonl at most ends in a torn line, which a resumed run drops. Free "
-                          "space, then continue with --resume_from_checkpoint true")
-
-
 # ------------------------------------------------------------------------------------------------
 # Atomic publishing
 # ------------------------------------------------------------------------------------------------
@@ -441,7 +430,8 @@ def recover_staging(out: Path) -> None:
     for entry in staging.iterdir():
         if entry.name.endswith(".replaced") and not (out / entry.name.removesuffix(".replaced")).exists():
             os.replace(entry, out / entry.name.removesuffix(".replaced"))
-        elif entry.name.endswith(".replaced") or entry.name.startswith("trash-") or entry.name == FINAL_PARTIAL:
+        elif (entry.name.endswith(".replaced") or entry.name.startswith("trash-") or entry.name == FINAL_PARTIAL
+              or CHECKPOINT_RE.fullmatch(entry.name)):  # a checkpoint still in staging was never finished
             shutil.rmtree(entry, ignore_errors=True)
     with contextlib.suppress(OSError):
         staging.rmdir()  # only when empty

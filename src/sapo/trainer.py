@@ -39,7 +39,6 @@ from sapo.checkpoint import (
     checkpoint_step,
     clear_previous_checkpoints,
     data_fingerprint,
-    disk_full_error,
     first_missing,
     on_stop_signals,
     publish_directory,
@@ -60,6 +59,7 @@ from sapo.config import SAPOConfig, sapo_fields
 from sapo.copies import EMA, REFERENCE, SHARDS, ModelCopies
 from sapo.data import collate_examples, keep_legacy_flag, prepare_tokenizer, save_tokenizer, tokenized_dataset
 from sapo.errors import USER_ERRORS, CheckpointError, OutputDirError, TrainingStopped, UsageError
+from sapo.fserrors import disk_full_error
 from sapo.generation import SegmentSampler, checkpoint_sampling, eos_token_ids_of, make_sampler
 from sapo.heldout import (
     EVAL_PAIRS_FILE,
@@ -589,7 +589,7 @@ class SAPOTrainer(Trainer):
             self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
             self.is_in_train = False
             result = TrainOutput(self.state.global_step, 0.0, {})
-        except OSError as error:
+        except Exception as error:  # a full disk reaches us as OSError, RuntimeError (torch) or SafetensorError
             self._release_output_dir()
             full = disk_full_error(error, Path(self.args.output_dir))
             if full is None:
@@ -906,7 +906,9 @@ class SAPOTrainer(Trainer):
                 if main:
                     publish_final(staged, directory, self.state.global_step)
                 self.accelerator.wait_for_everyone()
-        except OSError as error:
+        except Exception as error:
+            if main:  # a partly written final set is never used: free its space now
+                shutil.rmtree(staged, ignore_errors=True)
             full = disk_full_error(error, directory)
             if full is None:
                 raise
@@ -990,14 +992,20 @@ class SAPOTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes (and rotates) in staging
         try:
-            super()._save_checkpoint(model, trial)
-            self._name_the_published_best(run_dir, staging / name)
-            self.save_sapo_state(staging / name / STATE_DIR)
-        finally:
-            del self._get_output_dir  # back to the class's method
-        self.accelerator.wait_for_everyone()
+            try:
+                super()._save_checkpoint(model, trial)
+                self._name_the_published_best(run_dir, staging / name)
+                self.save_sapo_state(staging / name / STATE_DIR)
+            finally:
+                del self._get_output_dir  # back to the class's method
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                write_checksums(staging / name)  # last: a resume checks every file against it
+        except Exception:
+            if self.args.should_save:  # a partly written checkpoint is never used: free its space now
+                shutil.rmtree(staging / name, ignore_errors=True)
+            raise
         if self.args.should_save:
-            write_checksums(staging / name)  # last: a resume checks every file against it
             publish_directory(staging / name, run_dir / name)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
