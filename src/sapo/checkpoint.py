@@ -51,6 +51,7 @@ from sapo.layout import (
     STATE_DIR,
     TRAINER_STATE_FILE,
 )
+from sapo.outdir import holds_results, not_empty_message
 from sapo.sharding import global_shape
 
 logger = logging.getLogger(__name__)
@@ -62,11 +63,10 @@ logger = logging.getLogger(__name__)
 
 def check_output_dir(out: Path, *, resuming: bool, overwrite: bool) -> None:
     """Refuse a directory another live run is writing, and refuse to mix a new run's files with another run's
-    results (a lock left by a run that is gone does not count as a result)."""
+    results (the start files of a run killed before its first checkpoint do not count: see `sapo.outdir`)."""
     check_output_lock(out)
-    if out.is_dir() and _holds_results(out) and not resuming and not overwrite:
-        raise OutputDirError(f"output_dir {out} is not empty; pass --overwrite_output_dir to train into it "
-                             "anyway, or --resume_from_checkpoint to continue the run it holds")
+    if holds_results(out) and not resuming and not overwrite:
+        raise OutputDirError(not_empty_message(out))
 
 
 def clear_previous_checkpoints(out: Path) -> list[Path]:
@@ -103,10 +103,6 @@ def remove_if_created_empty(out: Path, created: Path | None) -> None:
         if directory == created or directory == directory.parent:
             return
         directory = directory.parent
-
-
-def _holds_results(out: Path) -> bool:
-    return any(not entry.name.startswith(LOCK_FILE) for entry in out.iterdir())
 
 
 def _boot_id() -> str:

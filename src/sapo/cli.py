@@ -623,6 +623,7 @@ def run_train(argv: Sequence[str]) -> int:
     from sapo.checkpoint import check_output_dir, first_missing, remove_if_created_empty
     from sapo.data import load_examples
     from sapo.heldout import check_eval_data, read_eval_records
+    from sapo.outdir import refuse_inputs_in_output_dir
     from sapo.trainer import SAPOTrainer
 
     model_args, config = parse_train_args(argv)
@@ -630,6 +631,8 @@ def run_train(argv: Sequence[str]) -> int:
     _check_resume_path(resume)
     out = Path(config.output_dir)
     check_output_location(out)
+    refuse_inputs_in_output_dir(out, {name: getattr(model_args, name) for name in (
+        "model_name_or_path", "tokenizer_name_or_path", "dataset_name", "eval_dataset_name", "chat_template")})
     check_output_dir(out, resuming=bool(resume) and resume.lower() != "false",
                      overwrite=config.overwrite_output_dir)
     if model_args.model_name_or_path is None:

@@ -96,6 +96,12 @@ from sapo.layout import (
 )
 from sapo.losses import LOSSES, nll_from_logps, pair_metrics
 from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
+from sapo.outdir import (
+    clear_previous_final,
+    holds_only_start_files,
+    no_checkpoint_message,
+    refuse_inputs_in_output_dir,
+)
 from sapo.recipes import RECIPES, Recipe, StepServices, pad_pair_sequences, pad_sequences
 from sapo.scoring import PairScoring
 from sapo.sharding import any_rank, local_shard, materialized
@@ -627,7 +633,7 @@ class SAPOTrainer(Trainer):
             if resume is True:
                 last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
                 if last is None:
-                    raise CheckpointError(f"resume_from_checkpoint=true but {self.args.output_dir} has no checkpoint")
+                    raise CheckpointError(no_checkpoint_message(Path(self.args.output_dir)))
                 resume = last
             if resume:
                 self.validate_checkpoint(Path(resume))
@@ -641,13 +647,30 @@ class SAPOTrainer(Trainer):
         """Before anything is written: refuse another run's directory, take the lock, finish a publish a crash
         interrupted. (metrics.jsonl is brought back to the resumed step once training starts, see `_ResumeStart`.)"""
         out = Path(self.args.output_dir)
-        self._take_output_lock(out, lambda: check_output_dir(out, resuming=resume is not None,
-                                                             overwrite=self.args.overwrite_output_dir))
+
+        def check() -> None:
+            refuse_inputs_in_output_dir(out, self._input_paths())
+            check_output_dir(out, resuming=resume is not None, overwrite=self.args.overwrite_output_dir)
+
+        self._take_output_lock(out, check)
         if self.is_world_process_zero():
             recover_staging(out)
             if resume is None and self.args.overwrite_output_dir:
-                for old in clear_previous_checkpoints(out):
-                    logger.warning("overwrite_output_dir: removed the previous run's %s", old.name)
+                removed = clear_previous_final(out) + [p.name for p in clear_previous_checkpoints(out)]
+                (out / METRICS_FILE).unlink(missing_ok=True)  # the old run's rows; this run writes its own
+                if removed:
+                    logger.warning("overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
+            elif resume is None and holds_only_start_files(out):
+                logger.warning("output_dir %s holds only the start of a run that stopped before its first "
+                               "checkpoint: nothing to resume there, so this run starts over", out)
+
+    def _input_paths(self) -> dict[str, str | None]:
+        """Where the models this run trains from were loaded (their `name_or_path`), which output_dir must not touch."""
+        def source(model: Any) -> str | None:
+            return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+        return {"model_name_or_path": source(self.policy),
+                "ref_model": source(getattr(self.copies, "reference_module", None))}
 
     def _take_output_lock(self, out: Path, check: Any = None) -> None:
         """The main process runs `check` and takes `out`'s lock; a refusal is raised on every rank."""
