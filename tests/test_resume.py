@@ -447,6 +447,36 @@ def test_damaged_checkpoints_are_refused_with_nothing_written(cli, tmp_path, cap
         (checkpoint / relative).write_bytes(original)
 
 
+@pytest.mark.parametrize("damage", ["deleted", "torn"])
+def test_metrics_rows_lost_before_a_resume_are_restored_from_the_checkpoint(cli, tmp_path, damage):
+    run = copy_of_reference(cli, tmp_path)
+    shutil.rmtree(run / "checkpoint-4")
+    for name in ("model.safetensors", "ema", "README.md", "sapo_final.json"):  # as if killed after checkpoint-2
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    metrics = run / "metrics.jsonl"
+    if damage == "deleted":
+        metrics.unlink()
+    else:  # cut in the middle of the first row: every row after it is gone too
+        metrics.write_bytes(metrics.read_bytes()[:40])
+    assert main(cli.args(run, "--resume_from_checkpoint", "true")) == 0
+    def step_rows(out):  # every row but the end-of-training summary (timings, and a mean over this process's steps)
+        return [{k: v for k, v in row.items() if not k.startswith(("time/", "generation/"))}
+                for row in read_metrics(out / "metrics.jsonl") if "train_runtime" not in row]
+
+    assert step_rows(run) == step_rows(cli.reference) and [r["step"] for r in step_rows(run)] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_whose_step_disagrees_with_its_name_is_refused(cli, tmp_path, capsys):
+    run = copy_of_reference(cli, tmp_path)
+    shutil.rmtree(run / "checkpoint-4")
+    os.rename(run / "checkpoint-2", run / "checkpoint-3")  # every file still matches its checksum
+    before = files_of(run)
+    error = run_refused(capsys, cli.args(run, "--resume_from_checkpoint", "true"))
+    assert "its step is not one step" in error and "trainer_state.json (global_step) says 2" in error, error
+    assert "its name says 3" in error
+    assert files_of(run) == before
+
+
 def test_full_disk_during_a_metrics_append_then_resume(cli, tmp_path, capsys, monkeypatch):
     """The append is cut short (a torn line) and the run ends in one paragraph; resume and overwrite cope."""
     log = SAPOTrainer.log

@@ -607,6 +607,20 @@ def _earlier_checkpoints_hint(path: Path) -> str:
     return f"; an earlier checkpoint may still be whole: --resume_from_checkpoint {earlier[-1][1]}" if earlier else ""
 
 
+def _check_step(path: Path) -> None:
+    """The checkpoint's step agrees in its name, the Trainer's trainer_state.json and sapo's own record of it."""
+    trainer_step = read_json(path / TRAINER_STATE_FILE).get("global_step")
+    recorded = read_run_state(path / STATE_DIR).get("global_step")
+    named = CHECKPOINT_RE.fullmatch(path.name)
+    steps = {f"{TRAINER_STATE_FILE} (global_step)": trainer_step, f"{STATE_DIR}/{RUN_STATE_FILE}": recorded,
+             "its name": int(named.group(1)) if named else None}
+    known = {where: step for where, step in steps.items() if step is not None}
+    if len(set(known.values())) > 1:
+        raise CheckpointError(f"{path}: its step is not one step: " + ", ".join(
+            f"{where} says {step}" for where, step in known.items()) + "; it was assembled from different "
+            f"checkpoints or renamed, so it cannot resume exactly{_earlier_checkpoints_hint(path)}")
+
+
 def validate_checkpoint(path: Path, params: Mapping[str, torch.Tensor], state_files: Sequence[str], *,
                         settings: Mapping[str, Any] | None = None, allow_changes: Sequence[str] = (),
                         verify_content: bool = True) -> None:
@@ -625,6 +639,7 @@ def validate_checkpoint(path: Path, params: Mapping[str, torch.Tensor], state_fi
     if problems:
         raise CheckpointError(f"{path}: damaged checkpoint ({'; '.join(problems)}), so it cannot resume the run "
                               f"exactly{_earlier_checkpoints_hint(path)}")
+    _check_step(path)
     manifest = read_json(path / STATE_DIR / MANIFEST_FILE)
     for name, param in params.items():
         if name not in manifest:
@@ -695,6 +710,32 @@ def truncate_metrics(path: Path, keep_until_step: int, *, keep_summary: bool = F
         row.get("step", 0) < keep_until_step
         or (row.get("step", 0) == keep_until_step and (keep_summary or not is_summary_row(row))))]
     atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in kept))
+
+
+def save_metrics_rows(live: Path, target: Path, step: int) -> None:
+    """Copy into a checkpoint the rows of `live` (metrics.jsonl) logged up to its `step`, so a resume restores
+    them even when metrics.jsonl was deleted or damaged meanwhile."""
+    rows = _metrics_lines(live) if live.is_file() else []
+    _write_durably(target, "".join(line.decode("utf-8") + "\n" for line, row in rows
+                                   if row.get("step", 0) <= step and not is_summary_row(row)))
+
+
+def restore_metrics(live: Path, saved: Path, step: int, *, keep_summary: bool = False) -> None:
+    """Bring metrics.jsonl back to a resumed `step`: the rows the checkpoint holds (`saved`), plus, with
+    `keep_summary`, the end-of-training row at that step; a checkpoint without its rows (an older sapo) truncates
+    the file instead (`truncate_metrics`)."""
+    if not saved.is_file():
+        if live.exists():
+            truncate_metrics(live, step, keep_summary=keep_summary)
+        return
+    kept = [line for line, _ in _metrics_lines(saved)]
+    present = [line for line, row in _metrics_lines(live) if row.get("step", 0) <= step] if live.is_file() else []
+    if [line for line in present if line in set(kept)] != kept:
+        logger.warning("%s: %s; the %d rows up to step %d are restored from the checkpoint", live,
+                       "missing" if not live.exists() else "rows were lost or damaged", len(kept), step)
+    if keep_summary:
+        kept += [line for line in present if is_summary_row(json.loads(line)) and json.loads(line).get("step") == step]
+    atomic_write_text(live, "".join(line.decode("utf-8") + "\n" for line in kept))
 
 
 # ------------------------------------------------------------------------------------------------

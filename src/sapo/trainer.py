@@ -47,8 +47,10 @@ from sapo.checkpoint import (
     read_run_state,
     recover_staging,
     remove_if_created_empty,
+    restore_metrics,
     run_setting_names,
     run_settings,
+    save_metrics_rows,
     truncate_metrics,
     validate_checkpoint,
     write_checksums,
@@ -83,6 +85,7 @@ from sapo.heldout import (
     whole_rejected,
 )
 from sapo.layout import (
+    CHECKPOINT_METRICS_FILE,
     CHECKPOINT_PREFIX,
     EMA_DIR,
     FINAL_PARTIAL,
@@ -201,15 +204,19 @@ class _ResumeStart(TrainerCallback):
     back to the resumed step, stop before any step when the checkpoint is the run's end (the Trainer would train
     one step past max_steps), and give back the Trainer's loss accumulators saved with the checkpoint."""
 
-    def __init__(self, trainer: SAPOTrainer, resumed_step: int) -> None:
-        self.trainer, self.resumed_step = trainer, resumed_step
+    def __init__(self, trainer: SAPOTrainer, checkpoint: str | None) -> None:
+        self.trainer, self.checkpoint = trainer, checkpoint
+        self.resumed_step = checkpoint_step(checkpoint) if checkpoint else 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
         finished = self.resumed_step > 0 and state.global_step >= state.max_steps
         metrics = Path(args.output_dir) / METRICS_FILE
-        if trainer.is_world_process_zero() and metrics.exists():
-            truncate_metrics(metrics, self.resumed_step, keep_summary=finished)
+        if trainer.is_world_process_zero() and self.checkpoint:
+            restore_metrics(metrics, Path(self.checkpoint) / STATE_DIR / CHECKPOINT_METRICS_FILE, self.resumed_step,
+                            keep_summary=finished)
+        elif trainer.is_world_process_zero() and metrics.exists():
+            truncate_metrics(metrics, 0)
         if trainer.is_world_process_zero() and self.resumed_step == 0 and trainer._rows_before_training:
             trainer._append_metrics_rows(trainer._rows_before_training)  # a baseline evaluate() of a fresh run
         trainer._rows_before_training = []
@@ -584,7 +591,7 @@ class SAPOTrainer(Trainer):
             self._release_output_dir()
             self._remove_created_output_dir()
             raise
-        start = _ResumeStart(self, checkpoint_step(resume_from_checkpoint) if resume_from_checkpoint else 0)
+        start = _ResumeStart(self, resume_from_checkpoint)
         self.add_callback(start)
         try:
             with on_stop_signals(lambda reason, code: setattr(self, "_stop_reason", (reason, code))):
@@ -1066,7 +1073,9 @@ class SAPOTrainer(Trainer):
         if self.args.should_save:
             write_manifest(directory, dict(zip(self.copies.names, self.copies.params, strict=True)),
                            {"ref_update_steps": self.ref_update_steps, "settings": self.run_settings(),
-                            "save_only_model": bool(self.args.save_only_model)})
+                            "save_only_model": bool(self.args.save_only_model), "global_step": self.state.global_step})
+            save_metrics_rows(Path(self.args.output_dir) / METRICS_FILE, directory / CHECKPOINT_METRICS_FILE,
+                              self.state.global_step)
         tr_loss = getattr(self, "_tr_loss", None)
         write_json(directory / step_state_file(rank), {
             "nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self._nonfinite_in_a_row,
