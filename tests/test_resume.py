@@ -422,6 +422,29 @@ def test_a_changed_setting_is_refused_by_name_and_accepted_when_allowed(cli, tmp
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_a_resume_from_other_start_weights_of_the_same_shapes_is_refused(cli, tmp_path, model_dir, capsys):
+    """The reference of a fixed-reference run is rebuilt from --model_name_or_path on resume: another model of the
+    same shapes would silently train against another reference."""
+    from sapo.tiny import build_model, build_tokenizer, save_pair
+
+    tokenizer = build_tokenizer()
+    other = tmp_path / "other_model"
+    save_pair(build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1), tokenizer, other)
+    run = copy_of_reference(cli, tmp_path)
+    before = files_of(run)
+    argv = [*cli.args(run, "--resume_from_checkpoint", str(run / "checkpoint-2"))]
+    argv[argv.index("--model_name_or_path") + 1] = str(other)
+    error = run_refused(capsys, argv)
+    assert "start_weights (the weights this run starts from are not those the checkpoint's run started" in error
+    assert "--resume_allow_changes start_weights" in error, error
+    assert files_of(run) == before
+    moved = tmp_path / "same_model_elsewhere"  # the same bytes under another path are the same start
+    shutil.copytree(model_dir, moved)
+    argv[argv.index("--model_name_or_path") + 1] = str(moved)
+    assert main(argv) == 0
+    assert_final_outputs_match_reference(run, cli)
+
+
 def test_damaged_checkpoints_are_refused_with_nothing_written(cli, tmp_path, capsys):
     run = copy_of_reference(cli, tmp_path)
     checkpoint = run / "checkpoint-4"

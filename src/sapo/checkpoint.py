@@ -530,19 +530,29 @@ FREE_SAPO_FIELDS = ("logprob_chunk_size", "offload_copies", "max_nonfinite_steps
                     "skip_invalid", "resume_allow_changes", "eval_judge", "eval_judge_max_new_tokens")
 DATA_SETTING = "data"
 WORLD_SIZE_SETTING = "world_size"
+START_WEIGHTS_SETTING = "start_weights"  # sha256 of the weights the run started from (see sapo.start_weights)
+REFERENCE_WEIGHTS_SETTING = "reference_weights"  # the same, of a ref_model given apart from the policy
+FINGERPRINTS = {DATA_SETTING: "the tokenized training data is not the same",
+                START_WEIGHTS_SETTING: "the weights this run starts from are not those the checkpoint's run started "
+                "from (--model_name_or_path)",
+                REFERENCE_WEIGHTS_SETTING: "the reference model's weights are not the same"}
 
 
 def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 
-def run_settings(config: Any, sapo_field_names: Sequence[str], *, world_size: int, data: str) -> dict[str, Any]:
+def run_settings(config: Any, sapo_field_names: Sequence[str], *, world_size: int, data: str,
+                 start_weights: str | None = None, reference_weights: str | None = None) -> dict[str, Any]:
     """The settings that shape a run's trajectory, as JSON values: every SAPO field but `FREE_SAPO_FIELDS`, the
-    Trainer fields in `TRAINER_TRAJECTORY_FIELDS`, the number of processes and a fingerprint of the tokenized data.
-    The run's length (max_steps, num_train_epochs) is not among them: a run may be resumed to train longer."""
+    Trainer fields in `TRAINER_TRAJECTORY_FIELDS`, the number of processes and fingerprints of the tokenized data
+    and of the start (and a separate reference's) weights. The run's length (max_steps, num_train_epochs) is not
+    among them: a run may be resumed to train longer."""
     settings = {name: _plain(getattr(config, name)) for name in _config_setting_names(config, sapo_field_names)}
     settings[WORLD_SIZE_SETTING] = world_size
     settings[DATA_SETTING] = data
+    settings[START_WEIGHTS_SETTING] = start_weights
+    settings[REFERENCE_WEIGHTS_SETTING] = reference_weights
     return settings
 
 
@@ -553,7 +563,7 @@ def _config_setting_names(config: Any, sapo_field_names: Sequence[str]) -> list[
 
 def run_setting_names(config: Any, sapo_field_names: Sequence[str]) -> list[str]:
     """The names `run_settings` compares, without computing the data fingerprint."""
-    return [*_config_setting_names(config, sapo_field_names), WORLD_SIZE_SETTING, DATA_SETTING]
+    return [*_config_setting_names(config, sapo_field_names), WORLD_SIZE_SETTING, *FINGERPRINTS]
 
 
 def data_fingerprint(dataset: Any) -> str:
@@ -590,9 +600,14 @@ def settings_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     check_allowed_changes(allowed, list(current))
     differences = []
     for name, value in current.items():
+        if name in FINGERPRINTS and (saved.get(name) is None or value is None):
+            continue  # not recorded (an older sapo), or the files could not be read
         if name in saved and saved[name] != value and name not in allowed:
             if name == DATA_SETTING:
-                differences.append("data (the tokenized training data is not the same)")
+                differences.append(f"{name} ({FINGERPRINTS[name]})")
+            elif name in FINGERPRINTS:
+                differences.append(f"{name} ({FINGERPRINTS[name]}: checkpoint {str(saved[name])[:24]}..., this "
+                                   f"run {str(value)[:24]}...)")
             else:
                 differences.append(f"{name} (checkpoint {json.dumps(saved[name])}, this run {json.dumps(value)})")
     return differences

@@ -108,6 +108,7 @@ from sapo.outdir import (
 from sapo.recipes import RECIPES, Recipe, StepServices, pad_pair_sequences, pad_sequences
 from sapo.scoring import PairScoring
 from sapo.sharding import any_rank, local_shard, materialized
+from sapo.start_weights import StartWeights
 
 logger = logging.getLogger(__name__)
 
@@ -288,6 +289,7 @@ class SAPOTrainer(Trainer):
         self.eval_judge = load_eval_judge(args.eval_judge)
         model, processing_class = self._load(model, processing_class, chat_template, peft_config,
                                              args.model_init_kwargs)
+        self._start_weights = StartWeights(model)  # before training changes an in-memory model's tensors
         if args.disable_dropout:
             disable_dropout(model)
         if sampler is None and args.generation_engine == "static":  # refuse before anything is written
@@ -321,6 +323,7 @@ class SAPOTrainer(Trainer):
             raise UsageError("eval_judge generates with the policy, which FSDP/ZeRO-3 shards; with those engines "
                              "judge saved checkpoints with `sapo eval` instead")
         ref_model = self._load_reference(ref_model if args.uses_reference else None)
+        self._reference_weights = None if ref_model is None else StartWeights(ref_model)
         self.copies = ModelCopies(
             self.policy, need_ema=args.self_augmenting, need_reference=args.uses_reference,
             reference_moves=self._reference_moves(), is_peft=is_peft_model(self.model), sharded=self._will_shard(),
@@ -1063,7 +1066,8 @@ class SAPOTrainer(Trainer):
         if self._data_fingerprint is None:
             self._data_fingerprint = data_fingerprint(self.train_dataset)
         return run_settings(self.args, [f.name for f in sapo_fields()], world_size=self.args.world_size,
-                            data=self._data_fingerprint)
+                            data=self._data_fingerprint, start_weights=self._start_weights.fingerprint(),
+                            reference_weights=self._reference_weights and self._reference_weights.fingerprint())
 
     def save_sapo_state(self, directory: Path) -> None:
         """The copies, the recipe's state, the counters and the run's manifest and settings, per rank; safetensors
