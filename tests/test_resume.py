@@ -252,6 +252,21 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path, cli_setup):
     assert 1 <= step < 500 and checkpoints[0].name == f"checkpoint-{step}"
 
 
+def test_a_second_sigint_kills_at_once_without_a_traceback(tmp_path, cli_setup):
+    command = [str(Path(sys.executable).with_name("sapo")), *cli_setup(tmp_path / "run", "--max_steps", "500",
+                                                                      "--save_steps", "1000")[3:]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "run" / "metrics.jsonl", process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGINT and time.monotonic() - sent < 2.0
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "SIGINT received" in stderr
+
+
 def test_counters_and_metrics_since_the_last_log_survive_a_resume(tmp_path, tokenizer, suite):
     """A checkpoint between two logging steps: the resumed run logs the same rows, non-finite counter included."""
     full = trainer_for(tmp_path / "full", tokenizer, suite, logging_steps=2, save_steps=3)

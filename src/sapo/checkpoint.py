@@ -783,8 +783,9 @@ def on_stop_signals(request_stop: Callable[[str, int], None],
         name = signal.Signals(signum).name
         logger.warning("%s received: %s (send again to kill)", name, doing)
         request_stop(f"{name} received", 128 + signum)
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        for sig, old in previous.items():  # Python's own SIGINT handler would raise KeyboardInterrupt: a traceback,
+            # and cleanup that may take long (a thread pool hashing a checkpoint finishes first), not a kill
+            signal.signal(sig, signal.SIG_DFL if old in (signal.default_int_handler, None) else old)
 
     for sig in previous:
         signal.signal(sig, handler)
