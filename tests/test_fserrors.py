@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from safetensors import SafetensorError
 from sapo import tasks
 from sapo.checkpoint import checksum_problems, read_metrics
 from sapo.errors import OutputDirError
-from sapo.fserrors import disk_full_error, is_disk_full
+from sapo.fserrors import disk_full_error, filesystem_error, is_disk_full
 
 
 def test_disk_full_becomes_a_one_paragraph_error(tmp_path):
@@ -36,6 +37,23 @@ def test_errors_that_are_not_oserrors_are_recognised_by_what_they_are(tmp_path):
         assert is_disk_full(chained, tmp_path)[0]
     assert not is_disk_full(RuntimeError("CUDA out of memory"), tmp_path)[0]
     assert not is_disk_full(SafetensorError("invalid header"), tmp_path)[0]
+
+
+def test_a_refused_write_is_named_whatever_raised_it(tmp_path):
+    assert "read-only" in str(filesystem_error(OSError(errno.EROFS, "Read-only file system", "x"), tmp_path))
+    safetensors_ro = SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+    assert "its file system is read-only" in str(filesystem_error(safetensors_ro, tmp_path))
+    torch_open = RuntimeError(f"File {tmp_path}/run/.staging/x/optimizer.pt cannot be opened.")
+    assert filesystem_error(torch_open, tmp_path) is None  # this directory is writable: something else
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to show there
+            return
+        assert "permission denied" in str(filesystem_error(torch_open, locked / "run"))
+    finally:
+        locked.chmod(0o700)
 
 
 def test_a_torch_stream_write_failure_counts_only_on_a_nearly_full_file_system(tmp_path):
@@ -123,3 +141,20 @@ def test_a_full_disk_at_other_sizes_is_one_paragraph_with_whole_checkpoints(run_
 
 def checkpoint_problems(checkpoint: Path) -> list[str]:
     return checksum_problems(checkpoint)
+
+
+def test_a_file_system_turned_read_only_mid_run_is_one_paragraph_with_whole_checkpoints(run_command, tmp_path):
+    with small_disk(tmp_path / "disk", "64m") as disk:
+        out = disk / "run"
+        process = subprocess.Popen(run_command(out, steps=200), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint-2").exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.02)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("sapo: error: ")]
+        assert len(errors) == 1 and "read-only" in errors[0].lower(), stderr[-2000:]
+        assert all(checkpoint_problems(p) == [] for p in out.glob("checkpoint-*"))

@@ -67,6 +67,55 @@ def is_disk_full(error: BaseException, out: Path) -> tuple[bool, str | None]:
     return False, None
 
 
+REFUSED_ERRNOS = {errno.EROFS: "its file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted"}
+REFUSED_WORDS = {"read-only file system": errno.EROFS, f"os error {errno.EROFS})": errno.EROFS,
+                 "permission denied": errno.EACCES, f"os error {errno.EACCES})": errno.EACCES}
+TORCH_OPEN_FAILED = ("cannot be opened", "parent directory")
+
+
+def refused_write(error: BaseException, out: Path) -> str | None:
+    """Why the file system refused a write (read-only, permission), from an OSError's errno, a library's message
+    (safetensors: "os error 30"), or a torch open failure on an output_dir that is now read-only or not writable;
+    None for anything else."""
+    for current in exception_chain(error):
+        if isinstance(current, OSError) and current.errno in REFUSED_ERRNOS:
+            return REFUSED_ERRNOS[current.errno] + (f" (writing {current.filename})" if current.filename else "")
+    for current in exception_chain(error):
+        text = str(current).lower()
+        for word, code in REFUSED_WORDS.items():
+            if word in text:
+                return REFUSED_ERRNOS[code]
+        if isinstance(current, RuntimeError) and any(word in text for word in TORCH_OPEN_FAILED):
+            return _unwritable(out)
+    return None
+
+
+def _unwritable(out: Path) -> str | None:
+    path = Path(out)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "its file system is read-only"
+    except OSError:
+        return None
+    return None if os.access(path, os.W_OK | os.X_OK) else "permission denied"
+
+
+def filesystem_error(error: BaseException, out: Path) -> OutputDirError | None:
+    """A full disk, or a write the file system refused, as one paragraph saying what survived; None otherwise."""
+    full = disk_full_error(error, out)
+    if full is not None:
+        return full
+    reason = refused_write(error, out)
+    if reason is None:
+        return None
+    return OutputDirError(f"cannot write into output_dir {out}: {reason}. What was written completely is intact: "
+                          "every checkpoint-N present is whole and the final outputs are published only once "
+                          "complete. Make the directory writable, then continue with --resume_from_checkpoint true")
+
+
 def disk_full_error(error: BaseException, out: Path) -> OutputDirError | None:
     """A full disk or exhausted quota as a one-paragraph error saying what survived; None for other errors."""
     full, filename = is_disk_full(error, out)

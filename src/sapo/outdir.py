@@ -71,8 +71,10 @@ def holds_results(out: Path) -> bool:
 
 
 def holds_only_start_files(out: Path) -> bool:
-    """`out` holds files, all of them a run's start files: a run killed before its first checkpoint."""
-    return out.is_dir() and any(True for _ in out.iterdir()) and not holds_results(out)
+    """`out` holds files besides a lock, all of them a run's start files: a run killed before its first
+    checkpoint."""
+    return (out.is_dir() and any(not entry.name.startswith(LOCK_FILE) for entry in out.iterdir())
+            and not holds_results(out))
 
 
 def no_checkpoint_message(out: Path) -> str:

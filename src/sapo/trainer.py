@@ -61,7 +61,7 @@ from sapo.config import SAPOConfig, sapo_fields
 from sapo.copies import EMA, REFERENCE, SHARDS, ModelCopies
 from sapo.data import collate_examples, keep_legacy_flag, prepare_tokenizer, save_tokenizer, tokenized_dataset
 from sapo.errors import USER_ERRORS, CheckpointError, OutputDirError, TrainingStopped, UsageError
-from sapo.fserrors import disk_full_error
+from sapo.fserrors import filesystem_error
 from sapo.generation import SegmentSampler, checkpoint_sampling, eos_token_ids_of, make_sampler
 from sapo.heldout import (
     EVAL_PAIRS_FILE,
@@ -605,9 +605,9 @@ class SAPOTrainer(Trainer):
             self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
             self.is_in_train = False
             result = TrainOutput(self.state.global_step, 0.0, {})
-        except Exception as error:  # a full disk reaches us as OSError, RuntimeError (torch) or SafetensorError
+        except Exception as error:  # a full or read-only disk: OSError, RuntimeError (torch) or SafetensorError
             self._release_output_dir()
-            full = disk_full_error(error, Path(self.args.output_dir))
+            full = filesystem_error(error, Path(self.args.output_dir))
             if full is None:
                 raise
             raise full from error
@@ -942,7 +942,7 @@ class SAPOTrainer(Trainer):
         except Exception as error:
             if main:  # a partly written final set is never used: free its space now
                 shutil.rmtree(staged, ignore_errors=True)
-            full = disk_full_error(error, directory)
+            full = filesystem_error(error, directory)
             if full is None:
                 raise
             raise full from error
