@@ -153,3 +153,17 @@ def test_a_directory_with_results_but_no_checkpoint_points_to_overwrite(scene, c
     error = one_error_line(capsys.readouterr().err)
     assert "--overwrite_output_dir true" in error and "--resume_from_checkpoint" not in error, error
     assert snapshot(out) == before
+
+
+def test_an_output_dir_deleted_mid_run_stops_the_run_in_one_paragraph(scene):
+    root, _, _, args = scene
+    out = root / "run"
+    process = subprocess.Popen([sapo_script(), *args(out, "--max_steps", "200", "--save_steps", "1")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / "checkpoint-2", process)
+    shutil.rmtree(out, ignore_errors=True)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2
+    error = one_error_line(stderr)
+    assert f"output_dir {out}: its lock file .sapo.lock is gone" in error, error
+    assert not (out / "sapo_final.json").exists()

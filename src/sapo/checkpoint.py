@@ -292,6 +292,11 @@ class OutputDirLock:
         finally:
             staged.unlink(missing_ok=True)
 
+    def still_ours(self) -> bool:
+        """Whether the lock file is still there with this run's content (not deleted with the directory, not taken
+        over by another run)."""
+        return self._content is not None and _read_text(self.path) == self._content
+
     def release(self) -> None:
         if self._content is None:
             return

@@ -89,6 +89,7 @@ from sapo.layout import (
     CHECKPOINT_PREFIX,
     EMA_DIR,
     FINAL_PARTIAL,
+    LOCK_FILE,
     MANIFEST_FILE,
     METRICS_FILE,
     RUN_STATE_FILE,
@@ -606,8 +607,8 @@ class SAPOTrainer(Trainer):
             self.is_in_train = False
             result = TrainOutput(self.state.global_step, 0.0, {})
         except Exception as error:  # a full or read-only disk: OSError, RuntimeError (torch) or SafetensorError
+            full = filesystem_error(error, Path(self.args.output_dir)) or self._output_dir_gone_error()
             self._release_output_dir()
-            full = filesystem_error(error, Path(self.args.output_dir))
             if full is None:
                 raise
             raise full from error
@@ -921,6 +922,7 @@ class SAPOTrainer(Trainer):
             with on_stop_signals(lambda reason, code: setattr(self, "_stop_reason", (reason, code)),
                                  "finishing the final save first"):
                 if owns_lock:
+                    self._check_output_dir_still_ours()
                     self._take_output_lock(directory)  # held since train(), unless save_model is called alone
                 if main:
                     shutil.rmtree(staged, ignore_errors=True)
@@ -1017,6 +1019,7 @@ class SAPOTrainer(Trainer):
         A crash at any moment leaves either the complete new checkpoint or none (plus the previous
         ones, which are only rotated out after the rename).
         """
+        self._check_output_dir_still_ours()
         run_dir = Path(self._get_output_dir(trial=trial))
         name = f"{CHECKPOINT_PREFIX}-{self.state.global_step}"
         staging = run_dir / STAGING_DIR
@@ -1043,6 +1046,23 @@ class SAPOTrainer(Trainer):
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+    def _check_output_dir_still_ours(self) -> None:
+        """Before a checkpoint: stop if output_dir was deleted, moved or taken over meanwhile (its lock is gone),
+        rather than recreate it and write half a run into it. Ranks agree."""
+        gone = self._output_dir_gone_error()
+        if any_rank(gone is not None, self.args.device):
+            raise gone or OutputDirError(f"output_dir {self.args.output_dir}: the main process lost it (its message "
+                                         "says why)")
+
+    def _output_dir_gone_error(self) -> OutputDirError | None:
+        lock = self._output_lock
+        if not self.is_world_process_zero() or lock is None or not lock.held or lock.still_ours():
+            return None
+        return OutputDirError(f"output_dir {self.args.output_dir}: its lock file {LOCK_FILE} is gone or another run's "
+                              "(was the directory deleted or moved during the run?), so this run no longer owns it "
+                              f"and stopped at step {self.state.global_step} without writing more there; whatever "
+                              "checkpoints remain can be resumed with --resume_from_checkpoint")
 
     def _name_the_published_best(self, run_dir: Path, staged: Path) -> None:
         """The Trainer names the best checkpoint where it wrote it (inside .staging/); name it where it is published
