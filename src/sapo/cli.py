@@ -37,7 +37,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model", "tekken.json")
-FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                     errno.ENAMETOOLONG}
 
 
 @dataclass
@@ -560,6 +561,14 @@ def check_output_location(out: Path, *, needed_bytes: int = 0, largest_file: int
     as large as `largest_file` (ulimit -f: the write would kill the run with SIGXFSZ)."""
     if str(out) in ("", "."):
         raise UsageError("--output_dir is empty; name the directory to train into")
+    try:
+        os.lstat(out)
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"output_dir {out}: too long for its file system (a name in it, or the whole path; "
+                             "ENAMETOOLONG); choose a shorter --output_dir") from None
+        if error.errno == errno.ELOOP:
+            raise UsageError(f"output_dir {out}: its path runs into a loop of symbolic links") from None
     if os.path.lexists(out) and not out.is_dir():
         kind = "a broken symbolic link" if out.is_symlink() and not out.exists() else "a file"
         raise UsageError(f"output_dir {out}: is {kind}, not a directory")
