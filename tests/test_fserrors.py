@@ -158,3 +158,18 @@ def test_a_file_system_turned_read_only_mid_run_is_one_paragraph_with_whole_chec
         errors = [line for line in stderr.splitlines() if line.startswith("sapo: error: ")]
         assert len(errors) == 1 and "read-only" in errors[0].lower(), stderr[-2000:]
         assert all(checkpoint_problems(p) == [] for p in out.glob("checkpoint-*"))
+
+
+def test_a_full_disk_during_the_final_save_leaves_no_partial_set_and_the_same_command_then_completes(run_command,
+                                                                                                      tmp_path):
+    with small_disk(tmp_path / "disk", "330k") as disk:  # room for the run's start, not for its final set
+        out = disk / "run"
+        command = run_command(out, "--save_strategy", "no", steps=2)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert "sapo: error: no space left on the device" in result.stderr
+        assert not (out / "sapo_final.json").exists() and not list(out.glob(".staging/*"))
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        again = subprocess.run(command, capture_output=True, text=True, timeout=600)  # no checkpoint: start over
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert json.loads((out / "sapo_final.json").read_text())["step"] == 2
