@@ -654,6 +654,11 @@ OUTPUT_CASES = {
     "output_dir_a_broken_symlink": (lambda s: (os.symlink(s.tmp / "gone", s.tmp / "link"),
                                                s.train("--output_dir", str(s.tmp / "link")))[1],
                                     "output_dir {tmp}/link: is a broken symbolic link, not a directory"),
+    "output_dir_name_too_long": (lambda s: s.train("--output_dir", str(s.tmp / ("a" * 300))),
+                                 "output_dir {tmp}/" + "a" * 300 + ": too long for its file system"),
+    "output_dir_in_a_symlink_loop": (lambda s: (os.symlink(s.tmp / "loop", s.tmp / "loop"),
+                                                s.train("--output_dir", str(s.tmp / "loop" / "run")))[1],
+                                     "output_dir {tmp}/loop/run: its path runs into a loop of symbolic links"),
     "output_dir_not_empty": (lambda s: (s.file("out/old.txt", "x"), s.train())[1],
                              "output_dir {out} is not empty; pass --overwrite_output_dir"),
 }

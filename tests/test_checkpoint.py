@@ -1,7 +1,6 @@
 """The pure pieces of checkpointing: the output-dir lock, checksums, settings fingerprints, checkpoint validation,
 atomic publishing (and finishing it after a crash), and the torn-line-tolerant metrics file."""
 
-import errno
 import json
 import multiprocessing
 import os
@@ -132,12 +131,6 @@ def test_processes_racing_for_an_empty_directory_get_one_lock(tmp_path):
     winners = [value for kind, value in outcomes if kind == "won"]
     assert len(winners) == 1
     assert all(f"pid {winners[0]}" in value for kind, value in outcomes if kind == "refused")
-
-
-def test_disk_full_becomes_a_one_paragraph_error(tmp_path):
-    error = ckpt.disk_full_error(OSError(errno.ENOSPC, "No space left on device", "x/metrics.jsonl"), tmp_path)
-    assert isinstance(error, OutputDirError) and "no space left" in str(error) and "metrics.jsonl" in str(error)
-    assert ckpt.disk_full_error(OSError(errno.EACCES, "denied"), tmp_path) is None
 
 
 # ------------------------------------------------------------------------------------------------

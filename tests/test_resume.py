@@ -252,6 +252,21 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path, cli_setup):
     assert 1 <= step < 500 and checkpoints[0].name == f"checkpoint-{step}"
 
 
+def test_a_second_sigint_kills_at_once_without_a_traceback(tmp_path, cli_setup):
+    command = [str(Path(sys.executable).with_name("sapo")), *cli_setup(tmp_path / "run", "--max_steps", "500",
+                                                                      "--save_steps", "1000")[3:]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "run" / "metrics.jsonl", process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGINT and time.monotonic() - sent < 2.0
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "SIGINT received" in stderr
+
+
 def test_counters_and_metrics_since_the_last_log_survive_a_resume(tmp_path, tokenizer, suite):
     """A checkpoint between two logging steps: the resumed run logs the same rows, non-finite counter included."""
     full = trainer_for(tmp_path / "full", tokenizer, suite, logging_steps=2, save_steps=3)
@@ -422,6 +437,29 @@ def test_a_changed_setting_is_refused_by_name_and_accepted_when_allowed(cli, tmp
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_a_resume_from_other_start_weights_of_the_same_shapes_is_refused(cli, tmp_path, model_dir, capsys):
+    """The reference of a fixed-reference run is rebuilt from --model_name_or_path on resume: another model of the
+    same shapes would silently train against another reference."""
+    from sapo.tiny import build_model, build_tokenizer, save_pair
+
+    tokenizer = build_tokenizer()
+    other = tmp_path / "other_model"
+    save_pair(build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1), tokenizer, other)
+    run = copy_of_reference(cli, tmp_path)
+    before = files_of(run)
+    argv = [*cli.args(run, "--resume_from_checkpoint", str(run / "checkpoint-2"))]
+    argv[argv.index("--model_name_or_path") + 1] = str(other)
+    error = run_refused(capsys, argv)
+    assert "start_weights (the weights this run starts from are not those the checkpoint's run started" in error
+    assert "--resume_allow_changes start_weights" in error, error
+    assert files_of(run) == before
+    moved = tmp_path / "same_model_elsewhere"  # the same bytes under another path are the same start
+    shutil.copytree(model_dir, moved)
+    argv[argv.index("--model_name_or_path") + 1] = str(moved)
+    assert main(argv) == 0
+    assert_final_outputs_match_reference(run, cli)
+
+
 def test_damaged_checkpoints_are_refused_with_nothing_written(cli, tmp_path, capsys):
     run = copy_of_reference(cli, tmp_path)
     checkpoint = run / "checkpoint-4"
@@ -445,6 +483,36 @@ def test_damaged_checkpoints_are_refused_with_nothing_written(cli, tmp_path, cap
         assert expected in error and "--resume_from_checkpoint" in error and "checkpoint-2" in error, error
         assert files_of(run) == before  # nothing written: no lock left, metrics untouched
         (checkpoint / relative).write_bytes(original)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "torn"])
+def test_metrics_rows_lost_before_a_resume_are_restored_from_the_checkpoint(cli, tmp_path, damage):
+    run = copy_of_reference(cli, tmp_path)
+    shutil.rmtree(run / "checkpoint-4")
+    for name in ("model.safetensors", "ema", "README.md", "sapo_final.json"):  # as if killed after checkpoint-2
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    metrics = run / "metrics.jsonl"
+    if damage == "deleted":
+        metrics.unlink()
+    else:  # cut in the middle of the first row: every row after it is gone too
+        metrics.write_bytes(metrics.read_bytes()[:40])
+    assert main(cli.args(run, "--resume_from_checkpoint", "true")) == 0
+    def step_rows(out):  # every row but the end-of-training summary (timings, and a mean over this process's steps)
+        return [{k: v for k, v in row.items() if not k.startswith(("time/", "generation/"))}
+                for row in read_metrics(out / "metrics.jsonl") if "train_runtime" not in row]
+
+    assert step_rows(run) == step_rows(cli.reference) and [r["step"] for r in step_rows(run)] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_whose_step_disagrees_with_its_name_is_refused(cli, tmp_path, capsys):
+    run = copy_of_reference(cli, tmp_path)
+    shutil.rmtree(run / "checkpoint-4")
+    os.rename(run / "checkpoint-2", run / "checkpoint-3")  # every file still matches its checksum
+    before = files_of(run)
+    error = run_refused(capsys, cli.args(run, "--resume_from_checkpoint", "true"))
+    assert "its step is not one step" in error and "trainer_state.json (global_step) says 2" in error, error
+    assert "its name says 3" in error
+    assert files_of(run) == before
 
 
 def test_full_disk_during_a_metrics_append_then_resume(cli, tmp_path, capsys, monkeypatch):

@@ -51,6 +51,7 @@ from sapo.layout import (
     STATE_DIR,
     TRAINER_STATE_FILE,
 )
+from sapo.outdir import holds_results, not_empty_message
 from sapo.sharding import global_shape
 
 logger = logging.getLogger(__name__)
@@ -62,11 +63,10 @@ logger = logging.getLogger(__name__)
 
 def check_output_dir(out: Path, *, resuming: bool, overwrite: bool) -> None:
     """Refuse a directory another live run is writing, and refuse to mix a new run's files with another run's
-    results (a lock left by a run that is gone does not count as a result)."""
+    results (the start files of a run killed before its first checkpoint do not count: see `sapo.outdir`)."""
     check_output_lock(out)
-    if out.is_dir() and _holds_results(out) and not resuming and not overwrite:
-        raise OutputDirError(f"output_dir {out} is not empty; pass --overwrite_output_dir to train into it "
-                             "anyway, or --resume_from_checkpoint to continue the run it holds")
+    if holds_results(out) and not resuming and not overwrite:
+        raise OutputDirError(not_empty_message(out))
 
 
 def clear_previous_checkpoints(out: Path) -> list[Path]:
@@ -103,10 +103,6 @@ def remove_if_created_empty(out: Path, created: Path | None) -> None:
         if directory == created or directory == directory.parent:
             return
         directory = directory.parent
-
-
-def _holds_results(out: Path) -> bool:
-    return any(not entry.name.startswith(LOCK_FILE) for entry in out.iterdir())
 
 
 def _boot_id() -> str:
@@ -296,6 +292,11 @@ class OutputDirLock:
         finally:
             staged.unlink(missing_ok=True)
 
+    def still_ours(self) -> bool:
+        """Whether the lock file is still there with this run's content (not deleted with the directory, not taken
+        over by another run)."""
+        return self._content is not None and _read_text(self.path) == self._content
+
     def release(self) -> None:
         if self._content is None:
             return
@@ -307,17 +308,6 @@ class OutputDirLock:
         finally:
             self._content = None
             atexit.unregister(self.release)
-
-
-def disk_full_error(error: OSError, out: Path) -> OutputDirError | None:
-    """A full disk or exhausted quota as a one-paragraph error saying what survived; None for other errors."""
-    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return None
-    where = f" (writing {error.filename})" if error.filename else ""
-    return OutputDirError(f"no space left on the device of output_dir {out}{where}. What was written completely is "
-                          "intact: every checkpoint-N present is whole (the one being written stays in .staging and is "
-                          "not used), and metrics.jsonl at most ends in a torn line, which a resumed run drops. Free "
-                          "space, then continue with --resume_from_checkpoint true")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,7 +431,8 @@ def recover_staging(out: Path) -> None:
     for entry in staging.iterdir():
         if entry.name.endswith(".replaced") and not (out / entry.name.removesuffix(".replaced")).exists():
             os.replace(entry, out / entry.name.removesuffix(".replaced"))
-        elif entry.name.endswith(".replaced") or entry.name.startswith("trash-") or entry.name == FINAL_PARTIAL:
+        elif (entry.name.endswith(".replaced") or entry.name.startswith("trash-") or entry.name == FINAL_PARTIAL
+              or CHECKPOINT_RE.fullmatch(entry.name)):  # a checkpoint still in staging was never finished
             shutil.rmtree(entry, ignore_errors=True)
     with contextlib.suppress(OSError):
         staging.rmdir()  # only when empty
@@ -544,19 +535,29 @@ FREE_SAPO_FIELDS = ("logprob_chunk_size", "offload_copies", "max_nonfinite_steps
                     "skip_invalid", "resume_allow_changes", "eval_judge", "eval_judge_max_new_tokens")
 DATA_SETTING = "data"
 WORLD_SIZE_SETTING = "world_size"
+START_WEIGHTS_SETTING = "start_weights"  # sha256 of the weights the run started from (see sapo.start_weights)
+REFERENCE_WEIGHTS_SETTING = "reference_weights"  # the same, of a ref_model given apart from the policy
+FINGERPRINTS = {DATA_SETTING: "the tokenized training data is not the same",
+                START_WEIGHTS_SETTING: "the weights this run starts from are not those the checkpoint's run started "
+                "from (--model_name_or_path)",
+                REFERENCE_WEIGHTS_SETTING: "the reference model's weights are not the same"}
 
 
 def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 
-def run_settings(config: Any, sapo_field_names: Sequence[str], *, world_size: int, data: str) -> dict[str, Any]:
+def run_settings(config: Any, sapo_field_names: Sequence[str], *, world_size: int, data: str,
+                 start_weights: str | None = None, reference_weights: str | None = None) -> dict[str, Any]:
     """The settings that shape a run's trajectory, as JSON values: every SAPO field but `FREE_SAPO_FIELDS`, the
-    Trainer fields in `TRAINER_TRAJECTORY_FIELDS`, the number of processes and a fingerprint of the tokenized data.
-    The run's length (max_steps, num_train_epochs) is not among them: a run may be resumed to train longer."""
+    Trainer fields in `TRAINER_TRAJECTORY_FIELDS`, the number of processes and fingerprints of the tokenized data
+    and of the start (and a separate reference's) weights. The run's length (max_steps, num_train_epochs) is not
+    among them: a run may be resumed to train longer."""
     settings = {name: _plain(getattr(config, name)) for name in _config_setting_names(config, sapo_field_names)}
     settings[WORLD_SIZE_SETTING] = world_size
     settings[DATA_SETTING] = data
+    settings[START_WEIGHTS_SETTING] = start_weights
+    settings[REFERENCE_WEIGHTS_SETTING] = reference_weights
     return settings
 
 
@@ -567,7 +568,7 @@ def _config_setting_names(config: Any, sapo_field_names: Sequence[str]) -> list[
 
 def run_setting_names(config: Any, sapo_field_names: Sequence[str]) -> list[str]:
     """The names `run_settings` compares, without computing the data fingerprint."""
-    return [*_config_setting_names(config, sapo_field_names), WORLD_SIZE_SETTING, DATA_SETTING]
+    return [*_config_setting_names(config, sapo_field_names), WORLD_SIZE_SETTING, *FINGERPRINTS]
 
 
 def data_fingerprint(dataset: Any) -> str:
@@ -604,9 +605,14 @@ def settings_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     check_allowed_changes(allowed, list(current))
     differences = []
     for name, value in current.items():
+        if name in FINGERPRINTS and (saved.get(name) is None or value is None):
+            continue  # not recorded (an older sapo), or the files could not be read
         if name in saved and saved[name] != value and name not in allowed:
             if name == DATA_SETTING:
-                differences.append("data (the tokenized training data is not the same)")
+                differences.append(f"{name} ({FINGERPRINTS[name]})")
+            elif name in FINGERPRINTS:
+                differences.append(f"{name} ({FINGERPRINTS[name]}: checkpoint {str(saved[name])[:24]}..., this "
+                                   f"run {str(value)[:24]}...)")
             else:
                 differences.append(f"{name} (checkpoint {json.dumps(saved[name])}, this run {json.dumps(value)})")
     return differences
@@ -619,6 +625,20 @@ def _earlier_checkpoints_hint(path: Path) -> str:
     earlier = sorted((int(m.group(1)), p) for p in path.parent.iterdir()
                      if (m := CHECKPOINT_RE.fullmatch(p.name)) and int(m.group(1)) < int(step.group(1)))
     return f"; an earlier checkpoint may still be whole: --resume_from_checkpoint {earlier[-1][1]}" if earlier else ""
+
+
+def _check_step(path: Path) -> None:
+    """The checkpoint's step agrees in its name, the Trainer's trainer_state.json and sapo's own record of it."""
+    trainer_step = read_json(path / TRAINER_STATE_FILE).get("global_step")
+    recorded = read_run_state(path / STATE_DIR).get("global_step")
+    named = CHECKPOINT_RE.fullmatch(path.name)
+    steps = {f"{TRAINER_STATE_FILE} (global_step)": trainer_step, f"{STATE_DIR}/{RUN_STATE_FILE}": recorded,
+             "its name": int(named.group(1)) if named else None}
+    known = {where: step for where, step in steps.items() if step is not None}
+    if len(set(known.values())) > 1:
+        raise CheckpointError(f"{path}: its step is not one step: " + ", ".join(
+            f"{where} says {step}" for where, step in known.items()) + "; it was assembled from different "
+            f"checkpoints or renamed, so it cannot resume exactly{_earlier_checkpoints_hint(path)}")
 
 
 def validate_checkpoint(path: Path, params: Mapping[str, torch.Tensor], state_files: Sequence[str], *,
@@ -639,6 +659,7 @@ def validate_checkpoint(path: Path, params: Mapping[str, torch.Tensor], state_fi
     if problems:
         raise CheckpointError(f"{path}: damaged checkpoint ({'; '.join(problems)}), so it cannot resume the run "
                               f"exactly{_earlier_checkpoints_hint(path)}")
+    _check_step(path)
     manifest = read_json(path / STATE_DIR / MANIFEST_FILE)
     for name, param in params.items():
         if name not in manifest:
@@ -711,6 +732,32 @@ def truncate_metrics(path: Path, keep_until_step: int, *, keep_summary: bool = F
     atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in kept))
 
 
+def save_metrics_rows(live: Path, target: Path, step: int) -> None:
+    """Copy into a checkpoint the rows of `live` (metrics.jsonl) logged up to its `step`, so a resume restores
+    them even when metrics.jsonl was deleted or damaged meanwhile."""
+    rows = _metrics_lines(live) if live.is_file() else []
+    _write_durably(target, "".join(line.decode("utf-8") + "\n" for line, row in rows
+                                   if row.get("step", 0) <= step and not is_summary_row(row)))
+
+
+def restore_metrics(live: Path, saved: Path, step: int, *, keep_summary: bool = False) -> None:
+    """Bring metrics.jsonl back to a resumed `step`: the rows the checkpoint holds (`saved`), plus, with
+    `keep_summary`, the end-of-training row at that step; a checkpoint without its rows (an older sapo) truncates
+    the file instead (`truncate_metrics`)."""
+    if not saved.is_file():
+        if live.exists():
+            truncate_metrics(live, step, keep_summary=keep_summary)
+        return
+    kept = [line for line, _ in _metrics_lines(saved)]
+    present = [line for line, row in _metrics_lines(live) if row.get("step", 0) <= step] if live.is_file() else []
+    if [line for line in present if line in set(kept)] != kept:
+        logger.warning("%s: %s; the %d rows up to step %d are restored from the checkpoint", live,
+                       "missing" if not live.exists() else "rows were lost or damaged", len(kept), step)
+    if keep_summary:
+        kept += [line for line in present if is_summary_row(json.loads(line)) and json.loads(line).get("step") == step]
+    atomic_write_text(live, "".join(line.decode("utf-8") + "\n" for line in kept))
+
+
 # ------------------------------------------------------------------------------------------------
 # RNG state and signals
 # ------------------------------------------------------------------------------------------------
@@ -741,8 +788,9 @@ def on_stop_signals(request_stop: Callable[[str, int], None],
         name = signal.Signals(signum).name
         logger.warning("%s received: %s (send again to kill)", name, doing)
         request_stop(f"{name} received", 128 + signum)
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        for sig, old in previous.items():  # Python's own SIGINT handler would raise KeyboardInterrupt: a traceback,
+            # and cleanup that may take long (a thread pool hashing a checkpoint finishes first), not a kill
+            signal.signal(sig, signal.SIG_DFL if old in (signal.default_int_handler, None) else old)
 
     for sig in previous:
         signal.signal(sig, handler)

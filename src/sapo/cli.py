@@ -40,7 +40,8 @@ from sapo.loading import (  # noqa: F401  (re-exported: these lived here before 
 
 EXIT_USAGE = 2
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                     errno.ENAMETOOLONG}
 
 
 @dataclass
@@ -399,6 +400,14 @@ def check_output_location(out: Path, *, needed_bytes: int = 0, largest_file: int
     as large as `largest_file` (ulimit -f: the write would kill the run with SIGXFSZ)."""
     if str(out) in ("", "."):
         raise UsageError("--output_dir is empty; name the directory to train into")
+    try:
+        os.lstat(out)
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"output_dir {out}: too long for its file system (a name in it, or the whole path; "
+                             "ENAMETOOLONG); choose a shorter --output_dir") from None
+        if error.errno == errno.ELOOP:
+            raise UsageError(f"output_dir {out}: its path runs into a loop of symbolic links") from None
     if os.path.lexists(out) and not out.is_dir():
         kind = "a broken symbolic link" if out.is_symlink() and not out.exists() else "a file"
         raise UsageError(f"output_dir {out}: is {kind}, not a directory")
@@ -462,6 +471,7 @@ def run_train(argv: Sequence[str]) -> int:
     from sapo.checkpoint import check_output_dir, first_missing, remove_if_created_empty
     from sapo.data import load_examples
     from sapo.heldout import check_eval_data, read_eval_records
+    from sapo.outdir import refuse_inputs_in_output_dir
     from sapo.trainer import SAPOTrainer
 
     model_args, config = parse_train_args(argv)
@@ -469,6 +479,8 @@ def run_train(argv: Sequence[str]) -> int:
     _check_resume_path(resume)
     out = Path(config.output_dir)
     check_output_location(out)
+    refuse_inputs_in_output_dir(out, {name: getattr(model_args, name) for name in (
+        "model_name_or_path", "tokenizer_name_or_path", "dataset_name", "eval_dataset_name", "chat_template")})
     check_output_dir(out, resuming=bool(resume) and resume.lower() != "false",
                      overwrite=config.overwrite_output_dir)
     if model_args.model_name_or_path is None:

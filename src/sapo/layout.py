@@ -36,6 +36,7 @@ FINAL_RECORD_FILE = "sapo_final.json"  # step and checksums of the final outputs
 STATE_DIR = "sapo_state"
 MANIFEST_FILE = "parameters.json"  # trainable parameter names and shapes: refuses another model's checkpoint
 RUN_STATE_FILE = "trainer.json"  # run-level values that are not tensors (reference period, settings, counters)
+CHECKPOINT_METRICS_FILE = "metrics.jsonl"  # sapo_state/metrics.jsonl: the rows logged up to the checkpoint's step
 BUFFER_FILE_RE = re.compile(r"replay_buffer_rank(\d+)\.safetensors")
 BUFFER_FILE_GLOB = "replay_buffer_rank*.safetensors"
 

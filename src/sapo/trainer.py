@@ -40,7 +40,6 @@ from sapo.checkpoint import (
     checkpoint_step,
     clear_previous_checkpoints,
     data_fingerprint,
-    disk_full_error,
     first_missing,
     on_stop_signals,
     publish_directory,
@@ -49,8 +48,10 @@ from sapo.checkpoint import (
     read_run_state,
     recover_staging,
     remove_if_created_empty,
+    restore_metrics,
     run_setting_names,
     run_settings,
+    save_metrics_rows,
     truncate_metrics,
     validate_checkpoint,
     write_checksums,
@@ -61,6 +62,7 @@ from sapo.config import SAPOConfig, sapo_fields
 from sapo.copies import EMA, REFERENCE, SHARDS, ModelCopies
 from sapo.data import collate_examples, keep_legacy_flag, save_tokenizer, tokenized_dataset
 from sapo.errors import USER_ERRORS, CheckpointError, OutputDirError, TrainingStopped, UsageError
+from sapo.fserrors import filesystem_error
 from sapo.generation import SegmentSampler, checkpoint_sampling, eos_token_ids_of, make_sampler
 from sapo.heldout import (
     EVAL_PAIRS_FILE,
@@ -84,9 +86,11 @@ from sapo.heldout import (
     whole_rejected,
 )
 from sapo.layout import (
+    CHECKPOINT_METRICS_FILE,
     CHECKPOINT_PREFIX,
     EMA_DIR,
     FINAL_PARTIAL,
+    LOCK_FILE,
     MANIFEST_FILE,
     METRICS_FILE,
     RUN_STATE_FILE,
@@ -98,9 +102,16 @@ from sapo.layout import (
 from sapo.loading import load_policy, load_reference, warn_unless_loaded_with  # noqa: F401  (re-exported)
 from sapo.losses import LOSSES, nll_from_logps, pair_metrics
 from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
+from sapo.outdir import (
+    clear_previous_final,
+    holds_only_start_files,
+    no_checkpoint_message,
+    refuse_inputs_in_output_dir,
+)
 from sapo.recipes import RECIPES, Recipe, StepServices, pad_pair_sequences, pad_sequences
 from sapo.scoring import PairScoring
 from sapo.sharding import any_rank, local_shard, materialized
+from sapo.start_weights import StartWeights
 
 logger = logging.getLogger(__name__)
 
@@ -179,15 +190,19 @@ class _ResumeStart(TrainerCallback):
     back to the resumed step, stop before any step when the checkpoint is the run's end (the Trainer would train
     one step past max_steps), and give back the Trainer's loss accumulators saved with the checkpoint."""
 
-    def __init__(self, trainer: SAPOTrainer, resumed_step: int) -> None:
-        self.trainer, self.resumed_step = trainer, resumed_step
+    def __init__(self, trainer: SAPOTrainer, checkpoint: str | None) -> None:
+        self.trainer, self.checkpoint = trainer, checkpoint
+        self.resumed_step = checkpoint_step(checkpoint) if checkpoint else 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
         finished = self.resumed_step > 0 and state.global_step >= state.max_steps
         metrics = Path(args.output_dir) / METRICS_FILE
-        if trainer.is_world_process_zero() and metrics.exists():
-            truncate_metrics(metrics, self.resumed_step, keep_summary=finished)
+        if trainer.is_world_process_zero() and self.checkpoint:
+            restore_metrics(metrics, Path(self.checkpoint) / STATE_DIR / CHECKPOINT_METRICS_FILE, self.resumed_step,
+                            keep_summary=finished)
+        elif trainer.is_world_process_zero() and metrics.exists():
+            truncate_metrics(metrics, 0)
         if trainer.is_world_process_zero() and self.resumed_step == 0 and trainer._rows_before_training:
             trainer._append_metrics_rows(trainer._rows_before_training)  # a baseline evaluate() of a fresh run
         trainer._rows_before_training = []
@@ -260,6 +275,7 @@ class SAPOTrainer(Trainer):
         self.rejected_judge = load_eval_judge(args.rejected_judge, "rejected_judge")
         model, processing_class = self._load(model, processing_class, chat_template, peft_config,
                                              args.model_init_kwargs, args.max_length)
+        self._start_weights = StartWeights(model)  # before training changes an in-memory model's tensors
         if args.disable_dropout:
             disable_dropout(model)
         if sampler is None and args.generation_engine == "static":  # refuse before anything is written
@@ -293,6 +309,7 @@ class SAPOTrainer(Trainer):
             raise UsageError("eval_judge generates with the policy, which FSDP/ZeRO-3 shards; with those engines "
                              "judge saved checkpoints with `sapo eval` instead")
         ref_model = self._load_reference(ref_model if args.uses_reference else None)
+        self._reference_weights = None if ref_model is None else StartWeights(ref_model)
         self.copies = ModelCopies(
             self.policy, need_ema=args.self_augmenting, need_reference=args.uses_reference,
             reference_moves=self._reference_moves(), is_peft=is_peft_model(self.model), sharded=self._will_shard(),
@@ -619,7 +636,7 @@ class SAPOTrainer(Trainer):
             self._release_output_dir()
             self._remove_created_output_dir()
             raise
-        start = _ResumeStart(self, checkpoint_step(resume_from_checkpoint) if resume_from_checkpoint else 0)
+        start = _ResumeStart(self, resume_from_checkpoint)
         self.add_callback(start)
         try:
             with on_stop_signals(lambda reason, code: setattr(self, "_stop_reason", (reason, code))):
@@ -630,9 +647,9 @@ class SAPOTrainer(Trainer):
             self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
             self.is_in_train = False
             result = TrainOutput(self.state.global_step, 0.0, {})
-        except OSError as error:
+        except Exception as error:  # a full or read-only disk: OSError, RuntimeError (torch) or SafetensorError
+            full = filesystem_error(error, Path(self.args.output_dir)) or self._output_dir_gone_error()
             self._release_output_dir()
-            full = disk_full_error(error, Path(self.args.output_dir))
             if full is None:
                 raise
             raise full from error
@@ -668,7 +685,7 @@ class SAPOTrainer(Trainer):
             if resume is True:
                 last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
                 if last is None:
-                    raise CheckpointError(f"resume_from_checkpoint=true but {self.args.output_dir} has no checkpoint")
+                    raise CheckpointError(no_checkpoint_message(Path(self.args.output_dir)))
                 resume = last
             if resume:
                 self.validate_checkpoint(Path(resume))
@@ -682,13 +699,30 @@ class SAPOTrainer(Trainer):
         """Before anything is written: refuse another run's directory, take the lock, finish a publish a crash
         interrupted. (metrics.jsonl is brought back to the resumed step once training starts, see `_ResumeStart`.)"""
         out = Path(self.args.output_dir)
-        self._take_output_lock(out, lambda: check_output_dir(out, resuming=resume is not None,
-                                                             overwrite=self.args.overwrite_output_dir))
+
+        def check() -> None:
+            refuse_inputs_in_output_dir(out, self._input_paths())
+            check_output_dir(out, resuming=resume is not None, overwrite=self.args.overwrite_output_dir)
+
+        self._take_output_lock(out, check)
         if self.is_world_process_zero():
             recover_staging(out)
             if resume is None and self.args.overwrite_output_dir:
-                for old in clear_previous_checkpoints(out):
-                    logger.warning("overwrite_output_dir: removed the previous run's %s", old.name)
+                removed = clear_previous_final(out) + [p.name for p in clear_previous_checkpoints(out)]
+                (out / METRICS_FILE).unlink(missing_ok=True)  # the old run's rows; this run writes its own
+                if removed:
+                    logger.warning("overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
+            elif resume is None and holds_only_start_files(out):
+                logger.warning("output_dir %s holds only the start of a run that stopped before its first "
+                               "checkpoint: nothing to resume there, so this run starts over", out)
+
+    def _input_paths(self) -> dict[str, str | None]:
+        """Where the models this run trains from were loaded (their `name_or_path`), which output_dir must not touch."""
+        def source(model: Any) -> str | None:
+            return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+        return {"model_name_or_path": source(self.policy),
+                "ref_model": source(getattr(self.copies, "reference_module", None))}
 
     def _take_output_lock(self, out: Path, check: Any = None) -> None:
         """The main process runs `check` and takes `out`'s lock; a refusal is raised on every rank."""
@@ -937,6 +971,7 @@ class SAPOTrainer(Trainer):
             with on_stop_signals(lambda reason, code: setattr(self, "_stop_reason", (reason, code)),
                                  "finishing the final save first"):
                 if owns_lock:
+                    self._check_output_dir_still_ours()
                     self._take_output_lock(directory)  # held since train(), unless save_model is called alone
                 if main:
                     shutil.rmtree(staged, ignore_errors=True)
@@ -955,8 +990,10 @@ class SAPOTrainer(Trainer):
                 if main:
                     publish_final(staged, directory, self.state.global_step)
                 self.accelerator.wait_for_everyone()
-        except OSError as error:
-            full = disk_full_error(error, directory)
+        except Exception as error:
+            if main:  # a partly written final set is never used: free its space now
+                shutil.rmtree(staged, ignore_errors=True)
+            full = filesystem_error(error, directory)
             if full is None:
                 raise
             raise full from error
@@ -1031,6 +1068,7 @@ class SAPOTrainer(Trainer):
         A crash at any moment leaves either the complete new checkpoint or none (plus the previous
         ones, which are only rotated out after the rename).
         """
+        self._check_output_dir_still_ours()
         run_dir = Path(self._get_output_dir(trial=trial))
         name = f"{CHECKPOINT_PREFIX}-{self.state.global_step}"
         staging = run_dir / STAGING_DIR
@@ -1039,18 +1077,41 @@ class SAPOTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes (and rotates) in staging
         try:
-            super()._save_checkpoint(model, trial)
-            self._name_the_published_best(run_dir, staging / name)
-            self.save_sapo_state(staging / name / STATE_DIR)
-        finally:
-            del self._get_output_dir  # back to the class's method
-        self.accelerator.wait_for_everyone()
+            try:
+                super()._save_checkpoint(model, trial)
+                self._name_the_published_best(run_dir, staging / name)
+                self.save_sapo_state(staging / name / STATE_DIR)
+            finally:
+                del self._get_output_dir  # back to the class's method
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                write_checksums(staging / name)  # last: a resume checks every file against it
+        except Exception:
+            if self.args.should_save:  # a partly written checkpoint is never used: free its space now
+                shutil.rmtree(staging / name, ignore_errors=True)
+            raise
         if self.args.should_save:
-            write_checksums(staging / name)  # last: a resume checks every file against it
             publish_directory(staging / name, run_dir / name)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+    def _check_output_dir_still_ours(self) -> None:
+        """Before a checkpoint: stop if output_dir was deleted, moved or taken over meanwhile (its lock is gone),
+        rather than recreate it and write half a run into it. Ranks agree."""
+        gone = self._output_dir_gone_error()
+        if any_rank(gone is not None, self.args.device):
+            raise gone or OutputDirError(f"output_dir {self.args.output_dir}: the main process lost it (its message "
+                                         "says why)")
+
+    def _output_dir_gone_error(self) -> OutputDirError | None:
+        lock = self._output_lock
+        if not self.is_world_process_zero() or lock is None or not lock.held or lock.still_ours():
+            return None
+        return OutputDirError(f"output_dir {self.args.output_dir}: its lock file {LOCK_FILE} is gone or another run's "
+                              "(was the directory deleted or moved during the run?), so this run no longer owns it "
+                              f"and stopped at step {self.state.global_step} without writing more there; whatever "
+                              "checkpoints remain can be resumed with --resume_from_checkpoint")
 
     def _name_the_published_best(self, run_dir: Path, staged: Path) -> None:
         """The Trainer names the best checkpoint where it wrote it (inside .staging/); name it where it is published
@@ -1074,7 +1135,8 @@ class SAPOTrainer(Trainer):
         if self._data_fingerprint is None:
             self._data_fingerprint = data_fingerprint(self.train_dataset)
         return run_settings(self.args, [f.name for f in sapo_fields()], world_size=self.args.world_size,
-                            data=self._data_fingerprint)
+                            data=self._data_fingerprint, start_weights=self._start_weights.fingerprint(),
+                            reference_weights=self._reference_weights and self._reference_weights.fingerprint())
 
     def save_sapo_state(self, directory: Path) -> None:
         """The copies, the recipe's state, the counters and the run's manifest and settings, per rank; safetensors
@@ -1084,7 +1146,9 @@ class SAPOTrainer(Trainer):
         if self.args.should_save:
             write_manifest(directory, dict(zip(self.copies.names, self.copies.params, strict=True)),
                            {"ref_update_steps": self.ref_update_steps, "settings": self.run_settings(),
-                            "save_only_model": bool(self.args.save_only_model)})
+                            "save_only_model": bool(self.args.save_only_model), "global_step": self.state.global_step})
+            save_metrics_rows(Path(self.args.output_dir) / METRICS_FILE, directory / CHECKPOINT_METRICS_FILE,
+                              self.state.global_step)
         tr_loss = getattr(self, "_tr_loss", None)
         write_json(directory / step_state_file(rank), {
             "nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self._nonfinite_in_a_row,
