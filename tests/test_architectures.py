@@ -269,16 +269,36 @@ def first_training_row(out: Path) -> dict:
     return next(row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row)
 
 
+def window_16_mistral():
+    """Issue 22's model: a window (16) longer than the old probe's pairs (12 tokens), so the old probe passed."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            sliding_window=16, pad_token_id=0, bos_token_id=1,
+                                            eos_token_id=2)).eval()
+
+
 @pytest.mark.parametrize("model_type", ["mistral", "bloom"])
-def test_windowed_and_alibi_models_train_as_with_separate_rows(model_type, tmp_path, dataset_file, capsys, caplog):
-    """A sliding window of 8 tokens under pairs of about 20 tokens (once scored with full attention, so log-probs
+def test_windowed_and_alibi_models_train_as_with_separate_rows(model_type, tmp_path, capsys, caplog):
+    """A sliding window of 16 tokens under pairs of about 60 tokens (once scored with full attention, so log-probs
     and gradients differed from `--pair_scoring separate`), and ALiBi (once a crash at setup): with the default
     scoring, one step at learning rate 0 gives the separate rows' numbers, and says why in one line."""
-    model_dir = saved_model(model_type, tmp_path / "model")
+    model_dir = tmp_path / "model"
+    model = window_16_mistral() if model_type == "mistral" else model_or_skip(model_type)
+    model.save_pretrained(model_dir)
+    tiny.build_tokenizer().save_pretrained(model_dir)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    dataset = tmp_path / "long.jsonl"
+    dataset.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "repeat: " + (letters[i:] + letters)[:24]},
+        {"role": "assistant", "content": (letters[i:] + letters)[:24]}]}) + "\n" for i in range(4)))
     rows = {}
     for scoring in ("shared_prefix", "separate"):
-        arguments = train_arguments(model_dir, dataset_file, tmp_path / scoring, "--pair_scoring", scoring,
-                                    "--learning_rate", "0", "--seed", "3")
+        arguments = train_arguments(model_dir, dataset, tmp_path / scoring, "--pair_scoring", scoring,
+                                    "--learning_rate", "0", "--seed", "3", "--max_length", "96",
+                                    "--token_generate_length", "8")
         code, text = train_in_process(arguments, capsys, caplog)
         assert code == 0, text[-3000:]
         assert len(fallback_lines(text)) == (scoring == "shared_prefix"), text[-3000:]
@@ -301,12 +321,7 @@ def test_the_packing_probe_is_longer_than_a_window_it_must_prove():
 
 def test_the_issue_reproduction_mistral_window_16_and_a_60_token_pair():
     """The reproduction of issue 22: packing moved log-probs by up to 0.19 here; now the model is refused."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             sliding_window=16, pad_token_id=0)).eval()
+    model = window_16_mistral()
     ids = [(13 * i + 7) % (VOCAB - 7) + 7 for i in range(90)]
     batch = pad_pair_sequences([(ids[:10], ids[10:60], ids[10:30] + ids[60:90])], pad_token_id=0)
     with torch.no_grad():
