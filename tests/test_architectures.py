@@ -330,3 +330,19 @@ def test_the_issue_reproduction_mistral_window_16_and_a_60_token_pair():
         separate = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     assert (packed - separate).abs().max() > 1e-3  # what packing would get wrong
     assert "sliding_window=16" in shared_prefix_refusal(model, 0, use_hidden_states=True)
+
+
+@pytest.mark.parametrize("model_type,fields,reason", [
+    ("falcon", {"alibi": True}, "ALiBi"),
+    ("mpt", {"attn_config": {"alibi": True}}, "ALiBi"),
+    ("llama4_text", {"attention_chunk_size": 8}, "chunked_attention"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "sliding_attention"),
+    ("gemma3_text", {}, "sliding_attention"),
+])
+def test_configs_that_limit_attention_are_refused_before_any_probe(model_type, fields, reason):
+    """ALiBi, chunked attention and per-layer windows, as the configs of transformers 5.25 spell them."""
+    from sapo.packing import limited_attention
+
+    config = CONFIG_MAPPING[model_type](**fields)
+    assert reason in limited_attention(config)
+    assert limited_attention(CONFIG_MAPPING["llama"]()) is None
