@@ -45,10 +45,13 @@ SIZES = {
     "kv_lora_rank": 16, "q_lora_rank": 16,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "vocab_size": VOCAB, "max_position_embeddings": 256, "n_positions": 256, "n_ctx": 256,
-    **dict.fromkeys(("sliding_window", "sliding_window_size", "attention_window_size", "window_size",
-                     "local_attention", "attention_chunk_size"), WINDOW),
 }
 """Tiny values for the size fields of transformers' configs (set only where a config has the field set)."""
+
+WINDOWS = ("sliding_window", "sliding_window_size", "attention_window_size", "window_size", "local_attention",
+           "attention_chunk_size")
+"""Set to `WINDOW` wherever a config has the field, even unset (Phi-3, Starcoder2 and Mixtral default to no window,
+their released checkpoints have one), except where `use_sliding_window` turns windows off (Qwen2 and Qwen3)."""
 
 OVERRIDES: dict[str, dict] = {
     "mamba2": {"head_dim": 16},
@@ -69,6 +72,11 @@ def shrink(config, overrides: dict) -> None:
         if name in overrides or getattr(config, name, None) is not None:
             with contextlib.suppress(Exception):
                 setattr(config, name, value)
+    if getattr(config, "use_sliding_window", True) is not False:
+        for name in WINDOWS:
+            if hasattr(config, name) and name not in overrides:
+                with contextlib.suppress(Exception):
+                    setattr(config, name, WINDOW)
     layers = getattr(config, "num_hidden_layers", None)
     for name in ("layer_types", "mlp_layer_types", "layers_block_type"):
         kinds = getattr(config, name, None)
