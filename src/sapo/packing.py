@@ -94,3 +94,65 @@ def packed_layout(packed_width: int, prefix: torch.Tensor, attention_mask: torch
     targets[:, 0] = False  # position 0 is never predicted (it only received the unscored entries)
     return PackedLayout(position_ids, pair_attention_mask(prefix, real_end, end, packed_width), targets,
                         predecessors, source)
+
+
+# -- which models a block mask describes ------------------------------------------------------------------------
+# A packed row's block mask replaces the model's own causal mask (transformers returns a given 4-D mask as-is), so
+# packing is exact only where every attention layer is plain full-causal attention over the tokens' own positions.
+# Windows, chunks and local layers are limits the block mask would drop; ALiBi builds its bias from a 2-D mask.
+
+WINDOW_FIELDS = ("sliding_window", "sliding_window_size", "attention_window_size", "attention_window", "window_size",
+                 "local_attention", "local_attention_window_len", "attention_chunk_size", "keep_window_size",
+                 "local_attn_chunk_length")
+"""Config fields that, set to a number, limit how far back some layer attends (transformers 5.25's configs)."""
+
+LAYER_KIND_FIELDS = ("layer_types", "block_types", "layers_block_type", "attention_layers", "attention_types")
+"""Config fields that list each layer's kind."""
+
+FULL_LAYER_KINDS = frozenset({"full_attention", "global", "mlp", "moe"})
+"""Layer kinds that are full-causal attention or position-wise (no attention at all)."""
+
+
+ALIBI_MODEL_TYPES = ("bloom",)
+"""Models that always use ALiBi (no config field says so)."""
+
+
+def _config_tree(config: object) -> list[object]:
+    """`config` and the sub-configs it holds (a multimodal model's `text_config`, MPT's `attn_config`)."""
+    found, stack = [], [config]
+    while stack:
+        node = stack.pop()
+        if node is None or any(node is seen for seen in found):
+            continue
+        found.append(node)
+        stack.extend(value for value in vars(node).values() if hasattr(value, "to_dict") and hasattr(value, "__dict__"))
+    return found
+
+
+def _layer_kinds(value: object) -> set[str]:
+    """Every string in a (possibly nested, as GPT-Neo's `attention_types`) list of layer kinds."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, list | tuple):
+        return set().union(*(_layer_kinds(item) for item in value)) if value else set()
+    return set()
+
+
+def limited_attention(config: object) -> str | None:
+    """Why some attention of the model `config` describes is not full-causal (a window, a chunk, a local or
+    recurrent layer, ALiBi), or None. A packed row's block mask cannot carry such limits, so such models are scored
+    as separate rows."""
+    for node in _config_tree(config):
+        fields = vars(node)
+        for name in LAYER_KIND_FIELDS:
+            kinds = _layer_kinds(fields.get(name))
+            if kinds - FULL_LAYER_KINDS:
+                return f"{name} {sorted(kinds)} are not all full attention"
+        for name in WINDOW_FIELDS:
+            value = fields.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return f"{name}={value} limits attention to a window"
+        if (fields.get("alibi") is True or fields.get("position_embedding_type") == "alibi"
+                or getattr(node, "model_type", None) in ALIBI_MODEL_TYPES):
+            return "ALiBi position biases are built from a 2-D mask"
+    return None

@@ -38,6 +38,9 @@ from sapo.sharding import any_rank, global_shape
 
 logger = logging.getLogger(__name__)
 
+PROBE_LENGTH = 48
+"""Tokens in the packing probe's longest sequences."""
+
 
 class PairScoring:
     """The scoring choices of one run (`use_hidden_states`, `shared_prefix`: None until a sharded engine has probed)
@@ -77,18 +80,19 @@ class PairScoring:
             return False
         models = [policy] + ([self.copies.reference_module] if checks_reference else [])
         for model in models:
-            reason = packing_unsupported_reason(model)
-            if reason is None and not self.copies.sharded and not self._packs_exactly(model):
-                reason = "packed rows do not reproduce the separate rows' log-probs"
+            if self.copies.sharded:
+                reason = packing_unsupported_reason(model)
+            else:
+                reason = shared_prefix_refusal(model, self.pad_token_id, use_hidden_states=self.use_hidden_states)
             if reason is not None:
                 logger.info("pair_scoring shared_prefix: %s (%s); scoring pairs as separate rows", reason,
                             type(model).__name__)
                 return False
         return None if self.copies.sharded else True
 
-    def _packs_exactly(self, model: nn.Module, half_precision: bool = False) -> bool:
-        return shared_prefix_scoring_is_exact(model, self._packing_probe(model), half_precision=half_precision,
-                                              use_hidden_states=self.use_hidden_states)
+    def _packing_probe_failure(self, model: nn.Module, half_precision: bool = False) -> str | None:
+        return packing_probe_failure(model, self.pad_token_id, use_hidden_states=self.use_hidden_states,
+                                     half_precision=half_precision)
 
     def _probe_in_engine(self, model: nn.Module) -> bool:
         """The packing probe for sharded engines, at their first scoring forward through `model` (the engine's
@@ -96,22 +100,14 @@ class PairScoring:
         all take one decision, since they must run the same forwards from then on."""
         models = [model] + ([self.copies.reference_module] if self.copies.reference_module is not None else [])
         half = bool(self.args.bf16 or self.args.fp16)  # the engine computes in half precision: its tolerance
-        exact = all(self._packs_exactly(m, half) for m in models)
-        exact = not any_rank(not exact, self.args.device)
+        # Every model is probed on every rank, whatever an earlier one gave: each probe forward is a collective.
+        failure = next((f for f in [self._packing_probe_failure(m, half) for m in models] if f), None)
+        exact = not any_rank(failure is not None, self.args.device)
         if not exact:
-            logger.info("pair_scoring shared_prefix: packed rows do not reproduce the separate rows' log-probs under "
-                        "%s; scoring pairs as separate rows", self.copies.sharding)
+            logger.info("pair_scoring shared_prefix: %s under %s; scoring pairs as separate rows",
+                        failure or "another rank's packed rows do not reproduce its separate rows' log-probs",
+                        self.copies.sharding)
         return exact
-
-    def _packing_probe(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Pairs with a long, a prompt-only and a whole-sequence shared prefix, on the model's device."""
-        vocab = global_shape(output_projection(model).weight)[0]  # a ZeRO-3 partition is empty
-        ids = [(7 * i + 3) % vocab for i in range(24)]
-        entries = [ReplayEntry(ids[:5], ids[5:12], ids[5:8] + ids[16:20], 3, 4),
-                   ReplayEntry(ids[:3], ids[3:7], ids[12:18], 0, 6),
-                   ReplayEntry(ids[:4], ids[4:9], ids[4:9], 0, 0)]
-        device = next(model.parameters()).device
-        return {name: t.to(device) for name, t in pad_pairs(entries, self.pad_token_id).items()}
 
     # -- scoring --------------------------------------------------------------------------------
 
@@ -199,3 +195,38 @@ def _response_slices(lengths: tuple[int, int, int]) -> tuple[slice, slice]:
     (prompt, real, rejected) lengths: position t-1 predicts token t, so both responses start at prompt - 1."""
     prompt, real, rejected = lengths
     return slice(prompt - 1, prompt - 1 + real), slice(prompt - 1, prompt - 1 + rejected)
+
+
+def packing_probe(model: nn.Module, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pairs with a long, a prompt-only and a whole-sequence shared prefix, on the model's device. Sequences of
+    up to `PROBE_LENGTH` tokens: a limit on attention that the config does not declare (`limited_attention`)
+    fails the probe if it is shorter than that."""
+    vocab = global_shape(output_projection(model).weight)[0]  # a ZeRO-3 partition is empty
+    ids = [(7 * i + 3) % vocab for i in range(PROBE_LENGTH + 16)]
+    half = PROBE_LENGTH // 2
+    entries = [ReplayEntry(ids[:half], ids[half:PROBE_LENGTH], ids[half:half + 6] + ids[PROBE_LENGTH:], 6, 16),
+               ReplayEntry(ids[:5], ids[5:PROBE_LENGTH], ids[PROBE_LENGTH - 8:], 0, 24),
+               ReplayEntry(ids[:4], ids[4:12], ids[4:12], 0, 0)]
+    device = next(model.parameters()).device
+    return {name: t.to(device) for name, t in pad_pairs(entries, pad_token_id).items()}
+
+
+def packing_probe_failure(model: nn.Module, pad_token_id: int, *, use_hidden_states: bool,
+                          half_precision: bool = False) -> str | None:
+    """Why packed pair rows do not score like separate rows on `model` (None when they do): the probe pairs differ,
+    or cannot run at all (a model whose attention cannot take the block mask, as Bloom's ALiBi), which means packing
+    is not exact just the same."""
+    try:
+        exact = shared_prefix_scoring_is_exact(model, packing_probe(model, pad_token_id),
+                                               half_precision=half_precision, use_hidden_states=use_hidden_states)
+    except Exception as error:  # any model code may fail on a packed row: that is the answer, not a crash
+        first_line = next(iter(str(error).splitlines()), "")
+        return f"the packing probe cannot run ({type(error).__name__}: {first_line})"
+    return None if exact else "packed rows do not reproduce the separate rows' log-probs"
+
+
+def shared_prefix_refusal(model: nn.Module, pad_token_id: int, *, use_hidden_states: bool) -> str | None:
+    """Why a (not sharded) model's pairs are scored as separate rows, or None where they are packed: what its
+    config says (`packing_unsupported_reason`), then the probe."""
+    return packing_unsupported_reason(model) or packing_probe_failure(model, pad_token_id,
+                                                                      use_hidden_states=use_hidden_states)
