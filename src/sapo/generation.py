@@ -33,6 +33,7 @@ from torch import nn
 from transformers import GenerationConfig, StaticCache
 
 from sapo.decode_attention import WrittenSlots, decode_attention, written_slots
+from sapo.topk_sampling import top_k_draw
 
 logger = logging.getLogger(__name__)
 
@@ -380,10 +381,14 @@ def _categorical(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample_from_logits(logits: torch.Tensor, settings: SamplingSettings, min_p: float | None = None) -> torch.Tensor:
-    """Next token per row of (batch, vocab) logits: greedy argmax, or a draw from `filtered_logits`."""
+    """Next token per row of (batch, vocab) logits: greedy argmax, or a draw from `filtered_logits` (over the top-k
+    candidates alone when top-k applies and min_p does not: `sapo.topk_sampling`, the same distribution)."""
     logits = logits.float()
     if not settings.do_sample:
         return logits.argmax(dim=-1)
+    if min_p is None and 0 < settings.top_k < logits.shape[-1]:  # only the top-k candidates (and ties) can win
+        scaled = logits / settings.temperature if settings.temperature != 1.0 else logits
+        return top_k_draw(scaled, settings.top_k, settings.top_p)
     return _categorical(filtered_logits(logits, settings, min_p))
 
 
