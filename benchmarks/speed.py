@@ -76,6 +76,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlog  # noqa: E402 (a sibling script, found through the path line above)
+
 RESULT_PREFIX = "SPEED_RESULT "
 TEXT_CHARACTERS = string.ascii_letters + string.digits + " .,;:!?-+=*/()[]{}'\"#%&@^_~"
 PAPER_SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
@@ -318,7 +321,17 @@ def engine_description(sampler: Any, device: Any) -> dict[str, Any]:
     failed = sampler.compile_failed
     engine = "hf (after a failed compile)" if failed and sampler.fallback is not None else "static"
     return {"engine": engine, "static_compiled": sampler.uses_compile(device), "static_compile_failed": failed,
-            "rows": sampler.batch_size, "cache_len": sampler.cache_len}
+            "static_compile_error": sampler.compile_error, "rows": sampler.batch_size, "cache_len": sampler.cache_len,
+            "cache_spans": sampler.cache_spans, "state_releases": sampler.releases}
+
+
+def meant_to_compile(sampler: Any, device: Any) -> bool | None:
+    """Whether the engine compiles its decode step (or tried to and failed); None for `generate`."""
+    from sapo.generation import StaticCacheSampler
+
+    if not isinstance(sampler, StaticCacheSampler):
+        return None
+    return sampler.compile_failed or sampler.uses_compile(device)
 
 
 def summarize_steps(walls: list[float], cpus: list[float], skip: int, tokens_per_step: int) -> dict[str, Any]:
@@ -406,6 +419,7 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
     check_lengths(tokenizer, shape, records[0])
     meter = MemoryMeter(device)
     meter.start()
+    watch = benchlog.CompileWatch()
     with tempfile.TemporaryDirectory() as out:
         args = sapo_config(shape, options, output_dir=out, max_steps=max_steps, logging_steps=max_steps,
                            save_strategy="no", use_cpu=device.type == "cpu")
@@ -457,6 +471,8 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         "ema_update_ms": 1000 * statistics.mean(ema_seconds) if ema_seconds else float("nan"),
         "reference_reused": statistics.fmean([share for step, share in reused if step >= warmup] or [0.0]),
         **engine_description(sampler.inner, device),
+        "compile": watch.report(device, meant_to_compile(sampler.inner, device),
+                                getattr(sampler.inner, "compile_error", None)),
     })
     result["ema_update_share"] = result["ema_update_ms"] / 1000 / result["step_mean_s"]
     return result
@@ -479,6 +495,7 @@ def phase_trl(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
     check_lengths(tokenizer, shape, records[0])
     meter = MemoryMeter(device)
     meter.start()
+    watch = benchlog.CompileWatch()
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
             output_dir=out, loss_type=["sigmoid"], beta=0.1, learning_rate=5e-7,
@@ -498,7 +515,7 @@ def phase_trl(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         walls, cpus = timer.durations()
     result = summarize_steps(walls, cpus, warmup, 2 * shape.batch * shape.max_length)
     result.update(meter.peak())
-    result.update({"warmup_steps": warmup, "device": str(device)})
+    result.update({"warmup_steps": warmup, "device": str(device), "compile": watch.report(device, None)})
     return result
 
 
@@ -532,6 +549,7 @@ def phase_gen(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
             # no EOS: every row decodes all `new_tokens`, so both engines do exactly the same work
             sampler = make_sampler(name, settings, tokenizer.pad_token_id, set(), rows, device=device, **extra)
             set_compile(sampler, options["compile"])
+            watch = benchlog.CompileWatch()
             times = []
             for repeat in range(options["gen_warmup"] + options["gen_repeats"]):
                 torch.manual_seed(repeat)
@@ -546,9 +564,17 @@ def phase_gen(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
             result[f"{mode}_{name}_first_s"] = times[0]  # compile and warm-up included
             result[f"{mode}_{name}_tokens_per_s"] = produced / steady
             outputs[f"{mode}_{name}"] = out
+            result[f"{mode}_{name}_compile"] = watch.report(device, meant_to_compile(sampler, device),
+                                                            getattr(sampler, "compile_error", None))
             if name == "static":
                 result["static_compiled"] = sampler.uses_compile(device)
                 result["static_compile_failed"] = sampler.compile_failed
+                result["static_compile_error"] = sampler.compile_error
+            benchlog.emit(f"gen/{mode}/{name}", {
+                "rows": rows, "context_len": shape.prompt_len, "new_tokens": new_tokens, "seconds": steady,
+                "first_call_s": times[0], "tokens_per_s": produced / steady,
+                "engine": engine_description(sampler, device)["engine"],
+                "compile": result[f"{mode}_{name}_compile"]}, options.get("jsonl"))
     if {"greedy_hf", "greedy_static"} <= set(outputs):
         same = sum(a == b for a, b in zip(outputs["greedy_hf"], outputs["greedy_static"], strict=True))
         result["greedy_identical_rows"] = f"{same}/{rows}"
@@ -602,6 +628,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry_run", action="store_true",
                         help="tiny shapes, one warm-up and one timed step: checks that everything runs")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this file")
+    parser.add_argument("--jsonl", default=None,
+                        help="append each measurement to this file as one JSON line as soon as it is taken")
+    parser.add_argument("--fail_compile", action="store_true",
+                        help="make torch.compile raise (a stand-in for a compile failure on the device), to check "
+                             "that the engine's fallback reports itself")
     parser.add_argument("--_phase", choices=sorted(PHASES), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -629,7 +660,7 @@ def shape_of(args: argparse.Namespace) -> Shape:
 
 def options_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("sampler", "generation_batch_size", "compile", "check_every", "steps", "warmup", "gen_repeats",
-            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast", "reference_cache")
+            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast", "reference_cache", "jsonl")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -640,8 +671,23 @@ def run_phase_here(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     shape = shape_of(args)
     set_threads(shape, args.threads)
+    if args.fail_compile:
+        fail_compile()
     result = PHASES[args._phase](shape, options_of(args))
     args._result.write_text(json.dumps(result))
+    if args._phase != "gen":  # gen emitted each of its measurements as it took them
+        benchlog.emit(f"{args.config}/{args._phase}", result, args.jsonl)
+
+
+def fail_compile() -> None:
+    """The stand-in for a compile failure: torch.compile raises as a broken backend would, so that a dry run
+    shows the "auto" engine's fallback to generate reporting itself (warning, table, JSON)."""
+    import torch
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("torch.compile disabled by --fail_compile (a stand-in for a failed compile)")
+
+    torch.compile = failing
 
 
 def run_isolated(script: str, argv: list[str], kind: str, name: str) -> dict[str, Any]:
@@ -651,13 +697,35 @@ def run_isolated(script: str, argv: list[str], kind: str, name: str) -> dict[str
         result_file = Path(scratch) / "result.json"
         command = [sys.executable, os.path.abspath(script), *argv, f"--_{kind}", name, "--_result", str(result_file)]
         started = time.perf_counter()
-        completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if completed.returncode != 0 or not result_file.exists():
-            sys.stdout.write(completed.stdout[-6000:])
-            raise SystemExit(f"{kind} {name} failed (exit status {completed.returncode})")
+        returncode = stream(command)
+        if returncode != 0 or not result_file.exists():
+            raise SystemExit(f"{kind} {name} failed (exit status {returncode})")
         result = json.loads(result_file.read_text())
         result[f"{kind}_wall_s"] = time.perf_counter() - started
         return result
+
+
+def stream(command: list[str]) -> int:
+    """Run `command`, passing its output lines through as they come (its RESULT lines are measurements: a timeout
+    of this process must not hold them back); the child is ended with this process (SIGTERM from `timeout`)."""
+    import signal
+
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+    def end(signum: int, frame: Any) -> None:
+        child.terminate()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, end)
+    try:
+        for line in child.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        return child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def environment() -> dict[str, Any]:
@@ -758,7 +826,8 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
                          + (f", compiled decode: {r['static_compiled']} (compiled shape: {r['rows']} rows x cache "
                             f"{r['cache_len']})"
                             if "static_compiled" in r else "")
-                         + (" (torch.compile FAILED)" if r.get("static_compile_failed") else "")
+                         + (f" (torch.compile FAILED: {r.get('static_compile_error')}; decoded with generate)"
+                            if r.get("static_compile_failed") else "")
                          + f"; {r['generation_share'] * 100:.1f}% of timed step time, "
                          f"{r['generation_tokens_per_s']:.0f} tokens/s in the timed steps (tokens up to EOS), "
                          f"{r['generation_rounds']} rounds in all, one every {r['generation_period_steps']} steps")
@@ -766,6 +835,7 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
                          f"{r['warmup_s']:.2f} s; generation rounds: first (one batch) {r['first_round_s']:.2f} s, "
                          f"first full (compiles when compiled) {r['full_round_s']:.2f} s, "
                          f"later full rounds {r['steady_round_s']:.2f} s each")
+            lines.append(f"SAPO compile{suffix}: {benchlog.compile_cell(r.get('compile'))}")
             lines.append(f"SAPO EMA update{suffix}: {r['ema_update_ms']:.2f} ms per optimizer step, "
                          f"{r['ema_update_share'] * 100:.2f}% of the mean step")
             parts = r["breakdown_s"]
@@ -775,7 +845,7 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
                 f"{r.get('reference_reused', 0.0):.0%} of the timed steps' pairs reused remembered reference scores")
     if "gen" in results:
         g = results["gen"]
-        failed = " (torch.compile FAILED)" if g.get("static_compile_failed") else ""
+        failed = f" (torch.compile FAILED: {g.get('static_compile_error')})" if g.get("static_compile_failed") else ""
         lines.append(f"generation alone ({g['rows']} rows = one SAPO round, context {g['context_len']}, "
                      f"{g['new_tokens']} new tokens, no EOS; static cache {g['cache_len']} when compiled; static "
                      f"compiled: {g.get('static_compiled', '-')}{failed}; generation_engine auto picks "
@@ -789,6 +859,10 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
             if f"{mode}_hf_s" in g and f"{mode}_static_s" in g:
                 cells.append(f"speed-up {g[f'{mode}_static_tokens_per_s'] / g[f'{mode}_hf_tokens_per_s']:.2f}x")
             lines.append("   ".join(cells))
+        for mode in args.gen_modes:
+            for name in ("hf", "static"):
+                if f"{mode}_{name}_compile" in g:
+                    lines.append(f"  compile {mode} {name}: {benchlog.compile_cell(g[f'{mode}_{name}_compile'])}")
         if "greedy_identical_rows" in g:
             lines.append(f"  greedy rows identical to generate: {g['greedy_identical_rows']}")
     pairs = [run for run in runs if "sapo" in run and "trl" in run]
@@ -830,6 +904,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running phase {phase} (run {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             run[phase] = run_isolated(__file__, argv, "phase", phase)
         results["runs"].append(run)
+        if "sapo" in run and "trl" in run:
+            benchlog.emit(f"{args.config}/ratio", {
+                "run": repeat + 1, "step_ratio": run["sapo"]["step_mean_s"] / run["trl"]["step_mean_s"],
+                "cpu_ratio": run["sapo"]["cpu_s_per_step"] / run["trl"]["cpu_s_per_step"],
+                "peak_memory_ratio": run["sapo"]["peak_mib"] / run["trl"]["peak_mib"],
+                "memory_kind": run["sapo"]["memory_kind"], "engine": run["sapo"]["engine"],
+                "compile_failed": bool(run["sapo"].get("static_compile_failed"))}, args.jsonl)
     if "gen" in phases:
         print("running phase gen ...", file=sys.stderr, flush=True)
         results["gen"] = run_isolated(__file__, argv, "phase", "gen")

@@ -515,6 +515,7 @@ class StaticCacheSampler:
         self._compile_works = False
         self._compile_failed = False
         self.releases = 0  # rounds after which the kept decode state was released (`release_state`)
+        self.compile_error: str | None = None  # why compiling the decode step failed, once it has
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -600,6 +601,7 @@ class StaticCacheSampler:
                 logger.warning("StaticCacheSampler: torch.compile of the decode step failed (%s: %s); "
                                "decoding with %s from now on", type(error).__name__, error, instead)
                 self._compile_failed = True
+                self.compile_error = f"{type(error).__name__}: {error}"[:300]
                 self.release()
                 if self.fallback is not None:
                     raise _CompileFailed from error

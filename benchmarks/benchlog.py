@@ -1,0 +1,108 @@
+"""What every benchmark shares so that a run cut short keeps what it measured, and says how its code compiled.
+
+* `emit(name, record, path)`: one measurement as one JSON line, printed (``RESULT {...}``, flushed) and appended
+  to ``path`` (opened, written and closed per line) the moment it is known, so a timeout or a crash later in the
+  run loses nothing measured before it.
+* `CompileWatch`: from its creation on, how many frames dynamo compiled, how many of those were recompilations
+  (dynamo's compile id ``frame/attempt`` with attempt > 0, from `torch._dynamo.callback_handler`), the graph
+  breaks (``torch._dynamo.utils.counters["graph_break"]``), and whether CUDA graphs were captured (CUDA-graph
+  recordings reported by the same callbacks, ``counters["inductor"]["cudagraph_skips"]``); on a CPU, CUDA graphs
+  are simply "not captured: cpu".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+RESULT_PREFIX = "RESULT "
+
+
+def _plain(value: Any) -> Any:
+    """JSON without NaN/inf (strict parsers reject them): None instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def emit(name: str, record: dict[str, Any], path: Path | str | None) -> None:
+    """Print and append one measurement now (see the module docstring)."""
+    line = json.dumps(_plain({"name": name, **record}), default=str)
+    print(RESULT_PREFIX + line, flush=True)
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+def read_results(path: Path | str) -> list[dict[str, Any]]:
+    """Every JSON line of `path` (a line cut by a kill is skipped)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class CompileWatch:
+    """Counts dynamo compilations, recompilations, graph breaks and CUDA-graph recordings from now on."""
+
+    def __init__(self) -> None:
+        import torch
+        from torch._dynamo.utils import counters
+
+        self._counters = counters
+        self._breaks = sum(counters["graph_break"].values())
+        self._skips = counters["inductor"]["cudagraph_skips"]
+        self.compile_ids: list[str] = []
+        self.recordings = 0
+        self._active = True
+        torch._dynamo.callback_handler.register_end_callback(self._on_end)
+
+    def _on_end(self, args: Any) -> None:
+        if not self._active:
+            return
+        trigger = getattr(args.callback_trigger, "name", str(args.callback_trigger))
+        if trigger == "DYNAMO":
+            self.compile_ids.append(str(args.compile_id))
+        elif trigger == "CUDAGRAPH_RECORDING":
+            self.recordings += 1
+
+    def report(self, device: Any, compiled: bool | None, compile_error: str | None = None) -> dict[str, Any]:
+        """The figures so far, and a verdict on CUDA graphs; `compiled` says whether the code under watch was meant
+        to be compiled (None: unknown), `compile_error` why compiling failed."""
+        self._active = False
+        recompiles = sum(1 for cid in self.compile_ids if not cid.rstrip("]").endswith("/0"))
+        skips = self._counters["inductor"]["cudagraph_skips"] - self._skips
+        device_type = getattr(device, "type", str(device).split(":")[0])
+        if compile_error:
+            graphs = f"not captured: compile failed ({compile_error})"
+        elif compiled is False:
+            graphs = "not captured: not compiled"
+        elif device_type != "cuda":
+            graphs = f"not captured: {device_type}"
+        elif skips:
+            graphs = f"not captured: {skips} cudagraph skips (TORCH_LOGS=perf_hints says why)"
+        elif self.recordings:
+            graphs = f"captured ({self.recordings} recordings)"
+        else:
+            graphs = "not captured: nothing recorded"
+        return {"dynamo_frames": len(self.compile_ids), "recompiles": recompiles,
+                "graph_breaks": sum(self._counters["graph_break"].values()) - self._breaks,
+                "cuda_graphs": graphs, "compile_failed": bool(compile_error)}
+
+
+def compile_cell(report: dict[str, Any] | None) -> str:
+    """One table cell: frames / recompiles / graph breaks / CUDA graphs."""
+    if not report:
+        return "-"
+    failed = "COMPILE FAILED; " if report.get("compile_failed") else ""
+    return (f"{failed}{report['dynamo_frames']} frames, {report['recompiles']} recompiles, "
+            f"{report['graph_breaks']} graph breaks, CUDA graphs {report['cuda_graphs']}")
