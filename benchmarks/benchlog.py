@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,38 @@ def compile_cell(report: dict[str, Any] | None) -> str:
     failed = "COMPILE FAILED; " if report.get("compile_failed") else ""
     return (f"{failed}{report['dynamo_frames']} frames, {report['recompiles']} recompiles, "
             f"{report['graph_breaks']} graph breaks, CUDA graphs {report['cuda_graphs']}")
+
+
+SUMMARY_KEYS = ("rows", "step_mean_s", "step_ratio", "cpu_ratio", "peak_memory_ratio", "tokens_per_s", "first_call_s",
+                "peak_mib", "memory_kind", "copies_device_bytes", "engine", "generation_tokens_per_s",
+                "full_round_s", "steady_round_s")
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    """One row of the summary: the measurement's name, its headline figures, how it compiled."""
+    cells = []
+    for key in SUMMARY_KEYS:
+        if row.get(key) is not None:
+            value = row[key]
+            cells.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    compiled = f" | {compile_cell(row['compile'])}" if row.get("compile") else ""
+    return f"{row.get('name', '?'):<22} " + ", ".join(cells) + compiled
+
+
+def main(argv: list[str]) -> int:
+    """`python benchmarks/benchlog.py results.jsonl`: every row, one line each (gpu_check.sh's summary)."""
+    if len(argv) != 1:
+        print("usage: python benchmarks/benchlog.py RESULTS.jsonl", file=sys.stderr)
+        return 2
+    if not Path(argv[0]).exists():
+        print(f"no measurement was taken ({argv[0]} does not exist)")
+        return 1
+    rows = read_results(argv[0])
+    for row in rows:
+        print(summary_line(row))
+    print(f"({len(rows)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
