@@ -1,0 +1,88 @@
+"""benchmarks/gpu_check.sh and benchmarks/benchlog.py: measurements kept as they are taken, compiles reported, the
+dry run's fallback path reporting itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import benchlog  # noqa: E402
+
+CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def test_each_measurement_is_appended_as_one_json_line_and_summarised(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    benchlog.emit("gpu/sapo", {"step_mean_s": 1.5, "peak_mib": float("nan"), "engine": "static"}, results)
+    assert capsys.readouterr().out.startswith('RESULT {"name": "gpu/sapo"')
+    assert len(results.read_text().splitlines()) == 1  # on disk before anything else runs
+    benchlog.emit("gpu/ratio", {"step_ratio": 0.9}, results)
+    capsys.readouterr()
+    with open(results, "a") as handle:
+        handle.write('{"name": "cut by a ki')  # a line a kill interrupted
+    rows = benchlog.read_results(results)
+    assert [row["name"] for row in rows] == ["gpu/sapo", "gpu/ratio"] and rows[0]["peak_mib"] is None
+    assert benchlog.main([str(results)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("gpu/sapo") and "step_mean_s 1.5" in printed[0] and "engine static" in printed[0]
+    assert "step_ratio 0.9" in printed[1] and printed[2] == "(2 rows)"
+
+
+def test_compile_watch_counts_graph_breaks_recompiles_and_says_why_no_cuda_graphs():
+    def step(x, scale):
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y * scale
+
+    watch = benchlog.CompileWatch()
+    compiled = torch.compile(step, backend="eager", dynamic=False)
+    compiled(torch.ones(3), 2.0)
+    compiled(torch.ones(5), 2.0)  # a new shape under dynamic=False: recompiles both frames
+    report = watch.report(torch.device("cpu"), compiled=True)
+    assert report["graph_breaks"] >= 1 and report["recompiles"] >= 1
+    assert report["dynamo_frames"] == 2 + report["recompiles"]
+    assert report["cuda_graphs"] == "not captured: cpu" and not report["compile_failed"]
+    failed = benchlog.CompileWatch().report("cuda:0", compiled=True, compile_error="RuntimeError: boom")
+    assert failed["compile_failed"] and failed["cuda_graphs"] == "not captured: compile failed (RuntimeError: boom)"
+    assert benchlog.compile_cell(failed).startswith("COMPILE FAILED; 0 frames, 0 recompiles, 0 graph breaks")
+    assert benchlog.CompileWatch().report("cuda:0", compiled=False)["cuda_graphs"] == "not captured: not compiled"
+
+
+def run_check(tmp_path: Path, parts: str, **env: str) -> subprocess.CompletedProcess:
+    """gpu_check.sh's dry run from another directory, with a relative LOG_DIR."""
+    environment = {**os.environ, "DRY_RUN": "1", "PARTS": parts, "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(CHECK), "-", "logs"], cwd=tmp_path, env=environment, capture_output=True,
+                          text=True, timeout=1200)
+
+
+def test_the_dry_run_starts_offline_from_anywhere_and_summarises_even_without_rows(tmp_path):
+    completed = run_check(tmp_path, parts="none")
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "| transformers" in completed.stdout  # the environment line
+    assert f"every measured row of {tmp_path / 'logs' / 'results.jsonl'}" in completed.stdout
+    assert "no measurement was taken" in completed.stdout
+    assert (tmp_path / "logs").is_dir()
+
+
+@pytest.mark.slow
+def test_the_cheapest_part_with_a_failing_compile_reports_the_fallback(tmp_path):
+    """gen256 on dry-run shapes with torch.compile made to raise: the static engine's rows say the compile failed
+    (JSON line, table, summary) and the warning names what decoded instead."""
+    completed = run_check(tmp_path, parts="gen256", FAIL_COMPILE="1")
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    rows = {row["name"]: row for row in map(json.loads, (tmp_path / "logs" / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"gen/sampled/static", "gen/sampled/hf"}
+    static = rows["gen/sampled/static"]["compile"]
+    assert static["compile_failed"] and "--fail_compile" in static["cuda_graphs"]
+    assert rows["gen/sampled/hf"]["compile"]["cuda_graphs"] == "not captured: cpu"
+    assert "torch.compile of the decode step failed" in completed.stdout
+    summary = completed.stdout.split("=== summary")[1]
+    assert "gen/sampled/static" in summary and "COMPILE FAILED" in summary and "(2 rows)" in summary
