@@ -136,6 +136,13 @@ def main(argv: list[str]) -> int:
     rows = read_results(argv[0])
     for row in rows:
         print(summary_line(row))
+    by_name = {row.get("name"): row for row in rows}
+    for name in by_name:  # a run killed between its two phases still has both rows: the ratio from them
+        config = str(name).removesuffix("/sapo")
+        trl = by_name.get(f"{config}/trl")
+        if str(name).endswith("/sapo") and trl and f"{config}/ratio" not in by_name and trl.get("step_mean_s"):
+            ratio = by_name[name]["step_mean_s"] / trl["step_mean_s"]
+            print(f"{config}/ratio (from the sapo and trl rows) step_ratio {ratio:.4g}")
     print(f"({len(rows)} rows)")
     return 0
 

@@ -11,14 +11,15 @@
 # 2. runs the parts below in order of value, each under its own time limit, all of them within BUDGET, so that a
 #    slow part costs the parts after it, never the ones before it:
 #    cuda_tests  every test that skips without CUDA ("cuda" in its name);
-#    ratio       benchmarks/speed.py --config gpu, phases sapo,trl: SAPO-DPO vs TRL's DPOTrainer step and peak
-#                memory ratios (what `sapo train` does: generation_engine auto, default rounds);
+#    ratio       benchmarks/speed.py --config gpu, phases trl then sapo: SAPO-DPO vs TRL's DPOTrainer step and peak
+#                memory ratios (what `sapo train` does: generation_engine auto, default rounds), then, in the sapo
+#                phase's warm process (its compiled decode step reused), generation alone at one round's 64 rows,
+#                sampled and greedy, both engines;
 #    gen256      sampled generation alone at 256 rows (static engine, then generate): the 50k tokens/s target;
-#    memory      benchmarks/memory.py, the copies' memory options, most telling first;
-#    gen64       generation alone at one round's 64 rows, greedy and sampled, both engines.
+#    memory      benchmarks/memory.py, the copies' memory options, most telling first.
 # Every measurement is printed (RESULT {...}) and appended to LOG_DIR/results.jsonl the moment it is taken, so a
 # part cut by its limit keeps what it measured; each part's log is LOG_DIR/<part>.log. All parts share one inductor
-# cache (LOG_DIR/inductor_cache), so a graph compiled by one process is loaded, not rebuilt, by the next. The
+# cache (LOG_DIR/inductor_cache), so kernels compiled by one process are loaded, not rebuilt, by the next. The
 # summary prints every measured row. Exit status: 0 if every part ran and passed.
 #
 # Checking the script on a CPU machine (the dry run: --dry_run shapes, ten times the limits, no GPU needed):
@@ -41,7 +42,7 @@ RESULTS=$LOGS/results.jsonl
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TORCHINDUCTOR_CACHE_DIR=$LOGS/inductor_cache
 BUDGET=${BUDGET:-540}  # seconds for every part together: a 10-minute command with a minute's margin
-PARTS=${PARTS:-cuda_tests,ratio,gen256,memory,gen64}
+PARTS=${PARTS:-cuda_tests,ratio,gen256,memory}
 failed=0
 
 DRY=()
@@ -90,14 +91,14 @@ transformers.__version__, '| trl', trl.__version__, '| datasets', datasets.__ver
     || exit 2
 
 SPEED=("$PYTHON" benchmarks/speed.py --config gpu --jsonl "$RESULTS" "${DRY[@]}" "${FAIL[@]}")
-part cuda_tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -rs -k cuda tests/test_generation.py \
+part cuda_tests 100 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -rs -k cuda tests/test_generation.py \
     tests/test_trainer.py
-part ratio 210 "${SPEED[@]}" --phases sapo,trl
-part gen256 100 "${SPEED[@]}" --phases gen --generation_batch_size 256 --gen_modes sampled --gen_engines static,hf \
+part ratio 240 "${SPEED[@]}" --phases trl,sapo --gen_after_sapo --gen_modes sampled,greedy --gen_engines static,hf \
+    --gen_repeats 2
+part gen256 100 "${SPEED[@]}" --phases gen --gen_round_sizes 256 --gen_modes sampled --gen_engines static,hf \
     --gen_repeats 1
-part memory 90 "$PYTHON" benchmarks/memory.py --jsonl "$RESULTS" "${DRY[@]}" \
+part memory 100 "$PYTHON" benchmarks/memory.py --jsonl "$RESULTS" "${DRY[@]}" \
     --options default,bf16,policy-only,offload,lora,bf16+offload
-part gen64 60 "${SPEED[@]}" --phases gen --gen_repeats 2
 
 echo "=== summary (${SECONDS} s): every measured row of $RESULTS"
 "$PYTHON" benchmarks/benchlog.py "$RESULTS"

@@ -520,16 +520,33 @@ def phase_trl(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def phase_gen(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
+    """Generation alone at each round size of `gen_round_sizes` (default: the run's own), one after the other in
+    this one warm process: the model is built once, and a later size reuses what compiling an earlier one left
+    (dynamo's graphs where the shapes agree, the inductor cache). The first size's result carries the others in
+    `more_rounds`."""
+    import torch
+
+    from sapo import tiny
+
+    tokenizer = tiny.build_tokenizer()
+    device = torch.device("cuda" if torch.cuda.is_available() and not options["use_cpu"] else "cpu")
+    model = build_model(shape, tokenizer, device).eval()
+    sizes = options.get("gen_round_sizes") or [options["generation_batch_size"]]
+    results = [gen_round(shape, {**options, "generation_batch_size": size}, tokenizer, model, device)
+               for size in sizes]
+    if len(results) > 1:
+        results[0]["more_rounds"] = results[1:]
+    return results[0]
+
+
+def gen_round(shape: Shape, options: dict[str, Any], tokenizer: Any, model: Any, device: Any) -> dict[str, Any]:
     """Generation alone, each engine built as the trainer builds it (rows of a round, cache length), on as many
-    rows as one SAPO round of this run decodes."""
+    rows as one SAPO round of `options` decodes."""
     import torch
 
     from sapo import tiny
     from sapo.generation import SamplingSettings, auto_engine, make_sampler
 
-    tokenizer = tiny.build_tokenizer()
-    device = torch.device("cuda" if torch.cuda.is_available() and not options["use_cpu"] else "cpu")
-    model = build_model(shape, tokenizer, device).eval()
     args = sapo_config(shape, options, output_dir="unused", use_cpu=device.type == "cpu")
     rows = args.generation_rows
     rng = random.Random(1)
@@ -570,7 +587,7 @@ def phase_gen(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
                 result["static_compiled"] = sampler.uses_compile(device)
                 result["static_compile_failed"] = sampler.compile_failed
                 result["static_compile_error"] = sampler.compile_error
-            benchlog.emit(f"gen/{mode}/{name}", {
+            benchlog.emit(f"gen/{rows}/{mode}/{name}", {
                 "rows": rows, "context_len": shape.prompt_len, "new_tokens": new_tokens, "seconds": steady,
                 "first_call_s": times[0], "tokens_per_s": produced / steady,
                 "engine": engine_description(sampler, device)["engine"],
@@ -618,6 +635,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phases", default="sapo,trl,gen", help="comma-separated subset of sapo,trl,gen")
     parser.add_argument("--gen_modes", default="greedy,sampled", help="gen phase: subset of greedy,sampled")
     parser.add_argument("--gen_engines", default="hf,static", help="gen phase: subset of hf,static")
+    parser.add_argument("--gen_round_sizes", default="",
+                        help="gen phase: comma-separated round sizes (examples) measured one after the other in one "
+                             "process, e.g. 256,64 (default: the run's generation_batch_size)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the sapo and trl phases this many times (back to back) and report the median "
                              "of the per-run ratios; helps on a machine shared with other work")
@@ -630,6 +650,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this file")
     parser.add_argument("--jsonl", default=None,
                         help="append each measurement to this file as one JSON line as soon as it is taken")
+    parser.add_argument("--gen_after_sapo", action="store_true",
+                        help="run the gen phase in the sapo phase's process, after its training (and after its "
+                             "result is written): generation at the run's round size reuses the compiled decode step "
+                             "instead of compiling it again in a fresh process")
     parser.add_argument("--fail_compile", action="store_true",
                         help="make torch.compile raise (a stand-in for a compile failure on the device), to check "
                              "that the engine's fallback reports itself")
@@ -645,9 +669,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.gen_engines = [e for e in args.gen_engines.split(",") if e]
     if not set(args.gen_modes) <= {"greedy", "sampled"} or not set(args.gen_engines) <= {"hf", "static"}:
         parser.error("--gen_modes takes greedy,sampled and --gen_engines hf,static")
+    args.gen_round_sizes = [int(size) for size in args.gen_round_sizes.split(",") if size.strip()]
     if dry:  # rounds of two batches, so that a dry run also goes through a queued round in a few steps
-        args.generation_batch_size = min(args.generation_batch_size or 2 ** 31,
-                                         2 * dry_run_shape(CONFIGS[args.config]).batch)
+        cap = 2 * dry_run_shape(CONFIGS[args.config]).batch
+        args.generation_batch_size = min(args.generation_batch_size or 2 ** 31, cap)
+        args.gen_round_sizes = list(dict.fromkeys(min(size, cap // (2 ** i)) or 1
+                                                  for i, size in enumerate(args.gen_round_sizes)))
     return args
 
 
@@ -660,7 +687,8 @@ def shape_of(args: argparse.Namespace) -> Shape:
 
 def options_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("sampler", "generation_batch_size", "compile", "check_every", "steps", "warmup", "gen_repeats",
-            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast", "reference_cache", "jsonl")
+            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast", "reference_cache", "jsonl",
+            "gen_round_sizes")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -674,9 +702,11 @@ def run_phase_here(args: argparse.Namespace) -> None:
     if args.fail_compile:
         fail_compile()
     result = PHASES[args._phase](shape, options_of(args))
-    args._result.write_text(json.dumps(result))
-    if args._phase != "gen":  # gen emitted each of its measurements as it took them
+    if args._phase != "gen":  # gen emits each of its measurements as it takes them
         benchlog.emit(f"{args.config}/{args._phase}", result, args.jsonl)
+    if args._phase == "sapo" and args.gen_after_sapo:  # the warm process: its compiled decode step is reused
+        result["gen_after"] = phase_gen(shape, options_of(args))
+    args._result.write_text(json.dumps(result))
 
 
 def fail_compile() -> None:
@@ -795,6 +825,32 @@ def time_ema_updates(device: Any) -> list[float]:
     return seconds
 
 
+def gen_report(args: argparse.Namespace, g: dict[str, Any]) -> list[str]:
+    """The lines of one round size of the gen phase."""
+    lines: list[str] = []
+    failed = f" (torch.compile FAILED: {g.get('static_compile_error')})" if g.get("static_compile_failed") else ""
+    lines.append(f"generation alone ({g['rows']} rows = one SAPO round, context {g['context_len']}, "
+                 f"{g['new_tokens']} new tokens, no EOS; static cache {g['cache_len']} when compiled; static "
+                 f"compiled: {g.get('static_compiled', '-')}{failed}; generation_engine auto picks "
+                 f"{g['auto_engine']}; median of {args.gen_repeats} after a warm-up call):")
+    for mode in args.gen_modes:
+        cells = [f"  {mode:<8}"]
+        for name, label in (("hf", "generate"), ("static", "static")):
+            if f"{mode}_{name}_s" in g:
+                cells.append(f"{label} {g[f'{mode}_{name}_tokens_per_s']:>9.0f} tokens/s "
+                             f"(first call {g[f'{mode}_{name}_first_s']:.2f} s)")
+        if f"{mode}_hf_s" in g and f"{mode}_static_s" in g:
+            cells.append(f"speed-up {g[f'{mode}_static_tokens_per_s'] / g[f'{mode}_hf_tokens_per_s']:.2f}x")
+        lines.append("   ".join(cells))
+    for mode in args.gen_modes:
+        for name in ("hf", "static"):
+            if f"{mode}_{name}_compile" in g:
+                lines.append(f"  compile {mode} {name}: {benchlog.compile_cell(g[f'{mode}_{name}_compile'])}")
+    if "greedy_identical_rows" in g:
+        lines.append(f"  greedy rows identical to generate: {g['greedy_identical_rows']}")
+    return lines
+
+
 def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env: dict[str, Any]) -> str:
     lines = [f"config {args.config}{' (dry run)' if args.dry_run else ''}: {shape.arch} hidden {shape.hidden}, "
              f"{shape.layers} layers, {shape.heads}/{shape.kv_heads} heads, vocab {shape.vocab or 'char'}, "
@@ -844,27 +900,8 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
                 + " (policy: the training step's forward, loss and backward less generation and reference); "
                 f"{r.get('reference_reused', 0.0):.0%} of the timed steps' pairs reused remembered reference scores")
     if "gen" in results:
-        g = results["gen"]
-        failed = f" (torch.compile FAILED: {g.get('static_compile_error')})" if g.get("static_compile_failed") else ""
-        lines.append(f"generation alone ({g['rows']} rows = one SAPO round, context {g['context_len']}, "
-                     f"{g['new_tokens']} new tokens, no EOS; static cache {g['cache_len']} when compiled; static "
-                     f"compiled: {g.get('static_compiled', '-')}{failed}; generation_engine auto picks "
-                     f"{g['auto_engine']}; median of {args.gen_repeats} after a warm-up call):")
-        for mode in args.gen_modes:
-            cells = [f"  {mode:<8}"]
-            for name, label in (("hf", "generate"), ("static", "static")):
-                if f"{mode}_{name}_s" in g:
-                    cells.append(f"{label} {g[f'{mode}_{name}_tokens_per_s']:>9.0f} tokens/s "
-                                 f"(first call {g[f'{mode}_{name}_first_s']:.2f} s)")
-            if f"{mode}_hf_s" in g and f"{mode}_static_s" in g:
-                cells.append(f"speed-up {g[f'{mode}_static_tokens_per_s'] / g[f'{mode}_hf_tokens_per_s']:.2f}x")
-            lines.append("   ".join(cells))
-        for mode in args.gen_modes:
-            for name in ("hf", "static"):
-                if f"{mode}_{name}_compile" in g:
-                    lines.append(f"  compile {mode} {name}: {benchlog.compile_cell(g[f'{mode}_{name}_compile'])}")
-        if "greedy_identical_rows" in g:
-            lines.append(f"  greedy rows identical to generate: {g['greedy_identical_rows']}")
+        for g in (results["gen"], *results["gen"].get("more_rounds", [])):
+            lines.extend(gen_report(args, g))
     pairs = [run for run in runs if "sapo" in run and "trl" in run]
     if pairs:
         walls = [run["sapo"]["step_mean_s"] / run["trl"]["step_mean_s"] for run in pairs]
@@ -904,6 +941,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running phase {phase} (run {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             run[phase] = run_isolated(__file__, argv, "phase", phase)
         results["runs"].append(run)
+        if "gen_after" in run.get("sapo", {}):
+            gen_after = run["sapo"].pop("gen_after")
+            results.setdefault("gen", gen_after)
         if "sapo" in run and "trl" in run:
             benchlog.emit(f"{args.config}/ratio", {
                 "run": repeat + 1, "step_ratio": run["sapo"]["step_mean_s"] / run["trl"]["step_mean_s"],

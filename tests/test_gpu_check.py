@@ -79,10 +79,10 @@ def test_the_cheapest_part_with_a_failing_compile_reports_the_fallback(tmp_path)
     completed = run_check(tmp_path, parts="gen256", FAIL_COMPILE="1")
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     rows = {row["name"]: row for row in map(json.loads, (tmp_path / "logs" / "results.jsonl").read_text().splitlines())}
-    assert set(rows) == {"gen/sampled/static", "gen/sampled/hf"}
-    static = rows["gen/sampled/static"]["compile"]
+    assert set(rows) == {"gen/4/sampled/static", "gen/4/sampled/hf"}
+    static = rows["gen/4/sampled/static"]["compile"]
     assert static["compile_failed"] and "--fail_compile" in static["cuda_graphs"]
-    assert rows["gen/sampled/hf"]["compile"]["cuda_graphs"] == "not captured: cpu"
+    assert rows["gen/4/sampled/hf"]["compile"]["cuda_graphs"] == "not captured: cpu"
     assert "torch.compile of the decode step failed" in completed.stdout
     summary = completed.stdout.split("=== summary")[1]
-    assert "gen/sampled/static" in summary and "COMPILE FAILED" in summary and "(2 rows)" in summary
+    assert "gen/4/sampled/static" in summary and "COMPILE FAILED" in summary and "(2 rows)" in summary
