@@ -86,3 +86,21 @@ def test_the_cheapest_part_with_a_failing_compile_reports_the_fallback(tmp_path)
     assert "torch.compile of the decode step failed" in completed.stdout
     summary = completed.stdout.split("=== summary")[1]
     assert "gen/4/sampled/static" in summary and "COMPILE FAILED" in summary and "(2 rows)" in summary
+
+
+@pytest.mark.slow
+def test_the_emulated_device_runs_the_cheapest_part_with_its_own_transformers_shadowed(tmp_path):
+    """benchmarks/emulate_device.sh: a scratch venv with the device image's transformers (built once in runs/, from
+    the package registry), the carried wheels installed ahead of it, torch.compile failing."""
+    environment = {**os.environ, "PARTS": "gen256", "HOST_PYTHON": sys.executable}
+    environment.pop("PYTHONPATH", None)  # nothing of this environment leaks into the emulated one
+    completed = subprocess.run(["bash", str(ROOT / "benchmarks" / "emulate_device.sh"), str(tmp_path / "logs")],
+                               cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=2400)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "transformers (image) 5.17.0" in completed.stdout  # the venv holds the device's version...
+    import transformers
+
+    assert f"| transformers {transformers.__version__} |" in completed.stdout  # ...and the carried wheel shadows it
+    rows = benchlog.read_results(tmp_path / "logs" / "results.jsonl")
+    static = next(row for row in rows if row["name"].endswith("/sampled/static"))
+    assert static["compile"]["compile_failed"]
