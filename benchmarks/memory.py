@@ -6,6 +6,7 @@
     python benchmarks/memory.py --options default,lora       # a subset
     python benchmarks/memory.py --dry_run                    # same code paths, tiny shapes (about a minute)
     python benchmarks/memory.py --json results.json          # also write every number
+    python benchmarks/memory.py --jsonl results.jsonl        # each option appended as one JSON line once measured
 
 Besides the policy, SAPO-DPO (``recipe="sapo-dpo"``, loss_type sigmoid) keeps two more versions of its weights:
 the EMA model, which generates the rejected segments, and the reference of the DPO loss. Each option below

@@ -6,6 +6,15 @@
     python benchmarks/speed.py --config cpu --token_generate_length 64     # G = len(y)/2, the gpu config's ratio
     python benchmarks/speed.py --config gpu                                  # Qwen2-0.5B shape, bf16, one GPU
     python benchmarks/speed.py --config gpu --dry_run                        # same code path, tiny shapes (CPU ok)
+    python benchmarks/speed.py --config gpu --jsonl results.jsonl            # each measurement appended as taken
+
+Every measurement (a phase's result, each engine and mode of the gen phase, each sapo/trl ratio) is printed as
+``RESULT {json}`` and appended to ``--jsonl`` the moment it is taken (``benchlog.emit``), so a run cut short keeps
+what it measured; each phase also reports its dynamo frames, recompiles, graph breaks and whether CUDA graphs were
+captured (``benchlog.CompileWatch``), and a failed compile of the decode step says so in its row.
+``--gen_after_sapo`` runs the gen phase in the sapo phase's process once its result is out, reusing its compiled
+decode step; ``--gen_round_sizes 256,64`` measures several round sizes in one gen process; ``--fail_compile``
+makes torch.compile raise (the dry run's stand-in for a failed compile).
 
 One invocation measures, on the same model, data shape and machine, each phase in a fresh subprocess (so
 peak-memory numbers and allocator caches do not leak from one phase into the next):
