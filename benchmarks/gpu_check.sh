@@ -18,8 +18,9 @@
 #    gen256      sampled generation alone at 256 rows (static engine, then generate): the 50k tokens/s target;
 #    memory      benchmarks/memory.py, the copies' memory options, most telling first.
 # Every measurement is printed (RESULT {...}) and appended to LOG_DIR/results.jsonl the moment it is taken, so a
-# part cut by its limit keeps what it measured; each part's log is LOG_DIR/<part>.log. All parts share one inductor
-# cache (LOG_DIR/inductor_cache), so kernels compiled by one process are loaded, not rebuilt, by the next. The
+# part cut by its limit keeps what it measured; each part's log is LOG_DIR/<part>.log (5 files in all, within the
+# device's 8 files back). All parts share one inductor cache (a scratch folder under /tmp), so kernels compiled by
+# one process are loaded, not rebuilt, by the next. The
 # summary prints every measured row. Exit status: 0 if every part ran and passed.
 #
 # Checking the script on a CPU machine (the dry run: --dry_run shapes, ten times the limits, no GPU needed):
@@ -40,7 +41,9 @@ if [ -z "${PYTHON:-}" ]; then  # the machine's python3, or (dry run here) the re
 fi
 RESULTS=$LOGS/results.jsonl
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TORCHINDUCTOR_CACHE_DIR=$LOGS/inductor_cache
+# one inductor cache for every part, outside LOG_DIR (= $OUT on the device, where only 8 files come back)
+TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d /tmp/sapo-inductor.XXXXXX)} || exit 2
+export TORCHINDUCTOR_CACHE_DIR
 BUDGET=${BUDGET:-540}  # seconds for every part together: a 10-minute command with a minute's margin
 PARTS=${PARTS:-cuda_tests,ratio,gen256,memory}
 failed=0
