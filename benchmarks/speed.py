@@ -682,6 +682,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if dry:  # rounds of two batches, so that a dry run also goes through a queued round in a few steps
         cap = 2 * dry_run_shape(CONFIGS[args.config]).batch
         args.generation_batch_size = min(args.generation_batch_size or 2 ** 31, cap)
+        # each size capped too, halving the cap per size so that several sizes stay distinct (256,64 -> 4,2)
         args.gen_round_sizes = list(dict.fromkeys(min(size, cap // (2 ** i)) or 1
                                                   for i, size in enumerate(args.gen_round_sizes)))
     return args
