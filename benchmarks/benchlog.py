@@ -109,9 +109,9 @@ def compile_cell(report: dict[str, Any] | None) -> str:
             f"{report['graph_breaks']} graph breaks, CUDA graphs {report['cuda_graphs']}")
 
 
-SUMMARY_KEYS = ("rows", "step_mean_s", "step_ratio", "cpu_ratio", "peak_memory_ratio", "tokens_per_s", "first_call_s",
-                "peak_mib", "memory_kind", "copies_device_bytes", "engine", "generation_tokens_per_s",
-                "full_round_s", "steady_round_s")
+SUMMARY_KEYS = ("exit_status", "passed", "failed", "error", "skipped", "rows", "step_mean_s", "step_ratio", "cpu_ratio",
+                "peak_memory_ratio", "tokens_per_s", "first_call_s", "peak_mib", "memory_kind", "copies_device_bytes",
+                "engine", "generation_tokens_per_s", "full_round_s", "steady_round_s")
 
 
 def summary_line(row: dict[str, Any]) -> str:
@@ -125,8 +125,25 @@ def summary_line(row: dict[str, Any]) -> str:
     return f"{row.get('name', '?'):<22} " + ", ".join(cells) + compiled
 
 
+def pytest_counts(log: str) -> dict[str, int]:
+    """Outcome counts of pytest's last summary line in `log` ("3 passed, 1 skipped in 2.0s"); {} if none."""
+    import re
+
+    for line in reversed(log.splitlines()):
+        found = re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)\b", line)
+        if found and re.search(r" in [\d.]+s", line):
+            return {("error" if kind.startswith("error") else kind): int(count) for count, kind in found}
+    return {}
+
+
 def main(argv: list[str]) -> int:
-    """`python benchmarks/benchlog.py results.jsonl`: every row, one line each (gpu_check.sh's summary)."""
+    """`python benchmarks/benchlog.py results.jsonl`: every row, one line each (gpu_check.sh's summary);
+    `python benchmarks/benchlog.py --pytest NAME LOG STATUS results.jsonl`: a test part's counts as one row."""
+    if len(argv) == 5 and argv[0] == "--pytest":
+        _, name, log, status, results = argv
+        text = Path(log).read_text(encoding="utf-8", errors="replace") if Path(log).exists() else ""
+        emit(name, {"exit_status": int(status), **pytest_counts(text)}, results)
+        return 0
     if len(argv) != 1:
         print("usage: python benchmarks/benchlog.py RESULTS.jsonl", file=sys.stderr)
         return 2

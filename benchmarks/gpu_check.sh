@@ -47,6 +47,7 @@ export TORCHINDUCTOR_CACHE_DIR
 BUDGET=${BUDGET:-540}  # seconds for every part together: a 10-minute command with a minute's margin
 PARTS=${PARTS:-cuda_tests,ratio,gen256,memory}
 failed=0
+last_status=0
 
 DRY=()
 SCALE=1  # the parts' limits are sized for the GPU; a dry run on a (shared) CPU gets ten times as long
@@ -74,6 +75,7 @@ part() {  # part NAME SECONDS COMMAND...: COMMAND within min(SECONDS, what BUDGE
     echo "=== $name (limit ${limit} s, ${SECONDS} s elapsed)"
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
     local status=${PIPESTATUS[0]}
+    last_status=$status
     echo "=== $name: exit status $status at ${SECONDS} s$([ "$status" -eq 124 ] && echo ' (time limit: its rows so far are kept)')"
     [ "$status" -eq 0 ] || failed=1
 }
@@ -96,6 +98,7 @@ transformers.__version__, '| trl', trl.__version__, '| datasets', datasets.__ver
 SPEED=("$PYTHON" benchmarks/speed.py --config gpu --jsonl "$RESULTS" "${DRY[@]}" "${FAIL[@]}")
 part cuda_tests 100 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -rs -k cuda tests/test_generation.py \
     tests/test_trainer.py
+wanted cuda_tests && "$PYTHON" benchmarks/benchlog.py --pytest cuda_tests "$LOGS/cuda_tests.log" "$last_status" "$RESULTS"
 part ratio 240 "${SPEED[@]}" --phases trl,sapo --gen_after_sapo --gen_modes sampled,greedy --gen_engines static,hf \
     --gen_repeats 2
 part gen256 100 "${SPEED[@]}" --phases gen --gen_round_sizes 256 --gen_modes sampled --gen_engines static,hf \

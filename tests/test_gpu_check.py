@@ -36,6 +36,18 @@ def test_each_measurement_is_appended_as_one_json_line_and_summarised(tmp_path, 
     assert "step_ratio 0.9" in printed[1] and printed[2] == "(2 rows)"
 
 
+def test_a_test_part_becomes_one_row_of_counts(tmp_path):
+    log = tmp_path / "cuda_tests.log"
+    log.write_text("sss.\nSKIPPED [3] tests/test_generation.py:511: needs CUDA\n"
+                   "1 passed, 3 skipped, 9 deselected in 4.20s\n")
+    results = tmp_path / "results.jsonl"
+    assert benchlog.main(["--pytest", "cuda_tests", str(log), "0", str(results)]) == 0
+    row = benchlog.read_results(results)[0]
+    assert row == {"name": "cuda_tests", "exit_status": 0, "passed": 1, "skipped": 3, "deselected": 9}
+    assert benchlog.pytest_counts("2 failed, 1 error in 0.5s") == {"failed": 2, "error": 1}
+    assert benchlog.pytest_counts("killed before the end") == {}
+
+
 def test_compile_watch_counts_graph_breaks_recompiles_and_says_why_no_cuda_graphs():
     def step(x, scale):
         y = x.sin()
