@@ -461,7 +461,7 @@ class StaticCacheSampler:
     the cache length rounded up to `cache_len_multiple` (default 128; 8 without compile), so a few shapes
     cover a whole run. `cache_len` fixes the cache length of compiled calls that fit in it: the trainer passes
     the rows of a generation round as `batch_size` and `max_length + token_generate_length` (a bound on
-    context + new tokens) as `cache_len`, so a run compiles once.
+    context + new tokens) as `cache_len`, so a run compiles once per span (`cache_spans`).
 
     Decode state between calls (`keeps_state`): compiled, the cache and the compiled step are kept (CUDA
     graphs replay on fixed addresses), so the memory they hold is bounded by one cache of `batch_size` x
