@@ -26,9 +26,10 @@ from packaging.requirements import Requirement
 
 CARRIED = ("datasets", "trl", "transformers", "peft")
 # On the GPU image already (device KINDS.md), and large: never carried. The torch family is the image's by design.
+# typing-extensions is carried although the image has it: the carried pydantic and anyio need >= 4.16.
 PREINSTALLED = {"torch", "triton", "accelerate", "numpy", "pandas", "pyarrow", "pytest", "setuptools", "pip",
                 "psutil", "pyyaml", "packaging", "filelock", "fsspec", "jinja2", "networkx", "sympy", "mpmath",
-                "typing-extensions", "markupsafe", "requests", "urllib3", "idna", "certifi", "charset-normalizer",
+                "markupsafe", "requests", "urllib3", "idna", "certifi", "charset-normalizer",
                 "aiohttp", "aiosignal", "aiohappyeyeballs", "attrs", "frozenlist", "multidict", "propcache", "yarl",
                 "python-dateutil", "six", "tzdata", "pytz", "regex", "tqdm", "safetensors"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",

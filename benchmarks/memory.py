@@ -6,6 +6,7 @@
     python benchmarks/memory.py --options default,lora       # a subset
     python benchmarks/memory.py --dry_run                    # same code paths, tiny shapes (about a minute)
     python benchmarks/memory.py --json results.json          # also write every number
+    python benchmarks/memory.py --jsonl results.jsonl        # each option appended as one JSON line once measured
 
 Besides the policy, SAPO-DPO (``recipe="sapo-dpo"``, loss_type sigmoid) keeps two more versions of its weights:
 the EMA model, which generates the rejected segments, and the reference of the DPO loss. Each option below
@@ -200,6 +201,7 @@ def run_option(option: str, shape: Any, settings: dict[str, Any]) -> dict[str, A
                                  task_type="CAUSAL_LM")
     meter = speed.MemoryMeter(device)
     meter.start()
+    watch = speed.benchlog.CompileWatch()
     with tempfile.TemporaryDirectory() as out:
         args = SAPOConfig(
             output_dir=out, recipe=spec.get("recipe", "sapo-dpo"), beta=0.1, learning_rate=5e-7,
@@ -238,7 +240,9 @@ def run_option(option: str, shape: Any, settings: dict[str, Any]) -> dict[str, A
     result = {"option": option, "recipe": args.recipe, "batch": batch, "device": str(device),
               "policy_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "step_mean_s": statistics.fmean(timed), "cpu_s_per_step": statistics.fmean(timed_cpu),
-              "all_steps_s": walls, "steps_timed": len(timed), **snapshot, **meter.peak()}
+              "all_steps_s": walls, "steps_timed": len(timed), **snapshot, **meter.peak(),
+              "compile": watch.report(device, speed.meant_to_compile(trainer.sampler, device),
+                                      getattr(trainer.sampler, "compile_error", None))}
     if peft_config is not None:
         result["lora_rank"] = peft_config.r
     return result
@@ -267,6 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use_cpu", action="store_true", help="run on the CPU even if CUDA is available")
     parser.add_argument("--dry_run", action="store_true", help="tiny shapes: checks that everything runs")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this file")
+    parser.add_argument("--jsonl", default=None,
+                        help="append each option's result to this file as one JSON line as soon as it is measured")
     parser.add_argument("--_option", choices=sorted(OPTIONS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -303,6 +309,7 @@ def run_option_here(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     result = run_option(args._option, shape_of(args), settings_of(args))
     args._result.write_text(json.dumps(result))
+    speed.benchlog.emit(f"memory/{args._option}", result, args.jsonl)
 
 
 def environment() -> dict[str, Any]:
@@ -329,12 +336,13 @@ def report(args: argparse.Namespace, shape: Any, results: dict[str, dict[str, An
         f"{args.steps} steps; SAPO-DPO (loss_type sigmoid: EMA + reference)",
         f"environment: {json.dumps(env)}",
         "",
-        f"| option | copies on device (MiB) | copies on host (MiB) | peak (MiB, {peak_kind}) | s/step |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        f"| option | copies on device (MiB) | copies on host (MiB) | peak (MiB, {peak_kind}) | s/step | compile |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in results.items():
         lines.append(f"| {name} | {mib(r['copies_device_bytes'])} | {mib(r['copies_host_bytes'])} | "
-                     f"{r['peak_mib']:.0f} | {r['step_mean_s']:.2f} |")
+                     f"{r['peak_mib']:.0f} | {r['step_mean_s']:.2f} | "
+                     f"{speed.benchlog.compile_cell(r.get('compile'))} |")
     lines.append("")
     if not cuda:
         lines.append("(CPU run: the device is host memory; 'on host' counts the offload store, so 'on device' reads "

@@ -6,6 +6,15 @@
     python benchmarks/speed.py --config cpu --token_generate_length 64     # G = len(y)/2, the gpu config's ratio
     python benchmarks/speed.py --config gpu                                  # Qwen2-0.5B shape, bf16, one GPU
     python benchmarks/speed.py --config gpu --dry_run                        # same code path, tiny shapes (CPU ok)
+    python benchmarks/speed.py --config gpu --jsonl results.jsonl            # each measurement appended as taken
+
+Every measurement (a phase's result, each engine and mode of the gen phase, each sapo/trl ratio) is printed as
+``RESULT {json}`` and appended to ``--jsonl`` the moment it is taken (``benchlog.emit``), so a run cut short keeps
+what it measured; each phase also reports its dynamo frames, recompiles, graph breaks and whether CUDA graphs were
+captured (``benchlog.CompileWatch``), and a failed compile of the decode step says so in its row.
+``--gen_after_sapo`` runs the gen phase in the sapo phase's process once its result is out, reusing its compiled
+decode step; ``--gen_round_sizes 256,64`` measures several round sizes in one gen process; ``--fail_compile``
+makes torch.compile raise (the dry run's stand-in for a failed compile).
 
 One invocation measures, on the same model, data shape and machine, each phase in a fresh subprocess (so
 peak-memory numbers and allocator caches do not leak from one phase into the next):
@@ -75,6 +84,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlog  # noqa: E402 (a sibling script, found through the path line above)
 
 RESULT_PREFIX = "SPEED_RESULT "
 TEXT_CHARACTERS = string.ascii_letters + string.digits + " .,;:!?-+=*/()[]{}'\"#%&@^_~"
@@ -318,7 +330,17 @@ def engine_description(sampler: Any, device: Any) -> dict[str, Any]:
     failed = sampler.compile_failed
     engine = "hf (after a failed compile)" if failed and sampler.fallback is not None else "static"
     return {"engine": engine, "static_compiled": sampler.uses_compile(device), "static_compile_failed": failed,
-            "rows": sampler.batch_size, "cache_len": sampler.cache_len}
+            "static_compile_error": sampler.compile_error, "rows": sampler.batch_size, "cache_len": sampler.cache_len,
+            "cache_spans": sampler.cache_spans, "state_releases": sampler.releases}
+
+
+def meant_to_compile(sampler: Any, device: Any) -> bool | None:
+    """Whether the engine compiles its decode step (or tried to and failed); None for `generate`."""
+    from sapo.generation import StaticCacheSampler
+
+    if not isinstance(sampler, StaticCacheSampler):
+        return None
+    return sampler.compile_failed or sampler.uses_compile(device)
 
 
 def summarize_steps(walls: list[float], cpus: list[float], skip: int, tokens_per_step: int) -> dict[str, Any]:
@@ -406,6 +428,7 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
     check_lengths(tokenizer, shape, records[0])
     meter = MemoryMeter(device)
     meter.start()
+    watch = benchlog.CompileWatch()
     with tempfile.TemporaryDirectory() as out:
         args = sapo_config(shape, options, output_dir=out, max_steps=max_steps, logging_steps=max_steps,
                            save_strategy="no", use_cpu=device.type == "cpu")
@@ -457,6 +480,8 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         "ema_update_ms": 1000 * statistics.mean(ema_seconds) if ema_seconds else float("nan"),
         "reference_reused": statistics.fmean([share for step, share in reused if step >= warmup] or [0.0]),
         **engine_description(sampler.inner, device),
+        "compile": watch.report(device, meant_to_compile(sampler.inner, device),
+                                getattr(sampler.inner, "compile_error", None)),
     })
     result["ema_update_share"] = result["ema_update_ms"] / 1000 / result["step_mean_s"]
     return result
@@ -479,6 +504,7 @@ def phase_trl(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
     check_lengths(tokenizer, shape, records[0])
     meter = MemoryMeter(device)
     meter.start()
+    watch = benchlog.CompileWatch()
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
             output_dir=out, loss_type=["sigmoid"], beta=0.1, learning_rate=5e-7,
@@ -498,21 +524,38 @@ def phase_trl(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         walls, cpus = timer.durations()
     result = summarize_steps(walls, cpus, warmup, 2 * shape.batch * shape.max_length)
     result.update(meter.peak())
-    result.update({"warmup_steps": warmup, "device": str(device)})
+    result.update({"warmup_steps": warmup, "device": str(device), "compile": watch.report(device, None)})
     return result
 
 
 def phase_gen(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
+    """Generation alone at each round size of `gen_round_sizes` (default: the run's own), one after the other in
+    this one warm process: the model is built once, and a later size reuses what compiling an earlier one left
+    (dynamo's graphs where the shapes agree, the inductor cache). The first size's result carries the others in
+    `more_rounds`."""
+    import torch
+
+    from sapo import tiny
+
+    tokenizer = tiny.build_tokenizer()
+    device = torch.device("cuda" if torch.cuda.is_available() and not options["use_cpu"] else "cpu")
+    model = build_model(shape, tokenizer, device).eval()
+    sizes = options.get("gen_round_sizes") or [options["generation_batch_size"]]
+    results = [gen_round(shape, {**options, "generation_batch_size": size}, tokenizer, model, device)
+               for size in sizes]
+    if len(results) > 1:
+        results[0]["more_rounds"] = results[1:]
+    return results[0]
+
+
+def gen_round(shape: Shape, options: dict[str, Any], tokenizer: Any, model: Any, device: Any) -> dict[str, Any]:
     """Generation alone, each engine built as the trainer builds it (rows of a round, cache length), on as many
-    rows as one SAPO round of this run decodes."""
+    rows as one SAPO round of `options` decodes."""
     import torch
 
     from sapo import tiny
     from sapo.generation import SamplingSettings, auto_engine, make_sampler
 
-    tokenizer = tiny.build_tokenizer()
-    device = torch.device("cuda" if torch.cuda.is_available() and not options["use_cpu"] else "cpu")
-    model = build_model(shape, tokenizer, device).eval()
     args = sapo_config(shape, options, output_dir="unused", use_cpu=device.type == "cpu")
     rows = args.generation_rows
     rng = random.Random(1)
@@ -532,6 +575,7 @@ def phase_gen(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
             # no EOS: every row decodes all `new_tokens`, so both engines do exactly the same work
             sampler = make_sampler(name, settings, tokenizer.pad_token_id, set(), rows, device=device, **extra)
             set_compile(sampler, options["compile"])
+            watch = benchlog.CompileWatch()
             times = []
             for repeat in range(options["gen_warmup"] + options["gen_repeats"]):
                 torch.manual_seed(repeat)
@@ -546,9 +590,17 @@ def phase_gen(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
             result[f"{mode}_{name}_first_s"] = times[0]  # compile and warm-up included
             result[f"{mode}_{name}_tokens_per_s"] = produced / steady
             outputs[f"{mode}_{name}"] = out
+            result[f"{mode}_{name}_compile"] = watch.report(device, meant_to_compile(sampler, device),
+                                                            getattr(sampler, "compile_error", None))
             if name == "static":
                 result["static_compiled"] = sampler.uses_compile(device)
                 result["static_compile_failed"] = sampler.compile_failed
+                result["static_compile_error"] = sampler.compile_error
+            benchlog.emit(f"gen/{rows}/{mode}/{name}", {
+                "rows": rows, "context_len": shape.prompt_len, "new_tokens": new_tokens, "seconds": steady,
+                "first_call_s": times[0], "tokens_per_s": produced / steady,
+                "engine": engine_description(sampler, device)["engine"],
+                "compile": result[f"{mode}_{name}_compile"]}, options.get("jsonl"))
     if {"greedy_hf", "greedy_static"} <= set(outputs):
         same = sum(a == b for a, b in zip(outputs["greedy_hf"], outputs["greedy_static"], strict=True))
         result["greedy_identical_rows"] = f"{same}/{rows}"
@@ -592,6 +644,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phases", default="sapo,trl,gen", help="comma-separated subset of sapo,trl,gen")
     parser.add_argument("--gen_modes", default="greedy,sampled", help="gen phase: subset of greedy,sampled")
     parser.add_argument("--gen_engines", default="hf,static", help="gen phase: subset of hf,static")
+    parser.add_argument("--gen_round_sizes", default="",
+                        help="gen phase: comma-separated round sizes (examples) measured one after the other in one "
+                             "process, e.g. 256,64 (default: the run's generation_batch_size)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the sapo and trl phases this many times (back to back) and report the median "
                              "of the per-run ratios; helps on a machine shared with other work")
@@ -602,6 +657,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry_run", action="store_true",
                         help="tiny shapes, one warm-up and one timed step: checks that everything runs")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this file")
+    parser.add_argument("--jsonl", default=None,
+                        help="append each measurement to this file as one JSON line as soon as it is taken")
+    parser.add_argument("--gen_after_sapo", action="store_true",
+                        help="run the gen phase in the sapo phase's process, after its training (and after its "
+                             "result is written): generation at the run's round size reuses the compiled decode step "
+                             "instead of compiling it again in a fresh process")
+    parser.add_argument("--fail_compile", action="store_true",
+                        help="make torch.compile raise (a stand-in for a compile failure on the device), to check "
+                             "that the engine's fallback reports itself")
     parser.add_argument("--_phase", choices=sorted(PHASES), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -614,9 +678,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.gen_engines = [e for e in args.gen_engines.split(",") if e]
     if not set(args.gen_modes) <= {"greedy", "sampled"} or not set(args.gen_engines) <= {"hf", "static"}:
         parser.error("--gen_modes takes greedy,sampled and --gen_engines hf,static")
+    args.gen_round_sizes = [int(size) for size in args.gen_round_sizes.split(",") if size.strip()]
     if dry:  # rounds of two batches, so that a dry run also goes through a queued round in a few steps
-        args.generation_batch_size = min(args.generation_batch_size or 2 ** 31,
-                                         2 * dry_run_shape(CONFIGS[args.config]).batch)
+        cap = 2 * dry_run_shape(CONFIGS[args.config]).batch
+        args.generation_batch_size = min(args.generation_batch_size or 2 ** 31, cap)
+        # each size capped too, halving the cap per size so that several sizes stay distinct (256,64 -> 4,2)
+        args.gen_round_sizes = list(dict.fromkeys(min(size, cap // (2 ** i)) or 1
+                                                  for i, size in enumerate(args.gen_round_sizes)))
     return args
 
 
@@ -629,7 +697,8 @@ def shape_of(args: argparse.Namespace) -> Shape:
 
 def options_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("sampler", "generation_batch_size", "compile", "check_every", "steps", "warmup", "gen_repeats",
-            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast", "reference_cache")
+            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast", "reference_cache", "jsonl",
+            "gen_round_sizes")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -640,8 +709,25 @@ def run_phase_here(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     shape = shape_of(args)
     set_threads(shape, args.threads)
+    if args.fail_compile:
+        fail_compile()
     result = PHASES[args._phase](shape, options_of(args))
+    if args._phase != "gen":  # gen emits each of its measurements as it takes them
+        benchlog.emit(f"{args.config}/{args._phase}", result, args.jsonl)
+    if args._phase == "sapo" and args.gen_after_sapo:  # the warm process: its compiled decode step is reused
+        result["gen_after"] = phase_gen(shape, options_of(args))
     args._result.write_text(json.dumps(result))
+
+
+def fail_compile() -> None:
+    """The stand-in for a compile failure: torch.compile raises as a broken backend would, so that a dry run
+    shows the "auto" engine's fallback to generate reporting itself (warning, table, JSON)."""
+    import torch
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("torch.compile disabled by --fail_compile (a stand-in for a failed compile)")
+
+    torch.compile = failing
 
 
 def run_isolated(script: str, argv: list[str], kind: str, name: str) -> dict[str, Any]:
@@ -651,13 +737,35 @@ def run_isolated(script: str, argv: list[str], kind: str, name: str) -> dict[str
         result_file = Path(scratch) / "result.json"
         command = [sys.executable, os.path.abspath(script), *argv, f"--_{kind}", name, "--_result", str(result_file)]
         started = time.perf_counter()
-        completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if completed.returncode != 0 or not result_file.exists():
-            sys.stdout.write(completed.stdout[-6000:])
-            raise SystemExit(f"{kind} {name} failed (exit status {completed.returncode})")
+        returncode = stream(command)
+        if returncode != 0 or not result_file.exists():
+            raise SystemExit(f"{kind} {name} failed (exit status {returncode})")
         result = json.loads(result_file.read_text())
         result[f"{kind}_wall_s"] = time.perf_counter() - started
         return result
+
+
+def stream(command: list[str]) -> int:
+    """Run `command`, passing its output lines through as they come (its RESULT lines are measurements: a timeout
+    of this process must not hold them back); the child is ended with this process (SIGTERM from `timeout`)."""
+    import signal
+
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+    def end(signum: int, frame: Any) -> None:
+        child.terminate()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, end)
+    try:
+        for line in child.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        return child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def environment() -> dict[str, Any]:
@@ -727,6 +835,32 @@ def time_ema_updates(device: Any) -> list[float]:
     return seconds
 
 
+def gen_report(args: argparse.Namespace, g: dict[str, Any]) -> list[str]:
+    """The lines of one round size of the gen phase."""
+    lines: list[str] = []
+    failed = f" (torch.compile FAILED: {g.get('static_compile_error')})" if g.get("static_compile_failed") else ""
+    lines.append(f"generation alone ({g['rows']} rows = one SAPO round, context {g['context_len']}, "
+                 f"{g['new_tokens']} new tokens, no EOS; static cache {g['cache_len']} when compiled; static "
+                 f"compiled: {g.get('static_compiled', '-')}{failed}; generation_engine auto picks "
+                 f"{g['auto_engine']}; median of {args.gen_repeats} after a warm-up call):")
+    for mode in args.gen_modes:
+        cells = [f"  {mode:<8}"]
+        for name, label in (("hf", "generate"), ("static", "static")):
+            if f"{mode}_{name}_s" in g:
+                cells.append(f"{label} {g[f'{mode}_{name}_tokens_per_s']:>9.0f} tokens/s "
+                             f"(first call {g[f'{mode}_{name}_first_s']:.2f} s)")
+        if f"{mode}_hf_s" in g and f"{mode}_static_s" in g:
+            cells.append(f"speed-up {g[f'{mode}_static_tokens_per_s'] / g[f'{mode}_hf_tokens_per_s']:.2f}x")
+        lines.append("   ".join(cells))
+    for mode in args.gen_modes:
+        for name in ("hf", "static"):
+            if f"{mode}_{name}_compile" in g:
+                lines.append(f"  compile {mode} {name}: {benchlog.compile_cell(g[f'{mode}_{name}_compile'])}")
+    if "greedy_identical_rows" in g:
+        lines.append(f"  greedy rows identical to generate: {g['greedy_identical_rows']}")
+    return lines
+
+
 def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env: dict[str, Any]) -> str:
     lines = [f"config {args.config}{' (dry run)' if args.dry_run else ''}: {shape.arch} hidden {shape.hidden}, "
              f"{shape.layers} layers, {shape.heads}/{shape.kv_heads} heads, vocab {shape.vocab or 'char'}, "
@@ -758,7 +892,8 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
                          + (f", compiled decode: {r['static_compiled']} (compiled shape: {r['rows']} rows x cache "
                             f"{r['cache_len']})"
                             if "static_compiled" in r else "")
-                         + (" (torch.compile FAILED)" if r.get("static_compile_failed") else "")
+                         + (f" (torch.compile FAILED: {r.get('static_compile_error')}; decoded with generate)"
+                            if r.get("static_compile_failed") else "")
                          + f"; {r['generation_share'] * 100:.1f}% of timed step time, "
                          f"{r['generation_tokens_per_s']:.0f} tokens/s in the timed steps (tokens up to EOS), "
                          f"{r['generation_rounds']} rounds in all, one every {r['generation_period_steps']} steps")
@@ -766,6 +901,7 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
                          f"{r['warmup_s']:.2f} s; generation rounds: first (one batch) {r['first_round_s']:.2f} s, "
                          f"first full (compiles when compiled) {r['full_round_s']:.2f} s, "
                          f"later full rounds {r['steady_round_s']:.2f} s each")
+            lines.append(f"SAPO compile{suffix}: {benchlog.compile_cell(r.get('compile'))}")
             lines.append(f"SAPO EMA update{suffix}: {r['ema_update_ms']:.2f} ms per optimizer step, "
                          f"{r['ema_update_share'] * 100:.2f}% of the mean step")
             parts = r["breakdown_s"]
@@ -774,23 +910,8 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
                 + " (policy: the training step's forward, loss and backward less generation and reference); "
                 f"{r.get('reference_reused', 0.0):.0%} of the timed steps' pairs reused remembered reference scores")
     if "gen" in results:
-        g = results["gen"]
-        failed = " (torch.compile FAILED)" if g.get("static_compile_failed") else ""
-        lines.append(f"generation alone ({g['rows']} rows = one SAPO round, context {g['context_len']}, "
-                     f"{g['new_tokens']} new tokens, no EOS; static cache {g['cache_len']} when compiled; static "
-                     f"compiled: {g.get('static_compiled', '-')}{failed}; generation_engine auto picks "
-                     f"{g['auto_engine']}; median of {args.gen_repeats} after a warm-up call):")
-        for mode in args.gen_modes:
-            cells = [f"  {mode:<8}"]
-            for name, label in (("hf", "generate"), ("static", "static")):
-                if f"{mode}_{name}_s" in g:
-                    cells.append(f"{label} {g[f'{mode}_{name}_tokens_per_s']:>9.0f} tokens/s "
-                                 f"(first call {g[f'{mode}_{name}_first_s']:.2f} s)")
-            if f"{mode}_hf_s" in g and f"{mode}_static_s" in g:
-                cells.append(f"speed-up {g[f'{mode}_static_tokens_per_s'] / g[f'{mode}_hf_tokens_per_s']:.2f}x")
-            lines.append("   ".join(cells))
-        if "greedy_identical_rows" in g:
-            lines.append(f"  greedy rows identical to generate: {g['greedy_identical_rows']}")
+        for g in (results["gen"], *results["gen"].get("more_rounds", [])):
+            lines.extend(gen_report(args, g))
     pairs = [run for run in runs if "sapo" in run and "trl" in run]
     if pairs:
         walls = [run["sapo"]["step_mean_s"] / run["trl"]["step_mean_s"] for run in pairs]
@@ -830,6 +951,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running phase {phase} (run {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             run[phase] = run_isolated(__file__, argv, "phase", phase)
         results["runs"].append(run)
+        if "gen_after" in run.get("sapo", {}):
+            gen_after = run["sapo"].pop("gen_after")
+            results.setdefault("gen", gen_after)
+        if "sapo" in run and "trl" in run:
+            benchlog.emit(f"{args.config}/ratio", {
+                "run": repeat + 1, "step_ratio": run["sapo"]["step_mean_s"] / run["trl"]["step_mean_s"],
+                "cpu_ratio": run["sapo"]["cpu_s_per_step"] / run["trl"]["cpu_s_per_step"],
+                "peak_memory_ratio": run["sapo"]["peak_mib"] / run["trl"]["peak_mib"],
+                "memory_kind": run["sapo"]["memory_kind"], "engine": run["sapo"]["engine"],
+                "compile_failed": bool(run["sapo"].get("static_compile_failed"))}, args.jsonl)
     if "gen" in phases:
         print("running phase gen ...", file=sys.stderr, flush=True)
         results["gen"] = run_isolated(__file__, argv, "phase", "gen")

@@ -1,5 +1,6 @@
 """benchmarks/speed.py end to end on its dry-run shapes: every phase runs and the report has its promised lines."""
 
+import json
 import re
 import subprocess
 import sys
@@ -8,10 +9,21 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
 
-def test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--config", "cpu", "--dry_run"], capture_output=True,
-                            text=True, timeout=600)
+def test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share(tmp_path):
+    results = tmp_path / "results.jsonl"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--config", "cpu", "--dry_run", "--jsonl", str(results),
+                             "--phases", "trl,sapo", "--gen_after_sapo"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # every measurement as one JSON line, in the order taken (gen in the sapo phase's process, after its row)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    names = [row["name"] for row in rows]
+    assert names == ["cpu/trl", "cpu/sapo", *[f"gen/4/{mode}/{engine}" for mode in ("greedy", "sampled")
+                                              for engine in ("hf", "static")], "cpu/ratio"]
+    assert rows[1]["compile"] == {"dynamo_frames": 0, "recompiles": 0, "graph_breaks": 0,
+                                  "cuda_graphs": "not captured: not compiled", "compile_failed": False}
+    assert 0 < rows[-1]["step_ratio"] == rows[1]["step_mean_s"] / rows[0]["step_mean_s"]
+    compiled = "SAPO compile: 0 frames, 0 recompiles, 0 graph breaks, CUDA graphs not captured: not compiled"
+    assert compiled in result.stdout
     lines = result.stdout.strip().splitlines()
     ratio = re.fullmatch(r"sapo/trl step ratio: (\d+\.\d\d)", lines[-1])
     assert ratio and float(ratio.group(1)) > 0

@@ -20,8 +20,13 @@ allocated for context + new tokens, and transformers attends over all of it, mas
 where a decode step's attention is bound by memory bandwidth (every step reads the whole K/V cache), that is a
 quarter of the attention's traffic wasted when 128 tokens follow a 128-token context, and half of a prefill's
 attention. Inside `written_slots(cache_len)`, the decode loop states how many slots are written before each
-forward, and full-length layers attend over those only (a view of the cache, no copy). Compiled decoding keeps
-fixed shapes and sets no span.
+forward, and full-length layers attend over those only (a view of the cache, no copy).
+
+Compiled decoding needs fixed shapes, since each new span is a new graph (dynamo guards on the span, and a CUDA
+graph is recorded per shape), so its span is the written slots rounded up to one of `spans` lengths
+(`bucketed_span`): a run compiles at most `spans` graphs of the step, each reading at most `cache_len / spans`
+slots more than are written, where reading the whole cache wasted up to G + padding slots per step
+(1280 read for at most 1024 written at the gpu benchmark's shape).
 """
 
 from __future__ import annotations
@@ -71,6 +76,20 @@ def written_slots(cache_len: int) -> Iterator[WrittenSlots]:
         yield _written_slots
     finally:
         _written_slots = outer
+
+
+SPAN_MULTIPLE = 64  # compiled spans are multiples of this many slots (friendly to attention kernels' tiling)
+
+
+def bucketed_span(written: int, cache_len: int, spans: int) -> int:
+    """The slots a compiled decode step attends over: `written` rounded up to a multiple of
+    ceil(cache_len / spans) (itself a multiple of `SPAN_MULTIPLE`), at most `cache_len`, so that at most `spans`
+    distinct lengths (compiled graphs) occur for one cache; `spans=1` is the whole cache."""
+    if spans < 1:
+        raise ValueError(f"spans must be >= 1, got {spans}")
+    bucket = -(-cache_len // spans)
+    bucket = -(-bucket // SPAN_MULTIPLE) * SPAN_MULTIPLE
+    return min(cache_len, -(-written // bucket) * bucket)
 
 
 def _written_part(key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None):

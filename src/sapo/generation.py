@@ -24,7 +24,6 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,7 +31,9 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, StaticCache
 
-from sapo.decode_attention import WrittenSlots, decode_attention, written_slots
+from sapo.decode_attention import WrittenSlots, bucketed_span, decode_attention, written_slots
+from sapo.decode_state import RELEASE_RULES, should_release, state_bytes
+from sapo.topk_sampling import top_k_draw
 
 logger = logging.getLogger(__name__)
 
@@ -380,10 +381,14 @@ def _categorical(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample_from_logits(logits: torch.Tensor, settings: SamplingSettings, min_p: float | None = None) -> torch.Tensor:
-    """Next token per row of (batch, vocab) logits: greedy argmax, or a draw from `filtered_logits`."""
+    """Next token per row of (batch, vocab) logits: greedy argmax, or a draw from `filtered_logits` (over the top-k
+    candidates alone when top-k applies and min_p does not: `sapo.topk_sampling`, the same distribution)."""
     logits = logits.float()
     if not settings.do_sample:
         return logits.argmax(dim=-1)
+    if min_p is None and 0 < settings.top_k < logits.shape[-1]:  # only the top-k candidates (and ties) can win
+        scaled = logits / settings.temperature if settings.temperature != 1.0 else logits
+        return top_k_draw(scaled, settings.top_k, settings.top_p)
     return _categorical(filtered_logits(logits, settings, min_p))
 
 
@@ -456,12 +461,15 @@ class StaticCacheSampler:
     the cache length rounded up to `cache_len_multiple` (default 128; 8 without compile), so a few shapes
     cover a whole run. `cache_len` fixes the cache length of compiled calls that fit in it: the trainer passes
     the rows of a generation round as `batch_size` and `max_length + token_generate_length` (a bound on
-    context + new tokens) as `cache_len`, so a run compiles once.
+    context + new tokens) as `cache_len`, so a run compiles once per span (`cache_spans`).
 
     Decode state between calls (`keeps_state`): compiled, the cache and the compiled step are kept (CUDA
     graphs replay on fixed addresses), so the memory they hold is bounded by one cache of `batch_size` x
     `cache_len` plus the graphs' pool, allocated at the first call and never grown with fixed shapes
-    (`release()` frees it); eager, the cache is freed at the end of every call. Models with grouped-query
+    (`release()` frees it; `release_state`, see `sapo.decode_state`, says when a call ends with a release: "auto"
+    when the device's memory is tight); eager, the cache is freed at the end of every call. Compiled steps
+    attend over the written slots rounded up to one of `cache_spans` lengths (`sapo.decode_attention`), eager
+    ones over the written slots. Models with grouped-query
     attention decode through `sapo.decode_attention` (the query is reshaped instead of the KV cache repeated),
     set on the model for the call only.
 
@@ -478,7 +486,8 @@ class StaticCacheSampler:
                  batch_size: int | None = None, compile: bool | None = None,
                  compile_mode: str | None = "reduce-overhead", check_every: int = 16,
                  cache_len: int | None = None, cache_len_multiple: int | None = None,
-                 fallback: SegmentSampler | None = None) -> None:
+                 fallback: SegmentSampler | None = None, cache_spans: int = 4,
+                 release_state: str = "auto") -> None:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         if batch_size is not None and batch_size < 1:
@@ -493,12 +502,20 @@ class StaticCacheSampler:
         self.cache_len = cache_len
         self.cache_len_multiple = cache_len_multiple
         self.fallback = fallback
+        if cache_spans < 1:
+            raise ValueError(f"cache_spans must be >= 1, got {cache_spans}")
+        if release_state not in RELEASE_RULES:
+            raise ValueError(f"release_state must be one of {', '.join(RELEASE_RULES)}, got {release_state!r}")
+        self.cache_spans = cache_spans
+        self.release_state = release_state
         self.last_stats: dict[str, float] = {}
         self._cache: StaticCache | None = None
         self._cache_key: tuple[Any, ...] | None = None
         self._compiled_steps: dict[tuple[int, CheckpointSampling], Any] = {}
         self._compile_works = False
         self._compile_failed = False
+        self.releases = 0  # rounds after which the kept decode state was released (`release_state`)
+        self.compile_error: str | None = None  # why compiling the decode step failed, once it has
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -539,6 +556,9 @@ class StaticCacheSampler:
             model.train(was_training)
             if not self.keeps_state(device):  # eager decoding gains nothing from keeping the cache
                 self._cache, self._cache_key = None, None
+            elif should_release(self.release_state, device, state_bytes(self._cache)):
+                self.release()  # training is short of memory: the next round allocates (and compiles) again
+                self.releases += 1
         self.last_stats = {"rows": float(len(contexts)), "new_tokens": float(sum(len(r) for r in results)),
                            "decode_steps": float(decode_steps), "seconds": time.perf_counter() - started}
         return results
@@ -581,6 +601,7 @@ class StaticCacheSampler:
                 logger.warning("StaticCacheSampler: torch.compile of the decode step failed (%s: %s); "
                                "decoding with %s from now on", type(error).__name__, error, instead)
                 self._compile_failed = True
+                self.compile_error = f"{type(error).__name__}: {error}"[:300]
                 self.release()
                 if self.fallback is not None:
                     raise _CompileFailed from error
@@ -624,8 +645,8 @@ class StaticCacheSampler:
         # Constant over the whole decode: pads are off, every later slot on (causality hides unwritten ones).
         attention_mask = torch.ones((batch, cache_len), dtype=torch.long, device=device)
         attention_mask[:, :width] = mask
-        # Eager steps attend over the written slots only; compiled ones keep fixed shapes (the whole cache).
-        with nullcontext(None) if compiled else written_slots(cache_len) as slots:
+        # Steps attend over the written slots only: eager ones exactly, compiled ones rounded up to a few spans.
+        with written_slots(cache_len) as slots:
             tokens, steps = self._decode_loop(model, ids, mask, attention_mask, cache, max_new_tokens, fields,
                                               compiled, slots)
         new_tokens = tokens[:rows, :steps].tolist()
@@ -661,7 +682,8 @@ class StaticCacheSampler:
             if mark_step:
                 torch.compiler.cudagraph_mark_step_begin()
             if slots is not None:
-                slots.written = width + index
+                slots.written = bucketed_span(width + index, slots.cache_len, self.cache_spans) if compiled \
+                    else width + index
             token, finished, seen = step(model, token, position, attention_mask, cache, finished, eos, seen)
             tokens[:, index] = token
             position = position + 1
