@@ -199,7 +199,7 @@ def test_shared_prefix_scoring_is_exact_where_used(model_type):
 
 # -- `sapo train` on each architecture ------------------------------------------------------------------------------
 
-REPRESENTATIVE = ["llama", "mistral", "bloom", "falcon", "gemma2", "phi3", "gpt2", "gpt_neox"]
+REPRESENTATIVE = ["llama", "mistral", "bloom", "falcon", "gemma2", "phi3", "gpt2", "gpt_neox", "mamba"]
 """One architecture per outcome: packs (llama, gpt_neox, gpt2's learned absolute positions, falcon's rotary), a
 sliding window (mistral, phi3), layers of two kinds (gemma2), ALiBi (bloom)."""
 

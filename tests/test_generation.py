@@ -734,3 +734,25 @@ def test_eager_decoding_attends_over_the_written_slots_only(tokenizer, monkeypat
     sampler.sample(model, contexts, 5)
     layers = model.config.num_hidden_layers
     assert lengths == [n for n in range(width, width + 5) for _ in range(layers)]  # prefill, then one slot a step
+
+
+def test_a_model_the_static_engine_cannot_serve_decodes_with_generate_under_auto_and_is_refused_by_name(caplog):
+    """Mamba's state-space layers are no static KV cache: its first static decode fails. Under `auto` (a generate
+    fallback) the run decodes with generate and says so once; `static` asked for by name is one line."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from sapo.errors import UsageError
+
+    torch.manual_seed(0)
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2)).eval()
+    contexts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    settings = SamplingSettings(do_sample=False)
+    hf = HFGenerateSampler(settings, pad_token_id=PAD, eos_token_ids={EOS})
+    auto = make_sampler("auto", settings, PAD, {EOS}, device="cpu")
+    with caplog.at_level("WARNING", logger="sapo.generation"):
+        assert auto.sample(mamba, contexts, 4) == hf.sample(mamba, contexts, 4)
+        assert auto.sample(mamba, contexts, 4) == hf.sample(mamba, contexts, 4)
+    assert auto.unsupported and caplog.text.count("static decoding cannot serve MambaForCausalLM") == 1
+    static = make_sampler("static", settings, PAD, {EOS}, device="cpu")
+    with pytest.raises(UsageError, match="generation_engine 'static' cannot decode MambaForCausalLM"):
+        static.sample(mamba, contexts, 4)

@@ -33,6 +33,7 @@ from transformers import GenerationConfig, StaticCache
 
 from sapo.decode_attention import WrittenSlots, bucketed_span, decode_attention, written_slots
 from sapo.decode_state import RELEASE_RULES, should_release, state_bytes
+from sapo.errors import UsageError
 from sapo.topk_sampling import top_k_draw
 
 logger = logging.getLogger(__name__)
@@ -516,16 +517,37 @@ class StaticCacheSampler:
         self._compile_failed = False
         self.releases = 0  # rounds after which the kept decode state was released (`release_state`)
         self.compile_error: str | None = None  # why compiling the decode step failed, once it has
+        self.unsupported: str | None = None  # why the first decode failed (the model is not served: see sample)
+        self._served = False  # a decode has succeeded: later failures are errors, not a model it cannot serve
 
     # -- public ---------------------------------------------------------------------------------
 
     def sample(self, model: nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        if self._compile_failed and self.fallback is not None:
+        if (self._compile_failed or self.unsupported is not None) and self.fallback is not None:
             return self.fallback.sample(model, contexts, max_new_tokens)
         try:
-            return self._sample(model, contexts, max_new_tokens)
+            samples = self._sample(model, contexts, max_new_tokens)
         except _CompileFailed:
             return self.fallback.sample(model, contexts, max_new_tokens)
+        except (RuntimeError, TypeError, AttributeError, IndexError, KeyError, NotImplementedError) as error:
+            if self._served or not contexts:  # it has decoded this model before: a failure of its own
+                raise
+            return self._cannot_serve(error, model, contexts, max_new_tokens)
+        self._served = self._served or bool(contexts)
+        return samples
+
+    def _cannot_serve(self, error: Exception, model: nn.Module, contexts: Sequence[Sequence[int]],
+                      max_new_tokens: int) -> list[list[int]]:
+        """The first decode failed: the model's layers are not a static KV cache (Mamba's state-space layers,
+        recurrent blocks). With a `generate` fallback ("auto") the run decodes with it, saying so once; asked for
+        by name, the engine is refused in one line."""
+        self.unsupported = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+        name = type(getattr(model, "module", model)).__name__
+        if self.fallback is None:
+            raise UsageError(f"generation_engine 'static' cannot decode {name} ({self.unsupported}); use "
+                             "generation_engine auto or hf") from error
+        logger.warning("static decoding cannot serve %s (%s); decoding with model.generate", name, self.unsupported)
+        return self.fallback.sample(model, contexts, max_new_tokens)
 
     def _sample(self, model: nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         fields = checkpoint_sampling(getattr(model, "generation_config", None), self.settings.do_sample)
