@@ -124,16 +124,17 @@ def test_top_level_usage(capsys):
     assert "train" in capsys.readouterr().out
 
 
-def test_readme_config_reference_matches_the_dataclasses():
-    from pathlib import Path
+CONFIG_REFERENCE_PAGE = Path(__file__).parents[1] / "docs" / "guides" / "config.md"
 
+
+def test_docs_config_reference_matches_the_dataclasses():
     from sapo.cli import config_reference_markdown
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    page = CONFIG_REFERENCE_PAGE.read_text()
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
-    section = readme[readme.index(start) + len(start):readme.index(end)]
+    section = page[page.index(start) + len(start):page.index(end)]
     assert section.strip() == config_reference_markdown().strip(), (
-        "README config reference is stale: run `.venv/bin/python scripts/update_readme_reference.py`")
+        "docs/guides/config.md is stale: run `.venv/bin/python scripts/update_config_reference.py`")
 
 
 def test_final_output_has_a_model_card_with_the_command(tmp_path, model_dir, dataset_file):
@@ -195,12 +196,11 @@ def test_yaml_model_init_kwargs_must_be_a_mapping(tmp_path, model_dir, dataset_f
         in capsys.readouterr().err
 
 
-def test_every_option_in_the_readme_reference_is_in_train_help(capsys):
+def test_every_option_in_the_docs_config_reference_is_in_train_help(capsys):
     import re
-    from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
+    page = CONFIG_REFERENCE_PAGE.read_text()
+    section = page.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
     documented = re.findall(r"^\| `(--[a-z_]+)` \| `([^`]*)` \|", section, flags=re.MULTILINE)
     assert len(documented) > 30
     with pytest.raises(SystemExit):
