@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # Pin the CPU wheel first so no dependency pulls a multi-GB CUDA build of torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv install install-dev demo test lint clean
+.PHONY: venv install install-dev demo test lint docs clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,9 @@ test: install-dev
 lint: install-dev
 	$(VENV)/bin/ruff check src tests scripts benchmarks
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link or a missing page.
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) runs build site src/*.egg-info
