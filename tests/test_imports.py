@@ -9,7 +9,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sapo"
 ALGORITHM = {"segments", "buffer", "ema", "losses", "packing", "logprobs", "generation", "sharding", "data", "layout",
              "errors", "checkpoint", "copies", "recipes", "tasks", "tiny", "judging", "heldout",
-             "decode_attention", "scoring", "loading"}
+             "decode_attention", "scoring", "loading", "decode_state", "topk_sampling", "outdir", "fserrors",
+             "start_weights"}
 COMMANDS = {"cli", "demo", "evaluation", "inspection", "plots", "__main__"}
 
 
