@@ -29,6 +29,7 @@ from sapo.heldout import (
     segment_rejected,
     whole_rejected,
 )
+from sapo.heldout_eval import heldout_pairs
 from sapo.losses import pair_loss
 from sapo.recipes import pad_sequences
 from sapo.segments import sample_truncation_point, splice_rejected
@@ -216,7 +217,7 @@ def test_pairs_are_made_once_by_the_start_model_and_training_is_unchanged(tmp_pa
     fresh = SAPOTrainer(model=tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0),
                         args=config(tmp_path / "fresh"), train_dataset=suite["train"], processing_class=tokenizer,
                         eval_dataset=heldout)
-    assert fresh._heldout_pairs("").rejected == evaluated._eval_pairs[""].rejected
+    assert heldout_pairs(fresh, "").rejected == evaluated._eval_pairs[""].rejected
 
 
 def test_resumed_run_evaluates_on_the_saved_pairs(tmp_path, model_dir, tokenizer, suite, heldout, caplog):

@@ -16,6 +16,7 @@ from sapo import SAPOConfig, SAPOTrainer
 from sapo.buffer import ReplayEntry
 from sapo.data import tokenized_dataset
 from sapo.recipes import pad_pairs
+from sapo.step_guard import gradients_are_finite
 
 
 def config(tmp_path, **overrides):
@@ -536,9 +537,9 @@ def test_the_non_finite_check_reads_the_norm_the_trainer_computed(tmp_path, toke
                           processing_class=tokenizer)
     assert all(p.grad is None for p in trainer.copies.params)  # nothing to read a norm from but the Trainer's
     assert trainer._get_grad_norm(trainer.model, torch.tensor(float("nan"))).isnan()
-    assert not trainer._gradients_are_finite()
+    assert not gradients_are_finite(trainer)
     trainer._get_grad_norm(trainer.model, torch.tensor(3.0))
-    assert trainer._gradients_are_finite()
+    assert gradients_are_finite(trainer)
     assert trainer._grad_norm is None  # used once: a later step without a norm reads its own gradients
 
 

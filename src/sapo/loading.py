@@ -391,3 +391,12 @@ def _special_ids(tokenizer: Any, config: Any, generation_config: Any) -> Iterato
             value = getattr(holders[where], name, None)
             if value is not None and value != []:
                 yield (f"the tokenizer ({source})" if where == "tokenizer" and source else where), name, value
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a peft-wrapped model (LoRA adapters): its saved form and card differ."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
