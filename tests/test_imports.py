@@ -14,7 +14,8 @@ ALGORITHM = {"segments", "buffer", "ema", "losses", "packing", "logprobs", "gene
              "decode_attention", "decode_state", "topk_sampling", "scoring", "loading", "fserrors", "outdir",
              "start_weights"}
 # The trainer and the parts that take it: the Python API, which works without the CLI.
-TRAINER = {"trainer", "config", "model_card", "callbacks", "step_guard", "heldout_eval", "_hf_compat", "run"}
+TRAINER = {"trainer", "config", "model_card", "callbacks", "step_guard", "heldout_eval", "_hf_compat", "run",
+           "schedules"}
 COMMANDS = {"cli", "demo", "evaluation", "inspection", "plots", "__main__"}
 
 

@@ -33,11 +33,9 @@ from the ecosystem.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +62,15 @@ from sapo.heldout import (
 )
 from sapo.heldout_eval import trainer_eval_dataset
 from sapo.layout import STATE_DIR
-from sapo.loading import is_peft_model, load_policy, load_reference, warn_unless_loaded_with
+from sapo.loading import (  # noqa: F401  (load_policy, load_reference, warn_unless_loaded_with: re-exported)
+    disable_dropout,
+    is_peft_model,
+    load_policy,
+    load_policy_for_training,
+    load_reference,
+    load_run_reference,
+    warn_unless_loaded_with,
+)
 from sapo.losses import nll_from_logps, pair_metrics
 from sapo.metrics import (
     LOSS,
@@ -79,7 +85,8 @@ from sapo.recipes import RECIPES, Recipe, StepServices
 from sapo.run import finish as run_finish
 from sapo.run import start as run_start
 from sapo.run import state as run_state
-from sapo.run.start import remove_created_output_dir
+from sapo.run.start import refuse_an_uncoordinated_launch, remove_created_output_dir
+from sapo.schedules import restarting_scheduler
 from sapo.scoring import PairScoring
 from sapo.sharding import any_rank
 from sapo.start_weights import StartWeights
@@ -88,22 +95,6 @@ from sapo.step_guard import NONFINITE_EXIT_CODE  # noqa: F401  (re-exported: sap
 __all__ = ["SAPOTrainer", "disable_dropout", "is_peft_model", "refuse_an_uncoordinated_launch"]
 
 logger = logging.getLogger(__name__)
-
-
-def refuse_an_uncoordinated_launch(args: SAPOConfig) -> None:
-    """Every process the launcher started must be part of one job, or N processes would each train alone into one
-    output_dir. Checked before anything is created."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.world_size != launched:
-        raise UsageError(f"the launcher started {launched} processes but accelerate joined {args.world_size} of them "
-                         "into this job (DeepSpeed needs GPUs; on a machine without GPUs use plain DDP: torchrun "
-                         "--nproc_per_node N -m sapo.cli train ...)")
-
-
-def disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
 
 
 class SAPOTrainer(Trainer):
@@ -144,8 +135,8 @@ class SAPOTrainer(Trainer):
         check_eval_data(args, eval_dataset)
         self.eval_judge = load_eval_judge(args.eval_judge)
         self.rejected_judge = load_eval_judge(args.rejected_judge, "rejected_judge")
-        model, processing_class = self._load(model, processing_class, chat_template, peft_config,
-                                             args.model_init_kwargs, args.max_length)
+        model, processing_class = load_policy_for_training(model, processing_class, chat_template, peft_config,
+                                                           args.model_init_kwargs, args.max_length)
         self._start_weights = StartWeights(model)  # before training changes an in-memory model's tensors
         if args.disable_dropout:
             disable_dropout(model)
@@ -209,38 +200,10 @@ class SAPOTrainer(Trainer):
         if self._eval_sets:
             self.add_callback(_HeldOutPairsAtStart(self))
 
-    # --------------------------------------------------------------------------------------------
-    # Construction
-    # --------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _load(model: nn.Module | str, tokenizer: Any, chat_template: str | None, peft_config: Any,
-              model_init_kwargs: dict[str, Any] | None, max_length: int | None = None) -> tuple[nn.Module, Any]:
-        """The policy and its prepared tokenizer, loaded and checked by `sapo.loading` (the loader `sapo train` and
-        `sapo eval` use), then wrapped with LoRA when asked."""
-        model, tokenizer = load_policy(model, tokenizer, chat_template=chat_template, init_kwargs=model_init_kwargs,
-                                       max_length=max_length)
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-        return model, tokenizer
+    # ---- Construction ------------------------------------------------------------------------------------------------
 
     def _load_reference(self, ref_model: nn.Module | str | None) -> nn.Module | None:
-        """A reference given by path is loaded with `ref_model_init_kwargs` (default: the policy's
-        `model_init_kwargs`, so both load alike, as TRL does); either way it is checked like the policy."""
-        init_kwargs = self.args.ref_model_init_kwargs
-        if isinstance(ref_model, str):
-            name = "model_init_kwargs" if init_kwargs is None else "ref_model_init_kwargs"
-            chosen = self.args.model_init_kwargs if init_kwargs is None else init_kwargs
-            return load_reference(ref_model, chosen, name, self.processing_class, self.args.max_length)
-        if ref_model is not None and init_kwargs:
-            warn_unless_loaded_with(ref_model, init_kwargs, "ref_model_init_kwargs", "ref_model")
-        elif ref_model is None and init_kwargs is not None:
-            logger.warning("ref_model_init_kwargs is unused: it applies to a ref_model given by path, and this run %s",
-                           "has none" if self.args.uses_reference else f"(recipe {self.args.recipe!r}, loss "
-                           f"{self.args.loss_type!r}) uses no reference model")
-        return load_reference(ref_model, None, "ref_model_init_kwargs", self.processing_class, self.args.max_length)
+        return load_run_reference(self.args, ref_model, self.processing_class)
 
     def _make_sampler(self) -> SegmentSampler:
         """The configured engine, told the fixed shapes of this run's generation calls (rows of a round, a bound on
@@ -265,25 +228,16 @@ class SAPOTrainer(Trainer):
             generate=self._generate, refresh_reference_from_policy=lambda: self.copies.refresh_reference("policy"),
             any_rank=lambda flag: any_rank(flag, self.args.device) if sharded else flag,
             record=self._record, pad_token_id=self.processing_class.pad_token_id, eos_token_ids=self.eos_token_ids,
-            judge_rewrites=self._judge_rewrites if self.rejected_judge is not None else None,
+            judge_rewrites=self._judge_rewrites() if self.rejected_judge is not None else None,
             reset_optimizer=self._reset_optimizer_state)
 
-    def _judge_rewrites(self, indices: Sequence[int | None], real: Sequence[list[int]],
-                        rejected: Sequence[list[int]]) -> list[bool]:
-        """`rejected_judge`: whether it scores each rewrite below its real response, both decoded as the judge of
-        `sapo eval` sees answers, with the example's prompt and raw record."""
-        from sapo.judging import judge_scores
+    def _judge_rewrites(self) -> Any:
+        """`rejected_judge` on this run's rewrites (`sapo.judging.judge_rewrites`), reading the data when called."""
+        from sapo.judging import judge_rewrites
 
-        origins = [self.train_dataset.examples[i].origin if i is not None else None for i in indices]
-        if any(origin is None for origin in origins):
-            raise UsageError("rejected_judge needs the training records (prompts and the fields the judge reads), "
-                             "not an already tokenized dataset")
-        prompts, records = [o.prompt for o in origins], [o.record for o in origins]
-        decode = partial(self.processing_class.decode, skip_special_tokens=True)
-        name = self.args.rejected_judge
-        real_scores = judge_scores(self.rejected_judge, name, prompts, [decode(t) for t in real], records)
-        rejected_scores = judge_scores(self.rejected_judge, name, prompts, [decode(t) for t in rejected], records)
-        return [worse < better for worse, better in zip(rejected_scores, real_scores, strict=True)]
+        return lambda indices, real, rejected: judge_rewrites(self.rejected_judge, self.args.rejected_judge,
+                                                              self.processing_class, self.train_dataset, indices,
+                                                              real, rejected)
 
     def _reset_optimizer_state(self) -> None:
         """Forget the optimizer's running statistics (moments, square averages): SPIN's scripts start each iteration
@@ -325,27 +279,9 @@ class SAPOTrainer(Trainer):
         return model, train_dataloader
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        """A recipe may restart the schedule periodically (SPIN trains each iteration as a fresh run): the schedule
-        is then built for one period and its LambdaLR factors repeat."""
-        period = self.recipe.schedule_period(num_training_steps)
-        if period is None or self.lr_scheduler is not None:
-            return super().create_scheduler(num_training_steps, optimizer)
-        scheduler = super().create_scheduler(period, optimizer)
-        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            scale = self.recipe.learning_rate_scale
-            scheduler.lr_lambdas = [_restarting_every(period, f, scale) for f in scheduler.lr_lambdas]
-            return scheduler
-        if self.args.spin_learning_rates:
-            raise UsageError(f"spin_learning_rates: lr_scheduler_type {self.args.lr_scheduler_type!r} cannot restart "
-                             "at each iteration; use linear, cosine, constant_with_warmup or another LambdaLR schedule")
-        logger.warning("lr_scheduler_type %r cannot restart every %d steps; it runs once over the whole run",
-                       self.args.lr_scheduler_type, period)
-        self.lr_scheduler = None
-        return super().create_scheduler(num_training_steps, optimizer)
+        return restarting_scheduler(self, num_training_steps, optimizer)
 
-    # --------------------------------------------------------------------------------------------
-    # Training step and loss
-    # --------------------------------------------------------------------------------------------
+    # ---- Training step and loss --------------------------------------------------------------------------------------
 
     def _generate(self, which: str, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Sample with the EMA model or the reference under the policy's precision policy (the copies are not
@@ -395,9 +331,7 @@ class SAPOTrainer(Trainer):
         loss, output = result.loss, result.output
         return (loss, output) if return_outputs else loss
 
-    # --------------------------------------------------------------------------------------------
-    # Once per optimizer step
-    # --------------------------------------------------------------------------------------------
+    # ---- Once per optimizer step -------------------------------------------------------------------------------------
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The Trainer's gradient norm (the clipping norm, or the one it computes for logging with max_grad_norm
@@ -425,16 +359,14 @@ class SAPOTrainer(Trainer):
             self._stop_reason = ("another process asked to stop", 1)
         return stop
 
-    # --------------------------------------------------------------------------------------------
-    # Training entry point: signals, output directory, resumption checks
-    # --------------------------------------------------------------------------------------------
+    # ---- Training entry point: signals, output directory, resumption checks ------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """`Trainer.train` with one run per output_dir, exact-or-refused resumes and stops that end in a checkpoint
+        (`sapo.run.start.train`)."""
         return run_start.train(self, resume_from_checkpoint, **kwargs)
 
-    # --------------------------------------------------------------------------------------------
-    # Logging
-    # --------------------------------------------------------------------------------------------
+    # ---- Logging -----------------------------------------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and LOSS in logs:
@@ -447,12 +379,11 @@ class SAPOTrainer(Trainer):
                 return
             append_metrics_rows(self, [record])
 
-    # --------------------------------------------------------------------------------------------
-    # Evaluation on held-out data (see sapo.heldout)
-    # --------------------------------------------------------------------------------------------
+    # ---- Evaluation on held-out data (see sapo.heldout) --------------------------------------------------------------
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate` on the run's eval pairs, or on records passed here (`sapo.heldout_eval.evaluate`)."""
         return heldout_eval.evaluate(self, eval_dataset, ignore_keys, metric_key_prefix)
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
@@ -470,11 +401,11 @@ class SAPOTrainer(Trainer):
     def _load_best_model(self) -> None:
         return run_state.load_best_model(self)
 
-    # --------------------------------------------------------------------------------------------
-    # Saving and resuming
-    # --------------------------------------------------------------------------------------------
+    # ---- Saving and resuming -----------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The policy; a final save also writes the EMA model and the cards, published as one set
+        (`sapo.run.finish.save_model`)."""
         return run_finish.save_model(self, output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -485,12 +416,14 @@ class SAPOTrainer(Trainer):
             keep_legacy_flag(self.processing_class, output_dir or self.args.output_dir)
 
     def write_model_card(self, directory: str) -> None:
+        """README.md beside the final model and ema/README.md beside the EMA model (`sapo.model_card`)."""
         return run_finish.write_model_card(self, directory)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, *, language: str | list[str] | None = None,
                           license: str | None = None, finetuned_from: str | None = None,
                           dataset: str | list[str] | None = None) -> None:
+        """Our card in output_dir in place of transformers' generic one (`Trainer.push_to_hub` calls this)."""
         return run_finish.create_model_card(self, model_name, dataset_name, tags, language=language, license=license,
                                             finetuned_from=finetuned_from, dataset=dataset)
 
@@ -498,22 +431,21 @@ class SAPOTrainer(Trainer):
         return run_state.save_checkpoint(self, model, trial)
 
     def sapo_state_files(self) -> list[str]:
+        """Files of `sapo_state/` this run writes (and needs to resume), for this rank."""
         return run_state.sapo_state_files(self)
 
     def run_settings(self) -> dict[str, Any]:
+        """The settings that shape this run's trajectory, recorded in checkpoints and compared on resume."""
         return run_state.trajectory_settings(self)
 
     def save_sapo_state(self, directory: Path) -> None:
+        """The copies, the recipe's state, the counters and the run's manifest and settings, per rank."""
         return run_state.save_sapo_state(self, directory)
 
     def load_sapo_state(self, directory: Path) -> None:
+        """Load what `save_sapo_state` wrote (after the engine has wrapped the policy)."""
         return run_state.load_sapo_state(self, directory)
 
     def validate_checkpoint(self, path: Path) -> None:
+        """Fail before anything is written when `path` cannot resume this run exactly."""
         return run_state.validate_resume_checkpoint(self, path)
-
-
-def _restarting_every(period: int, schedule: Any, scale: Any) -> Any:
-    # A closure, not a callable object: LambdaLR would try to save an object's attributes in its state_dict. The
-    # factor is a function of the step alone, so a resumed run continues the same per-period rates.
-    return lambda step: scale(step // period) * schedule(step % period)

@@ -24,7 +24,7 @@ from sapo.checkpoint import (
     run_setting_names,
 )
 from sapo.config import sapo_fields
-from sapo.errors import USER_ERRORS, CheckpointError, OutputDirError, TrainingStopped
+from sapo.errors import USER_ERRORS, CheckpointError, OutputDirError, TrainingStopped, UsageError
 from sapo.fserrors import filesystem_error
 from sapo.layout import METRICS_FILE
 from sapo.outdir import clear_previous_final, holds_only_start_files, no_checkpoint_message, refuse_inputs_in_output_dir
@@ -167,3 +167,13 @@ def remove_created_output_dir(trainer: Any) -> None:
     """Leave no trace of a run that never started (the Trainer may have created the directory)."""
     if trainer.args.should_save:
         remove_if_created_empty(Path(trainer.args.output_dir), trainer._first_created)
+
+
+def refuse_an_uncoordinated_launch(args: Any) -> None:
+    """Every process the launcher started must be part of one job, or N processes would each train alone into one
+    output_dir. Checked before anything is created."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size != launched:
+        raise UsageError(f"the launcher started {launched} processes but accelerate joined {args.world_size} of them "
+                         "into this job (DeepSpeed needs GPUs; on a machine without GPUs use plain DDP: torchrun "
+                         "--nproc_per_node N -m sapo.cli train ...)")
