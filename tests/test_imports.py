@@ -13,9 +13,12 @@ ALGORITHM = {"segments", "buffer", "ema", "losses", "packing", "logprobs", "gene
              "errors", "checkpoint", "copies", "recipes", "tasks", "tiny", "judging", "heldout", "metrics",
              "decode_attention", "decode_state", "topk_sampling", "scoring", "loading", "fserrors", "outdir",
              "start_weights"}
+# The run directory's primitives (paths, lock, durable publishing, resume records, signals): no trainer either.
+ALGORITHM |= {"run.paths", "run.lock", "run.publish", "run.resume", "run.signals", "run.outdir", "run.fserrors",
+              "run.start_weights", "run"}
 # The trainer and the parts that take it: the Python API, which works without the CLI.
-TRAINER = {"trainer", "config", "model_card", "callbacks", "step_guard", "heldout_eval", "_hf_compat", "run",
-           "schedules"}
+TRAINER = {"trainer", "config", "model_card", "callbacks", "step_guard", "heldout_eval", "_hf_compat", "schedules",
+           "run.start", "run.state", "run.finish"}
 COMMANDS = {"cli", "demo", "evaluation", "inspection", "plots", "__main__"}
 
 
@@ -52,9 +55,11 @@ def graph() -> dict[str, set[str]]:
 
 
 def layer_of(module: str) -> str:
-    top = module.split(".")[0]
     for name, members in (("algorithm", ALGORITHM), ("trainer", TRAINER), ("commands", COMMANDS)):
-        if top in members:
+        if module in members:
+            return name
+    for name, members in (("algorithm", ALGORITHM), ("trainer", TRAINER), ("commands", COMMANDS)):
+        if module.split(".")[0] in members:
             return name
     raise AssertionError(f"module sapo.{module} needs a layer in tests/test_imports.py")
 

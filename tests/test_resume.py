@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer, tasks
-from sapo.checkpoint import read_metrics
 from sapo.cli import main
 from sapo.errors import CheckpointError, OutputDirError, TrainingStopped
+from sapo.metrics import read_metrics
 
 
 def config(out, **overrides):
@@ -378,9 +378,9 @@ def test_a_signal_at_the_end_completes_the_run(cli, tmp_path, capsys, monkeypatc
 KILL_HALF_WAY_THROUGH_THE_FINAL_MOVES = """
 import os, signal, sys
 from pathlib import Path
-import sapo.checkpoint
+import sapo.run.publish
 
-move_into_place = sapo.checkpoint._move_final_into_place
+move_into_place = sapo.run.publish._move_final_into_place
 
 def die_half_way(out):
     committed = Path(out) / ".staging" / "final"
@@ -390,7 +390,7 @@ def die_half_way(out):
     os.replace(first, Path(out) / first.name)
     os.kill(os.getpid(), signal.SIGKILL)
 
-sapo.checkpoint._move_final_into_place = die_half_way
+sapo.run.publish._move_final_into_place = die_half_way
 from sapo.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -16,10 +16,10 @@ from typing import Any
 from transformers import TrainerCallback
 
 from sapo._hf_compat import restore_loss_accumulators
-from sapo.checkpoint import checkpoint_step, restore_metrics, truncate_metrics
 from sapo.heldout_eval import heldout_pairs
-from sapo.layout import CHECKPOINT_METRICS_FILE, METRICS_FILE, STATE_DIR
-from sapo.metrics import BUFFER_SIZE, LIVE_METRICS, append_metrics_rows
+from sapo.metrics import BUFFER_SIZE, LIVE_METRICS, append_metrics_rows, restore_metrics, truncate_metrics
+from sapo.run.paths import CHECKPOINT_METRICS_FILE, METRICS_FILE, STATE_DIR
+from sapo.run.resume import checkpoint_step
 from sapo.step_guard import skip_step_if_nonfinite, skip_step_without_signal
 
 

@@ -468,10 +468,10 @@ def _check_resume_path(resume: str | None) -> None:
 
 
 def run_train(argv: Sequence[str]) -> int:
-    from sapo.checkpoint import check_output_dir, first_missing, remove_if_created_empty
     from sapo.data import load_examples
     from sapo.heldout import check_eval_data, read_eval_records
-    from sapo.outdir import refuse_inputs_in_output_dir
+    from sapo.run.lock import check_output_dir, first_missing, remove_if_created_empty
+    from sapo.run.outdir import refuse_inputs_in_output_dir
     from sapo.trainer import SAPOTrainer
 
     model_args, config = parse_train_args(argv)

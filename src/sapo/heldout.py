@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from sapo.checkpoint import data_fingerprint
 from sapo.data import (
     Example,
     Message,
@@ -42,6 +41,7 @@ from sapo.errors import DataError, UsageError
 from sapo.judging import Judge, load_judge
 from sapo.logprobs import sequence_logps
 from sapo.losses import PairLoss
+from sapo.run.resume import data_fingerprint
 from sapo.segments import Generate, rewrite_segments
 
 SINGLE = ""  # key of an eval set given as one dataset (named sets keep their names)

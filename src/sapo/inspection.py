@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from sapo.buffer import ReplayBuffer, ReplayEntry
 from sapo.errors import UsageError
-from sapo.layout import BUFFER_FILE_GLOB, BUFFER_FILE_RE, CHECKPOINT_RE, STATE_DIR, buffer_file
+from sapo.run.paths import BUFFER_FILE_GLOB, BUFFER_FILE_RE, CHECKPOINT_RE, STATE_DIR, buffer_file
 
 __all__ = [
     "buffer_statistics",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sapo.errors import UsageError
-from sapo.layout import METRICS_FILE
+from sapo.run.paths import METRICS_FILE
 
 __all__ = ["FIGURES", "FigureSpec", "load_metrics", "main", "plot_runs"]
 

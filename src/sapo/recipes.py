@@ -26,11 +26,11 @@ from typing import Any, ClassVar
 import torch
 
 from sapo.buffer import ReplayBuffer, ReplayEntry
-from sapo.checkpoint import rng_state_from_json, rng_state_to_json
 from sapo.copies import EMA, REFERENCE  # which copy generates
-from sapo.layout import buffer_file, pending_file, segment_rng_file, spin_file
 from sapo.losses import LOSSES, REFERENCE_LOSS_TYPES
 from sapo.packing import packed_pair_ids
+from sapo.run.paths import buffer_file, pending_file, segment_rng_file, spin_file
+from sapo.run.resume import rng_state_from_json, rng_state_to_json
 from sapo.segments import SegmentRewrite, rewrite_segments
 
 

@@ -45,7 +45,6 @@ from transformers import Trainer, TrainerCallback
 
 from sapo import heldout_eval
 from sapo.callbacks import _HeldOutPairsAtStart, _LiveProgress, _SAPOStepHooks
-from sapo.checkpoint import OutputDirLock, first_missing
 from sapo.config import SAPOConfig
 from sapo.copies import SHARDS, ModelCopies
 from sapo.data import collate_examples, keep_legacy_flag, tokenized_dataset
@@ -61,7 +60,6 @@ from sapo.heldout import (
     prepare_eval_sets,
 )
 from sapo.heldout_eval import trainer_eval_dataset
-from sapo.layout import STATE_DIR
 from sapo.loading import (  # noqa: F401  (load_policy, load_reference, warn_unless_loaded_with: re-exported)
     disable_dropout,
     is_peft_model,
@@ -85,11 +83,13 @@ from sapo.recipes import RECIPES, Recipe, StepServices
 from sapo.run import finish as run_finish
 from sapo.run import start as run_start
 from sapo.run import state as run_state
+from sapo.run.lock import OutputDirLock, first_missing
+from sapo.run.paths import STATE_DIR
 from sapo.run.start import refuse_an_uncoordinated_launch, remove_created_output_dir
+from sapo.run.start_weights import StartWeights
 from sapo.schedules import restarting_scheduler
 from sapo.scoring import PairScoring
 from sapo.sharding import any_rank
-from sapo.start_weights import StartWeights
 from sapo.step_guard import NONFINITE_EXIT_CODE  # noqa: F401  (re-exported: sapo.trainer.NONFINITE_EXIT_CODE)
 
 __all__ = ["SAPOTrainer", "disable_dropout", "is_peft_model", "refuse_an_uncoordinated_launch"]

@@ -10,15 +10,16 @@ from typing import Any
 
 from transformers import Trainer
 
-from sapo.checkpoint import on_stop_signals, publish_final
 from sapo.config import sapo_fields
 from sapo.copies import EMA
 from sapo.data import save_tokenizer
 from sapo.errors import TrainingStopped
-from sapo.fserrors import filesystem_error
-from sapo.layout import EMA_DIR, FINAL_PARTIAL, STAGING_DIR
 from sapo.loading import is_peft_model
 from sapo.model_card import CardFacts, card_settings, final_eval_metrics, final_metrics, write_cards
+from sapo.run.fserrors import filesystem_error
+from sapo.run.paths import EMA_DIR, FINAL_PARTIAL, STAGING_DIR
+from sapo.run.publish import publish_final
+from sapo.run.signals import on_stop_signals
 from sapo.run.start import release_output_dir, take_output_lock
 from sapo.run.state import check_output_dir_still_ours
 from sapo.sharding import materialized

@@ -12,22 +12,26 @@ from transformers import Trainer
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from sapo.callbacks import _NothingToTrain, _ResumeStart
-from sapo.checkpoint import (
+from sapo.config import sapo_fields
+from sapo.errors import USER_ERRORS, CheckpointError, OutputDirError, TrainingStopped, UsageError
+from sapo.run.fserrors import filesystem_error
+from sapo.run.lock import (
     OutputDirLock,
-    check_allowed_changes,
     check_output_dir,
     check_output_lock,
     clear_previous_checkpoints,
-    on_stop_signals,
-    recover_staging,
     remove_if_created_empty,
-    run_setting_names,
 )
-from sapo.config import sapo_fields
-from sapo.errors import USER_ERRORS, CheckpointError, OutputDirError, TrainingStopped, UsageError
-from sapo.fserrors import filesystem_error
-from sapo.layout import METRICS_FILE
-from sapo.outdir import clear_previous_final, holds_only_start_files, no_checkpoint_message, refuse_inputs_in_output_dir
+from sapo.run.outdir import (
+    clear_previous_final,
+    holds_only_start_files,
+    no_checkpoint_message,
+    refuse_inputs_in_output_dir,
+)
+from sapo.run.paths import METRICS_FILE
+from sapo.run.publish import recover_staging
+from sapo.run.resume import check_allowed_changes, run_setting_names
+from sapo.run.signals import on_stop_signals
 from sapo.run.state import output_dir_gone_error
 from sapo.sharding import any_rank
 from sapo.step_guard import NONFINITE_EXIT_CODE

@@ -14,22 +14,11 @@ from torch import nn
 from transformers import Trainer
 
 from sapo._hf_compat import checkpoint_run_dir, checkpoints_written_into, loss_accumulators, rotate_checkpoints
-from sapo.checkpoint import (
-    data_fingerprint,
-    publish_directory,
-    read_json,
-    read_run_state,
-    run_settings,
-    save_metrics_rows,
-    validate_checkpoint,
-    write_checksums,
-    write_json,
-    write_manifest,
-)
 from sapo.config import sapo_fields
 from sapo.errors import CheckpointError, OutputDirError
 from sapo.heldout import EVAL_PAIRS_FILE, EvalPairs, load_eval_pairs, save_eval_pairs
-from sapo.layout import (
+from sapo.metrics import metric_values, save_metrics_rows
+from sapo.run.paths import (
     CHECKPOINT_METRICS_FILE,
     CHECKPOINT_PREFIX,
     LOCK_FILE,
@@ -41,7 +30,8 @@ from sapo.layout import (
     TRAINER_STATE_FILE,
     step_state_file,
 )
-from sapo.metrics import metric_values
+from sapo.run.publish import publish_directory, read_json, write_checksums, write_json
+from sapo.run.resume import data_fingerprint, read_run_state, run_settings, validate_checkpoint, write_manifest
 from sapo.sharding import any_rank
 
 logger = logging.getLogger("sapo.trainer")
