@@ -19,7 +19,7 @@ ALGORITHM |= {"run.paths", "run.lock", "run.publish", "run.resume", "run.signals
 # The trainer and the parts that take it: the Python API, which works without the CLI.
 TRAINER = {"trainer", "config", "model_card", "callbacks", "step_guard", "heldout_eval", "_hf_compat", "schedules",
            "run.start", "run.state", "run.finish"}
-COMMANDS = {"cli", "demo", "evaluation", "inspection", "plots", "__main__"}
+COMMANDS = {"cli", "demo", "evaluation", "inspection", "plots", "__main__"}  # shims included (old paths)
 
 
 def module_name(path: Path) -> str:
