@@ -306,12 +306,9 @@ class SAPOConfig(TrainingArguments):
 
     @property
     def sampling_settings(self) -> SamplingSettings:
-        """SAPO's EMA samples with the paper's temperature/top-k/top-p; SPIN's opponent as the SPIN code does
-        (greedy, or plain temperature sampling)."""
-        if self.recipe == "spin":
-            return SamplingSettings(temperature=self.spin_temperature, top_k=0, top_p=1.0,
-                                    do_sample=self.spin_do_sample)
-        return SamplingSettings(self.temperature, self.top_k, self.top_p)
+        """How the recipe samples its generations (`Recipe.sampling_settings`: SAPO's EMA with the paper's
+        temperature/top-k/top-p, SPIN's opponent as the SPIN code does)."""
+        return self.recipe_class.sampling_settings(self)
 
     @property
     def generation_round_size(self) -> int:
@@ -323,23 +320,15 @@ class SAPOConfig(TrainingArguments):
 
     @property
     def generation_rows(self) -> int:
-        """The most sequences one generation call decodes, the row count the static engine pads every call to.
-
-        SAPO queues whole batches until `generation_round_size` examples wait, so a round holds up to that rounded
-        up to whole batches, times responses_per_prompt; SPIN generates for one batch at a time."""
-        batch = self.per_device_train_batch_size
-        if not self.self_augmenting:
-            return batch
-        return math.ceil(self.generation_round_size / batch) * batch * self.responses_per_prompt
+        """The most sequences one generation call decodes, the row count the static engine pads every call to
+        (`Recipe.generation_rows`: a SAPO round, or one batch)."""
+        return self.recipe_class.generation_rows(self)
 
     @property
     def generation_cache_len(self) -> int:
-        """A bound on context + new tokens of any generation call, the static engine's one cache length: SAPO's
-        contexts prompt + y[:k] are left-padded to the longest (<= max_length) and get up to token_generate_length
-        new tokens; SPIN's are prompts (<= max_prompt_length) with up to spin_max_new_tokens."""
-        if self.self_augmenting:
-            return self.max_length + self.token_generate_length
-        return self.max_prompt_length + self.spin_max_new_tokens
+        """A bound on context + new tokens of any generation call, the static engine's one cache length
+        (`Recipe.generation_cache_len`)."""
+        return self.recipe_class.generation_cache_len(self)
 
     @property
     def skips_no_signal_steps(self) -> bool:

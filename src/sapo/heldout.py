@@ -223,11 +223,7 @@ def _one_set(dataset: Any, tokenizer: Any, args: Any, end_token_ids: set[int], o
 def rejected_source(args: Any) -> str | None:
     """Where a recipe's eval pairs get their rejected side: 'segment' (SAPO: the start model rewrites a segment),
     'whole' (spin: the start model answers the prompt), 'data' (dpo/orpo: the records' own), None (sft)."""
-    if args.recipe_class.supervised:
-        return None
-    if args.self_augmenting:
-        return "segment"
-    return "data" if args.needs_rejected_data else "whole"
+    return args.recipe_class.eval_rejected
 
 
 def segment_rejected(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], generate: Generate, *,

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import Trainer
 
 from sapo._hf_compat import prepare_inputs
+from sapo.batching import pad_pair_sequences, pad_sequences
 from sapo.copies import EMA, REFERENCE
 from sapo.errors import UsageError
 from sapo.heldout import (
@@ -35,7 +36,6 @@ from sapo.heldout import (
 )
 from sapo.losses import LOSSES, nll_from_logps
 from sapo.metrics import JUDGE_SCORE
-from sapo.recipes import pad_pair_sequences, pad_sequences
 
 logger = logging.getLogger("sapo.trainer")
 

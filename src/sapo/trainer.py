@@ -266,8 +266,7 @@ class SAPOTrainer(Trainer):
 
     def _reference_moves(self) -> bool:
         """Whether the reference ever changes (SPIN opponents, refreshed SAPO references)."""
-        refreshed = self.args.self_augmenting and self.args.ref_update_mode != "fixed"
-        return self.args.uses_reference and (refreshed or self.args.recipe == "spin")
+        return self.args.uses_reference and self.args.recipe_class.reference_moves(self.args)
 
     def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None):
         """After the engine has wrapped the policy, bind the copies to it; only then load a resumed checkpoint's
