@@ -17,8 +17,8 @@ ALGORITHM = {"segments", "batching", "buffer", "ema", "losses", "packing", "logp
 ALGORITHM |= {"run.paths", "run.lock", "run.publish", "run.resume", "run.signals", "run.outdir", "run.fserrors",
               "run.start_weights", "run"}
 # The trainer and the parts that take it: the Python API, which works without the CLI.
-TRAINER = {"trainer", "config", "model_card", "callbacks", "step_guard", "heldout_eval", "_hf_compat", "schedules",
-           "run.start", "run.state", "run.finish"}
+TRAINER = {"trainer", "config", "config_checks", "model_card", "callbacks", "step_guard", "heldout_eval", "_hf_compat",
+           "schedules", "run.start", "run.state", "run.finish"}
 COMMANDS = {"cli", "demo", "evaluation", "inspection", "plots", "__main__"}  # shims included (old paths)
 
 
