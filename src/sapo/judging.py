@@ -155,7 +155,7 @@ def win_rates(scores_by_model: Mapping[str, Sequence[float]], *,
 
 def family_order(family: str) -> tuple[int, str]:
     """Built-in families in their usual order, then any others alphabetically."""
-    from sapo.tasks import ALL_FAMILIES
+    from sapo.demo_kit.tasks import ALL_FAMILIES
 
     return (ALL_FAMILIES.index(family) if family in ALL_FAMILIES else len(ALL_FAMILIES), family)
 

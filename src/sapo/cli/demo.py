@@ -20,8 +20,8 @@ import torch
 from transformers import PrinterCallback
 from transformers.utils.logging import disable_progress_bar
 
-from sapo import tasks, tiny
 from sapo.config import SAPOConfig
+from sapo.demo_kit import task_judges, tasks, tiny
 from sapo.judging import evaluate
 from sapo.trainer import SAPOTrainer
 
@@ -96,8 +96,8 @@ def train_sft_checkpoint(records: Sequence[dict], directory: Path, *, hidden_siz
 
 
 def held_out_score(model, tokenizer, records: Sequence[dict]) -> dict:
-    result = evaluate(model, tokenizer, records, tasks.judge, max_new_tokens=40)
-    families = tasks.score_responses(records, result["responses"])
+    result = evaluate(model, tokenizer, records, task_judges.judge, max_new_tokens=40)
+    families = task_judges.score_responses(records, result["responses"])
     return {"score": result["score"], "by_family": families, "mean_length": result["mean_length"]}
 
 

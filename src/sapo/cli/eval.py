@@ -29,7 +29,7 @@ from sapo.loading import check_model_source, check_tokenizer_source
 
 def suite_families(names: str) -> tuple[str, ...]:
     """`--families`: comma-separated family names, or `short` / `structured` / `all` for the built-in groups."""
-    from sapo import tasks
+    from sapo.demo_kit import tasks
 
     groups = {"short": tasks.TASK_FAMILIES, "structured": tasks.STRUCTURED_FAMILIES, "all": tasks.ALL_FAMILIES}
     if names in groups:
@@ -78,7 +78,7 @@ def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message]], li
     if (args.data is None) == (args.suite is None):
         raise UsageError("give exactly one of --data FILE and --suite {train,dev,heldout}")
     if args.suite is not None:
-        from sapo import tasks
+        from sapo.demo_kit import tasks
 
         if args.n < 1:
             raise UsageError(f"--n must be >= 1, got {args.n}")
