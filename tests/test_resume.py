@@ -12,25 +12,23 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import helpers
 import pytest
 import torch
-from conftest import clones
+from helpers import clones
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from sapo import SAPOConfig, SAPOTrainer, tasks
+from sapo import SAPOTrainer, tasks
 from sapo.cli import main
 from sapo.errors import CheckpointError, OutputDirError, TrainingStopped
 from sapo.metrics import read_metrics
 
+RESUME_RUN = dict(max_steps=6, save_strategy="steps", save_steps=3, ref_update_mode="ema", ref_update_steps=2)
+
 
 def config(out, **overrides):
-    settings = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
-                    token_generate_length=4, max_length=64, max_prompt_length=48, logging_steps=1, report_to="none",
-                    save_strategy="steps", save_steps=3, use_cpu=True, disable_tqdm=True, ref_update_mode="ema",
-                    ref_update_steps=2, seed=0)
-    settings.update(overrides)
-    return SAPOConfig(**settings)
+    return helpers.config(out, **{**RESUME_RUN, **overrides})
 
 
 def trainer_for(out, tokenizer, suite, **overrides):
