@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 from transformers import TrainerCallback
 
@@ -36,10 +32,6 @@ def model_dir(tmp_path_factory, tokenizer):
     return directory
 
 
-def clones(tensors):
-    return [t.detach().clone() for t in tensors]
-
-
 @pytest.fixture()
 def snapshot_each_step():
     """`snapshot_each_step(trainer, take)` -> dict filled with `take()` right after SAPO's once-per-optimizer-step
@@ -56,37 +48,3 @@ def snapshot_each_step():
         return snapshots
 
     return install
-
-
-def load_benchmark(name: str):
-    """benchmarks/<name>.py as a module (benchmarks are scripts, not part of the package); yields it, then
-    forgets it."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"sapo_benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-
-
-class CopyingSampler:
-    """A generator that reproduces its demonstrations: each context prompt + y[:k] is continued with y itself, except
-    for the examples in `differ` (dataset indices) and in every call from the `differ_from_call`-th on, whose
-    continuation is each token shifted (a real rewrite)."""
-
-    def __init__(self, differ=(), differ_from_call=None):
-        self.differ, self.differ_from_call, self.calls, self.sequences = set(differ), differ_from_call, 0, []
-
-    def attach(self, trainer):
-        self.sequences = [e.prompt_ids + e.response_ids for e in trainer.train_dataset.examples]
-        return trainer
-
-    def sample(self, model, contexts, max_new_tokens):
-        samples, self.calls = [], self.calls + 1
-        changed = self.differ_from_call is not None and self.calls > self.differ_from_call
-        for context in contexts:
-            index = next(i for i, s in enumerate(self.sequences) if s[:len(context)] == list(context))
-            copy = self.sequences[index][len(context):len(context) + max_new_tokens]
-            samples.append([(t % 50) + 1 for t in copy] if changed or index in self.differ else copy)
-        return samples

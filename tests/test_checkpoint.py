@@ -4,6 +4,7 @@ atomic publishing (and finishing it after a crash), and the torn-line-tolerant m
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sapo import checkpoint as ckpt
+from sapo import metrics
 from sapo.errors import CheckpointError, OutputDirError, UsageError
-from sapo.layout import (
+from sapo.run import lock as run_lock
+from sapo.run import publish as run_publish
+from sapo.run import resume as run_resume
+from sapo.run.paths import (
     CHECKSUMS_FILE,
     FINAL_RECORD_FILE,
     LOCK_FILE,
@@ -38,18 +42,18 @@ def dead_pid():
 
 
 def write_lock(out, **changes):
-    holder = {**ckpt._this_process(), **changes}
+    holder = {**run_lock._this_process(), **changes}
     out.mkdir(parents=True, exist_ok=True)
     (out / LOCK_FILE).write_text(json.dumps(holder))
     return holder
 
 
 def parent_start():
-    return ckpt._process_start(os.getppid())[1]
+    return run_lock._process_start(os.getppid())[1]
 
 
 def test_lock_is_taken_released_and_leaves_nothing(tmp_path):
-    lock = ckpt.OutputDirLock(tmp_path / "out")
+    lock = run_lock.OutputDirLock(tmp_path / "out")
     lock.acquire()
     holder = json.loads((tmp_path / "out" / LOCK_FILE).read_text())
     assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
@@ -63,9 +67,9 @@ def test_live_lock_refuses_naming_the_pid_and_check_output_dir_says_so_first(tmp
     out = tmp_path / "out"
     write_lock(out, pid=os.getppid(), start_ticks=parent_start())  # a live process on this host
     with pytest.raises(OutputDirError, match=rf"in use by another sapo run \(pid {os.getppid()} on host"):
-        ckpt.OutputDirLock(out).acquire()
+        run_lock.OutputDirLock(out).acquire()
     with pytest.raises(OutputDirError, match=f"pid {os.getppid()}"):
-        ckpt.check_output_dir(out, resuming=True, overwrite=True)
+        run_lock.check_output_dir(out, resuming=True, overwrite=True)
     assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getppid()  # untouched
     assert os.listdir(out) == [LOCK_FILE]
 
@@ -77,8 +81,8 @@ def test_stale_lock_is_taken_over(tmp_path, how, caplog):
                "pid reused": {"pid": os.getppid(), "start_ticks": (parent_start() or 0) + 1},
                "rebooted": {"pid": os.getppid(), "boot_id": "another-boot"}}[how]
     write_lock(out, **changes)
-    ckpt.check_output_dir(out, resuming=False, overwrite=False)  # a stale lock alone is no result of a run
-    lock = ckpt.OutputDirLock(out)
+    run_lock.check_output_dir(out, resuming=False, overwrite=False)  # a stale lock alone is no result of a run
+    lock = run_lock.OutputDirLock(out)
     lock.acquire()
     assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert "taking over the lock of a run that is no longer running" in caplog.text
@@ -89,14 +93,14 @@ def test_lock_from_another_host_is_not_guessed_stale(tmp_path):
     out = tmp_path / "out"
     write_lock(out, host="some-other-host", pid=dead_pid())
     with pytest.raises(OutputDirError, match=r"another host.*delete .*\.sapo\.lock"):
-        ckpt.OutputDirLock(out).acquire()
+        run_lock.OutputDirLock(out).acquire()
 
 
 def test_release_leaves_a_lock_taken_over_by_another_owner(tmp_path):
     out = tmp_path / "out"
-    first = ckpt.OutputDirLock(out)
+    first = run_lock.OutputDirLock(out)
     first.acquire()
-    second = ckpt.OutputDirLock(out)  # the same process may take its own lock over (a second trainer)
+    second = run_lock.OutputDirLock(out)  # the same process may take its own lock over (a second trainer)
     second.acquire()
     first.release()
     assert (out / LOCK_FILE).exists()
@@ -107,7 +111,7 @@ def test_release_leaves_a_lock_taken_over_by_another_owner(tmp_path):
 def _contend(out, start, results):
     while time.time() < start:
         pass
-    lock = ckpt.OutputDirLock(Path(out))
+    lock = run_lock.OutputDirLock(Path(out))
     try:
         lock.acquire()
     except OutputDirError as error:
@@ -146,14 +150,14 @@ def fake_checkpoint(path, settings=SETTINGS, params=PARAMS, **run_state):
     (path / TRAINER_STATE_FILE).write_text(json.dumps({"global_step": 4}))
     (path / "model.safetensors").write_bytes(os.urandom(1000))
     (path / "optimizer.pt").write_bytes(os.urandom(500))
-    ckpt.write_manifest(path / STATE_DIR, params, {"settings": settings, **run_state})
+    run_resume.write_manifest(path / STATE_DIR, params, {"settings": settings, **run_state})
     (path / STATE_DIR / "ema.safetensors").write_bytes(os.urandom(300))
-    ckpt.write_checksums(path)
+    run_publish.write_checksums(path)
     return path
 
 
 def validate(path, settings=SETTINGS, allow=()):
-    ckpt.validate_checkpoint(path, PARAMS, [MANIFEST_FILE, RUN_STATE_FILE, "ema.safetensors"], settings=settings,
+    run_resume.validate_checkpoint(path, PARAMS, [MANIFEST_FILE, RUN_STATE_FILE, "ema.safetensors"], settings=settings,
                              allow_changes=allow)
 
 
@@ -204,7 +208,7 @@ def test_checkpoint_of_another_model_or_recipe_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"written by another run: parameter 'w' has shape \(2, 4\)"):
         validate(path)
     with pytest.raises(CheckpointError, match="missing sapo_state/replay_buffer_rank0.safetensors"):
-        ckpt.validate_checkpoint(path, PARAMS, ["replay_buffer_rank0.safetensors"])
+        run_resume.validate_checkpoint(path, PARAMS, ["replay_buffer_rank0.safetensors"])
 
 
 def test_changed_settings_are_each_named_and_allowed_only_when_listed(tmp_path):
@@ -235,7 +239,7 @@ def test_run_settings_hold_what_shapes_a_run_and_not_what_may_change():
     from sapo.config import sapo_fields
 
     config = SAPOConfig(output_dir="unused", use_cpu=True, report_to="none", seed=7, max_steps=10)
-    settings = ckpt.run_settings(config, [f.name for f in sapo_fields()], world_size=2, data="d")
+    settings = run_resume.run_settings(config, [f.name for f in sapo_fields()], world_size=2, data="d")
     for name in ("recipe", "loss_type", "beta", "seed", "ema_beta", "token_generate_length",
                  "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type"):
         assert name in settings, name
@@ -249,13 +253,13 @@ def test_run_settings_hold_what_shapes_a_run_and_not_what_may_change():
 def test_data_fingerprint_sees_every_token():
     items = [{"index": 0, "prompt_ids": [1, 2], "response_ids": [3], "rejected_ids": None},
              {"index": 1, "prompt_ids": [4], "response_ids": [5, 6], "rejected_ids": [7]}]
-    base = ckpt.data_fingerprint(items)
-    assert ckpt.data_fingerprint([dict(i) for i in items]) == base
+    base = run_resume.data_fingerprint(items)
+    assert run_resume.data_fingerprint([dict(i) for i in items]) == base
     changed = [dict(items[0]), {**items[1], "response_ids": [5, 7]}]
-    assert ckpt.data_fingerprint(changed) != base
+    assert run_resume.data_fingerprint(changed) != base
     moved = [{**items[0], "prompt_ids": [1], "response_ids": [2, 3]}, items[1]]  # same ids, other split
-    assert ckpt.data_fingerprint(moved) != base
-    assert ckpt.data_fingerprint(items[:1]) != base
+    assert run_resume.data_fingerprint(moved) != base
+    assert run_resume.data_fingerprint(items[:1]) != base
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,14 +277,14 @@ def test_publishing_over_an_existing_checkpoint_swaps_it_in_one_step(tmp_path, m
     final = staged_dir(tmp_path / "checkpoint-8", "old")
     staged = staged_dir(tmp_path / STAGING_DIR / "checkpoint-8", "new")
     removed = []
-    original_rmtree = ckpt.shutil.rmtree
+    original_rmtree = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):  # the old copy is deleted only once the new one is in place
         removed.append((Path(path), (final / "file").read_text()))
         original_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
-    ckpt.publish_directory(staged, final)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    run_publish.publish_directory(staged, final)
     assert (final / "file").read_text() == "new" and not staged.exists()
     assert all(content == "new" for _, content in removed)
 
@@ -288,7 +292,7 @@ def test_publishing_over_an_existing_checkpoint_swaps_it_in_one_step(tmp_path, m
 def test_without_an_atomic_swap_a_crash_mid_replace_is_undone(tmp_path, monkeypatch):
     final = staged_dir(tmp_path / "checkpoint-8", "old")
     staged = staged_dir(tmp_path / STAGING_DIR / "checkpoint-8", "new")
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(run_publish, "_exchange", lambda a, b: False)
     calls = []
     original_replace = os.replace
 
@@ -298,12 +302,12 @@ def test_without_an_atomic_swap_a_crash_mid_replace_is_undone(tmp_path, monkeypa
             raise KeyboardInterrupt("killed between the two renames")
         original_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", crash_on_second)
+    monkeypatch.setattr(os, "replace", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.publish_directory(staged, final)
-    monkeypatch.setattr(ckpt.os, "replace", original_replace)
+        run_publish.publish_directory(staged, final)
+    monkeypatch.setattr(os, "replace", original_replace)
     assert not final.exists()
-    ckpt.recover_staging(tmp_path)
+    run_publish.recover_staging(tmp_path)
     assert (final / "file").read_text() == "old"
 
 
@@ -322,12 +326,12 @@ def read_final(out):
 
 def test_final_outputs_are_published_as_one_set(tmp_path):
     out = tmp_path / "out"
-    ckpt.publish_final(final_set(out / STAGING_DIR / "final.partial", "a"), out, step=4)
+    run_publish.publish_final(final_set(out / STAGING_DIR / "final.partial", "a"), out, step=4)
     assert read_final(out) == {"model.safetensors": "policy a", "README.md": "card a", "ema/model.safetensors": "ema a"}
     record = json.loads((out / FINAL_RECORD_FILE).read_text())
     assert record["step"] == 4 and sorted(record["files"]) == ["README.md", "ema/model.safetensors",
                                                                "model.safetensors"]
-    ckpt.publish_final(final_set(out / STAGING_DIR / "final.partial", "b"), out, step=6)
+    run_publish.publish_final(final_set(out / STAGING_DIR / "final.partial", "b"), out, step=6)
     assert set(read_final(out).values()) == {"policy b", "card b", "ema b"}
     assert not (out / STAGING_DIR).exists()
 
@@ -335,7 +339,7 @@ def test_final_outputs_are_published_as_one_set(tmp_path):
 @pytest.mark.parametrize("moves_before_crash", [0, 1, 2, 3])
 def test_a_crash_while_moving_final_outputs_is_finished_by_the_next_start(tmp_path, monkeypatch, moves_before_crash):
     out = tmp_path / "out"
-    ckpt.publish_final(final_set(out / STAGING_DIR / "final.partial", "a"), out, step=4)
+    run_publish.publish_final(final_set(out / STAGING_DIR / "final.partial", "a"), out, step=4)
     original_replace = os.replace
     moves = []
 
@@ -346,12 +350,12 @@ def test_a_crash_while_moving_final_outputs_is_finished_by_the_next_start(tmp_pa
             moves.append(dst)
         original_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.publish_final(final_set(out / STAGING_DIR / "final.partial", "b"), out, step=6)
-    monkeypatch.setattr(ckpt.os, "replace", original_replace)
+        run_publish.publish_final(final_set(out / STAGING_DIR / "final.partial", "b"), out, step=6)
+    monkeypatch.setattr(os, "replace", original_replace)
     assert not (out / FINAL_RECORD_FILE).exists()  # no record while the set in place is mixed
-    ckpt.recover_staging(out)
+    run_publish.recover_staging(out)
     assert set(read_final(out).values()) == {"policy b", "card b", "ema b"}
     assert json.loads((out / FINAL_RECORD_FILE).read_text())["step"] == 6
     assert not (out / STAGING_DIR).exists()
@@ -360,9 +364,9 @@ def test_a_crash_while_moving_final_outputs_is_finished_by_the_next_start(tmp_pa
 def test_an_unfinished_final_save_is_dropped(tmp_path):
     out = tmp_path / "out"
     final_set(out / STAGING_DIR / "final.partial", "a")
-    ckpt.recover_staging(out)
+    run_publish.recover_staging(out)
     assert not (out / "model.safetensors").exists() and not (out / STAGING_DIR).exists()
-    ckpt.recover_staging(tmp_path / "nothing here")
+    run_publish.recover_staging(tmp_path / "nothing here")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,19 +385,19 @@ ROWS = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 2, "train_r
 
 def test_a_torn_last_line_is_dropped_when_reading(tmp_path):
     path = metrics_file(tmp_path / "metrics.jsonl", ROWS, tail='{"step": 4, "lo')
-    assert ckpt.read_metrics(path) == ROWS
+    assert metrics.read_metrics(path) == ROWS
     path.write_bytes(path.read_bytes()[:-3] + b"\xe2\x82")  # cut inside a UTF-8 character
-    assert ckpt.read_metrics(path) == ROWS
+    assert metrics.read_metrics(path) == ROWS
 
 
 def test_truncating_keeps_the_rows_of_the_resumed_step_atomically(tmp_path):
     path = metrics_file(tmp_path / "metrics.jsonl", ROWS, tail='{"step": 4, "lo')
-    ckpt.truncate_metrics(path, 2)
-    assert ckpt.read_metrics(path) == ROWS[:2]  # the end-of-training row of a run stopped at 2 is dropped
+    metrics.truncate_metrics(path, 2)
+    assert metrics.read_metrics(path) == ROWS[:2]  # the end-of-training row of a run stopped at 2 is dropped
     assert path.read_text().endswith("\n")
     metrics_file(path, ROWS, tail='{"st')
-    ckpt.truncate_metrics(path, 2, keep_summary=True)  # a finished run: nothing is logged again
-    assert ckpt.read_metrics(path) == ROWS[:3]
-    ckpt.truncate_metrics(path, 0)
+    metrics.truncate_metrics(path, 2, keep_summary=True)  # a finished run: nothing is logged again
+    assert metrics.read_metrics(path) == ROWS[:3]
+    metrics.truncate_metrics(path, 0)
     assert path.read_text() == ""
     assert os.listdir(tmp_path) == ["metrics.jsonl"]

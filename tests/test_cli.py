@@ -346,7 +346,7 @@ def test_python_dash_m_sapo_runs_the_command():
 
 
 def test_a_run_shorter_than_logging_steps_logs_its_last_step_and_plots(tmp_path, model_dir, dataset_file):
-    from sapo.plots import main as plot_main
+    from sapo.cli.plot import main as plot_main
 
     config_file = write_yaml(tmp_path, model_dir, dataset_file, logging_steps=10)
     assert main(["train", "--config", str(config_file)]) == 0  # 3 steps, logging every 10

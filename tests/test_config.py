@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sapo import SAPOConfig
-from sapo.checkpoint import run_settings, settings_differences
 from sapo.config import DEFAULT_GENERATION_ROWS, sapo_fields
+from sapo.run.resume import run_settings, settings_differences
 
 
 def make(tmp_path, **overrides):

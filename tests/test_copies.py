@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import clones
+from helpers import clones
 
 from sapo import tiny
 from sapo.copies import ADAPTERS, MODULE, SHARDS, ModelCopies

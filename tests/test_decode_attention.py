@@ -5,9 +5,9 @@ import torch
 from torch._dynamo.testing import CompileCounter
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from sapo.decode_attention import bucketed_span
-from sapo.decode_state import memory_tight, should_release, state_bytes
 from sapo.generation import SamplingSettings, StaticCacheSampler, cut_after_eos
+from sapo.generation.decode_attention import bucketed_span
+from sapo.generation.decode_state import memory_tight, should_release, state_bytes
 
 PAD, EOS = 0, 2
 GREEDY = SamplingSettings(do_sample=False)

@@ -1,6 +1,6 @@
 import json
 
-from sapo.demo import main
+from sapo.cli.demo import main
 
 
 def test_demo_pipeline_in_miniature(tmp_path, capsys):

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from sapo import evaluation, tasks, tiny
+from sapo import tasks, tiny
+from sapo.cli import eval as evaluation
+from sapo.cli.eval import format_table
 from sapo.errors import UsageError
-from sapo.evaluation import format_table
 from sapo.judging import build_report, load_judge, win_rates
 
 # ------------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ import pytest
 from safetensors import SafetensorError
 
 from sapo import tasks
-from sapo.checkpoint import checksum_problems, read_metrics
 from sapo.errors import OutputDirError
-from sapo.fserrors import disk_full_error, filesystem_error, is_disk_full
+from sapo.metrics import read_metrics
+from sapo.run.fserrors import disk_full_error, filesystem_error, is_disk_full
+from sapo.run.publish import checksum_problems
 
 
 def test_disk_full_becomes_a_one_paragraph_error(tmp_path):

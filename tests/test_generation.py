@@ -14,8 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-import sapo.decode_attention
-from sapo.decode_attention import DECODE_ATTENTION, decode_attention, gqa_decode_attention, written_slots
+import sapo.generation.decode_attention
 from sapo.generation import (
     CheckpointSampling,
     HFGenerateSampler,
@@ -32,6 +31,7 @@ from sapo.generation import (
     sampling_probabilities,
     seen_token_mask,
 )
+from sapo.generation.decode_attention import DECODE_ATTENTION, decode_attention, gqa_decode_attention, written_slots
 
 
 def test_cut_after_eos():
@@ -722,14 +722,14 @@ def test_eager_decoding_attends_over_the_written_slots_only(tokenizer, monkeypat
     contexts = varied_contexts(len(tokenizer), count=3)
     width = max(map(len, contexts))
     lengths = []
-    cut = sapo.decode_attention._written_part
+    cut = sapo.generation.decode_attention._written_part
 
     def recording(key, value, mask):
         key, value, mask = cut(key, value, mask)
         lengths.append(key.shape[-2])
         return key, value, mask
 
-    monkeypatch.setattr(sapo.decode_attention, "_written_part", recording)
+    monkeypatch.setattr(sapo.generation.decode_attention, "_written_part", recording)
     sampler = StaticCacheSampler(SamplingSettings(do_sample=False), pad_token_id=PAD, eos_token_ids=set())
     sampler.sample(model, contexts, 5)
     layers = model.config.num_hidden_layers

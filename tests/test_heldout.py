@@ -7,13 +7,14 @@ import json
 import math
 import random
 
+import helpers
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import sapo.scoring
-from sapo import SAPOConfig, SAPOTrainer, tasks
+from sapo import SAPOTrainer, tasks
 from sapo.cli import main
 from sapo.copies import EMA
 from sapo.errors import DataError, UsageError
@@ -29,23 +30,22 @@ from sapo.heldout import (
     segment_rejected,
     whole_rejected,
 )
+from sapo.heldout_eval import heldout_pairs
 from sapo.losses import pair_loss
 from sapo.recipes import pad_sequences
 from sapo.segments import sample_truncation_point, splice_rejected
 
 
-def config(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
-                    learning_rate=1e-3, token_generate_length=6, max_length=64, max_prompt_length=48,
-                    logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                    ref_update_mode="fixed", seed=0, per_device_eval_batch_size=3)
-    settings.update(overrides)
-    return SAPOConfig(**settings)
-
-
 @pytest.fixture(scope="module")
 def heldout():
     return tasks.make_suite(0, 7, seed=3)["heldout"]
+
+
+HELDOUT_RUN = dict(token_generate_length=6, ref_update_mode="fixed", per_device_eval_batch_size=3)
+
+
+def config(tmp_path, **overrides):
+    return helpers.config(tmp_path / "out", **{**HELDOUT_RUN, **overrides})
 
 
 def eval_rows(run_dir):
@@ -216,7 +216,7 @@ def test_pairs_are_made_once_by_the_start_model_and_training_is_unchanged(tmp_pa
     fresh = SAPOTrainer(model=tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0),
                         args=config(tmp_path / "fresh"), train_dataset=suite["train"], processing_class=tokenizer,
                         eval_dataset=heldout)
-    assert fresh._heldout_pairs("").rejected == evaluated._eval_pairs[""].rejected
+    assert heldout_pairs(fresh, "").rejected == evaluated._eval_pairs[""].rejected
 
 
 def test_resumed_run_evaluates_on_the_saved_pairs(tmp_path, model_dir, tokenizer, suite, heldout, caplog):

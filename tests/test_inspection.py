@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sapo import inspection, tiny
+from sapo import tiny
 from sapo.buffer import ReplayBuffer, ReplayEntry
-from sapo.inspection import (
+from sapo.cli import inspect as inspection
+from sapo.cli.inspect import (
     OFF,
     REAL_ON,
     REJECTED_ON,

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import helpers
 import pytest
 
 from sapo import evaluation, tiny
@@ -19,10 +20,7 @@ RECORDS = [{"messages": [{"role": "user", "content": "1+2="}, {"role": "assistan
 
 
 def config(tmp_path: Path, **overrides) -> SAPOConfig:
-    settings = {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 2,
-                "token_generate_length": 4, "max_length": 64, "max_prompt_length": 48, "use_cpu": True,
-                "report_to": "none", "save_strategy": "no", "disable_tqdm": True, **overrides}
-    return SAPOConfig(**settings)
+    return helpers.config(tmp_path / "out", **{"max_steps": 1, "per_device_train_batch_size": 2, **overrides})
 
 
 def copy_model(model_dir: Path, tmp_path: Path, name: str = "model") -> Path:

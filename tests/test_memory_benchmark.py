@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_benchmark
+from helpers import load_benchmark
 from torch import nn
 
 from sapo import tiny

@@ -16,7 +16,7 @@ import pytest
 
 from sapo import tasks
 from sapo.cli import main
-from sapo.layout import FINAL_RECORD_FILE
+from sapo.run.paths import FINAL_RECORD_FILE
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

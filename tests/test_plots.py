@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sapo import plots
-from sapo.plots import load_metrics, plot_runs
+from sapo.cli import plot as plots
+from sapo.cli.plot import load_metrics, plot_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PANEL_WIDTH_PX = 500  # figsize 5 inches per panel at dpi 100

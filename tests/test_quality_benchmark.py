@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 RECIPES = ("sft", "dpo", "sapo-dpo")
 BASE = "sapo-dpo"

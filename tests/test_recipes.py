@@ -3,9 +3,10 @@
 import json
 from collections import defaultdict
 
+import helpers
 import pytest
 import torch
-from conftest import clones
+from helpers import clones
 
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.buffer import ReplayEntry
@@ -13,11 +14,7 @@ from sapo.recipes import RECIPES, OfflinePairs, SelfAugmented, Spin, StepService
 
 
 def config(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
-                    learning_rate=1e-3, token_generate_length=4, max_length=64, max_prompt_length=48,
-                    logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
-    settings.update(overrides)
-    return SAPOConfig(**settings)
+    return helpers.config(tmp_path / "out", **overrides)
 
 
 def rows(tmp_path):

@@ -12,25 +12,23 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import helpers
 import pytest
 import torch
-from conftest import clones
+from helpers import clones
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from sapo import SAPOConfig, SAPOTrainer, tasks
-from sapo.checkpoint import read_metrics
+from sapo import SAPOTrainer, tasks
 from sapo.cli import main
 from sapo.errors import CheckpointError, OutputDirError, TrainingStopped
+from sapo.metrics import read_metrics
+
+RESUME_RUN = dict(max_steps=6, save_strategy="steps", save_steps=3, ref_update_mode="ema", ref_update_steps=2)
 
 
 def config(out, **overrides):
-    settings = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
-                    token_generate_length=4, max_length=64, max_prompt_length=48, logging_steps=1, report_to="none",
-                    save_strategy="steps", save_steps=3, use_cpu=True, disable_tqdm=True, ref_update_mode="ema",
-                    ref_update_steps=2, seed=0)
-    settings.update(overrides)
-    return SAPOConfig(**settings)
+    return helpers.config(out, **{**RESUME_RUN, **overrides})
 
 
 def trainer_for(out, tokenizer, suite, **overrides):
@@ -378,9 +376,9 @@ def test_a_signal_at_the_end_completes_the_run(cli, tmp_path, capsys, monkeypatc
 KILL_HALF_WAY_THROUGH_THE_FINAL_MOVES = """
 import os, signal, sys
 from pathlib import Path
-import sapo.checkpoint
+import sapo.run.publish
 
-move_into_place = sapo.checkpoint._move_final_into_place
+move_into_place = sapo.run.publish._move_final_into_place
 
 def die_half_way(out):
     committed = Path(out) / ".staging" / "final"
@@ -390,7 +388,7 @@ def die_half_way(out):
     os.replace(first, Path(out) / first.name)
     os.kill(os.getpid(), signal.SIGKILL)
 
-sapo.checkpoint._move_final_into_place = die_half_way
+sapo.run.publish._move_final_into_place = die_half_way
 from sapo.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -3,9 +3,10 @@ trainer that uses it and, for the placement of remembered scores, directly."""
 
 import shutil
 
+import helpers
 import pytest
 import torch
-from test_trainer import ScriptedSampler, config, read_metrics
+from helpers import ScriptedSampler
 
 from sapo import SAPOTrainer
 from sapo.buffer import ReplayBuffer, ReplayEntry
@@ -25,12 +26,16 @@ def test_shared_prefix_and_separate_scoring_train_alike(tmp_path, tokenizer, sui
                               sampler=ScriptedSampler([[40, 41, 42, 43, 44, 45], [50, 51, tokenizer.eos_token_id]]))
         assert trainer.scoring.shared_prefix == (scoring == "shared_prefix")
         trainer.train()
-        runs[scoring] = read_metrics(tmp_path / scoring / "out")
+        runs[scoring] = helpers.loss_rows(tmp_path / scoring / "out")
     keys = ["loss", "rewards/margins", "rewards/real", "logps/real", "logps/rejected"]
     for shared, separate in zip(runs["shared_prefix"], runs["separate"], strict=True):
         for key in keys:
             assert shared[key] == pytest.approx(separate[key], abs=1e-5), key
     assert runs["shared_prefix"][-1]["rewards/margins"] != 0  # the steps trained on real differences
+
+
+def config(tmp_path, **overrides):
+    return helpers.config(tmp_path / "out", **{"token_generate_length": 6, "ref_update_mode": "fixed", **overrides})
 
 
 def test_a_model_that_cannot_pack_pairs_is_scored_separately(tmp_path, tokenizer, suite, caplog):
@@ -81,7 +86,7 @@ def test_remembered_reference_scores_train_like_fresh_ones_with_fewer_reference_
         refresh = trainer.copies.refresh_reference
         trainer.copies.refresh_reference = lambda source, refresh=refresh: refreshes.append(source) or refresh(source)
         trainer.train()
-        runs[cache] = read_metrics(out / "out")
+        runs[cache] = helpers.loss_rows(out / "out")
         if cache:
             scored = [e for e in trainer.recipe.buffer.entries() if e.reference_logps is not None]
             if ref_update_mode == "fixed":
@@ -118,7 +123,7 @@ def test_remembered_reference_scores_are_checkpointed_and_resume_exactly(tmp_pat
     assert any(e.reference_logps is not None for e in saved)
     _, rows = run(tmp_path / "resumed", 6, resume=str(checkpoint))
     keys = ("loss", "grad_norm", "rewards/margins", "rewards/real", "rewards/rejected", "ref/cached_fraction")
-    resumed, whole = (read_metrics(tmp_path / name / "out")[-3:] for name in ("resumed", "whole"))
+    resumed, whole = (helpers.loss_rows(tmp_path / name / "out")[-3:] for name in ("resumed", "whole"))
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in whole]  # bit for bit
     assert sum(rows) < 3 * 4  # the resumed steps reused the checkpointed scores
 

@@ -50,7 +50,7 @@ def test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share(tmp_path):
 
 
 def test_token_generate_length_flag_sets_the_segment_of_the_measured_shape():
-    from conftest import load_benchmark
+    from helpers import load_benchmark
 
     for speed in load_benchmark("speed"):
         options = speed.options_of(speed.parse_args(["--config", "cpu", "--reference_cache", "off"]))
@@ -64,7 +64,7 @@ def test_token_generate_length_flag_sets_the_segment_of_the_measured_shape():
 
 def test_timed_calls_are_attributed_to_the_step_they_ran_in():
     """A step may run the reference forward once or not at all: the breakdown sums calls by step, not by count."""
-    from conftest import load_benchmark
+    from helpers import load_benchmark
 
     for speed in load_benchmark("speed"):
         class Owner:

@@ -4,7 +4,7 @@ import shutil
 
 import torch
 
-from sapo.start_weights import PIECE, StartWeights, files_fingerprint, tensors_fingerprint, weight_files
+from sapo.run.start_weights import PIECE, StartWeights, files_fingerprint, tensors_fingerprint, weight_files
 from sapo.tiny import build_model
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 from sapo.data import examples_from_records
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sapo.generation import SamplingSettings, _categorical, filtered_logits, sample_from_logits, sampling_probabilities
-from sapo.topk_sampling import top_k_draw, top_k_probabilities
+from sapo.generation.topk_sampling import top_k_draw, top_k_probabilities
 
 
 def tied_logits() -> torch.Tensor:

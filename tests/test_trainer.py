@@ -1,5 +1,4 @@
 import copy
-import json
 import logging
 import math
 import random
@@ -7,40 +6,23 @@ import subprocess
 import sys
 from functools import partial
 
+import helpers
 import pytest
 import torch
-from conftest import CopyingSampler, clones
+from helpers import CopyingSampler, ScriptedSampler, clones, loss_rows
 from transformers import TrainerCallback
 
-from sapo import SAPOConfig, SAPOTrainer
+from sapo import SAPOTrainer
 from sapo.buffer import ReplayEntry
 from sapo.data import tokenized_dataset
 from sapo.recipes import pad_pairs
+from sapo.step_guard import gradients_are_finite
+
+TRAINER_RUN = dict(token_generate_length=6, ref_update_mode="fixed")
 
 
 def config(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
-                    learning_rate=1e-3, token_generate_length=6, max_length=64, max_prompt_length=48,
-                    logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                    ref_update_mode="fixed", seed=0)
-    settings.update(overrides)
-    return SAPOConfig(**settings)
-
-
-def read_metrics(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [row for row in map(json.loads, lines) if "loss" in row]
-
-
-class ScriptedSampler:
-    """Returns fixed continuations and records what it was asked."""
-
-    def __init__(self, outputs):
-        self.outputs, self.calls = outputs, []
-
-    def sample(self, model, contexts, max_new_tokens):
-        self.calls.append(([list(c) for c in contexts], max_new_tokens))
-        return [list(self.outputs[i % len(self.outputs)]) for i in range(len(contexts))]
+    return helpers.config(tmp_path / "out", **{**TRAINER_RUN, **overrides})
 
 
 def test_pad_pairs_puts_real_then_rejected_with_response_masks():
@@ -172,7 +154,7 @@ def test_end_to_end_margin_rises_and_outputs_load(tmp_path, tokenizer, model_dir
     after = trainer.evaluate()
     trainer.save_model()
     out = tmp_path / "out"
-    rows = [row for row in read_metrics(out) if "loss" in row]
+    rows = [row for row in loss_rows(out) if "loss" in row]
     assert len(rows) == 30
     if loss_type == "sigmoid":
         assert before["eval_rewards/margins"] == 0.0  # the policy is its own reference at step 0
@@ -281,7 +263,7 @@ def test_progress_bar_shows_live_metrics_and_throughput(tmp_path, tokenizer, tin
     trainer.train()
     assert postfixes and {"loss", "margin", "acc", "buffer", "gen tok/s"} <= set(postfixes[0])
     assert postfixes[-1]["buffer"] == "8/2000"
-    rows = read_metrics(tmp_path / "out")
+    rows = loss_rows(tmp_path / "out")
     assert all(r["generation/tokens_per_second"] > 0 for r in rows)
 
 
@@ -508,7 +490,7 @@ def test_step_metrics_stay_on_the_device_until_logged(tmp_path, tokenizer, tiny_
     trainer.add_callback(Peek())
     trainer.train()
     assert all(isinstance(v, torch.Tensor) for v in kept["rewards/margins"] + kept["logps/real"])
-    row = read_metrics(tmp_path / "out")[0]
+    row = loss_rows(tmp_path / "out")[0]
     assert row["step"] == 2 and isinstance(row["rewards/margins"], float)
 
 
@@ -526,7 +508,7 @@ def test_a_non_finite_step_is_skipped_with_and_without_clipping(tmp_path, tokeni
     trainer.compute_loss = poisoned
     trainer.train()
     assert trainer.nonfinite_steps == 1
-    assert [r["nonfinite/skipped_steps"] for r in read_metrics(tmp_path / "out")] == [0, 1, 1]
+    assert [r["nonfinite/skipped_steps"] for r in loss_rows(tmp_path / "out")] == [0, 1, 1]
     assert all(torch.isfinite(p).all() for p in trainer.copies.params)
 
 
@@ -536,9 +518,9 @@ def test_the_non_finite_check_reads_the_norm_the_trainer_computed(tmp_path, toke
                           processing_class=tokenizer)
     assert all(p.grad is None for p in trainer.copies.params)  # nothing to read a norm from but the Trainer's
     assert trainer._get_grad_norm(trainer.model, torch.tensor(float("nan"))).isnan()
-    assert not trainer._gradients_are_finite()
+    assert not gradients_are_finite(trainer)
     trainer._get_grad_norm(trainer.model, torch.tensor(3.0))
-    assert trainer._gradients_are_finite()
+    assert gradients_are_finite(trainer)
     assert trainer._grad_norm is None  # used once: a later step without a norm reads its own gradients
 
 
@@ -563,7 +545,7 @@ def test_a_model_that_reproduces_its_demonstrations_takes_no_step(tmp_path, toke
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.copies.ema.tensors, strict=True))
     assert trainer.state.global_step == 10 and len(trainer.recipe.buffer) == 0
     assert not trainer.optimizer.state  # AdamW never stepped: no moments
-    last = read_metrics(tmp_path / "out")[-1]
+    last = loss_rows(tmp_path / "out")[-1]
     assert last["steps/skipped_no_signal"] == 10 and last["pairs/dropped"] == 40
     assert "10 optimizer steps in a row had no pair that carries signal (40 rewrites dropped" in caplog.text
     assert "rewards/accuracies" not in last  # stand-in pairs are not logged as pairs
@@ -573,7 +555,7 @@ def test_the_papers_buffer_keeps_identical_pairs_and_reports_them_as_ties(tmp_pa
     trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(), identical_rejected="keep")
     before = clones(trainer.policy.parameters())
     trainer.train()
-    rows = read_metrics(tmp_path / "out")
+    rows = loss_rows(tmp_path / "out")
     assert all(r["rewards/ties"] == 1.0 and "rewards/accuracies" not in r for r in rows)
     assert rows[-1]["steps/skipped_no_signal"] == 0 and rows[-1]["pairs/dropped"] == 0
     assert len(trainer.recipe.buffer) == 16 and trainer.optimizer.state  # AdamW stepped on zero-signal pairs
@@ -581,14 +563,14 @@ def test_the_papers_buffer_keeps_identical_pairs_and_reports_them_as_ties(tmp_pa
     skipping = copying_trainer(tmp_path / "skip", tokenizer, suite, CopyingSampler(), identical_rejected="keep",
                                skip_no_signal_steps=True)
     skipping.train()
-    assert read_metrics(tmp_path / "skip" / "out")[-1]["steps/skipped_no_signal"] == 4
+    assert loss_rows(tmp_path / "skip" / "out")[-1]["steps/skipped_no_signal"] == 4
 
 
 def test_steps_with_signal_train_and_ties_are_apart_from_accuracy(tmp_path, tokenizer, suite):
     trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(differ=range(0, 16, 2)))
     before = clones(trainer.policy.parameters())
     trainer.train()
-    rows = read_metrics(tmp_path / "out")
+    rows = loss_rows(tmp_path / "out")
     assert rows[-1]["pairs/dropped"] == 8 and all(r["rewards/ties"] == 0.0 for r in rows)
     assert all(e.rejected != e.real for e in trainer.recipe.buffer.entries())
     assert rows[-1]["steps/skipped_no_signal"] < 4
@@ -625,7 +607,7 @@ def test_rejected_judge_keeps_only_rewrites_the_task_judge_scores_below_the_real
         record = next(e.origin.record for e in examples if (e.prompt_ids, e.response_ids) == (entry.prompt, entry.real))
         decode = partial(tokenizer.decode, skip_special_tokens=True)
         assert tasks.judge("", decode(entry.rejected), record) < tasks.judge("", decode(entry.real), record)
-    rows = read_metrics(tmp_path / "out")
+    rows = loss_rows(tmp_path / "out")
     assert "pairs/judged_not_worse" in rows[0] and rows[-1]["pairs/dropped"] >= 8
 
 

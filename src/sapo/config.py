@@ -9,17 +9,15 @@ Defaults follow the paper's published Mistral-7B SAPO-DPO setting unless a field
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import numbers
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
 
+from sapo.config_checks import check_choice, has_accelerator, init_kwargs, validate_trainer_fields, validate_types
 from sapo.generation import ENGINE_CHOICES, SamplingSettings
 from sapo.losses import LOSS_TYPES, LOSSES, REFERENCE_FREE_LOSS_TYPES
 from sapo.recipes import RECIPES as RECIPE_CLASSES
@@ -306,12 +304,9 @@ class SAPOConfig(TrainingArguments):
 
     @property
     def sampling_settings(self) -> SamplingSettings:
-        """SAPO's EMA samples with the paper's temperature/top-k/top-p; SPIN's opponent as the SPIN code does
-        (greedy, or plain temperature sampling)."""
-        if self.recipe == "spin":
-            return SamplingSettings(temperature=self.spin_temperature, top_k=0, top_p=1.0,
-                                    do_sample=self.spin_do_sample)
-        return SamplingSettings(self.temperature, self.top_k, self.top_p)
+        """How the recipe samples its generations (`Recipe.sampling_settings`: SAPO's EMA with the paper's
+        temperature/top-k/top-p, SPIN's opponent as the SPIN code does)."""
+        return self.recipe_class.sampling_settings(self)
 
     @property
     def generation_round_size(self) -> int:
@@ -323,23 +318,15 @@ class SAPOConfig(TrainingArguments):
 
     @property
     def generation_rows(self) -> int:
-        """The most sequences one generation call decodes, the row count the static engine pads every call to.
-
-        SAPO queues whole batches until `generation_round_size` examples wait, so a round holds up to that rounded
-        up to whole batches, times responses_per_prompt; SPIN generates for one batch at a time."""
-        batch = self.per_device_train_batch_size
-        if not self.self_augmenting:
-            return batch
-        return math.ceil(self.generation_round_size / batch) * batch * self.responses_per_prompt
+        """The most sequences one generation call decodes, the row count the static engine pads every call to
+        (`Recipe.generation_rows`: a SAPO round, or one batch)."""
+        return self.recipe_class.generation_rows(self)
 
     @property
     def generation_cache_len(self) -> int:
-        """A bound on context + new tokens of any generation call, the static engine's one cache length: SAPO's
-        contexts prompt + y[:k] are left-padded to the longest (<= max_length) and get up to token_generate_length
-        new tokens; SPIN's are prompts (<= max_prompt_length) with up to spin_max_new_tokens."""
-        if self.self_augmenting:
-            return self.max_length + self.token_generate_length
-        return self.max_prompt_length + self.spin_max_new_tokens
+        """A bound on context + new tokens of any generation call, the static engine's one cache length
+        (`Recipe.generation_cache_len`)."""
+        return self.recipe_class.generation_cache_len(self)
 
     @property
     def skips_no_signal_steps(self) -> bool:
@@ -372,14 +359,14 @@ class SAPOConfig(TrainingArguments):
         Accelerate does not run FSDP or DeepSpeed on CPU processes: the trainer then refuses by name (DeepSpeed is
         left without `use_cpu`, which it rejects, and is refused as an uncoordinated launch)."""
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if launched and not self.use_cpu and not self.deepspeed and not _has_accelerator():
+        if launched and not self.use_cpu and not self.deepspeed and not has_accelerator():
             logger.info("several processes and no GPU: training on the CPU processes as one gloo job (use_cpu)")
             self.use_cpu = True
 
     def _apply_recipe(self) -> None:
         """Recipes fix the loss where it is part of their definition, and defaults follow the paper (beta 0.1
         for DPO-style losses, lambda 0.05 for ORPO); a setting a recipe cannot use is an error, not ignored."""
-        _check_choice("recipe", self.recipe, RECIPES)
+        check_choice("recipe", self.recipe, RECIPES)
         recipe = self.recipe_class
         required = recipe.fixed_loss_type
         if required is not None and self.loss_type not in (None, required):
@@ -402,17 +389,17 @@ class SAPOConfig(TrainingArguments):
             self.ref_update_mode = "fixed"  # the reference is the SFT model (dpo) or managed per iteration (spin)
 
     def _validate_sapo_fields(self) -> None:
-        self._validate_types()
+        validate_types(self)
         for name in ("model_init_kwargs", "ref_model_init_kwargs"):
-            setattr(self, name, _init_kwargs(name, getattr(self, name)))
-        self._validate_trainer_fields()
-        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        _check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
-        _check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
-        _check_choice("generation_engine", self.generation_engine, ENGINE_CHOICES)
-        _check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
-        _check_choice("pair_scoring", self.pair_scoring, PAIR_SCORINGS)
-        _check_choice("identical_rejected", self.identical_rejected, IDENTICAL_REJECTED_MODES)
+            setattr(self, name, init_kwargs(name, getattr(self, name)))
+        validate_trainer_fields(self)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("ref_update_mode", self.ref_update_mode, REF_UPDATE_MODES)
+        check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION_MODES)
+        check_choice("generation_engine", self.generation_engine, ENGINE_CHOICES)
+        check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
+        check_choice("pair_scoring", self.pair_scoring, PAIR_SCORINGS)
+        check_choice("identical_rejected", self.identical_rejected, IDENTICAL_REJECTED_MODES)
         if self.token_generate_length is None:
             self.token_generate_length = min(PAPER_TOKEN_GENERATE_LENGTH, self.max_length)
         for name in ("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
@@ -449,127 +436,6 @@ class SAPOConfig(TrainingArguments):
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
             raise ValueError(f"SAPOConfig.label_smoothing is only defined for loss_type 'sigmoid', not "
                              f"{self.loss_type!r}")
-
-    def _validate_types(self) -> None:
-        """Numbers of the declared kind (a YAML `8.7` for an integer, or a string, would otherwise fail mid-training)
-        and never NaN; the quantities in _FINITE_FIELDS must also be finite."""
-        for name, kind in _NUMBER_FIELDS.items():
-            value = getattr(self, name, None)
-            if value is None:
-                continue
-            if kind is int and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
-                raise ValueError(f"SAPOConfig.{name} must be an integer, got {value!r}")
-            if kind is float and (not isinstance(value, numbers.Real) or isinstance(value, bool)):
-                raise ValueError(f"SAPOConfig.{name} must be a number, got {value!r}")
-            if kind is float and (math.isnan(value) or (math.isinf(value) and name in _FINITE_FIELDS)):
-                raise ValueError(f"SAPOConfig.{name} must be a finite number, got {value}")
-
-    def _validate_trainer_fields(self) -> None:
-        """Inherited Trainer options that would otherwise fail only once training has started (or never)."""
-        if self.learning_rate < 0:
-            raise ValueError(f"SAPOConfig.learning_rate must be >= 0, got {self.learning_rate}")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SAPOConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < -1:  # transformers reads any max_steps <= 0 as "train num_train_epochs epochs"
-            raise ValueError(f"SAPOConfig.max_steps must be > 0, or -1 to train num_train_epochs epochs; got "
-                             f"{self.max_steps}")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:  # a negative norm silently disables clipping
-            raise ValueError(f"SAPOConfig.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ValueError(f"SAPOConfig.num_train_epochs must be > 0 when max_steps is not set, got "
-                             f"{self.num_train_epochs}")
-        for name in ("weight_decay", "adam_epsilon"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"SAPOConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"SAPOConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.dataloader_num_workers < 0:
-            raise ValueError(f"SAPOConfig.dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
-        for name in ("seed", "data_seed"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < 2**32:
-                raise ValueError(f"SAPOConfig.{name} must be in [0, 2**32), got {value}")
-        if str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps" and self.save_steps <= 0:
-            raise ValueError(f"SAPOConfig.save_steps must be > 0 with save_strategy 'steps', got {self.save_steps}")
-        if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "steps" and self.eval_steps is not None \
-                and not self.eval_steps >= 0:
-            raise ValueError(f"SAPOConfig.eval_steps must be > 0 with eval_strategy 'steps' (or unset: logging_steps), "
-                             f"got {self.eval_steps}")
-        if self.eval_judge is not None and not self.eval_judge.strip():
-            raise ValueError("SAPOConfig.eval_judge is empty; give module:function or leave it unset")
-        if self.rejected_judge is not None and not self.rejected_judge.strip():
-            raise ValueError("SAPOConfig.rejected_judge is empty; give module:function or leave it unset")
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
-
-
-_NUMBER_FIELDS = {
-    **dict.fromkeys(("max_length", "max_prompt_length", "token_generate_length", "max_replay_buffer_size",
-                     "sample_every_n_steps", "responses_per_prompt", "logprob_chunk_size", "max_nonfinite_steps",
-                     "spin_iterations", "spin_max_new_tokens", "generation_batch_size", "ref_update_steps", "top_k",
-                     "eval_judge_max_new_tokens",
-                     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_steps", "seed", "data_seed", "dataloader_num_workers", "save_total_limit"), int),
-    **dict.fromkeys(("beta", "label_smoothing", "ema_beta", "temperature", "top_p", "spin_temperature",
-                     "learning_rate", "num_train_epochs", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
-                     "adam_epsilon", "max_grad_norm", "logging_steps", "save_steps"), float),
-}
-"""Numeric options checked for their kind (and for NaN) before anything else reads them."""
-_FINITE_FIELDS = {"beta", "label_smoothing", "temperature", "spin_temperature", "learning_rate", "warmup_steps",
-                  "weight_decay", "adam_epsilon", "logging_steps", "save_steps"}
-
-
-def _init_kwargs(name: str, value: Any) -> dict[str, Any] | None:
-    """`from_pretrained` keyword arguments from a mapping or (command line) a JSON object string. A dtype is kept as
-    its name ("bfloat16"), which `from_pretrained` takes, so the config stays JSON (checkpoint settings, the card,
-    `to_json_string`); the older `torch_dtype` key becomes `dtype`."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"SAPOConfig.{name}: not valid JSON ({error.msg} at column {error.colno}): "
-                             f"{value!r}") from None
-    if not isinstance(value, Mapping):
-        raise ValueError(f"SAPOConfig.{name} must be a mapping of from_pretrained keyword arguments (a JSON object "
-                         f"on the command line), got {value!r}")
-    kwargs = dict(value)
-    odd = [key for key in kwargs if not isinstance(key, str)]
-    if odd:
-        raise ValueError(f"SAPOConfig.{name}: keys must be argument names (strings), got {odd[0]!r}")
-    if "dtype" in kwargs and "torch_dtype" in kwargs:
-        raise ValueError(f"SAPOConfig.{name} sets both 'dtype' and 'torch_dtype' (its older name); keep 'dtype'")
-    if "torch_dtype" in kwargs:
-        kwargs["dtype"] = kwargs.pop("torch_dtype")
-    if "dtype" in kwargs:
-        kwargs["dtype"] = _dtype_name(name, kwargs["dtype"])
-    return kwargs
-
-
-def _dtype_name(name: str, dtype: Any) -> str | None:
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return None if dtype is None else str(dtype).removeprefix("torch.")
-    if dtype == "auto" or (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
-        return dtype
-    raise ValueError(f"SAPOConfig.{name}['dtype']: {dtype!r} is not a torch dtype; use auto, bfloat16, float16 or "
-                     "float32")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"SAPOConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def sapo_fields() -> list[dataclasses.Field]:

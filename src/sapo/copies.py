@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sapo.ema import ShadowWeights, trainable_parameters
-from sapo.layout import copy_file
+from sapo.run.paths import copy_file
 from sapo.sharding import (
     detect_sharding,
     empty_like_model,

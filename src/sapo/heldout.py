@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from sapo.checkpoint import data_fingerprint
 from sapo.data import (
     Example,
     Message,
@@ -42,6 +41,7 @@ from sapo.errors import DataError, UsageError
 from sapo.judging import Judge, load_judge
 from sapo.logprobs import sequence_logps
 from sapo.losses import PairLoss
+from sapo.run.resume import data_fingerprint
 from sapo.segments import Generate, rewrite_segments
 
 SINGLE = ""  # key of an eval set given as one dataset (named sets keep their names)
@@ -223,11 +223,7 @@ def _one_set(dataset: Any, tokenizer: Any, args: Any, end_token_ids: set[int], o
 def rejected_source(args: Any) -> str | None:
     """Where a recipe's eval pairs get their rejected side: 'segment' (SAPO: the start model rewrites a segment),
     'whole' (spin: the start model answers the prompt), 'data' (dpo/orpo: the records' own), None (sft)."""
-    if args.recipe_class.supervised:
-        return None
-    if args.self_augmenting:
-        return "segment"
-    return "data" if args.needs_rejected_data else "whole"
+    return args.recipe_class.eval_rejected
 
 
 def segment_rejected(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], generate: Generate, *,

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,7 @@ def win_rates(scores_by_model: Mapping[str, Sequence[float]], *,
 
 def family_order(family: str) -> tuple[int, str]:
     """Built-in families in their usual order, then any others alphabetically."""
-    from sapo.tasks import ALL_FAMILIES
+    from sapo.demo_kit.tasks import ALL_FAMILIES
 
     return (ALL_FAMILIES.index(family) if family in ALL_FAMILIES else len(ALL_FAMILIES), family)
 
@@ -226,3 +227,18 @@ def _judge_one(judge: Judge, judge_name: str, index: int, prompt: Sequence[Messa
     return score
 
 
+
+
+def judge_rewrites(judge: Judge, name: str | None, tokenizer: Any, dataset: Any, indices: Sequence[int | None],
+                   real: Sequence[list[int]], rejected: Sequence[list[int]]) -> list[bool]:
+    """`rejected_judge`: whether it scores each rewrite below its real response, both decoded as the judge of
+    `sapo eval` sees answers, with the example's prompt and raw record (`dataset`: the run's tokenized data)."""
+    origins = [dataset.examples[i].origin if i is not None else None for i in indices]
+    if any(origin is None for origin in origins):
+        raise UsageError("rejected_judge needs the training records (prompts and the fields the judge reads), "
+                         "not an already tokenized dataset")
+    prompts, records = [o.prompt for o in origins], [o.record for o in origins]
+    decode = partial(tokenizer.decode, skip_special_tokens=True)
+    real_scores = judge_scores(judge, name, prompts, [decode(t) for t in real], records)
+    rejected_scores = judge_scores(judge, name, prompts, [decode(t) for t in rejected], records)
+    return [worse < better for worse, better in zip(rejected_scores, real_scores, strict=True)]

@@ -391,3 +391,52 @@ def _special_ids(tokenizer: Any, config: Any, generation_config: Any) -> Iterato
             value = getattr(holders[where], name, None)
             if value is not None and value != []:
                 yield (f"the tokenizer ({source})" if where == "tokenizer" and source else where), name, value
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a peft-wrapped model (LoRA adapters): its saved form and card differ."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def load_policy_for_training(model: nn.Module | str, tokenizer: Any, chat_template: str | None, peft_config: Any,
+                             model_init_kwargs: dict[str, Any] | None,
+                             max_length: int | None = None) -> tuple[nn.Module, Any]:
+    """The policy and its prepared tokenizer, loaded and checked by `load_policy` (the loader `sapo train` and
+    `sapo eval` use), then wrapped with LoRA when asked."""
+    model, tokenizer = load_policy(model, tokenizer, chat_template=chat_template, init_kwargs=model_init_kwargs,
+                                   max_length=max_length)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    return model, tokenizer
+
+
+def load_run_reference(args: Any, ref_model: nn.Module | str | None, tokenizer: Any) -> nn.Module | None:
+    """A run's reference (`args`: its SAPOConfig). Given by path it is loaded with `ref_model_init_kwargs` (default:
+    the policy's `model_init_kwargs`, so both load alike, as TRL does); either way it is checked like the policy."""
+    init_kwargs = args.ref_model_init_kwargs
+    if isinstance(ref_model, str):
+        name = "model_init_kwargs" if init_kwargs is None else "ref_model_init_kwargs"
+        chosen = args.model_init_kwargs if init_kwargs is None else init_kwargs
+        return load_reference(ref_model, chosen, name, tokenizer, args.max_length)
+    if ref_model is not None and init_kwargs:
+        warn_unless_loaded_with(ref_model, init_kwargs, "ref_model_init_kwargs", "ref_model")
+    elif ref_model is None and init_kwargs is not None:
+        logger.warning("ref_model_init_kwargs is unused: it applies to a ref_model given by path, and this run %s",
+                       "has none" if args.uses_reference else f"(recipe {args.recipe!r}, loss "
+                       f"{args.loss_type!r}) uses no reference model")
+    return load_reference(ref_model, None, "ref_model_init_kwargs", tokenizer, args.max_length)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (`disable_dropout`, as TRL does): the policy and its copies score pairs alike."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0

@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from sapo.layout import EMA_DIR
+from sapo.run.paths import EMA_DIR
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sapo.batching import pad_pairs, pair_rows
 from sapo.buffer import ReplayEntry
 from sapo.copies import ModelCopies
 from sapo.logprobs import (
@@ -33,7 +34,7 @@ from sapo.logprobs import (
     shared_prefix_scoring_is_exact,
 )
 from sapo.losses import LOSSES, PairLoss, pair_loss
-from sapo.recipes import Recipe, pad_pairs, pair_rows
+from sapo.recipes import Recipe
 from sapo.sharding import any_rank, global_shape
 
 logger = logging.getLogger(__name__)

@@ -6,10 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder: conftest's shared helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder: its shared helpers
 
-from conftest import CopyingSampler  # noqa: E402
 from distributed_train import digest  # noqa: E402
+from helpers import CopyingSampler  # noqa: E402
 
 from sapo import SAPOConfig, SAPOTrainer, tasks, tiny  # noqa: E402
 

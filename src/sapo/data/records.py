@@ -1,0 +1,228 @@
+"""The record types (`RawRecord` as read, `Example` in chat form, `TokenizedExample`) and normalising a record of
+any accepted format (chat `messages`, `prompt`/`completion`, preference `chosen`/`rejected`) into an `Example`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sapo.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record as read from its source, with a human-readable location for error messages."""
+
+    data: Any
+    location: str
+    error: str | None = None  # a line that could not be decoded; raised or skipped by `load_examples`
+
+
+@dataclass(frozen=True)
+class Example:
+    """A demonstration normalised to chat form: everything before the last assistant turn, and that turn."""
+
+    prompt: list[Message]
+    response: Message
+    rejected: Message | None = None  # only read for the offline preference baselines (dpo, orpo)
+    location: str = field(default="", compare=False)  # where the record came from, for messages about it
+    record: Any = field(default=None, compare=False, repr=False)  # the raw record, for a judge that reads its fields
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rejected_ids: list[int] | None = None
+    origin: Example | None = field(default=None, compare=False, repr=False)  # kept only for `rejected_judge`
+
+
+
+
+# Normalising records
+# ------------------------------------------------------------------------------------------------
+
+
+def normalize_record(record: Any, location: str, with_rejected: bool = False) -> Example:
+    """Turn any supported record shape into an `Example`; raise `DataError` naming the bad field.
+
+    `rejected` is only parsed (and required) with `with_rejected`: SAPO itself ignores it.
+    """
+    example = _normalize_chosen(record, location)
+    rejected = None
+    if with_rejected:
+        if record.get("rejected") is None:
+            raise DataError(f"{location}: field 'rejected' is missing (offline preference recipes need pairs)")
+        rejected = _rejected(record["rejected"], location)
+    return Example(example.prompt, example.response, rejected, location)
+
+
+def prompt_of_record(record: Any, location: str) -> list[Message]:
+    """The prompt of a record: of any training record, or of a prompt-only one (`messages` ending with a user turn,
+    or `prompt` alone), since evaluating a model needs prompts and a judge, not reference answers."""
+    if isinstance(record, Mapping):
+        fields = {key: value for key, value in record.items() if value is not None}
+        if "messages" in fields:
+            messages = _messages(fields["messages"], location, "messages")
+            if messages[-1]["role"] == "user":
+                return messages
+        elif "prompt" in fields and not {"completion", "chosen"} & set(fields):
+            return _prompt(fields, location)
+    return normalize_record(record, location).prompt
+
+
+def _rejected(value: Any, location: str) -> Message:
+    if isinstance(value, list) and any(isinstance(m, Mapping) and m.get("role") != "assistant" for m in value):
+        return _split_conversation(_messages(value, location, "rejected"), location, "rejected").response
+    return _completion(value, location, "rejected")
+
+
+def _normalize_chosen(record: Any, location: str) -> Example:
+    if not isinstance(record, Mapping):
+        raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
+    # Parquet and `datasets` store a column for every field, so a record lacking a field reads back with None.
+    fields = list(record)
+    record = {key: value for key, value in record.items() if value is not None}
+    if "messages" in record:
+        messages = _messages(record["messages"], location, "messages")
+        example = _split_conversation(messages, location, "messages")
+        _check_other_fields_agree(record, location, example)
+        return example
+    if "chosen" in record and "completion" in record:
+        raise DataError(f"{location}: record has both 'chosen' and 'completion', two responses to train on; keep "
+                        "one of them")
+    if "chosen" in record:
+        return _from_preference(record, location)
+    if "completion" in record:
+        prompt = _prompt(record, location)
+        return Example(prompt, _completion(record["completion"], location, "completion"))
+    raise DataError(
+        f"{location}: record has none of the supported fields 'messages', 'prompt'+'completion', "
+        f"'prompt'+'chosen' with a non-null value (found: {', '.join(map(str, fields)) or 'nothing'})"
+    )
+
+
+def _check_other_fields_agree(record: Mapping[str, Any], location: str, example: Example) -> None:
+    """A record with `messages` and also `prompt`/`completion`/`chosen` is trained on its `messages`; refuse it when
+    the other fields say something else (which one was meant cannot be known). Datasets that carry both forms of the
+    same conversation (ultrachat_200k's `prompt` is the first user turn, ultrafeedback_binarized's `chosen` equals
+    its `messages`) agree and pass."""
+    others = [name for name in ("prompt", "completion", "chosen") if name in record]
+    if not others:
+        return
+    if "completion" in record or "chosen" in record:
+        if "completion" in record:
+            other = Example(_prompt(record, location), _completion(record["completion"], location, "completion"))
+        else:
+            other = _from_preference(record, location)
+        agrees = (other.prompt, other.response) == (example.prompt, example.response)
+    else:
+        value = record["prompt"]
+        users = [m["content"].strip() for m in example.prompt if m["role"] == "user"]
+        agrees = (isinstance(value, str) and value.strip() in users) or (
+            isinstance(value, list) and _messages(value, location, "prompt") == example.prompt)
+    if not agrees:
+        raise DataError(f"{location}: record has both 'messages' and {' and '.join(repr(o) for o in others)}, and "
+                        "they disagree about the conversation to train on; keep one format")
+
+
+def _from_preference(record: Mapping[str, Any], location: str) -> Example:
+    chosen = record["chosen"]
+    is_conversation = isinstance(chosen, list) and any(
+        isinstance(m, Mapping) and m.get("role") != "assistant" for m in chosen
+    )
+    if is_conversation:
+        return _split_conversation(_messages(chosen, location, "chosen"), location, "chosen")
+    return Example(_prompt(record, location), _completion(chosen, location, "chosen"))
+
+
+def _prompt(record: Mapping[str, Any], location: str) -> list[Message]:
+    if "prompt" not in record:
+        raise DataError(f"{location}: field 'prompt' is missing")
+    value = record["prompt"]
+    if isinstance(value, str):
+        _check_text(value, location, "prompt")
+        if not value.strip():
+            raise DataError(f"{location}: field 'prompt' is empty")
+        return [{"role": "user", "content": value}]
+    messages = _messages(value, location, "prompt")
+    if messages[-1]["role"] == "assistant":
+        raise DataError(f"{location}: field 'prompt' ends with an assistant turn; the prompt must end before it")
+    return messages
+
+
+def _completion(value: Any, location: str, field_name: str) -> Message:
+    if isinstance(value, str):
+        _check_text(value, location, field_name)
+        message = {"role": "assistant", "content": value}
+    else:
+        messages = _messages(value, location, field_name)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise DataError(f"{location}: field '{field_name}' must be text or a single assistant message")
+        message = messages[0]
+    if not message["content"].strip():
+        raise DataError(f"{location}: field '{field_name}' is an empty response")
+    return message
+
+
+def _messages(value: Any, location: str, field_name: str) -> list[Message]:
+    if not isinstance(value, list):
+        raise DataError(f"{location}: field '{field_name}' must be a list of messages, got {type(value).__name__}")
+    if not value:
+        raise DataError(f"{location}: field '{field_name}' is an empty list")
+    return [_message(item, location, f"{field_name}[{index}]") for index, item in enumerate(value)]
+
+
+def _message(item: Any, location: str, where: str) -> Message:
+    if not isinstance(item, Mapping):
+        raise DataError(f"{location}: field '{where}' must be an object with 'role' and 'content'")
+    for key in ("role", "content"):
+        if key not in item:
+            raise DataError(f"{location}: field '{where}.{key}' is missing")
+        if not isinstance(item[key], str):
+            raise DataError(
+                f"{location}: field '{where}.{key}' must be a string, got {type(item[key]).__name__}"
+            )
+        _check_text(item[key], location, f"{where}.{key}")
+    if item["role"] not in ROLES:
+        raise DataError(f"{location}: field '{where}.role' has unknown role {item['role']!r} "
+                        f"(expected one of {', '.join(ROLES)})")
+    return {"role": item["role"], "content": item["content"]}
+
+
+def _check_text(text: str, location: str, where: str) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode: name it here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{location}: field '{where}' is not valid Unicode text: a lone surrogate "
+                        f"{text[error.start]!r} at character {error.start} (a broken \\u escape?)") from None
+
+
+def _split_conversation(messages: list[Message], location: str, field_name: str) -> Example:
+    last = messages[-1]
+    if last["role"] != "assistant":
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{location}: field '{field_name}' has no assistant turn")
+        raise DataError(
+            f"{location}: field '{field_name}[{len(messages) - 1}]' ends the conversation with a "
+            f"{last['role']!r} turn; the last turn must be the assistant's response"
+        )
+    if len(messages) < 2:
+        raise DataError(f"{location}: field '{field_name}' has no prompt before the assistant turn")
+    if messages[-2]["role"] == "assistant":
+        last = len(messages) - 1
+        raise DataError(f"{location}: field '{field_name}[{last}]' is a second assistant turn in a row (after "
+                        f"'{field_name}[{last - 1}]'); the response must follow a user or tool turn: merge the two "
+                        "turns or drop one")
+    if not last["content"].strip():
+        raise DataError(f"{location}: field '{field_name}[{len(messages) - 1}].content' is an empty response")
+    return Example(messages[:-1], last)

@@ -1,0 +1,159 @@
+"""Metrics: the names a run logs, how values are recorded between logs, their cross-rank means, and `metrics.jsonl`.
+
+A step records values under the names below (`SAPOTrainer._record`, or straight into `trainer._metrics`); device
+tensors stay on the device until the next log, when `reduced_metrics` brings them to the host in one transfer and
+averages each name over the ranks that recorded it. The main process appends each logged row to
+`output_dir/metrics.jsonl` (`append_metrics_rows`).
+
+`metrics.jsonl` is read back only here, with one rule for a damaged file: a torn last line (a write cut short by a
+crash or a full disk) is dropped quietly, an unreadable line elsewhere with a warning (`read_metrics`). A checkpoint
+keeps the rows logged up to its step (`save_metrics_rows`), and a resume brings the file back to that step
+(`restore_metrics`, `truncate_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sapo.run.paths import METRICS_FILE
+from sapo.run.publish import _write_durably, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+# The names of the metrics the trainer itself logs (the recipes, losses and scoring log theirs under the same
+# families: `rewards/*`, `logps/*`, `length/*`, `buffer/*`, `segment/*`, `pairs/*`, `spin/*`).
+LOSS = "loss"
+NLL_LOSS = "nll_loss"
+REWARD_MARGINS = "rewards/margins"
+REWARD_ACCURACIES = "rewards/accuracies"
+BUFFER_SIZE = "buffer/size"
+NONFINITE_SKIPPED_STEPS = "nonfinite/skipped_steps"
+NO_SIGNAL_SKIPPED_STEPS = "steps/skipped_no_signal"
+REFERENCE_REFRESHES = "ref/refreshes"  # recorded to count refreshes between logs; not logged itself
+GENERATION_SHARE = "time/generation_share"
+GENERATION_TOKENS_PER_SECOND = "generation/tokens_per_second"
+JUDGE_SCORE = "judge/score"
+
+# What the training progress bar shows, by metric name.
+LIVE_METRICS = {LOSS: "loss", REWARD_MARGINS: "margin", REWARD_ACCURACIES: "acc", BUFFER_SIZE: "buffer",
+                GENERATION_TOKENS_PER_SECOND: "gen tok/s"}
+
+
+def append_metrics_rows(trainer: Any, records: list[dict[str, Any]]) -> None:
+    """Append logged rows to the run's metrics.jsonl (main process only)."""
+    os.makedirs(trainer.args.output_dir, exist_ok=True)
+    with open(os.path.join(trainer.args.output_dir, METRICS_FILE), "a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(record) + "\n" for record in records))
+
+
+def metric_values(trainer: Any) -> dict[str, list[float]]:
+    """The recorded metrics as numbers: the device tensors the steps left are brought to the host in one
+    transfer (the only synchronisation they cost)."""
+    tensors = [v for values in trainer._metrics.values() for v in values if isinstance(v, torch.Tensor)]
+    synced = iter(torch.stack([t.detach().float() for t in tensors]).tolist() if tensors else [])
+    return {name: [next(synced) if isinstance(v, torch.Tensor) else v for v in values]
+            for name, values in trainer._metrics.items()}
+
+
+def reduced_metrics(trainer: Any) -> dict[str, float]:
+    """Means since the last log, averaged over the ranks that recorded each metric (a rank may record one that
+    another does not: `rewards/accuracies` where every pair it drew was a tie, pair metrics where it had only
+    stand-in pairs), so every rank reduces the same list of names."""
+    metrics = metric_values(trainer)
+    names = sorted(metrics)
+    if trainer.args.world_size > 1:
+        from accelerate.utils import gather_object
+
+        names = sorted(set().union(*gather_object([names])))
+    means = [sum(metrics[n]) / len(metrics[n]) if metrics.get(n) else 0.0 for n in names]
+    recorded = [1.0 if metrics.get(n) else 0.0 for n in names]
+    local = torch.tensor([means, recorded], device=trainer.args.device, dtype=torch.float64)
+    total, ranks = trainer.accelerator.reduce(local, reduction="sum").tolist()
+    reduced = {n: value / count for n, value, count in zip(names, total, ranks, strict=True) if count > 0}
+    reduced.pop(REFERENCE_REFRESHES, None)
+    if trainer._timing["step"] > 0:
+        reduced[GENERATION_SHARE] = trainer._timing["generation"] / trainer._timing["step"]
+    if trainer._timing["generation"] > 0:
+        reduced[GENERATION_TOKENS_PER_SECOND] = trainer._timing["generated_tokens"] / trainer._timing["generation"]
+    trainer._metrics.clear()
+    trainer._timing = {"generation": 0.0, "step": 0.0, "generated_tokens": 0.0}
+    return reduced
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics.jsonl
+# ------------------------------------------------------------------------------------------------
+
+
+def _metrics_lines(path: Path) -> list[tuple[bytes, dict[str, Any]]]:
+    """Each readable line with its row. A torn last line (a write cut short by a crash or a full disk) is dropped;
+    an unreadable line elsewhere is dropped with a warning."""
+    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if number == len(lines):
+                logger.info("%s: dropping a torn last line (a write cut short)", path)
+            else:
+                logger.warning("%s:%d: dropping an unreadable line", path, number)
+            continue
+        rows.append((line, row))
+    return rows
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, tolerating a torn last line."""
+    return [row for _, row in _metrics_lines(path)]
+
+
+def is_summary_row(row: Mapping[str, Any]) -> bool:
+    """The Trainer's end-of-training row (runtime, mean loss), logged after the last step."""
+    return "train_runtime" in row
+
+
+def truncate_metrics(path: Path, keep_until_step: int, *, keep_summary: bool = False) -> None:
+    """Keep the rows a run resumed from step `keep_until_step` would have logged by then, so its metrics.jsonl reads
+    as if it had never stopped: rows of earlier steps, and at that step the logging row but not an end-of-training
+    row (unless `keep_summary`: the resumed run is already finished). 0 empties the file (a fresh run). The file is
+    replaced atomically."""
+    kept = [line for line, row in _metrics_lines(path) if keep_until_step > 0 and (
+        row.get("step", 0) < keep_until_step
+        or (row.get("step", 0) == keep_until_step and (keep_summary or not is_summary_row(row))))]
+    atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in kept))
+
+
+def save_metrics_rows(live: Path, target: Path, step: int) -> None:
+    """Copy into a checkpoint the rows of `live` (metrics.jsonl) logged up to its `step`, so a resume restores
+    them even when metrics.jsonl was deleted or damaged meanwhile."""
+    rows = _metrics_lines(live) if live.is_file() else []
+    _write_durably(target, "".join(line.decode("utf-8") + "\n" for line, row in rows
+                                   if row.get("step", 0) <= step and not is_summary_row(row)))
+
+
+def restore_metrics(live: Path, saved: Path, step: int, *, keep_summary: bool = False) -> None:
+    """Bring metrics.jsonl back to a resumed `step`: the rows the checkpoint holds (`saved`), plus, with
+    `keep_summary`, the end-of-training row at that step; a checkpoint without its rows (an older sapo) truncates
+    the file instead (`truncate_metrics`)."""
+    if not saved.is_file():
+        if live.exists():
+            truncate_metrics(live, step, keep_summary=keep_summary)
+        return
+    kept = [line for line, _ in _metrics_lines(saved)]
+    present = [line for line, row in _metrics_lines(live) if row.get("step", 0) <= step] if live.is_file() else []
+    if [line for line in present if line in set(kept)] != kept:
+        logger.warning("%s: %s; the %d rows up to step %d are restored from the checkpoint", live,
+                       "missing" if not live.exists() else "rows were lost or damaged", len(kept), step)
+    if keep_summary:
+        kept += [line for line in present if is_summary_row(json.loads(line)) and json.loads(line).get("step") == step]
+    atomic_write_text(live, "".join(line.decode("utf-8") + "\n" for line in kept))

@@ -1,0 +1,39 @@
+"""SIGINT/SIGTERM during training or the final save: the run finishes its step (or save), makes it durable,
+then stops (`on_stop_signals`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+logger = logging.getLogger(__name__)
+
+@contextlib.contextmanager
+def on_stop_signals(request_stop: Callable[[str, int], None],
+                    doing: str = "saving a checkpoint after the current step") -> Iterator[None]:
+    """While training (or saving): SIGINT/SIGTERM call `request_stop(reason, exit_code)` so the run can finish its
+    step (or save) and make it durable; the handlers are then removed, so a second signal kills at once. Only the
+    main thread can install handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        logger.warning("%s received: %s (send again to kill)", name, doing)
+        request_stop(f"{name} received", 128 + signum)
+        for sig, old in previous.items():  # Python's own SIGINT handler would raise KeyboardInterrupt: a traceback,
+            # and cleanup that may take long (a thread pool hashing a checkpoint finishes first), not a kill
+            signal.signal(sig, signal.SIG_DFL if old in (signal.default_int_handler, None) else old)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
