@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig
 
 from sapo.generation.protocol import SamplingSettings
-from sapo.generation.topk_sampling import top_k_draw
+from sapo.generation.topk_sampling import top_k_draw, top_k_set
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +166,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
     normaliser needs only the candidates and the number of tied tokens topk left out. In ascending order,
     which top-p walks, the tied group comes first (the smallest value), then the candidates above it.
     """
-    values, indices = torch.topk(logits, top_k, dim=-1)
-    kth = values[..., -1:]
-    tied = logits == kth
-    n_tied = tied.sum(-1, keepdim=True)
-    left_out = (n_tied - (values == kth).sum(-1, keepdim=True)).to(values.dtype)
-    # Probabilities as softmax computes them (exp(x - max) / sum), so exact cases such as q = 1/2 stay exact.
-    weights = (values - values[..., :1]).exp()
+    values, indices, kth, tied, n_tied, left_out, weights = top_k_set(logits, top_k)
     norm = weights.sum(-1, keepdim=True) + left_out * weights[..., -1:]
     tie_prob = weights[..., -1:] / norm
     keep = _kept_above_ties(values, indices, weights / norm, left_out * tie_prob, 1 - top_p, tied)

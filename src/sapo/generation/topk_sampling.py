@@ -20,16 +20,24 @@ from __future__ import annotations
 import torch
 
 
-def _candidates(logits: torch.Tensor, top_k: int, top_p: float):
-    """Per row: the k largest (value, id), which of them above the k-th value are kept, the tied group (a
-    (batch, vocab) mask), its size, how many of its lowest ids top-p removes, and the unnormalised weights."""
+def top_k_set(logits: torch.Tensor, top_k: int):
+    """The top-k set both the full path (`_top_k_top_p`) and the draw start from, per row: the k largest
+    (value, id), the k-th value, the tokens tied with it (a (batch, vocab) mask) and their count, how many of them
+    topk left out, and the candidates' unnormalised weights, as softmax computes them (exp(x - max)), so that
+    exact cases such as q = 1/2 stay exact and both paths' top-p decides the same."""
     values, indices = torch.topk(logits, top_k, dim=-1)
     kth = values[..., -1:]
     tied = logits == kth
     n_tied = tied.sum(-1, keepdim=True)
     left_out = (n_tied - (values == kth).sum(-1, keepdim=True)).to(values.dtype)
-    # Probabilities as softmax computes them (exp(x - max) / sum), as in `_top_k_top_p`, so top-p decides the same.
     weights = (values - values[..., :1]).exp()
+    return values, indices, kth, tied, n_tied, left_out, weights
+
+
+def _candidates(logits: torch.Tensor, top_k: int, top_p: float):
+    """Per row: the k largest (value, id), which of them above the k-th value are kept, the tied group (a
+    (batch, vocab) mask), its size, how many of its lowest ids top-p removes, and the unnormalised weights."""
+    values, indices, kth, tied, n_tied, left_out, weights = top_k_set(logits, top_k)
     above = values > kth
     if top_p >= 1.0:
         return values, indices, above, weights, tied, n_tied, torch.zeros_like(n_tied)
