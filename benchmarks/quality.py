@@ -30,7 +30,8 @@ Protocol (identical for every run, so that only the recipe or the ablated part d
   worse. Its rewrites at the base temperature are the FIXED pairs of the diagnostics.
 * Recipes from that checkpoint, all on the same new demonstrations: ``sft`` (continued SFT: the baseline SAPO
   must beat), ``dpo`` and ``orpo`` (offline, on the records' near-miss ``rejected`` answers), ``spin``,
-  ``sapo-dpo``, ``sapo-orpo``. Equal optimizer steps, batch, schedule (AdamW, linear warm-up then linear decay
+  ``sapo-dpo``, ``sapo-orpo``, and ``sapo-rpo`` (SAPO-DPO plus the real answers' NLL at weight 1, sapo's
+  ``nll_weight``: RPO's term). Equal optimizer steps, batch, schedule (AdamW, linear warm-up then linear decay
   to 0, as in the paper) and lengths.
 * Grid: each recipe's learning rate (and beta, when ``grid_betas`` has several) is chosen on dev (seed 0). When a
   recipe's best dev score is at the lowest or highest learning rate tried, the grid grows one step past that
@@ -83,8 +84,11 @@ from typing import Any
 
 import torch
 
-RECIPES: tuple[str, ...] = ("sft", "dpo", "orpo", "spin", "sapo-dpo", "sapo-orpo")
-SAPO_RECIPES = ("sapo-dpo", "sapo-orpo")
+RECIPES: tuple[str, ...] = ("sft", "dpo", "orpo", "spin", "sapo-dpo", "sapo-orpo", "sapo-rpo")
+SAPO_RECIPES = ("sapo-dpo", "sapo-orpo", "sapo-rpo")
+RECIPE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"sapo-rpo": ("sapo-dpo", {"nll_weight": 1.0})}
+"""Benchmark recipes that are a sapo recipe with settings: ``sapo-rpo`` is SAPO-DPO plus the real answers' NLL at
+weight 1 (RPO's recommended alpha), to test whether the reference-based recipes lack the likelihood term."""
 BASE = "sapo-dpo"  # the recipe the ablations start from
 START = "sft checkpoint (start)"
 SUITE_SEED = 0
@@ -578,8 +582,9 @@ def run_key(spec: RunSpec, settings: Settings) -> dict[str, Any]:
 def config_of(spec: RunSpec, settings: Settings, out: Path) -> Any:
     from sapo.config import SAPOConfig
 
+    recipe, variant = RECIPE_VARIANTS.get(spec.recipe, (spec.recipe, {}))
     values: dict[str, Any] = dict(
-        output_dir=str(out), overwrite_output_dir=True, recipe=spec.recipe, seed=spec.seed,
+        output_dir=str(out), overwrite_output_dir=True, recipe=recipe, seed=spec.seed,
         max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         learning_rate=spec.learning_rate, lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=settings.warmup_steps, beta=spec.beta, token_generate_length=settings.token_generate_length,
@@ -588,6 +593,7 @@ def config_of(spec: RunSpec, settings: Settings, out: Path) -> Any:
         max_length=settings.max_length,
         max_prompt_length=settings.max_prompt_length, logging_steps=settings.eval_every, save_strategy="no",
         report_to="none", use_cpu=True, disable_tqdm=True)
+    values.update(variant)
     values.update(dict(spec.overrides))
     return SAPOConfig(**values)
 
@@ -597,8 +603,8 @@ LOGGED = {"rewards/ties": "mean", "segment/identical_fraction": "mean", "pairs/j
 """Training metrics kept per run (sapo logs them; absent from older versions and from recipes without them)."""
 
 
-CONFIG_SHOWN = ("identical_rejected", "skips_no_signal_steps", "rejected_judge", "temperature", "ema_beta",
-                "token_generate_length", "learning_rate", "beta")
+CONFIG_SHOWN = ("identical_rejected", "skips_no_signal_steps", "rejected_judge", "nll_weight", "temperature",
+                "ema_beta", "token_generate_length", "learning_rate", "beta")
 """The settings each run's trainer actually ran with (skips_no_signal_steps: sapo's resolved default)."""
 
 

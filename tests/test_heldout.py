@@ -65,7 +65,7 @@ def statistics(pair_losses, real, rejected, logp_real, tokens, logp_rejected):
 def test_eval_metrics_over_the_whole_set():
     rows = statistics([0.5, 0.7, 0.9], [0.2, -0.1, 0.0], [0.1, 0.3, 0.0], [-4.0, -6.0, -2.0], [2, 3, 1],
                       [-5.0, -5.0, -1.0])
-    metrics = eval_metrics(rows, adds_nll=False)
+    metrics = eval_metrics(rows, nll_weight=0.0)
     assert metrics["loss"] == pytest.approx(0.7)
     assert metrics["rewards/real"] == pytest.approx(0.1 / 3) and metrics["rewards/rejected"] == pytest.approx(0.4 / 3)
     assert metrics["rewards/margins"] == pytest.approx(-0.1)
@@ -74,16 +74,16 @@ def test_eval_metrics_over_the_whole_set():
     assert metrics["logps/real"] == pytest.approx(-4.0) and metrics["logps/rejected"] == pytest.approx(-11 / 3)
     assert metrics["logps/real_per_token"] == pytest.approx(-12.0 / 6)  # token-weighted, not a mean of means
     # ORPO adds the token-level NLL of the real responses to the mean pair loss
-    assert eval_metrics(rows, adds_nll=True)["loss"] == pytest.approx(0.7 + 2.0)
+    assert eval_metrics(rows, nll_weight=1.0)["loss"] == pytest.approx(0.7 + 2.0)
 
 
 def test_eval_metrics_without_pairs_is_the_nll():
     nan = float("nan")
     rows = statistics([nan, nan], [nan, nan], [nan, nan], [-3.0, -5.0], [1, 3], [nan, nan])
-    assert eval_metrics(rows, adds_nll=False) == pytest.approx(
+    assert eval_metrics(rows, nll_weight=0.0) == pytest.approx(
         {"loss": 2.0, "logps/real": -4.0, "logps/real_per_token": -2.0})
     with pytest.raises(ValueError, match="statistics"):
-        eval_metrics(torch.zeros(0, len(STATISTICS)), adds_nll=False)
+        eval_metrics(torch.zeros(0, len(STATISTICS)), nll_weight=0.0)
 
 
 def test_segment_rejected_follows_the_training_rule():

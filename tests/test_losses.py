@@ -84,8 +84,11 @@ def _trl_dpo_compute_loss(
     completion_mask: Tensor,
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
+    loss_weights: dict[str, float] | None = None,
 ) -> tuple[Tensor, dict[str, list[float]]]:
     """Run TRL's ``DPOTrainer._compute_loss`` on a ``[chosen; rejected]`` batch; return (loss, train metrics).
+    ``loss_weights`` (loss type -> weight) combines several losses as TRL's ``loss_type`` list does; default
+    ``loss_type`` alone at weight 1.
 
     ``per_token_logps`` is what the model "returns": shape ``(2B, T - 1)``, aligned with
     ``completion_mask[:, 1:]``. Reference log-probs go through the precomputed-reference path.
@@ -100,8 +103,8 @@ def _trl_dpo_compute_loss(
         ld_alpha=None,
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
+        loss_types=list(loss_weights or {loss_type: 1.0}),
+        loss_weights=list((loss_weights or {loss_type: 1.0}).values()),
         beta=beta,
         label_smoothing=0.0,
         use_weighting=False,
@@ -488,6 +491,41 @@ def test_pair_loss_composes_the_table_row(loss_type):
     torch.testing.assert_close(result.loss, expected)
     assert (result.nll is not None) == (loss_type == "orpo")
     torch.testing.assert_close(result.sums, sums)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+@pytest.mark.parametrize("nll_weight", [0.5, 1.0])
+def test_nll_weight_is_trls_sft_loss_added_to_the_reference_loss(loss_type: str, nll_weight: float) -> None:
+    """RPO: `nll_weight` w is TRL's loss_type [loss_type, sft] with loss_weights [1, w], value and gradient."""
+    from sapo.losses import pair_loss
+
+    generator = torch.Generator().manual_seed(3)
+    token_logps = -torch.rand(4, 6, generator=generator, dtype=torch.float64) * 3
+    ref_token_logps = -torch.rand(4, 6, generator=generator, dtype=torch.float64) * 3
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0]]).bool()
+    token_logps = token_logps * mask  # TRL sums every position: its model output is zero outside the completion
+    ours_in, trl_in = _leaf(token_logps), _leaf(token_logps)
+    ours = pair_loss(loss_type, ours_in, mask, ref_token_logps, beta=0.1, nll_weight=nll_weight)
+    ref_sums = (ref_token_logps * mask).sum(-1)
+    completion_mask = torch.cat([torch.zeros(4, 1, dtype=torch.long), mask.long()], dim=1)
+    trl_loss, _ = _trl_dpo_compute_loss(loss_type, 0.1, trl_in, completion_mask, ref_sums[:2], ref_sums[2:],
+                                        loss_weights={loss_type: 1.0, "sft": nll_weight})
+    torch.testing.assert_close(ours.loss, trl_loss)
+    ours.loss.backward()
+    trl_loss.backward()
+    torch.testing.assert_close(ours_in.grad[mask], trl_in.grad[mask])  # TRL's sums also touch padding positions
+    assert ours.nll is not None and ours.nll.item() > 0
+
+
+def test_nll_weight_is_refused_where_it_has_no_meaning() -> None:
+    from sapo.losses import nll_term_weight
+
+    assert nll_term_weight("sigmoid") == 0.0 and nll_term_weight("orpo") == 1.0
+    assert nll_term_weight("ipo", 0.25) == 0.25
+    with pytest.raises(ValueError, match="only added to a loss without its own NLL"):
+        nll_term_weight("orpo", 0.5)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        nll_term_weight("sigmoid", -1.0)
 
 
 def test_pair_loss_refuses_an_unknown_loss_and_a_missing_reference():

@@ -11,7 +11,7 @@ import math
 import pytest
 from helpers import load_benchmark
 
-RECIPES = ("sft", "dpo", "sapo-dpo")
+RECIPES = ("sft", "dpo", "sapo-dpo", "sapo-rpo")
 BASE = "sapo-dpo"
 ABLATIONS = ("whole", "keep", "judge")
 
@@ -61,7 +61,7 @@ def test_benchmark_writes_tables_json_and_png(quality, result):
     saved = json.loads((out / "results.json").read_text())
     assert [p["step"] for p in saved["sft"]["dev_curve"]] == [2, 4]
     assert [p["step"] for p in saved["sft"]["new_dev_curve"]] == [2, 4]
-    assert len(saved["grid"]) == 1 + 2 + 2  # sft has no beta; a one-lr grid has no edge to widen
+    assert len(saved["grid"]) == 1 + 2 + 2 + 2  # sft has no beta; a one-lr grid has no edge to widen
     for run in saved["runs"]:
         assert [p["step"] for p in run["curve"]] == [0, 1, 2]
         assert run["curve"][0]["overall"] == saved["start"]["overall"]  # every curve starts at the checkpoint
@@ -209,6 +209,7 @@ def test_each_ablation_runs_with_the_settings_it_names(quality, result):
     assert (keep["identical_rejected"], keep["skips_no_signal_steps"]) == ("keep", False)
     assert config[("ablation", "judge")]["rejected_judge"] == "sapo.tasks:judge"
     assert config[("ablation", "whole")]["token_generate_length"] == 200  # max_length
+    assert (base["nll_weight"], config[("main", "sapo-rpo")]["nll_weight"]) == (0.0, 1.0)  # a variant of sapo-dpo
     for (group, name), values in config.items():
         assert values["learning_rate"] == result["chosen"][BASE if group == "ablation" else name][0]
     judge = next(r for r in result["runs"] if r["name"] == "judge")

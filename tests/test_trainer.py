@@ -566,6 +566,17 @@ def test_the_papers_buffer_keeps_identical_pairs_and_reports_them_as_ties(tmp_pa
     assert loss_rows(tmp_path / "skip" / "out")[-1]["steps/skipped_no_signal"] == 4
 
 
+def test_an_nll_weight_gives_identical_pairs_a_signal_and_logs_the_nll(tmp_path, tokenizer, suite):
+    trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(), identical_rejected="keep",
+                              skip_no_signal_steps=True, nll_weight=0.5)
+    trainer.train()
+    rows = loss_rows(tmp_path / "out")
+    assert rows[-1]["steps/skipped_no_signal"] == 0  # the real answers' NLL trains even on ties
+    assert all(r["nll_loss"] > 0 and r["rewards/ties"] == 1.0 for r in rows)
+    # a tie's margin term is log 2 whatever the weights, so the loss is that plus the weighted NLL
+    assert all(abs(r["loss"] - (math.log(2) + 0.5 * r["nll_loss"])) < 1e-3 for r in rows)
+
+
 def test_steps_with_signal_train_and_ties_are_apart_from_accuracy(tmp_path, tokenizer, suite):
     trainer = copying_trainer(tmp_path, tokenizer, suite, CopyingSampler(differ=range(0, 16, 2)))
     before = clones(trainer.policy.parameters())

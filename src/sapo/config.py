@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 
 from sapo.config_checks import check_choice, has_accelerator, init_kwargs, validate_trainer_fields, validate_types
 from sapo.generation import ENGINE_CHOICES, SamplingSettings
-from sapo.losses import LOSS_TYPES, LOSSES, REFERENCE_FREE_LOSS_TYPES
+from sapo.losses import LOSS_TYPES, LOSSES, REFERENCE_FREE_LOSS_TYPES, nll_term_weight
 from sapo.recipes import RECIPES as RECIPE_CLASSES
 from sapo.recipes import Recipe
 
@@ -112,6 +112,13 @@ class SAPOConfig(TrainingArguments):
     )
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Conservative-DPO label smoothing (loss_type 'sigmoid' only)."}
+    )
+    nll_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the real responses' NLL added to a reference loss (sigmoid, ipo, hinge): RPO "
+                  "(Pang et al. 2024), TRL's loss_type [sigmoid, sft] with loss_weights [1, w]. A margin loss alone "
+                  "can lower the real answers' likelihood along with the rejected ones'; this term keeps it rising. "
+                  "0 (default) is the paper's SAPO. orpo has its own NLL term and refuses this."},
     )
     # --- lengths ----------------------------------------------------------------------------------
     max_length: int = field(
@@ -433,6 +440,13 @@ class SAPOConfig(TrainingArguments):
             raise ValueError(f"SAPOConfig.ref_update_steps must be >= 1 or unset, got {self.ref_update_steps}")
         if not 0.0 <= self.label_smoothing <= 0.5:
             raise ValueError(f"SAPOConfig.label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+        if self.nll_weight and self.recipe_class.supervised:
+            raise ValueError(f"SAPOConfig.nll_weight adds an NLL term to a preference loss; recipe {self.recipe!r} "
+                             "trains on the NLL alone")
+        try:
+            nll_term_weight(self.loss_type, self.nll_weight)
+        except ValueError as error:
+            raise ValueError(f"SAPOConfig.{error}") from None
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
             raise ValueError(f"SAPOConfig.label_smoothing is only defined for loss_type 'sigmoid', not "
                              f"{self.loss_type!r}")

@@ -280,11 +280,12 @@ def real_statistics(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return torch.stack([nan, nan, nan, sums, mask.sum(-1).float(), nan], dim=1)
 
 
-def eval_metrics(rows: torch.Tensor, *, adds_nll: bool) -> dict[str, float]:
+def eval_metrics(rows: torch.Tensor, *, nll_weight: float) -> dict[str, float]:
     """Metrics of a whole eval set from its per-example `STATISTICS` rows (names without the `eval_` prefix).
 
-    `loss` is the training loss over the whole set: the mean pair loss plus, for losses that add it (ORPO) and for
-    sft, the token-level NLL of the real responses, so it does not depend on the eval batch size.
+    `loss` is the training loss over the whole set: the mean pair loss plus, for losses that add it (ORPO at weight
+    1, a reference loss at `nll_weight`) and for sft, the token-level NLL of the real responses, so it does not
+    depend on the eval batch size.
     `logps/real_per_token` is the mean log-likelihood per token of the real responses, over all their tokens.
     """
     if rows.ndim != 2 or rows.shape[1] != len(STATISTICS) or rows.shape[0] == 0:
@@ -296,7 +297,7 @@ def eval_metrics(rows: torch.Tensor, *, adds_nll: bool) -> dict[str, float]:
         return {"loss": -per_token, **metrics}
     real, rejected = column["reward_real"], column["reward_rejected"]
     metrics.update({
-        "loss": column["pair_loss"].mean().item() - (per_token if adds_nll else 0.0),
+        "loss": column["pair_loss"].mean().item() - nll_weight * per_token,
         "rewards/real": real.mean().item(), "rewards/rejected": rejected.mean().item(),
         "rewards/margins": (real - rejected).mean().item(),
         # a tie (margin exactly 0: the rejected response is the real one) is reported apart from the ranked pairs

@@ -34,7 +34,7 @@ from sapo.heldout import (
     segment_rejected,
     whole_rejected,
 )
-from sapo.losses import LOSSES, nll_from_logps
+from sapo.losses import nll_from_logps, nll_term_weight
 from sapo.metrics import JUDGE_SCORE
 
 logger = logging.getLogger("sapo.trainer")
@@ -158,7 +158,8 @@ def evaluation_loop(trainer: Any, dataloader: Any, description: str, prediction_
     trainer._eval_statistics = []
     output = Trainer.evaluation_loop(trainer, dataloader, description, prediction_loss_only, ignore_keys,
                                      metric_key_prefix)
-    metrics = eval_metrics(torch.cat(trainer._eval_statistics), adds_nll=LOSSES[trainer.args.loss_type].adds_nll)
+    metrics = eval_metrics(torch.cat(trainer._eval_statistics),
+                           nll_weight=nll_term_weight(trainer.args.loss_type, trainer.args.nll_weight))
     trainer._eval_statistics = []
     if trainer.eval_judge is not None and trainer._eval_active is not None:
         metrics[JUDGE_SCORE] = judged_score(trainer, trainer._eval_active.eval_set)

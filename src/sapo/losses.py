@@ -226,13 +226,23 @@ def nll_from_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
     return -total / keep.sum().clamp(min=1)
 
 
+def nll_term_weight(loss_type: str, nll_weight: float = 0.0) -> float:
+    """The weight of the real responses' NLL in a loss: 1 for ORPO (part of its definition), ``nll_weight``
+    for the reference losses (RPO), 0 when absent. An identical pair still trains through this term."""
+    spec = LOSSES[check_loss_type(loss_type)]
+    if nll_weight < 0 or (nll_weight and spec.adds_nll):
+        raise ValueError(f"nll_weight must be >= 0 and only added to a loss without its own NLL term; got "
+                         f"{nll_weight} with loss_type {loss_type!r}")
+    return 1.0 if spec.adds_nll else float(nll_weight)
+
+
 @dataclass(frozen=True)
 class PairLoss:
     """The loss of a batch of pairs and what is logged with it."""
 
     loss: Tensor  # scalar: mean over pairs, plus the NLL where the loss adds it
     output: PreferenceLossOutput  # per-pair losses and rewards
-    nll: Tensor | None  # the NLL term (ORPO), or None
+    nll: Tensor | None  # the real responses' NLL where the loss adds it (ORPO, nll_weight), unweighted; else None
     sums: Tensor  # summed response log-probs of every row (real rows, then rejected rows)
 
 
@@ -244,10 +254,16 @@ def pair_loss(
     *,
     beta: float,
     label_smoothing: float = 0.0,
+    nll_weight: float = 0.0,
 ) -> PairLoss:
     """The loss of a batch of pairs, laid out as the trainer scores them: ``(2 * pairs, seq)`` per-token log-probs,
-    real rows first, then the rejected rows in the same order; ``mask`` marks response tokens."""
+    real rows first, then the rejected rows in the same order; ``mask`` marks response tokens.
+
+    ``nll_weight`` adds that multiple of the real responses' NLL to a reference loss (RPO, Pang et al. 2024;
+    TRL's ``loss_type=[sigmoid, sft]``): a pure margin loss can lower both sides' likelihood, and the NLL term
+    keeps the real answers' likelihood rising. ORPO already carries its own NLL at weight 1."""
     spec = LOSSES[check_loss_type(loss_type)]
+    weight = nll_term_weight(loss_type, nll_weight)
     if spec.needs_reference and ref_token_logps is None:
         raise ValueError(f"loss_type {loss_type!r} needs the reference model's log-probs")
     sums, means = sequence_logps(token_logps, mask)
@@ -261,8 +277,8 @@ def pair_loss(
     else:
         output = orpo_loss(policy[:half], policy[half:], beta=beta)
     loss = output.losses.mean()
-    nll = nll_from_logps(token_logps[:half], mask[:half]) if spec.adds_nll else None
-    return PairLoss(loss if nll is None else nll + loss, output, nll, sums)
+    nll = nll_from_logps(token_logps[:half], mask[:half]) if weight else None
+    return PairLoss(loss if nll is None else weight * nll + loss, output, nll, sums)
 
 
 def pair_metrics(result: PairLoss, mask: Tensor, identical: Sequence[bool] | None = None) -> dict[str, Tensor]:

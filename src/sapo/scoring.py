@@ -133,7 +133,8 @@ class PairScoring:
         if LOSSES[self.args.loss_type].needs_reference:
             ref_token_logps = self.reference_token_logps(model, batch)
         return pair_loss(self.args.loss_type, self.token_logps(model, batch), batch["loss_mask"][:, 1:],
-                         ref_token_logps, beta=self.recipe.beta, label_smoothing=self.args.label_smoothing)
+                         ref_token_logps, beta=self.recipe.beta, label_smoothing=self.args.label_smoothing,
+                         nll_weight=self.args.nll_weight)
 
     def reference_token_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """The reference's per-token log-probs of a batch of pairs. Replay-buffer pairs (`entry_ids`) whose scores

@@ -13,7 +13,7 @@ import torch
 from sapo.batching import pad_pairs
 from sapo.buffer import ReplayEntry
 from sapo.generation import SamplingSettings
-from sapo.losses import LOSSES
+from sapo.losses import nll_term_weight
 
 Pending = tuple[list[int], list[int], int | None]  # (prompt, real response, dataset index) awaiting generation
 
@@ -93,8 +93,10 @@ class Recipe:
 
     def carries_signal(self, entries: Sequence[ReplayEntry]) -> bool:
         """Whether these pairs give the loss a gradient: an identical pair has a zero margin whatever the weights
-        (zero gradient), unless the loss adds the real response's NLL (ORPO)."""
-        return LOSSES[self.args.loss_type].adds_nll or any(e.rejected != e.real for e in entries)
+        (zero gradient), unless the loss adds the real response's NLL (ORPO, `nll_weight`)."""
+        if nll_term_weight(self.args.loss_type, self.args.nll_weight) > 0:
+            return True
+        return any(e.rejected != e.real for e in entries)
 
     def pairs(self, inputs: dict[str, list[Any]], step: int, max_steps: int) -> list[ReplayEntry]:
         raise NotImplementedError
