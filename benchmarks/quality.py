@@ -128,6 +128,9 @@ class Settings:
     grid_learning_rates: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
     grid_betas: tuple[float, ...] = (0.1,)
     grid_widen: int = 2  # times the grid may grow past an edge that holds a recipe's best dev score
+    # per recipe, "recipe=lr[,lr...]": the learning rates its grid starts from instead of grid_learning_rates; one
+    # rate (with one beta) pins the recipe to it, untuned here (e.g. a value chosen by an earlier run's grid)
+    recipe_learning_rates: tuple[str, ...] = ()
     token_generate_length: int = 24
     temperature: float = 0.7
     ref_update_steps: int = 50
@@ -816,13 +819,39 @@ def _log_run(result: dict[str, Any], log) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def recipe_grids(settings: Settings) -> dict[str, tuple[float, ...]]:
+    """Per recipe, the learning rates its grid starts from: its `recipe_learning_rates` entry, else the grid's."""
+    grids = dict.fromkeys(settings.recipes, settings.grid_learning_rates)
+    for entry in settings.recipe_learning_rates:
+        recipe, _, rates = entry.partition("=")
+        if recipe not in settings.recipes or not rates:
+            raise ValueError(f"recipe_learning_rates entry {entry!r}: expected RECIPE=LR[,LR...] with RECIPE one of "
+                             f"{', '.join(settings.recipes)}")
+        try:
+            grids[recipe] = tuple(sorted(float(rate) for rate in rates.split(",")))
+        except ValueError:
+            raise ValueError(f"recipe_learning_rates entry {entry!r}: {rates!r} is not a list of numbers") from None
+    return grids
+
+
+def pinned(settings: Settings) -> dict[str, tuple[float, float]]:
+    """Recipes whose grid is one point (one learning rate, one beta): their setting, with no dev runs."""
+    betas = settings.grid_betas
+    return {recipe: (rates[0], betas[0]) for recipe, rates in recipe_grids(settings).items()
+            if len(rates) == 1 and (len(betas) == 1 or recipe == "sft")}
+
+
 def grid_specs(settings: Settings, learning_rates: dict[str, Sequence[float]] | None = None) -> list[RunSpec]:
-    """Dev runs of seed 0: each recipe at each of its learning rates (default: the grid's) x beta (sft: none)."""
+    """Dev runs of seed 0: each recipe at each of its learning rates (default: its grid's, none when pinned) x
+    beta (sft: none)."""
     seed = settings.seeds[0]
     specs = []
+    grids = recipe_grids(settings)
+    fixed = pinned(settings)
     for recipe in settings.recipes:
         betas = settings.grid_betas[:1] if recipe == "sft" else settings.grid_betas
-        rates = settings.grid_learning_rates if learning_rates is None else learning_rates.get(recipe, ())
+        default = () if recipe in fixed else grids[recipe]
+        rates = default if learning_rates is None else learning_rates.get(recipe, ())
         specs += [RunSpec("grid", f"{recipe}_lr{lr:g}_b{beta:g}", recipe, seed, lr, beta, "dev")
                   for lr in rates for beta in betas]
     return specs
@@ -864,10 +893,12 @@ def tune(settings: Settings, log=print) -> tuple[list[dict[str, Any]], dict[str,
     """The grid's dev runs and each recipe's chosen (learning rate, beta); a one-point grid needs no runs. While a
     recipe's best learning rate is at the edge of those tried, the grid grows past it (at most `grid_widen`
     times); a recipe still at an edge afterwards is reported so."""
-    if len(settings.grid_learning_rates) == 1 and len(settings.grid_betas) == 1:
-        point = (settings.grid_learning_rates[0], settings.grid_betas[0])
-        log(f"one-point grid: lr {point[0]:g}, beta {point[1]:g} for every recipe, not tuned")
-        return [], dict.fromkeys(settings.recipes, point)
+    fixed = pinned(settings)
+    if len(fixed) == len(settings.recipes):
+        log("one-point grid for every recipe, not tuned: " + ", ".join(f"{r} lr {v[0]:g}" for r, v in fixed.items()))
+        return [], fixed
+    if fixed:
+        log("pinned, not tuned here: " + ", ".join(f"{r} lr {v[0]:g}" for r, v in fixed.items()))
     log(f"grid on dev: {len(grid_specs(settings))} runs")
     grid = run_all(grid_specs(settings), settings, log)
     for _ in range(settings.grid_widen):
@@ -876,7 +907,8 @@ def tune(settings: Settings, log=print) -> tuple[list[dict[str, Any]], dict[str,
             break
         log("grid widened past its edge: " + ", ".join(f"{r} lr {v[0]:g}" for r, v in extra.items()))
         grid += run_all(grid_specs(settings, extra), settings, log)
-    return grid, choose(grid)
+    chosen = {**fixed, **choose(grid)}
+    return grid, {recipe: chosen[recipe] for recipe in settings.recipes}
 
 
 def main_specs(settings: Settings, chosen: dict[str, tuple[float, float]]) -> list[RunSpec]:
@@ -899,6 +931,7 @@ def check(settings: Settings) -> None:
         raise ValueError(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
     for name in settings.ablations:
         ablation_settings(name, settings)
+    recipe_grids(settings)
     if settings.split_rule not in SPLIT_RULES:
         raise ValueError(f"unknown split_rule {settings.split_rule!r}; choose from {', '.join(SPLIT_RULES)}")
     if not settings.seeds or settings.steps < 1 or settings.eval_every < 1:
@@ -1022,7 +1055,8 @@ def summarise(settings: Settings, sft: dict, start: dict, grid: Sequence[dict], 
             "start": {**start_point, "scores": start["scores"], "responses": start["responses"]},
             "start_census": census["census"], "fixed_pairs": len(census["pairs"]),
             "grid": [{k: g[k] for k in ("recipe", "learning_rate", "beta", "final", "seconds")} for g in grid],
-            "chosen": chosen, "at_edge": edges, "budgets": budgets, "summary": summary,
+            "chosen": chosen, "at_edge": edges, "pinned": sorted(pinned(settings)), "budgets": budgets,
+            "summary": summary,
             "runs": [{k: v for k, v in r.items() if k != "responses"} for r in runs]}
 
 
@@ -1078,8 +1112,10 @@ def _number(value: float | None, digits: int = 3) -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     s, summary = result["settings"], result["summary"]
+    pinned_here = set(result.get("pinned", ()))
     chosen = ", ".join(f"{r} lr {lr:g}" + ("" if r == "sft" else f" beta {b:g}")
                        + (f" (at the grid's {result['at_edge'][r]} edge)" if result["at_edge"].get(r) else "")
+                       + (" (pinned, not tuned here)" if r in pinned_here and result["grid"] else "")
                        for r, (lr, b) in result["chosen"].items())
     base = next((label for label, row in summary.items() if row["group"] == "main" and row["name"] == BASE), None)
     ablations = [label for label, row in summary.items() if row["group"] == "ablation"]
@@ -1188,11 +1224,11 @@ def _family_table(result: dict[str, Any]) -> list[str]:
 def _tuning_text(result: dict[str, Any], chosen: str) -> str:
     s = result["settings"]
     if not result["grid"]:
-        return (f"One setting for every recipe, not tuned: lr {s['grid_learning_rates'][0]:g}, beta "
-                f"{s['grid_betas'][0]:g}")
+        return f"Not tuned: one setting per recipe, {chosen}"
     tried = sorted({g["learning_rate"] for g in result["grid"]})
+    starts = "; ".join(s.get("recipe_learning_rates", ()))
     return (f"Learning rate and beta chosen per recipe on the dev split from lr "
-            f"{{{', '.join(f'{v:g}' for v in s['grid_learning_rates'])}}} x beta "
+            f"{{{', '.join(f'{v:g}' for v in s['grid_learning_rates'])}}}{f' ({starts})' if starts else ''} x beta "
             f"{{{', '.join(f'{v:g}' for v in s['grid_betas'])}}}, widened past an edge holding the best score "
             f"(tried: {', '.join(f'{v:g}' for v in tried)}): {chosen}")
 
@@ -1309,7 +1345,7 @@ def build_parser() -> argparse.ArgumentParser:
     for item in dataclasses.fields(Settings):
         value = getattr(defaults, item.name)
         if isinstance(value, tuple):
-            parser.add_argument(f"--{item.name}", nargs="+", type=type(value[0]) if value else int, default=None,
+            parser.add_argument(f"--{item.name}", nargs="+", type=type(value[0]) if value else str, default=None,
                                 help=f"(full: {' '.join(map(str, value))})")
         else:
             parser.add_argument(f"--{item.name}", type=type(value), default=None, help=f"(full: {value})")

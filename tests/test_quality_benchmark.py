@@ -328,5 +328,20 @@ def test_a_one_point_grid_is_not_run(quality, tmp_path):
     grid, chosen = quality.tune(settings, log=lambda *_: None)
     assert grid == [] and chosen == dict.fromkeys(RECIPES, (3e-4, 0.2))
     assert not (tmp_path / "runs").exists()
-    table = quality._tuning_text({"grid": [], "settings": dataclasses.asdict(settings)}, "")
-    assert table == "One setting for every recipe, not tuned: lr 0.0003, beta 0.2"
+    table = quality._tuning_text({"grid": [], "settings": dataclasses.asdict(settings)}, "sft lr 0.0003")
+    assert table == "Not tuned: one setting per recipe, sft lr 0.0003"
+
+
+def test_a_recipe_grid_of_its_own_or_a_pinned_setting(quality, tmp_path):
+    """`--recipe_learning_rates`: one rate pins a recipe (no dev run), several start its own grid; the others
+    keep the common grid."""
+    settings = quality.settings_from_args(["--out", str(tmp_path), "--recipes", *RECIPES,
+                                           "--recipe_learning_rates", "sft=9e-4", "dpo=3e-5,1e-5"])
+    assert settings.recipe_learning_rates == ("sft=9e-4", "dpo=3e-5,1e-5")
+    assert quality.pinned(settings) == {"sft": (9e-4, 0.1)}
+    runs = {(spec.recipe, spec.learning_rate) for spec in quality.grid_specs(settings)}
+    common = {(recipe, lr) for recipe in RECIPES[2:] for lr in settings.grid_learning_rates}
+    assert runs == {("dpo", 1e-5), ("dpo", 3e-5), *common}
+    for bad in ("kto=1e-4", "sft=", "sft=fast"):
+        with pytest.raises(ValueError, match="recipe_learning_rates entry"):
+            quality.check(dataclasses.replace(settings, recipe_learning_rates=(bad,)))
