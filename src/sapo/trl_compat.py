@@ -120,7 +120,8 @@ TRL_FIELDS: dict[str, TRLField] = {
     "ref_model_mixup_alpha": TRLField(REFUSED, _TR_DPO, (0.6,)),
     "ref_model_sync_steps": TRLField(REFUSED, _TR_DPO, (512,)),
     "pad_token": TRLField(REFUSED, "deprecated in TRL: set tokenizer.pad_token and pass the tokenizer as "
-                          "processing_class (sapo uses the tokenizer's pad token, else its EOS token)", (None,)),
+                          "processing_class (sapo uses the tokenizer's pad token, else its EOS token)",
+                          (None, "<PAD_TOKEN>")),  # TrainingArguments.to_dict() writes any *_token as <NAME>
     # ORPOConfig (trl.experimental.orpo, TRL 1.16) beyond DPOConfig's names
     "max_completion_length": TRLField(REFUSED, "a response gets what its prompt leaves of max_length; bound "
                                       "prompts with max_prompt_length", (None,)),
