@@ -385,3 +385,10 @@ def test_spin_schedule_options_parse_from_flags_and_yaml(tmp_path, model_dir, da
     config_file.write_text("spin_betas: [0.1, 0.5, 2.0]\nspin_end_with_eos: true\n")
     _, config = parse_train_args([*base, "--config", str(config_file)])
     assert (config.spin_iterations, config.spin_betas, config.spin_end_with_eos) == (3, [0.1, 0.5, 2.0], True)
+
+
+def test_sapo_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = subprocess.run([sys.executable, "-m", "sapo", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == f"sapo {version('sapo-align')}\n"
