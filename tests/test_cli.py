@@ -59,7 +59,12 @@ def test_train_from_yaml_writes_outputs(tmp_path, model_dir, dataset_file, capsy
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert "nll_loss" in rows[0]
-    assert "EMA model" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "EMA model" in out_text
+    lines = [line for line in out_text.splitlines() if line.startswith("step ")]  # disable_tqdm: short log lines
+    assert [line.split(" | ")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3", "step 3/3 end"]
+    assert "{'loss'" not in out_text and all(len(line) < 200 for line in lines)
+    assert " | buffer/size " in lines[0] and "." not in lines[0].split("buffer/size ")[1].split(" |")[0]
 
 
 def test_a_default_train_shows_the_bar_evaluations_and_a_summary_not_log_dictionaries(tmp_path, model_dir,

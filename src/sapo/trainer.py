@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from sapo import heldout_eval
-from sapo.callbacks import _HeldOutPairsAtStart, _LiveProgress, _SAPOStepHooks
+from sapo.callbacks import _HeldOutPairsAtStart, _LiveProgress, _LogLines, _SAPOStepHooks
 from sapo.config import SAPOConfig
 from sapo.copies import SHARDS, ModelCopies
 from sapo.data import collate_examples, keep_legacy_flag, tokenized_dataset
@@ -197,6 +197,8 @@ class SAPOTrainer(Trainer):
         self.command: str | None = None
         self.add_callback(_SAPOStepHooks(self))
         self.add_callback(_LiveProgress(self))
+        if self.pop_callback(PrinterCallback) is not None:  # disable_tqdm: short lines instead of whole dicts
+            self.add_callback(_LogLines())
         if self._eval_sets:
             self.add_callback(_HeldOutPairsAtStart(self))
 
