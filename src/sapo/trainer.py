@@ -79,6 +79,7 @@ from sapo.metrics import (
     append_metrics_rows,
     reduced_metrics,
 )
+from sapo.model_card import describe_data
 from sapo.recipes import RECIPES, Recipe, StepServices
 from sapo.run import finish as run_finish
 from sapo.run import start as run_start
@@ -194,6 +195,7 @@ class SAPOTrainer(Trainer):
         self.nonfinite_steps = 0
         self._stop_reason: tuple[str, int] | None = None
         self.data_source: str | None = None  # shown in the model card; the CLI sets both
+        self.data_description = describe_data(train_dataset)  # the card's words for data passed in memory
         self.command: str | None = None
         self.add_callback(_SAPOStepHooks(self))
         self.add_callback(_LiveProgress(self))
