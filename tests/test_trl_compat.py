@@ -142,3 +142,15 @@ def test_trl_flags_get_their_hint_not_a_close_name(tmp_path, capsys, flag, messa
     assert main(["train", "--config", config, flag, "float32"]) == 2
     err = capsys.readouterr().err
     assert message in err and "did you mean" not in err
+
+
+def test_the_docs_table_of_trl_fields_is_current():
+    from pathlib import Path
+
+    from sapo.trl_compat import trl_fields_markdown
+
+    page = (Path(__file__).parents[1] / "docs" / "coming-from-trl.md").read_text()
+    start, end = "<!-- trl-fields:start -->\n", "<!-- trl-fields:end -->"
+    section = page[page.index(start) + len(start):page.index(end)]
+    assert section.strip() == trl_fields_markdown().strip(), (
+        "docs/coming-from-trl.md is stale: run `.venv/bin/python scripts/update_config_reference.py`")

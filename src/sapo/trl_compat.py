@@ -17,6 +17,7 @@ shows it (`trl_fields_markdown`, kept current by scripts/update_config_reference
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -227,6 +228,6 @@ def trl_fields_markdown() -> str:
         entry = TRL_FIELDS[name]
         kind = entry.kind
         if entry.kind == REFUSED and entry.inert:
-            kind += " (accepted at " + ", ".join(f"`{v!r}`" for v in entry.inert) + ")"
+            kind += " (accepted at " + ", ".join(f"`{json.dumps(v)}`" for v in entry.inert) + ")"
         lines.append(f"| `{name}` | {kind} | {entry.note.replace('|', chr(92) + '|')} |")
     return "\n".join(lines)
