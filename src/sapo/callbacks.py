@@ -5,7 +5,7 @@
 - `_HeldOutPairsAtStart`: the eval pairs exist before the first step (made by the start model).
 - `_ResumeStart`: metrics.jsonl brought back to the resumed step, the Trainer's loss accumulators restored.
 - `_LiveProgress`: the latest loss, margin, accuracy, buffer fill and throughput on the progress bar.
-- `_LogLines`: without the bar (`disable_tqdm`), one short line per logged row instead of the Trainer's whole dict.
+- `LogLines`: without the bar (`disable_tqdm`), one short line per logged row instead of the Trainer's whole dict.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class _LiveProgress(TrainerCallback):
         bar.set_postfix(postfix, refresh=True)
 
 
-class _LogLines(TrainerCallback):
+class LogLines(TrainerCallback):
     """Takes the place of transformers' `PrinterCallback` (which prints every logged dict, some 600 characters a
     row for SAPO) when the progress bar is off: a line of the key metrics (`sapo.metrics.log_line`); metrics.jsonl
     and report_to integrations still get every value."""

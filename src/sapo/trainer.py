@@ -44,7 +44,7 @@ from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from sapo import heldout_eval
-from sapo.callbacks import _HeldOutPairsAtStart, _LiveProgress, _LogLines, _SAPOStepHooks
+from sapo.callbacks import LogLines, _HeldOutPairsAtStart, _LiveProgress, _SAPOStepHooks
 from sapo.config import SAPOConfig
 from sapo.copies import SHARDS, ModelCopies
 from sapo.data import collate_examples, keep_legacy_flag, tokenized_dataset
@@ -200,7 +200,7 @@ class SAPOTrainer(Trainer):
         self.add_callback(_SAPOStepHooks(self))
         self.add_callback(_LiveProgress(self))
         if self.pop_callback(PrinterCallback) is not None:  # disable_tqdm: short lines instead of whole dicts
-            self.add_callback(_LogLines())
+            self.add_callback(LogLines())
         if self._eval_sets:
             self.add_callback(_HeldOutPairsAtStart(self))
 
