@@ -397,3 +397,13 @@ def test_sapo_version_prints_the_installed_version():
 
     result = subprocess.run([sys.executable, "-m", "sapo", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout == f"sapo {version('sapo-align')}\n"
+
+
+def test_a_single_lora_target_is_passed_to_peft_as_a_string():
+    """TRL's scripts write `lora_target_modules: all-linear` (or `[all-linear]`); peft reads it only as a string."""
+    from sapo.cli import lora_config
+
+    assert lora_config(ModelArguments(lora_target_modules=["all-linear"])).target_modules == "all-linear"
+    assert lora_config(ModelArguments()).target_modules == "all-linear"
+    assert set(lora_config(ModelArguments(lora_target_modules=["q_proj", "v_proj"])).target_modules) == \
+        {"q_proj", "v_proj"}

@@ -379,8 +379,11 @@ def apply_lora(model: Any, model_args: ModelArguments) -> Any:
 def lora_config(model_args: ModelArguments):
     from peft import LoraConfig
 
+    targets = model_args.lora_target_modules or "all-linear"
+    if isinstance(targets, list) and len(targets) == 1:  # `all-linear` (or a regex) is peft's only as a string
+        targets = targets[0]
     return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-                      target_modules=model_args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM")
 
 
 # ------------------------------------------------------------------------------------------------
