@@ -380,8 +380,8 @@ def lora_config(model_args: ModelArguments):
     from peft import LoraConfig
 
     targets = model_args.lora_target_modules or "all-linear"
-    if isinstance(targets, list) and len(targets) == 1:  # `all-linear` (or a regex) is peft's only as a string
-        targets = targets[0]
+    if targets == ["all-linear"]:  # TRL's scripts' value; peft reads it only as a string (a list names modules)
+        targets = "all-linear"
     return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
 
