@@ -134,7 +134,7 @@ def test_trl_settings_sapo_cannot_take_are_refused_by_name(tmp_path, values, mes
 
 
 @pytest.mark.parametrize(("flag", "message"), [
-    ("--torch_dtype", "unknown option --torch_dtype: torch_dtype is TRL's name: dtype"),
+    ("--torch_dtype", "unknown option --torch_dtype: torch_dtype is TRL's setting, in a config file read as dtype"),
     ("--lora_task_type", "unknown option --lora_task_type: lora_task_type is a TRL setting sapo does not take"),
 ])
 def test_trl_flags_get_their_hint_not_a_close_name(tmp_path, capsys, flag, message):

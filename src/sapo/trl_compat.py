@@ -89,7 +89,7 @@ TRL_FIELDS: dict[str, TRLField] = {
     "trust_remote_code": TRLField(TAKEN, "a sapo train option; from Python, put it in model_init_kwargs"),
     "router_aux_loss_coef": TRLField(REFUSED, "sapo adds no Mixture-of-Experts load-balancing loss", (None,)),
     "disable_dropout": TRLField(TAKEN),
-    "dataset_num_proc": TRLField(MAPPED, "ignored: sapo picks its tokenizing processes itself (one per CPU core "
+    "dataset_num_proc": TRLField(MAPPED, "dropped: sapo picks its tokenizing processes itself (one per CPU core "
                                  "from 20,000 examples up)", translate=_dropped("sapo picks its tokenizing processes")),
     "max_length": TRLField(TAKEN),
     "truncation_mode": TRLField(REFUSED, "sapo keeps the start of each response and cuts its end to fit max_length; "
@@ -103,7 +103,7 @@ TRL_FIELDS: dict[str, TRLField] = {
                                          "buffered pairs instead", (False,)),
     "precompute_ref_batch_size": TRLField(REFUSED, "see precompute_ref_log_probs; use cache_reference_logps",
                                           (None,)),
-    "loss_type": TRLField(MAPPED, "a list of one loss becomes that loss; several are refused (no loss mixes)",
+    "loss_type": TRLField(MAPPED, "read as that one loss when a list of one; several are refused (no loss mixes)",
                           translate=_one_loss),
     "loss_weights": TRLField(REFUSED, _LOSS_MIX, (None, [1.0])),
     "ld_alpha": TRLField(REFUSED, "LD-DPO's length weighting is not implemented", (None,)),
@@ -132,7 +132,7 @@ TRL_FIELDS: dict[str, TRLField] = {
     "is_encoder_decoder": TRLField(REFUSED, "sapo trains causal language models only", (None, False)),
     # ModelConfig (TRL's scripts)
     "model_name_or_path": TRLField(TAKEN),
-    "model_revision": TRLField(MAPPED, "model_init_kwargs {revision: ...} ('main' is the default)",
+    "model_revision": TRLField(MAPPED, "read as model_init_kwargs {revision: ...} ('main': the default)",
                                translate=_revision),
     "dtype": TRLField(TAKEN, "sapo's default is auto (the checkpoint's dtype), TRL's scripts' float32"),
     "attn_implementation": TRLField(TAKEN),
@@ -156,12 +156,13 @@ TRL_FIELDS: dict[str, TRLField] = {
     "dataset_name": TRLField(TAKEN, "a hub dataset, or a local file or directory"),
     "dataset_config": TRLField(REFUSED, "sapo loads a dataset without a configuration name; point dataset_name at "
                                "the configuration's files", (None,)),
-    "dataset_train_split": TRLField(MAPPED, "dataset_split", translate=_rename("dataset_split")),
-    "dataset_test_split": TRLField(MAPPED, "eval_split (of eval_dataset_name)", translate=_rename("eval_split")),
+    "dataset_train_split": TRLField(MAPPED, "read as dataset_split", translate=_rename("dataset_split")),
+    "dataset_test_split": TRLField(MAPPED, "read as eval_split (of eval_dataset_name)",
+                                   translate=_rename("eval_split")),
     "dataset_streaming": TRLField(REFUSED, "sapo tokenizes the whole dataset before training", (False,)),
     "ignore_bias_buffers": TRLField(REFUSED, "a DDP workaround sapo does not need", (False,)),
     # older TRL names still found in configs
-    "torch_dtype": TRLField(MAPPED, "dtype (transformers' older name)", translate=_rename("dtype")),
+    "torch_dtype": TRLField(MAPPED, "read as dtype (transformers' older name)", translate=_rename("dtype")),
     "max_prompt_length": TRLField(TAKEN, "TRL < 1.0; sapo's default is 512"),
     "rpo_alpha": TRLField(TAKEN, "TRL < 1.0: weight of the real response's NLL added to the loss"),
 }
@@ -173,7 +174,7 @@ def refusal(name: str, value: Any = _NOT_GIVEN) -> str:
     shown = "" if value is _NOT_GIVEN else f" {value!r}"
     if entry.kind == REFUSED:
         return f"{name}{shown} is a TRL setting sapo does not take: {entry.note}"
-    return f"{name} is TRL's name: {entry.note}"
+    return f"{name} is TRL's setting, in a config file {entry.note}; as a flag, give sapo's option"
 
 
 def translate_options(values: Mapping[str, Any]) -> dict[str, Any]:
