@@ -69,9 +69,11 @@ def _revision(value: Any) -> dict[str, Any]:
     return {} if value in (None, "main") else {"model_init_kwargs": {"revision": value}}
 
 
-def _dropped(reason: str) -> Callable[[Any], dict[str, Any]]:
+def _dropped(name: str, reason: str) -> Callable[[Any], dict[str, Any]]:
+    """A TRL setting with no effect on what is trained, only on how fast: accepted, logged, dropped."""
     def translate(value: Any) -> dict[str, Any]:
-        logger.info("ignoring TRL's setting (value %r): %s", value, reason)
+        if value is not None:
+            logger.info("TRL's %s %r is ignored: %s", name, value, reason)
         return {}
     return translate
 
@@ -90,7 +92,7 @@ TRL_FIELDS: dict[str, TRLField] = {
     "router_aux_loss_coef": TRLField(REFUSED, "sapo adds no Mixture-of-Experts load-balancing loss", (None,)),
     "disable_dropout": TRLField(TAKEN),
     "dataset_num_proc": TRLField(MAPPED, "dropped: sapo picks its tokenizing processes itself (one per CPU core "
-                                 "from 20,000 examples up)", translate=_dropped("sapo picks its tokenizing processes")),
+                                 "from 20,000 examples up)", translate=_dropped("dataset_num_proc", "sapo picks its tokenizing processes itself")),
     "max_length": TRLField(TAKEN),
     "truncation_mode": TRLField(REFUSED, "sapo keeps the start of each response and cuts its end to fit max_length; "
                                 "long prompts follow max_prompt_length and prompt_truncation (left, drop)",
