@@ -92,7 +92,8 @@ TRL_FIELDS: dict[str, TRLField] = {
     "router_aux_loss_coef": TRLField(REFUSED, "sapo adds no Mixture-of-Experts load-balancing loss", (None,)),
     "disable_dropout": TRLField(TAKEN),
     "dataset_num_proc": TRLField(MAPPED, "dropped: sapo picks its tokenizing processes itself (one per CPU core "
-                                 "from 20,000 examples up)", translate=_dropped("dataset_num_proc", "sapo picks its tokenizing processes itself")),
+                                 "from 20,000 examples up)",
+                                 translate=_dropped("dataset_num_proc", "sapo picks its tokenizing processes itself")),
     "max_length": TRLField(TAKEN),
     "truncation_mode": TRLField(REFUSED, "sapo keeps the start of each response and cuts its end to fit max_length; "
                                 "long prompts follow max_prompt_length and prompt_truncation (left, drop)",
