@@ -526,9 +526,8 @@ def start_dev(settings: Settings) -> list[dict]:
 def train_start(settings: Settings, suite: dict[str, list[dict]], directory: Path, log=print) -> dict[str, Any]:
     """The shared SFT checkpoint, trained on the start's demonstrations only, with its dev curves (its own side
     and the new side); reused from `directory` when trained with the same settings."""
-    from transformers import PrinterCallback
-
     from sapo import tiny
+    from sapo.callbacks import LogLines
     from sapo.config import SAPOConfig
     from sapo.trainer import SAPOTrainer
 
@@ -555,7 +554,7 @@ def train_start(settings: Settings, suite: dict[str, list[dict]], directory: Pat
     new = _curve_callback(suite["dev"], settings, settings.sft_eval_every, lambda: model, lambda: tokenizer)
     trainer = SAPOTrainer(model=model, args=args, train_dataset=suite["start"], processing_class=tokenizer,
                           callbacks=[own, new])
-    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(LogLines)
     trainer.train()
     trainer.save_model()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
@@ -624,8 +623,9 @@ def execute(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     """Train one run from the SFT checkpoint on the new demonstrations; its judged curve with fixed-pair
     diagnostics at every point, final scores, training metrics, the prompts it was given, and for SAPO runs the
     census of its generator's rewrites at the end and of its final replay buffer."""
-    from transformers import AutoModelForCausalLM, PrinterCallback
+    from transformers import AutoModelForCausalLM
 
+    from sapo.callbacks import LogLines
     from sapo.trainer import SAPOTrainer
 
     _quiet()
@@ -640,7 +640,7 @@ def execute(spec: RunSpec, settings: Settings) -> dict[str, Any]:
                             lambda: holder["trainer"].processing_class, probe)
     trainer = SAPOTrainer(model=str(root / "sft"), args=config_of(spec, settings, out),
                           train_dataset=suite["train"], callbacks=[curve])
-    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(LogLines)
     holder["trainer"] = trainer
     trainer.train()
     sapo = spec.recipe in SAPO_RECIPES

@@ -59,7 +59,12 @@ def test_train_from_yaml_writes_outputs(tmp_path, model_dir, dataset_file, capsy
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert "nll_loss" in rows[0]
-    assert "EMA model" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "EMA model" in out_text
+    lines = [line for line in out_text.splitlines() if line.startswith("step ")]  # disable_tqdm: short log lines
+    assert [line.split(" | ")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3", "step 3/3 end"]
+    assert "{'loss'" not in out_text and all(len(line) < 200 for line in lines)
+    assert " | buffer/size " in lines[0] and "." not in lines[0].split("buffer/size ")[1].split(" |")[0]
 
 
 def test_a_default_train_shows_the_bar_evaluations_and_a_summary_not_log_dictionaries(tmp_path, model_dir,
@@ -385,3 +390,20 @@ def test_spin_schedule_options_parse_from_flags_and_yaml(tmp_path, model_dir, da
     config_file.write_text("spin_betas: [0.1, 0.5, 2.0]\nspin_end_with_eos: true\n")
     _, config = parse_train_args([*base, "--config", str(config_file)])
     assert (config.spin_iterations, config.spin_betas, config.spin_end_with_eos) == (3, [0.1, 0.5, 2.0], True)
+
+
+def test_sapo_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = subprocess.run([sys.executable, "-m", "sapo", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == f"sapo {version('sapo-align')}\n"
+
+
+def test_a_single_lora_target_is_passed_to_peft_as_a_string():
+    """TRL's scripts write `lora_target_modules: all-linear` (or `[all-linear]`); peft reads it only as a string."""
+    from sapo.cli import lora_config
+
+    assert lora_config(ModelArguments(lora_target_modules=["all-linear"])).target_modules == "all-linear"
+    assert lora_config(ModelArguments()).target_modules == "all-linear"
+    assert set(lora_config(ModelArguments(lora_target_modules=["q_proj", "v_proj"])).target_modules) == \
+        {"q_proj", "v_proj"}

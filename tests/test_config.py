@@ -91,3 +91,11 @@ def test_explicit_generation_batch_size_wins_and_rows_round_up_to_whole_batches(
 def test_cache_len_bounds_context_plus_new_tokens():
     assert config().generation_cache_len == 1024 + 256
     assert config(recipe="spin", spin_max_new_tokens=300).generation_cache_len == 512 + 300
+
+
+def test_loss_type_takes_trls_list_of_one_loss_and_refuses_a_mix(tmp_path):
+    """TRL 1.16's DPOConfig.loss_type is a list (default ["sigmoid"]); sapo trains with one loss."""
+    assert SAPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type=["ipo"]).loss_type == "ipo"
+    assert SAPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type=["orpo"], recipe="sapo-orpo").beta == 0.05
+    with pytest.raises(ValueError, match=r"sapo trains with one loss, got loss_type \['sigmoid', 'sft'\]"):
+        SAPOConfig(output_dir=str(tmp_path), use_cpu=True, loss_type=["sigmoid", "sft"])

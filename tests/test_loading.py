@@ -172,3 +172,27 @@ def test_python_api_path_gets_the_cli_checks(tmp_path, model_dir):
                                                    .items() if k != "model_type"}))
     with pytest.raises(UsageError, match="no 'model_type' key"):
         SAPOTrainer(model=str(model), args=config(tmp_path), train_dataset=RECORDS)
+
+
+def test_a_model_instance_without_processing_class_gets_the_tokenizer_it_was_loaded_with(tmp_path, model_dir):
+    """TRL's habit: SAPOTrainer(model=<loaded model>) looks the tokenizer up from the model's name_or_path."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    trainer = SAPOTrainer(model=model, args=config(tmp_path), train_dataset=RECORDS)
+    assert trainer.processing_class.name_or_path == str(model_dir)
+    assert trainer.processing_class.pad_token_id is not None  # prepared like a tokenizer loaded by sapo train
+
+
+def test_a_model_built_in_memory_without_processing_class_is_refused_with_why(tmp_path, tiny_model):
+    with pytest.raises(ValueError, match="pass processing_class .*name_or_path is empty"):
+        SAPOTrainer(model=tiny_model, args=config(tmp_path), train_dataset=RECORDS)
+
+
+def test_a_looked_up_tokenizer_that_is_missing_is_named(tmp_path, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config._name_or_path = str(tmp_path / "gone")
+    with pytest.raises(UsageError, match=r"processing_class \(looked up from the model's name_or_path\) .*gone"):
+        SAPOTrainer(model=model, args=config(tmp_path), train_dataset=RECORDS)

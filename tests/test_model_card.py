@@ -15,6 +15,7 @@ from sapo.model_card import (
     CardFacts,
     card_metadata,
     card_settings,
+    describe_data,
     final_eval_metrics,
     final_metrics,
     hub_id,
@@ -51,6 +52,37 @@ def test_card_lists_everything_needed_to_reproduce(tmp_path):
     assert "| `beta` | `0.25` |" in body and "| `loss` | 0.1235 |" in body and "| `step` | 7 |" in body
     assert '| `model_init_kwargs` | `{"dtype": "bfloat16"}` |' in body
     assert "ema/README.md" in body and CITATION in body and "2405.20830" in body
+
+
+def sapo_field_names() -> list[str]:
+    from sapo.config import sapo_fields
+
+    return [f.name for f in sapo_fields()]
+
+
+@pytest.mark.parametrize(("recipe", "shown", "left_out"), [
+    ("sapo", {"ema_beta", "max_replay_buffer_size", "ref_update_mode", "beta"}, {"spin_iterations", "spin_betas"}),
+    ("spin", {"spin_iterations", "spin_temperature", "beta"}, {"ema_beta", "max_replay_buffer_size", "top_k"}),
+    ("dpo", {"beta", "ref_update_mode"}, {"spin_iterations", "ema_beta", "token_generate_length"}),
+    ("sapo-orpo", {"beta", "ema_beta"}, {"ref_update_mode", "cache_reference_logps", "spin_iterations"}),
+    ("sft", {"max_length"}, {"beta", "loss_type", "ref_update_mode", "ema_beta", "spin_iterations"}),
+])
+def test_the_settings_table_lists_only_what_the_runs_recipe_uses(tmp_path, recipe, shown, left_out):
+    config = SAPOConfig(output_dir=str(tmp_path), recipe=recipe, report_to="none", use_cpu=True)
+    settings = card_settings(config, sapo_field_names())
+    assert shown <= settings.keys() and not left_out & settings.keys()
+    assert "learning_rate" in settings and "max_prompt_length" in settings
+
+
+def test_an_in_memory_dataset_is_described_by_its_size_columns_and_fingerprint():
+    from datasets import Dataset
+
+    records = [{"messages": [{"role": "user", "content": "hi"}], "id": i} for i in range(3)]
+    dataset = Dataset.from_list(records)
+    assert describe_data(dataset) == f"in-memory datasets.Dataset, 3 rows, columns: messages, id, fingerprint " \
+                                     f"{dataset._fingerprint}"
+    assert describe_data(records) == "in-memory list, 3 rows, columns: messages, id"
+    assert describe_data(None) is None
 
 
 def test_only_hub_ids_go_into_the_metadata(tmp_path):
@@ -161,6 +193,16 @@ def test_card_snippets_load_the_saved_policy_and_ema(tmp_path, model_dir, suite)
     assert "EMA model of out" in ema_card.text and "ema.generate(" in ema_card.text
     run_snippet(out / "README.md", adapter=False)
     run_snippet(out / "ema" / "README.md", adapter=False)
+
+
+def test_a_relative_output_dir_is_loaded_as_given_and_in_memory_data_is_described(tmp_path, model_dir, suite,
+                                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train(tmp_path, model_dir, suite, output_dir="runs/out")
+    text = (tmp_path / "runs" / "out" / "README.md").read_text()
+    assert 'AutoModelForCausalLM.from_pretrained("runs/out")' in text and '"out"' not in text
+    assert f"**Training data:** `in-memory list, {len(suite['train'])} rows, columns: messages" in text
+    assert "spin_" not in text and "| `ema_beta` |" in text
 
 
 def test_lora_card_keeps_peft_metadata_and_its_snippets_run(tmp_path, model_dir, suite):

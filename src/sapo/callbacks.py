@@ -5,6 +5,7 @@
 - `_HeldOutPairsAtStart`: the eval pairs exist before the first step (made by the start model).
 - `_ResumeStart`: metrics.jsonl brought back to the resumed step, the Trainer's loss accumulators restored.
 - `_LiveProgress`: the latest loss, margin, accuracy, buffer fill and throughput on the progress bar.
+- `LogLines`: without the bar (`disable_tqdm`), one short line per logged row instead of the Trainer's whole dict.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers import TrainerCallback
 
 from sapo._hf_compat import restore_loss_accumulators
 from sapo.heldout_eval import heldout_pairs
-from sapo.metrics import BUFFER_SIZE, LIVE_METRICS, append_metrics_rows, restore_metrics, truncate_metrics
+from sapo.metrics import BUFFER_SIZE, LIVE_METRICS, append_metrics_rows, log_line, restore_metrics, truncate_metrics
 from sapo.run.paths import CHECKPOINT_METRICS_FILE, METRICS_FILE, STATE_DIR
 from sapo.run.resume import checkpoint_step
 from sapo.step_guard import skip_step_if_nonfinite, skip_step_without_signal
@@ -106,3 +107,13 @@ class _LiveProgress(TrainerCallback):
         if "buffer" in postfix:
             postfix["buffer"] = f"{int(logs[BUFFER_SIZE])}/{self.trainer.args.max_replay_buffer_size}"
         bar.set_postfix(postfix, refresh=True)
+
+
+class LogLines(TrainerCallback):
+    """Takes the place of transformers' `PrinterCallback` (which prints every logged dict, some 600 characters a
+    row for SAPO) when the progress bar is off: a line of the key metrics (`sapo.metrics.log_line`); metrics.jsonl
+    and report_to integrations still get every value."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs:
+            print(log_line(logs, state.global_step, state.max_steps), flush=True)

@@ -22,6 +22,7 @@ from sapo.generation import ENGINE_CHOICES, SamplingSettings
 from sapo.losses import LOSS_TYPES, LOSSES, REFERENCE_FREE_LOSS_TYPES, nll_term_weight
 from sapo.recipes import RECIPES as RECIPE_CLASSES
 from sapo.recipes import Recipe
+from sapo.trl_compat import one_loss_type
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +305,7 @@ class SAPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self.loss_type = one_loss_type(self.loss_type)  # TRL 1.16's form, a list of one loss (default ["sigmoid"])
         self._use_cpu_for_a_cpu_only_launch()
         self._apply_recipe()
         self._validate_sapo_fields()

@@ -274,7 +274,7 @@ def load_policy(model: nn.Module | str, tokenizer: Any, *, chat_template: str | 
     """`SAPOTrainer`'s policy and tokenizer: a path is loaded like `sapo train` loads it (tokenizer from the same
     path unless given); an instance is checked against its tokenizer the same way."""
     if tokenizer is None and not isinstance(model, str):
-        raise ValueError("pass processing_class (the tokenizer) when model is an instance")
+        tokenizer = tokenizer_of_instance(model, init_kwargs, chat_template)
     if isinstance(model, str):
         if tokenizer is None:
             return load_model_and_tokenizer(model, chat_template=chat_template, init_kwargs=init_kwargs,
@@ -290,6 +290,18 @@ def load_policy(model: nn.Module | str, tokenizer: Any, *, chat_template: str | 
     tokenizer = prepare_tokenizer(tokenizer, chat_template)
     check_model(model, tokenizer, model_name="the model passed in", max_length=max_length)
     return model, tokenizer
+
+
+def tokenizer_of_instance(model: nn.Module, init_kwargs: dict[str, Any] | None, chat_template: str | None) -> Any:
+    """The tokenizer of a model instance passed without `processing_class`, loaded from where the model was loaded
+    (`config._name_or_path`), as TRL's trainers look it up; a model built in memory has no such place."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not source:
+        raise ValueError("pass processing_class (the tokenizer): the model instance was not loaded from a directory "
+                         "or hub id (its config's name_or_path is empty), so there is nowhere to load its tokenizer "
+                         "from")
+    return load_tokenizer(str(source), option="processing_class (looked up from the model's name_or_path)",
+                          chat_template=chat_template, init_kwargs=init_kwargs)
 
 
 def load_reference(ref_model: nn.Module | str | None, init_kwargs: dict[str, Any] | None, kwargs_option: str,

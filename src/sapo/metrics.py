@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +45,41 @@ JUDGE_SCORE = "judge/score"
 # What the training progress bar shows, by metric name.
 LIVE_METRICS = {LOSS: "loss", REWARD_MARGINS: "margin", REWARD_ACCURACIES: "acc", BUFFER_SIZE: "buffer",
                 GENERATION_TOKENS_PER_SECOND: "gen tok/s"}
+
+
+# What a log line shows when the progress bar is off (`disable_tqdm`), in this order; metrics.jsonl keeps them all.
+LINE_METRICS = (LOSS, NLL_LOSS, REWARD_MARGINS, REWARD_ACCURACIES, BUFFER_SIZE, GENERATION_TOKENS_PER_SECOND,
+                "grad_norm", "learning_rate")
+EVAL_LINE_METRICS = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/real_per_token",
+                     "eval_judge/score")
+END_LINE_METRICS = ("train_runtime", "train_loss", "train_steps_per_second")
+# Counts, logged as their mean since the last log (over steps and ranks): shown as whole numbers
+COUNT_METRICS = {BUFFER_SIZE, GENERATION_TOKENS_PER_SECOND}
+SHORT_NAMES = {"learning_rate": "lr"}
+
+
+def log_line(logs: Mapping[str, Any], step: int, max_steps: int) -> str:
+    """One short line for a logged row: `step 40/120 | loss 0.512 | rewards/margins 0.31 | ... | lr 1.2e-04` for a
+    training row, `... eval | eval_loss ...` for an evaluation, `... end | train_runtime ...` for the run's summary."""
+    if any(key.startswith("eval_") for key in logs):
+        kind, names = " eval", EVAL_LINE_METRICS
+    elif "train_runtime" in logs:
+        kind, names = " end", END_LINE_METRICS
+    else:
+        kind, names = "", LINE_METRICS
+    shown = [f"{SHORT_NAMES.get(name, name)} {_number(name, logs[name])}" for name in names
+             if isinstance(logs.get(name), numbers.Real)]
+    return " | ".join([f"step {step}/{max_steps}{kind}", *shown])
+
+
+def _number(name: str, value: float) -> str:
+    if name in COUNT_METRICS or isinstance(value, numbers.Integral):
+        return str(round(value))
+    if name == "learning_rate":
+        return f"{value:.1e}"
+    if name == "train_runtime":
+        return f"{value:.1f} s"
+    return f"{value:.3g}"
 
 
 def append_metrics_rows(trainer: Any, records: list[dict[str, Any]]) -> None:

@@ -39,6 +39,8 @@ CITATION = """@article{yin2024sapo,
 TRAINER_FIELDS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
                   "per_device_train_batch_size", "gradient_accumulation_steps", "optim", "weight_decay",
                   "max_grad_norm", "bf16", "fp16", "seed")
+REFERENCE_SETTINGS = ("ref_update_mode", "ref_update_steps", "cache_reference_logps", "ref_model_init_kwargs")
+LOSS_SETTINGS = ("loss_type", "beta", "label_smoothing")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
 EXAMPLE_PROMPT = "Write a haiku about the sea."
 
@@ -77,10 +79,49 @@ def hub_id(name: str | None) -> str | None:
 
 
 def card_settings(config: Any, sapo_field_names: Sequence[str]) -> dict[str, Any]:
-    """The settings shown in the card: every SAPO field plus the main Trainer ones."""
+    """The settings shown in the card: the SAPO fields that matter to the run (`run_settings`) plus the main
+    Trainer ones."""
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
-    names = [*sapo_field_names, *TRAINER_FIELDS]
+    names = [*run_settings(config, sapo_field_names), *TRAINER_FIELDS]
     return {name: values[name] for name in names if name in values}
+
+
+def run_settings(config: Any, names: Sequence[str]) -> list[str]:
+    """`names` without the settings the run cannot have used: those another recipe declares as its own
+    (`Recipe.settings`: no `spin_*` on a sapo run, no EMA or buffer settings on a dpo run), the reference's when
+    the run has none (orpo, sft), and the loss's for sft."""
+    from sapo.recipes import RECIPES
+
+    recipe = getattr(config, "recipe_class", None)
+    if recipe is None:
+        return list(names)
+    unused = {name for other in RECIPES.values() for name in other.settings} - set(recipe.settings)
+    if not config.uses_reference:
+        unused |= set(REFERENCE_SETTINGS)
+    if recipe.supervised:
+        unused |= set(LOSS_SETTINGS)
+    return [name for name in names if name not in unused]
+
+
+def describe_data(dataset: Any) -> str | None:
+    """What a card says of a training set passed in memory (no name to give): its kind, size, columns and, for a
+    `datasets.Dataset`, its fingerprint (which changes with its content)."""
+    if dataset is None:
+        return None
+    package = type(dataset).__module__.split(".")[0]
+    kind = type(dataset).__name__ if package == "builtins" else f"{package}.{type(dataset).__name__}"
+    try:
+        rows = len(dataset)
+    except TypeError:
+        return f"in-memory {kind}"
+    columns = getattr(dataset, "column_names", None)
+    if columns is None and rows and isinstance(dataset[0], Mapping):
+        columns = list(dataset[0])
+    shown = f"in-memory {kind}, {rows} rows"
+    if columns:
+        shown += f", columns: {', '.join(map(str, columns))}"
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    return shown + (f", fingerprint {fingerprint}" if fingerprint else "")
 
 
 def final_metrics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

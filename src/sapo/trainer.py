@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from sapo import heldout_eval
-from sapo.callbacks import _HeldOutPairsAtStart, _LiveProgress, _SAPOStepHooks
+from sapo.callbacks import LogLines, _HeldOutPairsAtStart, _LiveProgress, _SAPOStepHooks
 from sapo.config import SAPOConfig
 from sapo.copies import SHARDS, ModelCopies
 from sapo.data import collate_examples, keep_legacy_flag, tokenized_dataset
@@ -79,6 +79,7 @@ from sapo.metrics import (
     append_metrics_rows,
     reduced_metrics,
 )
+from sapo.model_card import describe_data
 from sapo.recipes import RECIPES, Recipe, StepServices
 from sapo.run import finish as run_finish
 from sapo.run import start as run_start
@@ -194,9 +195,12 @@ class SAPOTrainer(Trainer):
         self.nonfinite_steps = 0
         self._stop_reason: tuple[str, int] | None = None
         self.data_source: str | None = None  # shown in the model card; the CLI sets both
+        self.data_description = describe_data(train_dataset)  # the card's words for data passed in memory
         self.command: str | None = None
         self.add_callback(_SAPOStepHooks(self))
         self.add_callback(_LiveProgress(self))
+        if self.pop_callback(PrinterCallback) is not None:  # disable_tqdm: short lines instead of whole dicts
+            self.add_callback(LogLines())
         if self._eval_sets:
             self.add_callback(_HeldOutPairsAtStart(self))
 

@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": run_train, "demo": run_demo, "plot": run_plot, "inspect": run_inspect, "eval": run_eval}
     debug = "--debug" in argv  # sapo's own flag; TrainingArguments' `debug` stays reachable from YAML
     argv = [arg for arg in argv if arg != "--debug"]
+    if argv and argv[0] in ("--version", "-V"):
+        print(f"sapo {package_version()}")
+        return 0
     if argv and argv[0] not in commands and argv[0] not in ("-h", "--help"):
         import difflib
 
@@ -55,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: sapo {train,demo,plot,inspect,eval} [options]\n\n"
+        print("usage: sapo {train,demo,plot,inspect,eval} [options]   (sapo --version: the installed version)\n\n"
               "  train    train a model (sapo train --help lists every option)\n"
               "  demo     run the whole pipeline on a built-in task with a tiny model, no downloads\n"
               "  plot     plot training curves of runs from their metrics.jsonl (sapo plot RUN_DIR... [--out DIR])\n"
@@ -67,6 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_deepspeed_probe()
     return _run_guarded(commands[argv[0]], argv[1:], debug)
+
+
+def package_version() -> str:
+    """The installed distribution's version (what a bug report should name), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sapo-align")
+    except PackageNotFoundError:
+        from sapo import __version__
+
+        return __version__
 
 
 def quiet_deepspeed_probe() -> None:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback
 from transformers.utils.logging import disable_progress_bar
 
+from sapo.callbacks import LogLines
 from sapo.config import SAPOConfig
 from sapo.demo_kit import task_judges, tasks, tiny
 from sapo.judging import evaluate
@@ -70,7 +70,7 @@ def sft_warmup(model: torch.nn.Module, tokenizer, records: Sequence[dict], direc
         max_length=128, max_prompt_length=96, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
         seed=seed, disable_tqdm=True, overwrite_output_dir=True)
     trainer = SAPOTrainer(model=model, args=args, train_dataset=list(records), processing_class=tokenizer)
-    trainer.remove_callback(PrinterCallback)  # the demo prints its own summary, not a log row per step
+    trainer.remove_callback(LogLines)  # the demo prints its own summary, not a log row per step
     trainer.train()
     trainer.save_model()
     return [row["loss"] for row in trainer.state.log_history if "loss" in row]
@@ -135,7 +135,7 @@ def run(settings: DemoSettings) -> dict:
         seed=settings.seed, disable_tqdm=True,
     )
     trainer = SAPOTrainer(model=str(sft_dir), args=args, train_dataset=suite["train"])
-    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(LogLines)
     trainer.sampler = _TimedSampler(trainer.sampler)
     trainer.train()
     trainer.save_model()

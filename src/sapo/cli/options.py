@@ -22,6 +22,7 @@ import yaml
 
 from sapo.errors import USER_ERRORS, UsageError, describe_unusable_path
 from sapo.errors import one_paragraph as _one_paragraph
+from sapo.trl_compat import TRL_FIELDS, refusal, translate_options
 
 EXIT_USAGE = 2
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -122,6 +123,10 @@ def read_yaml_config(path: str, known: set[str], parser: argparse.ArgumentParser
         raise UsageError(f"{path}: the file sets no options (expected a mapping of option: value)")
     if not isinstance(values, dict):
         raise UsageError(f"{path}: expected a mapping of option: value, got a YAML {_yaml_kind(values)}")
+    try:  # a TRL config: its names and forms become sapo's, or are refused by name (sapo.trl_compat)
+        values = translate_options(values)
+    except ValueError as error:
+        raise UsageError(f"{path}: {error}") from None
     for key in values:
         if key in ("config", "help"):
             raise UsageError(f"{path}: option {key!r} cannot be set inside a config file")
@@ -260,6 +265,10 @@ def parse_train_args(argv: Sequence[str]) -> tuple[Any, Any]:
         where = f" (set in {pre.config}: {', '.join(named)})" if named else ""
         raise UsageError(f"invalid configuration: {message}{where}") from error
     if rest:
+        trl = [name for name in (arg.split("=")[0].lstrip("-") for arg in rest if arg.startswith("--"))
+               if name in TRL_FIELDS]
+        if trl:
+            raise UsageError(f"unknown option --{trl[0]}: {refusal(trl[0])}")
         raise UsageError(f"unknown option(s): {' '.join(rest)} (see `sapo train --help`)")
     check_model_arguments(model_args)
     return model_args, config
@@ -370,8 +379,11 @@ def apply_lora(model: Any, model_args: ModelArguments) -> Any:
 def lora_config(model_args: ModelArguments):
     from peft import LoraConfig
 
+    targets = model_args.lora_target_modules or "all-linear"
+    if targets == ["all-linear"]:  # TRL's scripts' value; peft reads it only as a string (a list names modules)
+        targets = "all-linear"
     return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-                      target_modules=model_args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ class Recipe:
     # Where the rejected side of its eval pairs comes from (`sapo.heldout.rejected_source`): 'segment' (the start
     # model rewrites a segment), 'whole' (the start model answers the prompt), 'data' (the records' own), None.
     eval_rejected: ClassVar[str | None] = "whole"
+    # SAPOConfig fields only this recipe (and its subclasses) reads: a run of another recipe leaves them at their
+    # defaults, so its model card does not list them
+    settings: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def sampling_settings(cls, args: Any) -> SamplingSettings:

@@ -27,6 +27,9 @@ class SelfAugmented(Recipe):
     the triples go into a FIFO replay buffer, from which each step draws its pairs (step 3)."""
 
     name = "sapo"
+    settings = ("token_generate_length", "ema_beta", "max_replay_buffer_size", "sample_every_n_steps",
+                "responses_per_prompt", "generation_batch_size", "temperature", "top_k", "top_p", "identical_rejected",
+                "rejected_judge")
     needs_ema = True
     eval_rejected = "segment"
 

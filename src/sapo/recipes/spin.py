@@ -30,6 +30,8 @@ class Spin(Recipe):
     scripts."""
 
     name = "spin"
+    settings = ("spin_iterations", "spin_preset", "spin_learning_rates", "spin_betas", "spin_reset_optimizer",
+                "spin_end_with_eos", "spin_do_sample", "spin_temperature", "spin_max_new_tokens")
     allowed_loss_types = REFERENCE_LOSS_TYPES
     fixed_reference = True
 

@@ -120,7 +120,8 @@ def card_facts(trainer: Any, location: str, *, model_name: str | None = None, da
     return CardFacts(
         location=location, recipe=trainer.args.recipe, loss_type=trainer.args.loss_type,
         base_model=base_model or getattr(getattr(trainer.policy, "config", None), "_name_or_path", None) or None,
-        data=data or trainer.data_source, adapter=is_peft_model(trainer.policy), has_ema=trainer.copies.ema is not None,
+        data=data or trainer.data_source or getattr(trainer, "data_description", None),
+        adapter=is_peft_model(trainer.policy), has_ema=trainer.copies.ema is not None,
         ema_beta=trainer.args.ema_beta if trainer.copies.ema is not None else None,
         settings=card_settings(trainer.args, [f.name for f in sapo_fields()]), metrics=final_metrics(history),
         eval_metrics=final_eval_metrics(history), command=trainer.command, model_name=model_name, tags=tuple(tags),
