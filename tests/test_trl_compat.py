@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import re
 import warnings
 
 import pytest
@@ -15,7 +16,7 @@ from transformers import TrainingArguments
 from sapo import tasks
 from sapo.cli import build_train_parser, known_option_names, main, parse_train_args
 from sapo.errors import UsageError
-from sapo.trl_compat import EXPECTED_TAKEN, MAPPED, REFUSED, TAKEN, TRL_CLASSES, TRL_FIELDS, translate_options
+from sapo.trl_compat import MAPPED, REFUSED, TAKEN, TRL_CLASSES, TRL_FIELDS, translate_options
 
 INHERITED = {f.name for f in dataclasses.fields(TrainingArguments)}
 
@@ -54,7 +55,7 @@ def test_the_table_agrees_with_sapos_options(sapo_options):
     for name, entry in TRL_FIELDS.items():
         assert entry.kind in (TAKEN, MAPPED, REFUSED)
         if entry.kind == TAKEN:
-            assert name in sapo_options or name in EXPECTED_TAKEN, name
+            assert name in sapo_options, name
         elif name != "loss_type":  # loss_type is sapo's name too; only TRL's list form is mapped
             assert name not in sapo_options, f"{name} is a sapo option now: classify it as taken"
         if entry.kind == REFUSED:
@@ -121,15 +122,28 @@ def test_trl_habits_in_a_yaml_are_translated(tmp_path):
     assert config.model_init_kwargs == {"attn_implementation": "eager", "revision": "v2"}
 
 
+@pytest.mark.parametrize(("values", "weight"), [
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}, 0.5),
+    ({"loss_type": ["sft", "hinge"]}, 1.0),  # TRL's loss_weights default: every loss at 1
+    ({"loss_type": "sigmoid", "rpo_alpha": 0.3}, 0.3),  # TRL < 1.0's name
+])
+def test_rpo_as_trl_writes_it_is_sapos_nll_weight(tmp_path, values, weight):
+    _, config = parse_train_args(["--config", write_config(tmp_path, values)])
+    assert config.nll_weight == weight and config.loss_type in ("sigmoid", "hinge")
+
+
 @pytest.mark.parametrize(("values", "message"), [
-    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [0.8, 0.2]}, "sapo trains with one loss, got loss_type"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [0.8, 0.2]}, "give loss_weights with sigmoid at 1 "
+                                                                    "(e.g. nll_weight 0.25 for the same ratio)"),
+    ({"loss_type": ["sigmoid", "ipo"]}, "sapo trains with one loss, got loss_type"),
+    ({"loss_type": ["orpo", "sft"]}, "nll_weight must be >= 0 and only added to a loss without its own NLL"),
     ({"lora_task_type": "SEQ_CLS"}, "lora_task_type 'SEQ_CLS' is a TRL setting sapo does not take: sapo trains "
                                     "causal LMs"),
     ({"sync_ref_model": True}, "sync_ref_model True is a TRL setting sapo does not take: TR-DPO"),
     ({"torch_dtype": "float16", "dtype": "bfloat16"}, "dtype and torch_dtype both set dtype"),
 ])
 def test_trl_settings_sapo_cannot_take_are_refused_by_name(tmp_path, values, message):
-    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+    with pytest.raises(UsageError, match=re.escape(message)):
         parse_train_args(["--config", write_config(tmp_path, values)])
 
 

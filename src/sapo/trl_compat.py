@@ -29,8 +29,6 @@ TAKEN, MAPPED, REFUSED = "taken", "mapped", "refused"
 # TRL classes whose fields the table classifies: (module, class name) as TRL 1.16 exports them
 TRL_CLASSES = (("trl", "DPOConfig"), ("trl.experimental.orpo", "ORPOConfig"), ("trl", "ModelConfig"),
                ("trl", "ScriptArguments"))
-# Taken fields that the lead's branch adds to SAPOConfig (RPO's NLL weight); not yet a sapo option on this branch
-EXPECTED_TAKEN = frozenset({"rpo_alpha"})
 _NOT_GIVEN = object()
 
 
@@ -58,7 +56,29 @@ def one_loss_type(value: Any) -> Any:
     if not isinstance(value, (list, tuple)):
         return value
     raise ValueError(f"sapo trains with one loss, got loss_type {value!r}: TRL's mixes of several losses (with "
-                     "loss_weights, e.g. MPO) are not supported; give one of sigmoid, ipo, hinge, orpo")
+                     "loss_weights, e.g. MPO) are not supported beyond RPO's [sigmoid, sft] (a reference loss plus "
+                     "the NLL, sapo's nll_weight); give one of sigmoid, ipo, hinge, orpo")
+
+
+def rpo_mix(values: Mapping[str, Any]) -> dict[str, Any]:
+    """TRL 1.16 writes RPO as `loss_type: [sigmoid, sft]` with `loss_weights: [1, w]` (None: all 1): in sapo that is
+    `loss_type: sigmoid` with `nll_weight: w` (any reference loss in place of sigmoid). Other values pass as given.
+    A first weight other than 1 is refused: scaling the whole loss is not the same run under gradient clipping."""
+    losses, weights = values.get("loss_type"), values.get("loss_weights")
+    if not (isinstance(losses, (list, tuple)) and len(losses) == 2 and "sft" in losses):
+        return dict(values)
+    weights = [1.0, 1.0] if weights is None else list(weights)
+    if len(weights) != 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        raise ValueError(f"loss_weights {values.get('loss_weights')!r} must be two numbers for loss_type {losses!r}")
+    by_loss = dict(zip(losses, weights, strict=True))
+    other = next(loss for loss in losses if loss != "sft")
+    if by_loss[other] != 1:
+        raise ValueError(f"loss_weights {weights!r}: sapo weighs {other} by 1 and the NLL by nll_weight; give "
+                         f"loss_weights with {other} at 1 (e.g. nll_weight {by_loss['sft'] / by_loss[other]:g} for "
+                         "the same ratio)")
+    result = {k: v for k, v in values.items() if k != "loss_weights"}
+    result.update(loss_type=other, nll_weight=by_loss["sft"])
+    return result
 
 
 def _one_loss(value: Any) -> dict[str, Any]:
@@ -106,9 +126,11 @@ TRL_FIELDS: dict[str, TRLField] = {
                                          "buffered pairs instead", (False,)),
     "precompute_ref_batch_size": TRLField(REFUSED, "see precompute_ref_log_probs; use cache_reference_logps",
                                           (None,)),
-    "loss_type": TRLField(MAPPED, "read as that one loss when a list of one; several are refused (no loss mixes)",
+    "loss_type": TRLField(MAPPED, "read as that one loss when a list of one; RPO's [sigmoid, sft] (any reference "
+                          "loss with sft) as that loss with nll_weight = the sft weight; other mixes are refused",
                           translate=_one_loss),
-    "loss_weights": TRLField(REFUSED, _LOSS_MIX, (None, [1.0])),
+    "loss_weights": TRLField(REFUSED, _LOSS_MIX + " beyond RPO's [1, w] with loss_type [sigmoid, sft] (nll_weight "
+                             "w)", (None, [1.0])),
     "ld_alpha": TRLField(REFUSED, "LD-DPO's length weighting is not implemented", (None,)),
     "f_divergence_type": TRLField(REFUSED, "f-DPO divergences are not implemented (sapo's losses use the reverse "
                                   "KL)", ("reverse_kl",)),
@@ -167,7 +189,8 @@ TRL_FIELDS: dict[str, TRLField] = {
     # older TRL names still found in configs
     "torch_dtype": TRLField(MAPPED, "read as dtype (transformers' older name)", translate=_rename("dtype")),
     "max_prompt_length": TRLField(TAKEN, "TRL < 1.0; sapo's default is 512"),
-    "rpo_alpha": TRLField(TAKEN, "TRL < 1.0: weight of the real response's NLL added to the loss"),
+    "rpo_alpha": TRLField(MAPPED, "TRL < 1.0: read as nll_weight, the weight of the real responses' NLL added to "
+                          "the loss", translate=lambda value: {} if value is None else {"nll_weight": value}),
 }
 
 
@@ -186,7 +209,7 @@ def translate_options(values: Mapping[str, Any]) -> dict[str, Any]:
     what to use. A translation that collides with an option the file also sets is an error naming both."""
     result: dict[str, Any] = {}
     translated: dict[str, str] = {}  # sapo option -> the TRL field that set it
-    for key, value in values.items():
+    for key, value in rpo_mix(values).items():
         entry = TRL_FIELDS.get(key) if isinstance(key, str) else None
         if entry is None or entry.kind == TAKEN:  # a taken name sapo lacks is reported as unknown by the caller
             _merge(result, translated, key, value, None)
