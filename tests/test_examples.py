@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -96,3 +97,34 @@ def test_accelerate_config_launches_eight_processes_with_its_engine(name: str, m
 def test_paper_example_points_at_the_zero3_config() -> None:
     text = (EXAMPLES / "mistral-7b-sapo-dpo.yaml").read_text()
     assert "examples/accelerate/zero3-8gpu.yaml" in text
+
+
+# Hub-sized settings each example needs changed to train a tiny local model on a CPU (besides helpers'
+# TINY_TRAIN_FLAGS): bitsandbytes' 8-bit AdamW is a GPU optimizer.
+CPU_STAND_INS = {"llama3-8b-sapo-orpo.yaml": ["--optim", "adamw_torch"]}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_example_trains_on_a_cpu_with_tiny_sizes(path: Path, tmp_path, model_dir, capsys) -> None:
+    """Each example as documented (`sapo train --config examples/X.yaml`), only its model, data and sizes
+    swapped for a tiny local model and 2 CPU steps: every other setting of the file (loss, LoRA, schedule,
+    activation checkpointing, chat template) runs."""
+    from helpers import TINY_TRAIN_FLAGS, write_preference_records
+
+    from sapo.cli import main
+
+    settings = read_yaml_config(str(path), known_option_names(build_train_parser()))
+    if settings.get("use_peft"):
+        pytest.importorskip("peft")
+    data = write_preference_records(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    argv = ["train", "--config", str(path), "--model_name_or_path", str(model_dir), "--dataset_name", str(data),
+            "--output_dir", str(out), *TINY_TRAIN_FLAGS, *CPU_STAND_INS.get(path.name, [])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]  # no deprecated spelling
+    weights = "adapter_model.safetensors" if settings.get("use_peft") else "model.safetensors"
+    assert (out / weights).exists() and (out / "ema").is_dir()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
