@@ -1,6 +1,7 @@
-"""Every shell command README.md, docs/getting-started.md and the comments of examples/ show is accounted for: run
-here on a tiny local model (the command as printed, plus flags that shrink it), run at tiny size by another named
-test, or excluded with the reason it cannot run on a CPU in the suite. A command added to those files without an
+"""Every shell command of README.md and docs/getting-started.md (their bash blocks, and the benchmark commands their
+figures cite) and of the comments in examples/ is accounted for: run here on a tiny local model (the command as
+printed, plus flags that shrink it), run at tiny size by another named test, or excluded with the reason it cannot
+run on a CPU in the suite. A command added to those files without an
 entry below fails `test_every_documented_command_is_run_covered_or_excluded`."""
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ RUN = {
 
 EXAMPLE_RUN = "tests/test_examples.py::test_example_trains_on_a_cpu_with_tiny_sizes"
 DEMO_RUN = "tests/test_demo.py::test_demo_pipeline_in_miniature"
+SPEED_RUN = "tests/test_speed_benchmark.py::test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share"
 
 # Commands another test runs at tiny size: command -> that test.
 COVERED = {
@@ -56,6 +58,11 @@ COVERED = {
     "sapo train --config examples/demo.yaml": EXAMPLE_RUN,
     "torchrun --nproc_per_node 8 -m sapo.cli train --config run.yaml":
         "tests/test_distributed.py::test_torchrun_of_the_cli_on_cpus_is_one_coordinated_job",  # 2 CPU processes
+    # the benchmark runs README's figures cite (an hour of CPU each), run end to end at tiny shapes
+    "benchmarks/speed.py --config cpu --phases sapo,trl --repeats 2": SPEED_RUN,
+    "benchmarks/speed.py --config cpu --repeats 2": SPEED_RUN,
+    "benchmarks/memory.py --json memory.json": "tests/test_memory_benchmark.py::test_copy_bytes_of_every_option",
+    "benchmarks/quality.py --full": "tests/test_quality_benchmark.py::test_benchmark_writes_tables_json_and_png",
 }
 
 EIGHT_GPUS = "needs 8 GPUs; the accelerate config is read by tests/test_examples.py and the engine runs on 2 CPU " \
@@ -67,6 +74,11 @@ EXCLUDED = {
     "pip install -e .": "installs the clone (network for dependencies); `make test` does it in CI",
     "pip install 'sapo-align[peft,plot]'": "installs from PyPI (network)",
     "make test": "is the suite itself (what CI runs, .ci/run)",
+    ".venv/bin/python -m pytest": "is the suite itself",
+    ".venv/bin/python -m pytest -m 'not slow and not distributed and not benchmark'": "is the suite itself",
+    ".venv/bin/python -m pytest -m slow": "is the suite itself (its slow-marked part)",
+    ".venv/bin/python -m pytest -m distributed": "is the suite itself (its distributed-marked part)",
+    ".venv/bin/python -m pytest -m benchmark": "is the suite itself (its benchmark-marked part)",
     "python -m pytest -q -p no:cacheprovider --ignore=tests/test_losses.py --ignore=tests/test_speed_benchmark.py":
         "is the suite itself, on the dependency floors (a dated record in getting-started)",
     "accelerate launch --config_file examples/accelerate/zero3-8gpu.yaml -m sapo.cli train --config run.yaml":
@@ -105,9 +117,11 @@ def joined_lines(lines: list[str]) -> list[str]:
 
 
 def page_commands(text: str) -> list[str]:
-    """The commands of a Markdown page's ```bash blocks."""
+    """The commands of a Markdown page's ```bash blocks, and the benchmark commands it cites in its text."""
     blocks = re.findall(r"^```bash\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
     lines = [line for block in blocks for line in joined_lines(block.splitlines())]
+    lines += re.findall(r"`((?:python )?benchmarks/\w+\.py[^`]*)`", re.sub(r"^```.*?^```", "", text,
+                                                                           flags=re.MULTILINE | re.DOTALL))
     return [normalized(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -135,6 +149,7 @@ def test_the_extraction_finds_the_commands_of_each_source():
     assert commands["sapo plot runs/a runs/b"] == "README.md"
     assert commands["sapo inspect runs/demo/sapo-cli"] == "examples/demo.yaml"
     assert commands["python -m sapo train --config run.yaml"] == "docs/getting-started.md"
+    assert commands["benchmarks/quality.py --full"] == "README.md"  # cited in the text, not in a block
     assert "accelerate launch --config_file examples/accelerate/zero3-8gpu.yaml -m sapo.cli train --config " \
            "examples/mistral-7b-sapo-dpo.yaml" in commands
     assert example_commands("# text\n#   sapo eval a b \\\n#       --n 3   # note\n") == ["sapo eval a b --n 3"]
