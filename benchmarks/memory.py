@@ -106,7 +106,7 @@ def _load_speed():
 speed = _load_speed()
 
 FULL_SHAPE = replace(speed.CONFIGS["gpu"], name="qwen2-0.5b", bf16=False, prompt_len=32, response_len=32, batch=2,
-                     token_generate_length=16, gradient_checkpointing=False, threads=None)
+                     token_generate_length=16, activation_checkpointing=False, threads=None)
 
 
 def dry_run_shape(shape):

@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = build_tokenizer()
     model = speed.build_model(shape, tokenizer, device)
     model.train()
-    if shape.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if shape.activation_checkpointing:
+        model.activation_checkpointing_enable()
     entries = make_pairs(shape, len(tokenizer.get_vocab()) // 2, len(tokenizer))
     batch = {name: t.to(device) for name, t in pad_pairs(entries, tokenizer.pad_token_id).items()}
     with torch.no_grad():

@@ -2,7 +2,7 @@
 peers on a disjoint split of NEW demonstrations of the same families, with ablations of SAPO's parts.
 
     python benchmarks/quality.py --quick            # the same protocol, reduced: about 4 CPU-minutes
-    python benchmarks/quality.py --full             # the README's numbers (sized for ~60 min on 2 idle cores)
+    python benchmarks/quality.py --full             # docs/results/quality.md's run (~60 min on 2 idle cores)
     python benchmarks/quality.py --full --out DIR   # outputs elsewhere (default runs/quality, runs/quality-quick)
 
 Protocol (identical for every run, so that only the recipe or the ablated part differs):
@@ -1340,7 +1340,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help=f"shorter run, about 4 CPU-minutes: {QUICK}")
-    mode.add_argument("--full", action="store_true", help="the README's run (the default)")
+    mode.add_argument("--full", action="store_true", help="the run docs/results/quality.md reports (the default)")
     defaults = Settings()
     for item in dataclasses.fields(Settings):
         value = getattr(defaults, item.name)

@@ -55,7 +55,7 @@ Configurations (``--dry_run`` shrinks the model and shapes, keeping architecture
 * ``cpu``: Llama-shaped, hidden 256, 4 layers, 4 heads, vocab of the character tokenizer, fp32; prompt 128 +
   response 128 tokens; batch 8; token_generate_length 256, so G = min(256, len(y)) = 128 and k = 0.
 * ``gpu``: Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864, vocab 151936, tied
-  embeddings), bf16 weights; prompt 512 + response 512; batch 8; 256-token segments; gradient checkpointing
+  embeddings), bf16 weights; prompt 512 + response 512; batch 8; 256-token segments; activation checkpointing
   on for both trainers. Training is pure bf16 (weights and AdamW state in bf16) with ``bf16=False`` in both
   trainers' arguments, as the weights are bf16 already; ``--autocast`` sets ``bf16=True`` instead.
 
@@ -111,7 +111,7 @@ class Shape:
     response_len: int
     batch: int
     token_generate_length: int
-    gradient_checkpointing: bool
+    activation_checkpointing: bool
     threads: int | None  # torch intra-op threads; None leaves torch's default
 
     @property
@@ -126,10 +126,10 @@ class Shape:
 CONFIGS: dict[str, Shape] = {
     "cpu": Shape("cpu", "llama", hidden=256, layers=4, heads=4, kv_heads=4, intermediate=1024, vocab=None,
                  tie_embeddings=True, bf16=False, prompt_len=128, response_len=128, batch=8,
-                 token_generate_length=256, gradient_checkpointing=False, threads=1),
+                 token_generate_length=256, activation_checkpointing=False, threads=1),
     "gpu": Shape("gpu", "qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
                  tie_embeddings=True, bf16=True, prompt_len=512, response_len=512, batch=8,
-                 token_generate_length=256, gradient_checkpointing=True, threads=None),
+                 token_generate_length=256, activation_checkpointing=True, threads=None),
 }
 
 
@@ -354,10 +354,10 @@ def summarize_steps(walls: list[float], cpus: list[float], skip: int, tokens_per
 def checkpointing(shape: Shape) -> dict[str, bool]:
     """The same activation checkpointing for both trainers (TRL's own default is on, TrainingArguments' off).
 
-    `gradient_checkpointing` is the deprecated alias in transformers 5; giving both keeps either version happy.
+    Only the transformers >= 5.23 name: `gradient_checkpointing` is its deprecated alias (a FutureWarning), and
+    TRL's config, a TrainingArguments, mirrors the new name into the old one it reads.
     """
-    return {"activation_checkpointing": shape.gradient_checkpointing,
-            "gradient_checkpointing": shape.gradient_checkpointing}
+    return {"activation_checkpointing": shape.activation_checkpointing}
 
 
 def set_threads(shape: Shape, threads: int | None) -> None:
@@ -865,7 +865,7 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
     lines = [f"config {args.config}{' (dry run)' if args.dry_run else ''}: {shape.arch} hidden {shape.hidden}, "
              f"{shape.layers} layers, {shape.heads}/{shape.kv_heads} heads, vocab {shape.vocab or 'char'}, "
              f"{'bf16' if shape.bf16 else 'fp32'}; prompt {shape.prompt_len} + response {shape.response_len}, "
-             f"batch {shape.batch}, G {shape.segment}, gradient checkpointing {shape.gradient_checkpointing}",
+             f"batch {shape.batch}, G {shape.segment}, activation checkpointing {shape.activation_checkpointing}",
              f"environment: {json.dumps(env)}; torch threads: {args.threads or shape.threads or 'default'}",
              f"model parameters: {results['params']['count'] / 1e6:.1f} M (full-size config: "
              f"{results['params']['full_size'] / 1e6:.1f} M)",

@@ -74,3 +74,24 @@ class ScriptedSampler:
     def sample(self, model, contexts, max_new_tokens):
         self.calls.append(([list(c) for c in contexts], max_new_tokens))
         return [list(self.outputs[i % len(self.outputs)]) for i in range(len(contexts))]
+
+
+TINY_TRAIN_FLAGS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                    "--token_generate_length", "4", "--max_length", "64", "--max_prompt_length", "48",
+                    "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--logging_steps", "1",
+                    "--save_strategy", "no", "--disable_tqdm", "true"]
+"""`sapo train` flags that shrink any documented run (flags override its --config file) to 2 CPU steps."""
+
+
+def write_preference_records(path: Path, n: int = 16, seed: int = 2) -> Path:
+    """`n` built-in task demonstrations as chat preference records (chosen/rejected), a format every recipe
+    reads (SAPO ignores the rejected side), written to the JSONL file `path`."""
+    from sapo import tasks
+
+    rows = []
+    for record in tasks.make_suite(n, 0, seed=seed)["train"]:
+        user, answer = record["messages"][0], record["messages"][1]
+        wrong = {"role": "assistant", "content": record["rejected"]}
+        rows.append({"chosen": [user, answer], "rejected": [user, wrong]})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -976,7 +976,7 @@ def test_static_engine_refuses_unsupported_generation_config_before_training(cap
 
 
 def test_judge_file_runs_with_its_folder_on_sys_path(tmp_path, monkeypatch):
-    """`--judge file.py:fn` executes the file (README FAQ), with its folder importable for helpers beside it."""
+    """`--judge file.py:fn` executes the file (docs/guides/faq.md), with its folder importable for helpers beside it."""
     from sapo.judging import load_judge
 
     monkeypatch.setattr(sys, "path", list(sys.path))

@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.distributed  # two-process torchrun runs; `-m "not distributed"` skips these
+
 WORKER = Path(__file__).parent / "workers" / "distributed_train.py"
 SHARDED = {"fsdp2", "fsdp2-keep-gathered", "zero3", "zero3-by-path"}
 NEEDS_DEEPSPEED = {"zero2", "zero3", "zero3-by-path", "zero3-spin"}

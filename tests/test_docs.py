@@ -69,3 +69,24 @@ def test_readme_links_into_the_docs_point_at_pages_and_headings_that_exist():
         assert path.is_file(), f"README links to {target}, which does not exist"
         if anchor:
             assert anchor in _anchors(path.read_text()), f"README links to {target}#{anchor}: no such heading"
+
+
+def _measured_section(readme: str) -> str:
+    return readme.split("\n## Measured\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_figure_readme_quotes_is_on_a_dated_results_page():
+    """README quotes only figures it reproduces: each number and date of its "Measured" section (outside code
+    spans and links) appears on a page under docs/results/, and each bullet names the command and the date."""
+    section = _measured_section((ROOT / "README.md").read_text())
+    results = "\n".join(page.read_text() for page in sorted((ROOT / "docs" / "results").glob("*.md")))
+    bullets = section.split("\n- ")[1:]
+    assert len(bullets) >= 3
+    for bullet in bullets:
+        assert re.search(r"\b20\d\d-\d\d-\d\d\b", bullet) and "`benchmarks/" in bullet, bullet[:80]
+        assert "](docs/results/" in bullet, bullet[:80]
+    prose = re.sub(r"`[^`]*`|\]\([^)]*\)|Qwen2-0\.5B|Llama", " ", section)
+    figures = re.findall(r"\b20\d\d-\d\d-\d\d\b|\d+\.\d+|\b\d{2,}\b", prose)
+    assert len(figures) > 20
+    missing = [f for f in figures if f not in results]
+    assert not missing, f"README quotes figures no results page has: {missing}"

@@ -15,6 +15,8 @@ from torch import nn
 
 from sapo import tiny
 
+pytestmark = pytest.mark.benchmark  # a benchmark script at tiny size; `-m "not benchmark"` skips these
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "benchmarks" / "memory.py"
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.benchmark  # a benchmark script at tiny size; `-m "not benchmark"` skips these
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pair_scoring.py"
 
 

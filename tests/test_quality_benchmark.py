@@ -11,6 +11,8 @@ import math
 import pytest
 from helpers import load_benchmark
 
+pytestmark = pytest.mark.benchmark  # a benchmark script at tiny size; `-m "not benchmark"` skips these
+
 RECIPES = ("sft", "dpo", "sapo-dpo", "sapo-rpo")
 BASE = "sapo-dpo"
 ABLATIONS = ("whole", "keep", "judge")

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.benchmark  # a benchmark script at tiny size; `-m "not benchmark"` skips these
+
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "reference_reuse.py"
 
 

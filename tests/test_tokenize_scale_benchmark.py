@@ -14,6 +14,8 @@ from helpers import load_benchmark
 
 from sapo.data import examples_from_records
 
+pytestmark = pytest.mark.benchmark  # a benchmark script at tiny size; `-m "not benchmark"` skips these
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenize_scale.py"
 
 

@@ -4,6 +4,7 @@ import math
 import random
 import subprocess
 import sys
+import warnings
 from functools import partial
 
 import helpers
@@ -625,3 +626,29 @@ def test_rejected_judge_keeps_only_rewrites_the_task_judge_scores_below_the_real
 def test_rejected_judge_needs_a_sapo_recipe_and_a_loadable_function(tmp_path):
     with pytest.raises(ValueError, match="rejected_judge judges the EMA model's rewrites"):
         config(tmp_path, recipe="dpo", rejected_judge="sapo.tasks:judge")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_activation_checkpointing_is_enabled_on_the_policy_without_a_deprecation_warning(tmp_path, tokenizer,
+                                                                                          tiny_model, suite, enabled):
+    """transformers 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns on every
+    run); the new name alone turns recomputation on for the policy's decoder layers while it trains."""
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and hasattr(m, "mlp")]
+            seen[state.global_step] = (model.training, [m.gradient_checkpointing for m in layers])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = config(tmp_path, max_steps=2, activation_checkpointing=enabled)
+        trainer = SAPOTrainer(model=tiny_model, args=args, train_dataset=suite["train"], processing_class=tokenizer,
+                              callbacks=[Probe()])
+        trainer.train()
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+    assert args.activation_checkpointing is enabled
+    assert trainer.model.is_activation_checkpointing is enabled
+    assert seen.keys() == {1, 2}
+    for training, flags in seen.values():
+        assert training and len(flags) == 2 and all(flag is enabled for flag in flags)  # both decoder layers

@@ -41,7 +41,7 @@ DEFAULT_GENERATION_ROWS = 64  # sequences decoded together by default (generatio
 
 @dataclass
 class SAPOConfig(TrainingArguments):
-    """Settings of a SAPO run; see README "Config reference" for the full table."""
+    """Settings of a SAPO run; every field, with its help text, is in docs/guides/config.md."""
 
     # --- recipe -----------------------------------------------------------------------------------
     recipe: str = field(
@@ -287,7 +287,7 @@ class SAPOConfig(TrainingArguments):
         metadata={"help": "The same for a reference model given by path (SAPOTrainer(ref_model='...')). Default: "
                   "model_init_kwargs, so the reference loads like the policy."},
     )
-    # --- evaluation during training (eval_dataset, eval_strategy, eval_steps: see README) ----------
+    # --- evaluation during training (eval_dataset, eval_strategy, eval_steps: docs/guides/evaluation.md) ---
     eval_judge: str | None = field(
         default=None,
         metadata={"help": "Also score held-out answers at each evaluation: module:function (or file.py:function), "

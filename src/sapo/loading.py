@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -422,10 +423,18 @@ def load_policy_for_training(model: nn.Module | str, tokenizer: Any, chat_templa
     model, tokenizer = load_policy(model, tokenizer, chat_template=chat_template, init_kwargs=model_init_kwargs,
                                    max_length=max_length)
     if peft_config is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config)
+        model = with_lora(model, peft_config)
     return model, tokenizer
+
+
+def with_lora(model: nn.Module, peft_config: Any) -> nn.Module:
+    """`peft.get_peft_model`, without the deprecation warning it triggers on every run: peft reads the model's
+    `is_gradient_checkpointing`, which transformers 5.23 renamed (a FutureWarning the user cannot act on)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def load_run_reference(args: Any, ref_model: nn.Module | str | None, tokenizer: Any) -> nn.Module | None:

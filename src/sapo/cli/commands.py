@@ -139,7 +139,7 @@ def _argparse_errors_raise() -> Iterator[None]:
 
 
 def config_reference_markdown() -> str:
-    """The README's option tables, generated from the dataclasses so the docs cannot drift from the code."""
+    """docs/guides/config.md's option tables, generated from the dataclasses so the docs cannot drift from the code."""
     from sapo.config import sapo_fields
 
     sections = [("Model and data (`ModelArguments`)", dataclasses.fields(ModelArguments)),

@@ -363,11 +363,12 @@ def load_model_and_tokenizer(model_args: ModelArguments, init_kwargs: dict[str, 
 def apply_lora(model: Any, model_args: ModelArguments) -> Any:
     """The model wrapped with LoRA adapters, a LoRA target that matches nothing (or a layer peft cannot adapt)
     reported with the option, the value and the model's linear layers."""
-    from peft import get_peft_model
     from torch import nn
 
+    from sapo.loading import with_lora
+
     try:
-        return get_peft_model(model, lora_config(model_args))
+        return with_lora(model, lora_config(model_args))
     except (ValueError, TypeError) as error:
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                          if isinstance(module, nn.Linear)})

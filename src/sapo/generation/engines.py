@@ -20,10 +20,11 @@ ENGINES: dict[str, type] = {"hf": HFGenerateSampler, "static": StaticCacheSample
 """Generation engines by the name `--generation_engine` takes; a new engine registers here."""
 
 AUTO_ENGINES: dict[str, str] = {"cuda": "static", "cpu": "static"}
-"""The engine "auto" picks per device type, from `benchmarks/speed.py --config cpu --phases gen` (README "Speed"): on
-CPU, at the 64 rows of a default generation round, the static loop (eager) decoded 1.47x (greedy) and 1.59x
-(sampled) as many tokens per second as `generate` (a quiet run); on CUDA it is compiled with CUDA graphs, which
-removes the per-token launch overhead that dominates `generate` there. Device types not listed use `generate`."""
+"""The engine "auto" picks per device type, from `benchmarks/speed.py --config cpu --phases gen` (docs/results/speed.md,
+"Generation alone"): on CPU, at the 64 rows of a default generation round, the static loop (eager) decoded 1.64x
+(greedy) and 1.60x (sampled) as many tokens per second as `generate` (a quiet run); on CUDA it is compiled with
+CUDA graphs, which removes the per-token launch overhead that dominates `generate` there. Device types not
+listed use `generate`."""
 
 
 def auto_engine(device: torch.device | str | None, do_sample: bool,
