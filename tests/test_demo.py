@@ -133,6 +133,15 @@ def test_score_table_rows_per_family_in_suite_order():
     assert rows[0].split()[3] == "0.750" and rows[0].split()[4] == "+0.250"
 
 
+def test_score_table_warns_that_one_family_beyond_noise_can_be_chance():
+    records = [{"task": "arithmetic"}] * 4 + [{"task": "string"}] * 4
+    before, after = [0, 0, 0, 0, 1, 0, 1, 0], [1, 1, 1, 0, 0, 1, 0, 1]  # arithmetic +0.75 ± 0.25, string 0 ± 0.58
+    table = report.score_table(records, {"before": before, "after": after})
+    assert "gain beyond noise" in table.splitlines()[3] and table.endswith("the overall row is the one to read)")
+    quiet = report.score_table(records, {"before": before, "after": before[:4] + after[4:]})
+    assert "can be chance" not in quiet
+
+
 def test_next_commands_survive_paths_with_spaces(tmp_path):
     base = tmp_path / "my runs"
     commands = report.next_commands(sft_dir=base / "sft", sapo_dir=base / "sapo", heldout=base / "heldout.jsonl",
@@ -148,7 +157,7 @@ def test_next_commands_survive_paths_with_spaces(tmp_path):
 
 def test_progress_in_a_log_writes_a_line_every_ten_percent():
     stream = io.StringIO()  # not a TTY
-    progress = StageProgress("SFT", 600, "steps", stream=stream)
+    progress = StageProgress("SFT", 600, "steps", stream=stream, log_interval=0.0)
     for step in range(1, 601):
         progress.update(step)
     progress.close()
@@ -156,6 +165,15 @@ def test_progress_in_a_log_writes_a_line_every_ten_percent():
     assert len(lines) == 10 and "\r" not in stream.getvalue()
     assert lines[0].split()[:3] == ["SFT", "[" + "#" * 2 + "." * 18 + "]", "60/600"]
     assert lines[-1].split()[2] == "600/600" and lines[-1].endswith("ETA 0:00")
+
+
+def test_progress_in_a_log_writes_a_short_stage_as_one_line():
+    stream = io.StringIO()
+    progress = StageProgress("judging SFT", 600, "prompts", stream=stream, log_interval=3600.0)
+    for done in range(64, 664, 64):
+        progress.update(done)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "600/600 prompts" in lines[0]
 
 
 class _Terminal(io.StringIO):

@@ -2,7 +2,8 @@
 
 A first run of `sapo demo` on a slow machine spends minutes in one stage; without a moving line it looks hung.
 In a terminal one line is rewritten in place (at most once a second); when stdout is a file or a pipe a new
-line is written at every `every_percent` of the stage, so a log holds a few lines, not carriage-return spam.
+line is written at every `every_percent` of the stage (at most one per `log_interval` seconds, and always the last),
+so a log holds a few lines, not carriage-return spam, and a six-second stage one line, not ten.
 """
 
 from __future__ import annotations
@@ -28,20 +29,22 @@ class StageProgress:
     """Reports `done` of `total` `unit`s of one stage, with elapsed time and the ETA at the rate so far."""
 
     def __init__(self, label: str, total: int, unit: str, *, stream: TextIO | None = None,
-                 every_percent: int = 10, min_interval: float = 1.0) -> None:
+                 every_percent: int = 10, min_interval: float = 1.0, log_interval: float = 5.0) -> None:
         if total < 1:
             raise ValueError(f"progress of {label!r}: total must be >= 1, got {total}")
         if not 0 < every_percent <= 100:
             raise ValueError(f"progress of {label!r}: every_percent must be in (0, 100], got {every_percent}")
         self.label, self.total, self.unit = label, total, unit
         self.stream = stream if stream is not None else sys.stdout
-        self.every_percent, self.min_interval = every_percent, min_interval
+        self.every_percent, self.min_interval, self.log_interval = every_percent, min_interval, log_interval
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self.started = time.perf_counter()
         self.done = 0
         self._last_bucket = 0  # last every_percent bucket written (log mode)
-        self._last_draw = float("-inf")  # when the line was last redrawn (terminal mode)
+        # when a line was last written: a terminal shows the first update at once, a log waits a full interval
+        self._last_draw = float("-inf") if self.interactive else self.started
         self._closed = False
+        self._drawn = False  # terminal mode: a line is on screen, to be ended by close()
 
     def line(self, now: float | None = None) -> str:
         """`label [####......] done/total unit  elapsed m:ss  ETA m:ss` (ETA unknown before the first unit)."""
@@ -57,13 +60,13 @@ class StageProgress:
         now = time.perf_counter()
         if self.interactive:
             if now - self._last_draw >= self.min_interval or self.done == self.total:
-                self._last_draw = now
+                self._last_draw, self._drawn = now, True
                 self.stream.write("\r" + self.line(now))
                 self.stream.flush()
             return
         bucket = self.done * 100 // self.total // self.every_percent
-        if bucket > self._last_bucket:
-            self._last_bucket = bucket
+        if bucket > self._last_bucket and (now - self._last_draw >= self.log_interval or self.done == self.total):
+            self._last_bucket, self._last_draw = bucket, now
             self.stream.write(self.line(now) + "\n")
             self.stream.flush()
 
@@ -72,7 +75,7 @@ class StageProgress:
         if self._closed:
             return
         self._closed = True
-        if self.interactive and self._last_draw != float("-inf"):
+        if self.interactive and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
 

@@ -87,6 +87,8 @@ def score_table(records: Sequence[Mapping[str, Any]], columns: Mapping[str, Sequ
                      + "".join(f"{_mean([columns[n][i] for i in idx]):>{w}.3f}" for n, w in zip(names, widths,
                                                                                                strict=True))
                      + f"{change['mean']:>+9.3f}{change['se']:>8.3f}  {verdict(change)}")
+    if len(lines) > 4 and any(line.endswith("beyond noise") for line in lines[3:]):  # several families tested
+        lines.append("(one family beyond 2 s.e. among several can be chance: the overall row is the one to read)")
     return "\n".join(lines)
 
 
