@@ -3,7 +3,11 @@
 Builds a character-level tokenizer and a small Llama-shaped model, trains it with a short SFT warm-up
 on the built-in task suite (arithmetic, string transformations, instruction constraints), saves that
 SFT checkpoint, then runs SAPO-DPO from the saved directory exactly as a user would with their own
-checkpoint, and reports the programmatic judge's held-out score before and after.
+checkpoint, and reports the programmatic judge's held-out score before and after: per task family, with the
+paired per-prompt change, its standard error and whether it is within noise (`sapo.demo_kit.report`). Each stage
+shows its progress with an ETA (`sapo.demo_kit.progress`), and the demo ends with the `sapo plot`, `sapo inspect`
+and `sapo eval` commands that work on its outputs as printed (the SAPO stage keeps one checkpoint, at its last
+step, for the replay buffer `sapo inspect` reads). Every `DemoSettings` field is a flag (`sapo demo --help`).
 """
 
 from __future__ import annotations
