@@ -45,6 +45,7 @@ class StageProgress:
         self._last_draw = float("-inf") if self.interactive else self.started
         self._closed = False
         self._drawn = False  # terminal mode: a line is on screen, to be ended by close()
+        self._width = 0  # terminal mode: length of the line on screen
 
     def line(self, now: float | None = None) -> str:
         """`label [####......] done/total unit  elapsed m:ss  ETA m:ss` (ETA unknown before the first unit)."""
@@ -61,7 +62,9 @@ class StageProgress:
         if self.interactive:
             if now - self._last_draw >= self.min_interval or self.done == self.total:
                 self._last_draw, self._drawn = now, True
-                self.stream.write("\r" + self.line(now))
+                line = self.line(now)
+                self.stream.write("\r" + line.ljust(self._width))  # pad over a longer previous line (ETA 10:00)
+                self._width = len(line)
                 self.stream.flush()
             return
         bucket = self.done * 100 // self.total // self.every_percent
