@@ -3,7 +3,11 @@
 Builds a character-level tokenizer and a small Llama-shaped model, trains it with a short SFT warm-up
 on the built-in task suite (arithmetic, string transformations, instruction constraints), saves that
 SFT checkpoint, then runs SAPO-DPO from the saved directory exactly as a user would with their own
-checkpoint, and reports the programmatic judge's held-out score before and after.
+checkpoint, and reports the programmatic judge's held-out score before and after: per task family, with the
+paired per-prompt change, its standard error and whether it is within noise (`sapo.demo_kit.report`). Each stage
+shows its progress with an ETA (`sapo.demo_kit.progress`), and the demo ends with the `sapo plot`, `sapo inspect`
+and `sapo eval` commands that work on its outputs as printed (the SAPO stage keeps one checkpoint, at its last
+step, for the replay buffer `sapo inspect` reads). Every `DemoSettings` field is a flag (`sapo demo --help`).
 """
 
 from __future__ import annotations
@@ -17,15 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 from transformers.utils.logging import disable_progress_bar
 
 from sapo.callbacks import LogLines
 from sapo.config import SAPOConfig
-from sapo.demo_kit import task_judges, tasks, tiny
+from sapo.demo_kit import report, task_judges, tasks, tiny
+from sapo.demo_kit.progress import StageProgress, TrainerProgress
 from sapo.judging import evaluate
 from sapo.trainer import SAPOTrainer
 
 logger = logging.getLogger(__name__)
+
+EVAL_MAX_NEW_TOKENS = 40  # the demo's answers are a few characters; `sapo eval` is told the same limit
+EVAL_BATCH_SIZE = 64  # `sapo eval`'s default batch, so its greedy answers match the demo's
 
 
 @dataclass
@@ -61,7 +70,8 @@ class DemoSettings:
 
 
 def sft_warmup(model: torch.nn.Module, tokenizer, records: Sequence[dict], directory: Path, *, steps: int,
-               batch_size: int, learning_rate: float, seed: int) -> list[float]:
+               batch_size: int, learning_rate: float, seed: int,
+               callbacks: Sequence[TrainerCallback] = ()) -> list[float]:
     """Supervised fine-tuning of the real responses with the `sft` recipe (50 warm-up steps, then linear decay),
     saved to `directory`: SAPO's starting SFT checkpoint. Returns the per-step losses."""
     args = SAPOConfig(
@@ -69,7 +79,8 @@ def sft_warmup(model: torch.nn.Module, tokenizer, records: Sequence[dict], direc
         learning_rate=learning_rate, warmup_steps=min(50, steps), lr_scheduler_type="linear", weight_decay=0.0,
         max_length=128, max_prompt_length=96, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
         seed=seed, disable_tqdm=True, overwrite_output_dir=True)
-    trainer = SAPOTrainer(model=model, args=args, train_dataset=list(records), processing_class=tokenizer)
+    trainer = SAPOTrainer(model=model, args=args, train_dataset=list(records), processing_class=tokenizer,
+                          callbacks=list(callbacks))
     trainer.remove_callback(LogLines)  # the demo prints its own summary, not a log row per step
     trainer.train()
     trainer.save_model()
@@ -82,7 +93,8 @@ def write_jsonl(path: Path, records: Sequence[dict]) -> None:
 
 
 def train_sft_checkpoint(records: Sequence[dict], directory: Path, *, hidden_size: int, num_layers: int,
-                         steps: int, batch_size: int, learning_rate: float, seed: int):
+                         steps: int, batch_size: int, learning_rate: float, seed: int,
+                         callbacks: Sequence[TrainerCallback] = ()):
     """Build the tiny tokenizer and model, SFT-warm them on `records` and save both to `directory`.
 
     Shared by the demo and `benchmarks/quality.py`, so both start SAPO from the same kind of checkpoint.
@@ -91,14 +103,43 @@ def train_sft_checkpoint(records: Sequence[dict], directory: Path, *, hidden_siz
     tokenizer = tiny.build_tokenizer()
     model = tiny.build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     losses = sft_warmup(model, tokenizer, records, directory, steps=steps, batch_size=batch_size,
-                        learning_rate=learning_rate, seed=seed)
+                        learning_rate=learning_rate, seed=seed, callbacks=callbacks)
     return model, tokenizer, losses
 
 
-def held_out_score(model, tokenizer, records: Sequence[dict]) -> dict:
-    result = evaluate(model, tokenizer, records, task_judges.judge, max_new_tokens=40)
-    families = task_judges.score_responses(records, result["responses"])
-    return {"score": result["score"], "by_family": families, "mean_length": result["mean_length"]}
+def held_out_score(model, tokenizer, records: Sequence[dict], *, label: str | None = None) -> dict:
+    """Greedy answers to `records` judged per prompt: mean score, per-family means and every prompt's score (the
+    before/after report pairs them). With `label`, progress lines with an ETA, one batch of 64 prompts at a time
+    (batches as `sapo eval` makes them, so it reproduces these scores)."""
+    progress = StageProgress(label, len(records), "prompts") if label else None
+    scores: list[float] = []
+    responses: list[str] = []
+    for start in range(0, len(records), EVAL_BATCH_SIZE):
+        result = evaluate(model, tokenizer, records[start:start + EVAL_BATCH_SIZE], task_judges.judge,
+                          max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=EVAL_BATCH_SIZE)
+        scores += result["scores"]
+        responses += result["responses"]
+        if progress:
+            progress.update(len(scores))
+    if progress:
+        progress.close()
+    families = task_judges.score_responses(records, responses)
+    return {"score": sum(scores) / max(1, len(scores)), "by_family": families,
+            "mean_length": sum(len(r) for r in responses) / max(1, len(responses)), "scores": scores}
+
+
+def _sapo_config(settings: DemoSettings, sapo_dir: Path) -> SAPOConfig:
+    """The SAPO stage's settings. One checkpoint at the last step (save_steps = max_steps) keeps the replay buffer
+    in `checkpoint-N/sapo_state`, which `sapo inspect` reads, as any run with checkpoints does."""
+    return SAPOConfig(
+        output_dir=str(sapo_dir), max_steps=settings.sapo_steps, per_device_train_batch_size=settings.sapo_batch_size,
+        learning_rate=settings.sapo_learning_rate, lr_scheduler_type=settings.sapo_lr_scheduler,
+        warmup_steps=settings.sapo_warmup_steps, loss_type=settings.loss_type,
+        beta=settings.beta, token_generate_length=settings.token_generate_length, max_length=128,
+        max_prompt_length=96, logging_steps=max(1, min(10, settings.sapo_steps // 10)), save_strategy="steps",
+        save_steps=settings.sapo_steps, save_total_limit=1, report_to="none", use_cpu=True, seed=settings.seed,
+        disable_tqdm=True, overwrite_output_dir=True,
+    )
 
 
 def run(settings: DemoSettings) -> dict:
@@ -111,44 +152,41 @@ def run(settings: DemoSettings) -> dict:
     timing: dict[str, float] = {}
     disable_progress_bar()  # transformers' load and save bars would interleave with the demo's own lines
     clock = time.perf_counter()
-    print(f"[1/3] SFT warm-up: {settings.sft_steps} steps on {len(suite['train'])} demonstrations")
+    print(f"[1/3] SFT warm-up: {settings.sft_steps} steps on {len(suite['train'])} demonstrations", flush=True)
     sft_dir = out / "sft"
     model, tokenizer, losses = train_sft_checkpoint(
         suite["train"], sft_dir, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
         steps=settings.sft_steps, batch_size=settings.sft_batch_size, learning_rate=settings.sft_learning_rate,
-        seed=settings.seed)
+        seed=settings.seed, callbacks=[TrainerProgress("SFT", settings.sft_steps)])
     write_jsonl(out / "train.jsonl", suite["train"])  # so `sapo train --config examples/demo.yaml` can reuse them
-    write_jsonl(out / "heldout.jsonl", suite["heldout"])
+    heldout_file = out / "heldout.jsonl"
+    write_jsonl(heldout_file, suite["heldout"])  # what the printed `sapo eval` command scores
     timing["sft"], clock = time.perf_counter() - clock, time.perf_counter()
-    before = held_out_score(model, tokenizer, suite["heldout"])
+    before = held_out_score(model, tokenizer, suite["heldout"], label="judging SFT")
     timing["eval_sft"], clock = time.perf_counter() - clock, time.perf_counter()
-    print(f"      SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}; held-out judge score {before['score']:.3f}")
+    print(f"      SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}; held-out judge score {before['score']:.3f}", flush=True)
 
-    print(f"[2/3] SAPO ({settings.loss_type}): {settings.sapo_steps} steps from {sft_dir}")
+    print(f"[2/3] SAPO ({settings.loss_type}): {settings.sapo_steps} steps from {sft_dir}", flush=True)
     sapo_dir = out / "sapo"
-    args = SAPOConfig(
-        output_dir=str(sapo_dir), max_steps=settings.sapo_steps, per_device_train_batch_size=settings.sapo_batch_size,
-        learning_rate=settings.sapo_learning_rate, lr_scheduler_type=settings.sapo_lr_scheduler,
-        warmup_steps=settings.sapo_warmup_steps, loss_type=settings.loss_type,
-        beta=settings.beta, token_generate_length=settings.token_generate_length, max_length=128,
-        max_prompt_length=96, logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
-        seed=settings.seed, disable_tqdm=True,
-    )
-    trainer = SAPOTrainer(model=str(sft_dir), args=args, train_dataset=suite["train"])
+    trainer = SAPOTrainer(model=str(sft_dir), args=_sapo_config(settings, sapo_dir), train_dataset=suite["train"],
+                          callbacks=[TrainerProgress("SAPO", settings.sapo_steps)])
     trainer.remove_callback(LogLines)
     trainer.sampler = _TimedSampler(trainer.sampler)
     trainer.train()
     trainer.save_model()
     timing["sapo"], clock = time.perf_counter() - clock, time.perf_counter()
     timing["sapo_generation"] = trainer.sampler.seconds
-    print("[3/3] evaluating on held-out prompts")
-    after = held_out_score(trainer.policy, trainer.processing_class, suite["heldout"])
+    print("[3/3] evaluating on held-out prompts", flush=True)
+    after = held_out_score(trainer.policy, trainer.processing_class, suite["heldout"], label="judging SAPO")
     timing["eval_sapo"], clock = time.perf_counter() - clock, time.perf_counter()
-    summary = {"before": before, "after": after, "sft_dir": str(sft_dir), "sapo_dir": str(sapo_dir)}
+    summary = {"before": before, "after": after, "sft_dir": str(sft_dir), "sapo_dir": str(sapo_dir),
+               "heldout": str(heldout_file), "tasks": [record["task"] for record in suite["heldout"]]}
     if settings.eval_ema:
         with trainer.copies.as_model("ema") as ema_model:
-            summary["ema_after"] = held_out_score(ema_model, trainer.processing_class, suite["heldout"])
+            summary["ema_after"] = held_out_score(ema_model, trainer.processing_class, suite["heldout"],
+                                                  label="judging EMA")
         timing["eval_ema"] = time.perf_counter() - clock
+    summary["change"] = report.family_changes(suite["heldout"], before["scores"], after["scores"])
     summary.update(timing=timing, seconds=time.perf_counter() - started)
     (out / "demo_results.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
@@ -171,18 +209,25 @@ class _TimedSampler:
 
 
 def print_summary(summary: dict) -> None:
-    before, after = summary["before"], summary["after"]
-    rows = [("SFT (before)", before), ("SAPO policy (after)", after)]
+    """The before/after table with the paired change and its verdict, where the outputs are, and what to run next."""
+    records = [{"task": task} for task in summary["tasks"]]
+    columns = {"SFT (before)": summary["before"]["scores"], "SAPO (after)": summary["after"]["scores"]}
     if "ema_after" in summary:
-        rows.append(("SAPO EMA model", summary["ema_after"]))
-    families = [f for f in before["by_family"] if f != "overall"]
-    print(f"\n{'held-out judge score':<22}{'overall':>9}" + "".join(f"{f:>12}" for f in families))
-    for name, result in rows:
-        print(f"{name:<22}{result['score']:>9.3f}" + "".join(f"{result['by_family'][f]:>12.3f}" for f in families))
+        columns["SAPO EMA"] = summary["ema_after"]["scores"]
+    print(f"\nheld-out prompts, greedy; change = mean per-prompt (SAPO - SFT) score, ± its standard error\n"
+          f"{report.score_table(records, columns)}\n")
+    overall = report.paired_difference(summary["before"]["scores"], summary["after"]["scores"])
+    print(report.conclusion(overall, "SAPO policy", "SFT"))
+    if "ema_after" in summary:
+        ema = report.paired_difference(summary["before"]["scores"], summary["ema_after"]["scores"])
+        print(report.conclusion(ema, "SAPO EMA model", "SFT"))
     timing = summary.get("timing", {})
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timing.items())
     print(f"\nSFT checkpoint: {summary['sft_dir']}\nSAPO policy:    {summary['sapo_dir']}  "
-          f"(EMA model in {summary['sapo_dir']}/ema)\nwall time: {summary['seconds']:.0f} s ({phases})")
+          f"(EMA model in {summary['sapo_dir']}/ema)\nwall time: {summary['seconds']:.0f} s ({phases})\n")
+    commands = report.next_commands(sft_dir=Path(summary["sft_dir"]), sapo_dir=Path(summary["sapo_dir"]),
+                                    heldout=Path(summary["heldout"]), max_new_tokens=EVAL_MAX_NEW_TOKENS)
+    print(report.format_next(commands), flush=True)
 
 
 def _parse_bool(text: str) -> bool:
