@@ -18,7 +18,7 @@ ALGORITHM |= {"run.paths", "run.lock", "run.publish", "run.resume", "run.signals
               "run.start_weights", "run"}
 # The trainer and the parts that take it: the Python API, which works without the CLI.
 TRAINER = {"trainer", "config", "config_checks", "model_card", "callbacks", "step_guard", "heldout_eval", "_hf_compat",
-           "schedules", "run.start", "run.state", "run.finish"}
+           "schedules", "run.start", "run.state", "run.finish", "trl_compat"}
 COMMANDS = {"cli", "demo", "evaluation", "inspection", "plots", "__main__"}  # shims included (old paths)
 
 

@@ -52,6 +52,7 @@ SPEED_RUN = "tests/test_speed_benchmark.py::test_cpu_dry_run_reports_ratio_gener
 
 # Commands another test runs at tiny size: command -> that test.
 COVERED = {
+    "sapo --version": "tests/test_cli.py::test_sapo_version_prints_the_installed_version",
     "make demo": DEMO_RUN,  # `make demo` is `sapo demo --output_dir runs/demo` after an install
     "sapo demo --output_dir runs/demo": DEMO_RUN,
     "sapo train --config examples/lora-single-gpu.yaml": EXAMPLE_RUN,
