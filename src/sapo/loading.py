@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,13 +259,17 @@ def load_model(path: str, init_kwargs: dict[str, Any] | None = None, *, option: 
 def load_model_and_tokenizer(path: str, *, tokenizer_path: str | None = None, chat_template: str | None = None,
                              init_kwargs: dict[str, Any] | None = None, max_length: int | None = None,
                              option: str = "model_name_or_path",
-                             tokenizer_option: str = "tokenizer_name_or_path") -> tuple[nn.Module, Any]:
+                             tokenizer_option: str = "tokenizer_name_or_path",
+                             check_tokenizer: Callable[[Any], None] | None = None) -> tuple[nn.Module, Any]:
     """The checked model and its prepared tokenizer. The tokenizer is loaded first: its problems (an empty chat
-    template, too many tokens for the model's vocabulary) are reported before any weights are read."""
+    template, too many tokens for the model's vocabulary) and `check_tokenizer`'s (the data against it, e.g. chat
+    records for a tokenizer without a chat template) are reported before any weights are read."""
     trust = bool((init_kwargs or {}).get("trust_remote_code", False))
     check_model_source(path, option, trust_remote_code=trust)
     tokenizer = load_tokenizer(tokenizer_path or path, option=tokenizer_option if tokenizer_path else option,
                                chat_template=chat_template, init_kwargs=init_kwargs)
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer)
     return load_model(path, init_kwargs, option=option, tokenizer=tokenizer, max_length=max_length), tokenizer
 
 

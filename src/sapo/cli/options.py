@@ -13,7 +13,7 @@ import math
 import numbers
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,7 +337,7 @@ def model_init_kwargs(model_args: ModelArguments, from_config: dict[str, Any] | 
 
 
 def load_model_and_tokenizer(model_args: ModelArguments, init_kwargs: dict[str, Any] | None = None,
-                             max_length: int | None = None):
+                             max_length: int | None = None, check_tokenizer: Callable[[Any], None] | None = None):
     """`sapo train`'s model and prepared tokenizer, loaded by `sapo.loading` (the one loader) with `init_kwargs`
     (see `model_init_kwargs`) and the --trust_remote_code, --tokenizer_name_or_path and --chat_template options."""
     from sapo import loading
@@ -348,7 +348,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, init_kwargs: dict[str, 
     return loading.load_model_and_tokenizer(
         model_args.model_name_or_path, tokenizer_path=model_args.tokenizer_name_or_path,
         chat_template=model_args.chat_template, max_length=max_length,
-        init_kwargs={**init_kwargs, "trust_remote_code": model_args.trust_remote_code})
+        init_kwargs={**init_kwargs, "trust_remote_code": model_args.trust_remote_code}, check_tokenizer=check_tokenizer)
 
 
 def apply_lora(model: Any, model_args: ModelArguments) -> Any:
