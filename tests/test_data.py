@@ -820,6 +820,14 @@ def test_tokenizing_in_processes_gives_the_same_examples_and_warnings(caplog) ->
     assert "responses truncated" in logs[2][1]
 
 
+def test_plain_text_records_stay_plain_text_in_processes(tok) -> None:
+    """The workers get each record's format: plain text is not rendered through the tokenizer's chat template."""
+    examples = examples_from_records([{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(6)])
+    runs = [tokenize_examples(tok, examples, max_length=64, max_prompt_length=32, num_proc=n) for n in (1, 2)]
+    assert runs[1] == runs[0]
+    assert tok.decode(runs[1][2].prompt_ids + runs[1][2].response_ids) == "2+1=3" + tok.eos_token
+
+
 def test_in_processes_the_error_names_the_first_bad_record() -> None:
     tok = prepare_tokenizer(real_tokenizer("gemma"))  # Gemma's template raises on a system message
     examples = [Example([msg("user", "Hi")], msg("assistant", "Hello"), location=f"chats.jsonl:{i + 1}")
