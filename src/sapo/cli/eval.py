@@ -73,7 +73,7 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message] | str], list[Any]]:
     """Prompts (chat messages before the final assistant turn, or the prompt string of a plain-text record, answered
-    from the raw text as training renders it) and raw records, from --data or --suite."""
+    from the raw text as training renders that record) and raw records, from --data or --suite."""
     from sapo.data import DataError, plain_text_prompt, prompt_of_record, read_records
 
     if (args.data is None) == (args.suite is None):
@@ -88,18 +88,12 @@ def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message] | st
         records = tasks.make_suite(sizes["train"], sizes["heldout"], n_dev=sizes["dev"], seed=args.seed,
                                    families=families)[args.suite]
         return [list(r["messages"][:-1]) for r in records], records
-    prompts, records, first = [], [], None
+    prompts, records = [], []
     for raw in read_records(args.data, args.split):
         if raw.error is not None:
             raise DataError(raw.error)
         prompt = plain_text_prompt(raw.data, raw.location)
-        prompt = prompt_of_record(raw.data, raw.location) if prompt is None else prompt
-        first = first or (raw.location, isinstance(prompt, str))
-        if isinstance(prompt, str) != first[1]:
-            kinds = ("conversational", "plain text") if first[1] else ("plain text", "conversational")
-            raise DataError(f"{raw.location}: record is {kinds[0]} but {first[0]} is {kinds[1]}; the prompts of a "
-                            "file must use one format (strings, or lists of {role, content} messages)")
-        prompts.append(prompt)
+        prompts.append(prompt_of_record(raw.data, raw.location) if prompt is None else prompt)
         records.append(raw.data)
     if not prompts:
         raise DataError(f"{args.data}: no records")
@@ -224,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in args.model_dirs:
         print(f"sapo eval: {path}: answering {len(prompts)} prompts", file=sys.stderr)
         model, tokenizer = load_model(path, device=device, chat_template=args.chat_template,
-                                      chat_prompts=not isinstance(prompts[0], str))
+                                      chat_prompts=any(not isinstance(prompt, str) for prompt in prompts))
         if args.sample:
             torch.manual_seed(args.seed)
         responses_by_model[path] = generate_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
