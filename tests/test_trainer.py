@@ -226,6 +226,21 @@ def test_every_input_format_trains_on_the_tokens_of_its_format(tmp_path, tokeniz
     assert len(trainer.recipe.buffer) == 4
 
 
+def test_chat_records_for_a_model_path_without_a_template_are_refused_before_its_weights(tmp_path, suite):
+    """The Python API as `sapo train`: the data is checked against the tokenizer before the (garbage) weights."""
+    from sapo import tiny
+    from sapo.errors import DataError
+
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.chat_template = None
+    base = tmp_path / "base"
+    tiny.save_pair(tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0), tokenizer, base)
+    (base / "model.safetensors").write_bytes(b"garbage" * 100)
+    with pytest.raises(DataError, match=r"^train_dataset: row 0: the record is conversational \(field 'messages' "
+                                        r"holds chat messages\) and the tokenizer \(.*\) has no chat template"):
+        SAPOTrainer(model=str(base), args=config(tmp_path, max_steps=1), train_dataset=suite["train"][:4])
+
+
 def test_generation_batch_size_queues_batches_into_larger_rounds(tmp_path, tokenizer, tiny_model, suite):
     sampler = ScriptedSampler([[40, 41, 42, 43, 44, 45]])
     args = config(tmp_path, max_steps=7, generation_batch_size=12)

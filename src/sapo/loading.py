@@ -274,18 +274,22 @@ def load_model_and_tokenizer(path: str, *, tokenizer_path: str | None = None, ch
 
 
 def load_policy(model: nn.Module | str, tokenizer: Any, *, chat_template: str | None,
-                init_kwargs: dict[str, Any] | None, max_length: int | None) -> tuple[nn.Module, Any]:
+                init_kwargs: dict[str, Any] | None, max_length: int | None,
+                check_tokenizer: Callable[[Any], None] | None = None) -> tuple[nn.Module, Any]:
     """`SAPOTrainer`'s policy and tokenizer: a path is loaded like `sapo train` loads it (tokenizer from the same
-    path unless given); an instance is checked against its tokenizer the same way."""
+    path unless given, `check_tokenizer` run on it before the weights); an instance is checked against its tokenizer
+    the same way."""
     if tokenizer is None and not isinstance(model, str):
         raise ValueError("pass processing_class (the tokenizer) when model is an instance")
     if isinstance(model, str):
         if tokenizer is None:
             return load_model_and_tokenizer(model, chat_template=chat_template, init_kwargs=init_kwargs,
-                                            max_length=max_length, option="model")
+                                            max_length=max_length, option="model", check_tokenizer=check_tokenizer)
         from sapo.data import prepare_tokenizer
 
         tokenizer = prepare_tokenizer(tokenizer, chat_template)
+        if check_tokenizer is not None:
+            check_tokenizer(tokenizer)
         return load_model(model, init_kwargs, option="model", tokenizer=tokenizer, max_length=max_length), tokenizer
     from sapo.data import prepare_tokenizer
 
@@ -407,12 +411,12 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def load_policy_for_training(model: nn.Module | str, tokenizer: Any, chat_template: str | None, peft_config: Any,
-                             model_init_kwargs: dict[str, Any] | None,
-                             max_length: int | None = None) -> tuple[nn.Module, Any]:
+                             model_init_kwargs: dict[str, Any] | None, max_length: int | None = None,
+                             check_tokenizer: Callable[[Any], None] | None = None) -> tuple[nn.Module, Any]:
     """The policy and its prepared tokenizer, loaded and checked by `load_policy` (the loader `sapo train` and
     `sapo eval` use), then wrapped with LoRA when asked."""
     model, tokenizer = load_policy(model, tokenizer, chat_template=chat_template, init_kwargs=model_init_kwargs,
-                                   max_length=max_length)
+                                   max_length=max_length, check_tokenizer=check_tokenizer)
     if peft_config is not None:
         from peft import get_peft_model
 
