@@ -53,8 +53,9 @@ class ModelArguments:
     eval_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name to evaluate on."})
     chat_template: str | None = field(
         default=None,
-        metadata={"help": "Chat template: a Jinja string, a file holding one, or 'chatml'; needed when the "
-                  "tokenizer has none."},
+        metadata={"help": "Chat template: a Jinja string, a file holding one, or 'chatml'; needed for "
+                  "conversational data (message lists) when the tokenizer has none. Plain-text data (strings) trains "
+                  "on the raw text and uses no template."},
     )
     dtype: str = field(
         default="auto", metadata={"help": "Weights dtype when loading: auto, float32, bfloat16 or float16."}
