@@ -785,6 +785,9 @@ def test_mistral_common_backend_tokenizes_through_mistral_common() -> None:
     assert tokenized.prompt_ids == tok.apply_chat_template(example.prompt, add_generation_prompt=True)["input_ids"]
     with pytest.raises(DataError, match="takes no Jinja template"):
         prepare_tokenizer(tok, "chatml")
+    # plain text: the raw text, and the EOS id appended (mistral-common would spell "</s>" in text as characters)
+    plain = tokenize_example(tok, Example([msg("user", "2+2=")], msg("assistant", " 4"), text=True))
+    assert plain.prompt_ids + plain.response_ids == [*tok(text="2+2= 4")["input_ids"], tok.eos_token_id]
 
 
 def test_a_dataset_dict_is_named_by_its_splits() -> None:

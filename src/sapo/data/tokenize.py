@@ -69,12 +69,17 @@ def _plain_text_with_boundary(tokenizer: Any, example: Example,
     """A plain-text record tokenized as TRL's DPOTrainer/SFTTrainer tokenize a "standard" one: EOS (as text) appended
     to each response unless it ends with it, `tokenizer(prompt)` and `tokenizer(prompt + response)` with the
     tokenizer's own special tokens (BOS where it adds one), and the response starting where the two stop agreeing.
-    No chat template is read, and the response is kept as it is (it ends with the EOS just appended)."""
+    No chat template is read, and the response is kept as it is (it ends with the EOS just appended). mistral-common
+    encodes "</s>" in text as characters, so there the EOS id is appended to the ids instead."""
     eos = tokenizer.eos_token
     prompt = example.prompt[-1]["content"]
     prompt_alone = plain_text_ids(tokenizer, prompt)
-    texts = [answer["content"] if answer["content"].endswith(eos) else answer["content"] + eos for answer in answers]
-    conversations = [plain_text_ids(tokenizer, prompt + text) for text in texts]
+    if renders_with_mistral_common(tokenizer):
+        conversations = [[*plain_text_ids(tokenizer, prompt + answer["content"]), tokenizer.eos_token_id]
+                         for answer in answers]
+    else:
+        texts = [text if text.endswith(eos) else text + eos for text in (answer["content"] for answer in answers)]
+        conversations = [plain_text_ids(tokenizer, prompt + text) for text in texts]
     boundary = common_prefix_length(prompt_alone, *conversations)
     if boundary == 0:
         raise DataError(f"{example.location or 'a record'}: the prompt tokenizes as no tokens before the response")
