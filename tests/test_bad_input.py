@@ -613,7 +613,9 @@ TEMPLATE_CASES = {
         lambda s: s.train(model=s.model(lambda p: (p / "chat_template.jinja").write_text("{% if messages %}"))),
         "the tokenizer's own chat template (pass --chat_template to replace it): Jinja syntax error"),
     "tokenizer_without_a_template": (lambda s: s.train(model=s.model(lambda p: (p / "chat_template.jinja").unlink())),
-                                     "has no chat template: pass chat_template (CLI: --chat_template)"),
+                                     ("{data}:1: the record is conversational (field 'messages' holds chat "
+                                      "messages) and the tokenizer (",
+                                      "has no chat template to render it: pass --chat_template chatml")),
     "template_rendering_the_prompt_differently": (
         lambda s: s.train("--chat_template", "{% for m in messages %}{% if loop.last %}LAST{% endif %}{{ m.content }}"
                                              "{% endfor %}{% if add_generation_prompt %}>{% endif %}"),
@@ -624,7 +626,7 @@ TEMPLATE_CASES = {
 @pytest.mark.parametrize("case", sorted(TEMPLATE_CASES))
 def test_bad_chat_template(capsys, scene, case):
     build, message = TEMPLATE_CASES[case]
-    refused(capsys, scene, build, message)
+    refused(capsys, scene, build, *([message] if isinstance(message, str) else message))
 
 
 LORA_CASES = {

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -342,6 +343,77 @@ def test_sapo_train_command_on_a_real_checkpoint_in_bf16(tmp_path, name):
     expected = chat_ids_of(AutoTokenizer.from_pretrained(checkpoint))
     for directory in (out, out / "ema"):  # the saved tokenizer tokenizes like the one trained with
         assert chat_ids_of(AutoTokenizer.from_pretrained(directory)) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plain-text data and base models without a chat template
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory):
+    """A saved tiny model whose tokenizer has no chat template, as a base (not chat-tuned) model's has none."""
+    from sapo import tiny
+
+    directory = tmp_path_factory.mktemp("base_model")
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.chat_template = None
+    tiny.save_pair(tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0), tokenizer,
+                   directory)
+    assert not (directory / "chat_template.jinja").exists()
+    return directory
+
+
+def test_chat_data_for_a_model_without_a_template_is_refused_before_the_weights_are_read(tmp_path, base_model_dir,
+                                                                                        dataset_file):
+    """`sapo train` as a user types it: the weights file here is garbage, so reaching it would fail otherwise; the
+    error is the template one, naming the data file's first record and the fix."""
+    model = tmp_path / "base"
+    shutil.copytree(base_model_dir, model)
+    (model / "model.safetensors").write_bytes(b"not safetensors" * 100)
+    out = tmp_path / "out"
+    result = subprocess.run([sapo_command(), "train", "--model_name_or_path", str(model), "--dataset_name",
+                             str(dataset_file), "--output_dir", str(out), "--use_cpu", "true"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (f"{dataset_file}:1: the record is conversational (field 'messages' holds chat messages) and the "
+            f"tokenizer ({model}) has no chat template to render it: pass --chat_template chatml") in result.stderr
+    assert "weights" not in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_plain_text_data_trains_on_the_raw_text_without_a_chat_template(tmp_path, base_model_dir):
+    """A base model and prompt/completion strings: SAPO rewrites segments of the raw text (its generation continues
+    the raw prompt + response prefix) and trains on `prompt + completion + EOS`, no template marker anywhere."""
+    from transformers import AutoTokenizer
+
+    from sapo.cli.inspect import load_entries
+
+    rows = [{"prompt": r["messages"][0]["content"], "completion": r["messages"][1]["content"]}
+            for r in tasks.make_suite(8, 0, seed=2)["train"]]
+    data = tmp_path / "plain.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sapo_command(), "train", "--model_name_or_path", str(base_model_dir), "--dataset_name", str(data),
+         "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+         "--token_generate_length", "4", "--max_length", "64", "--max_prompt_length", "48", "--use_cpu", "true",
+         "--report_to", "none", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3",
+         "--disable_tqdm", "true"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.safetensors").exists() and (out / "ema" / "model.safetensors").exists()
+    losses = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([loss for loss in losses if loss is not None]) == 3
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template is None
+    entries = load_entries(out)
+    assert entries and all(e.rejected != e.real for e in entries)  # rewritten segments of the raw responses
+    texts = {row["prompt"]: row["completion"] + tokenizer.eos_token for row in rows}
+    for entry in entries:  # (the rejected side is the random model's own tokens: any token, markers included)
+        prompt, real = tokenizer.decode(entry.prompt), tokenizer.decode(entry.real)
+        assert texts[prompt] == real  # exactly the raw text, EOS appended
+        assert not any(marker in prompt + real for marker in ("<s>", "<|user|>", "<|assistant|>"))
+        assert entry.rejected[:entry.segment_start] == entry.real[:entry.segment_start]
 
 
 def test_python_dash_m_sapo_runs_the_command():

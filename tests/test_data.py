@@ -36,6 +36,7 @@ from sapo.data import (
     normalize_record,
     prepare_tokenizer,
     read_records,
+    require_chat_template,
     resolve_chat_template,
     tokenize_example,
     tokenize_examples,
@@ -47,8 +48,10 @@ USER = {"role": "user", "content": "What is 2+2?"}
 ANSWER = {"role": "assistant", "content": "4"}
 WRONG = {"role": "assistant", "content": "5"}
 
-# The same demonstration in every supported record shape; all must normalise to EXPECTED.
+# The same demonstration in every supported record shape; all must normalise to EXPECTED (TEXT_EXPECTED: the
+# string-only shapes, trained as raw text).
 EXPECTED = Example(prompt=[USER], response=ANSWER)
+TEXT_EXPECTED = dataclasses.replace(EXPECTED, text=True)
 SHAPES: dict[str, dict[str, Any]] = {
     "messages": {"messages": [USER, ANSWER]},
     "prompt_completion_text": {"prompt": USER["content"], "completion": ANSWER["content"]},
@@ -93,9 +96,13 @@ def char_ids(tokenizer, text: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+PLAIN_TEXT_SHAPES = {"prompt_completion_text", "preference_text"}  # strings only: TRL's "standard" format
+
+
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_every_record_shape_normalises_to_the_same_example(shape: str) -> None:
-    assert normalize_record(SHAPES[shape], "x") == EXPECTED
+    """The same prompt and response from every shape; string-only records are marked plain text (rendered raw)."""
+    assert normalize_record(SHAPES[shape], "x") == dataclasses.replace(EXPECTED, text=shape in PLAIN_TEXT_SHAPES)
 
 
 def test_multi_turn_messages_split_at_the_last_assistant_turn() -> None:
@@ -124,7 +131,7 @@ def test_capybara_multi_turn_chosen_conversation_ignores_the_prompt_string() -> 
 
 
 def test_rejected_side_is_ignored_even_when_malformed() -> None:
-    assert normalize_record({"prompt": "What is 2+2?", "chosen": "4", "rejected": 17}, "x") == EXPECTED
+    assert normalize_record({"prompt": "What is 2+2?", "chosen": "4", "rejected": 17}, "x") == TEXT_EXPECTED
 
 
 def test_extra_message_keys_are_dropped() -> None:
@@ -135,14 +142,14 @@ def test_extra_message_keys_are_dropped() -> None:
 def test_null_fields_count_as_absent() -> None:
     """Columnar sources (Parquet, datasets) give every record every column, missing ones as None."""
     record = {"messages": None, "prompt": "What is 2+2?", "completion": "4", "chosen": None}
-    assert normalize_record(record, "x") == EXPECTED
+    assert normalize_record(record, "x") == TEXT_EXPECTED
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading files and directories
 # ---------------------------------------------------------------------------------------------------------
 
-RECORDS = [SHAPES["messages"], SHAPES["prompt_completion_text"], SHAPES["preference_conversation"]]
+RECORDS = [SHAPES["messages"], SHAPES["prompt_completion_messages"], SHAPES["preference_conversation"]]
 
 
 def test_jsonl_keeps_line_locations_and_skips_blank_lines(tmp_path: Path) -> None:
@@ -199,7 +206,7 @@ def test_parquet_preference_file_with_null_columns(tmp_path: Path) -> None:
         {"prompt": "What is 2+2?", "chosen": None, "completion": "4"},
     ]
     pq.write_table(pa.Table.from_pylist(rows), path)
-    assert load_examples(path) == [EXPECTED, EXPECTED]
+    assert load_examples(path) == [TEXT_EXPECTED, TEXT_EXPECTED]
 
 
 def test_directory_prefers_the_split_file(tmp_path: Path) -> None:
@@ -208,13 +215,13 @@ def test_directory_prefers_the_split_file(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("not data")
     assert load_examples(tmp_path) == [EXPECTED]
     assert load_examples(tmp_path, split="test") == [
-        Example([{"role": "user", "content": "hi"}], {"role": "assistant", "content": "hello"})
+        Example([{"role": "user", "content": "hi"}], {"role": "assistant", "content": "hello"}, text=True)
     ]
 
 
 def test_directory_without_split_file_reads_all_data_files(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", [SHAPES["messages"]])
-    (tmp_path / "b.json").write_text(json.dumps([SHAPES["preference_text"]]))
+    (tmp_path / "b.json").write_text(json.dumps([SHAPES["preference_assistant_list"]]))
     (tmp_path / "c.json").mkdir()  # a folder with a data suffix is not a data file
     raws = read_records(tmp_path)
     assert [raw.location for raw in raws] == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'b.json'}: record 0"]
@@ -252,8 +259,8 @@ def test_broken_saved_dataset_is_a_data_error(tmp_path: Path) -> None:
 
 
 def test_examples_from_records_accepts_lists_and_datasets() -> None:
-    assert examples_from_records([SHAPES["messages"], SHAPES["prompt_completion_text"]]) == [EXPECTED] * 2
-    assert examples_from_records(datasets.Dataset.from_list([SHAPES["preference_text"]])) == [EXPECTED]
+    assert examples_from_records([SHAPES["messages"], SHAPES["prompt_completion_messages"]]) == [EXPECTED] * 2
+    assert examples_from_records(datasets.Dataset.from_list([SHAPES["preference_text"]])) == [TEXT_EXPECTED]
     with pytest.raises(DataError, match=r"^my_data: row 1: field 'prompt' is missing"):
         examples_from_records([SHAPES["messages"], {"completion": "4"}], origin="my_data")
 
@@ -426,11 +433,79 @@ def test_resolve_chat_template(tmp_path: Path) -> None:
         resolve_chat_template("no_such_template")
 
 
-def test_prepare_tokenizer_requires_a_chat_template(tok) -> None:
+def test_a_chat_template_is_required_for_conversational_data_only(tok, tmp_path) -> None:
     tok.chat_template = None
-    with pytest.raises(DataError, match="--chat_template"):
-        prepare_tokenizer(tok)
+    assert prepare_tokenizer(tok).chat_template is None  # a base model's tokenizer: fine for plain text
+    text = load_examples(write_jsonl(tmp_path / "text.jsonl", [SHAPES["prompt_completion_text"]]))
+    require_chat_template(tok, text)
+    assert tokenize_examples(tok, text, max_length=64, max_prompt_length=32)
+    chat_file = write_jsonl(tmp_path / "chat.jsonl", [SHAPES["prompt_completion_messages"]])
+    chat = load_examples(chat_file)
+    expected = (rf"^{chat_file}:1: the record is conversational \(field 'prompt' holds chat messages\) and the "
+                r"tokenizer has no chat template to render it: pass --chat_template chatml")
+    with pytest.raises(DataError, match=expected):
+        require_chat_template(tok, chat)
+    with pytest.raises(DataError, match=expected):  # not transformers' error from inside apply_chat_template
+        tokenize_examples(tok, chat, max_length=64, max_prompt_length=32)
     assert prepare_tokenizer(tok, "chatml").chat_template == CHATML_TEMPLATE
+    require_chat_template(tok, chat)
+
+
+@pytest.mark.parametrize("second", ["messages", "prompt_completion_messages", "preference_conversation"])
+def test_a_dataset_mixing_plain_text_and_conversational_records_names_both(tmp_path, second) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [SHAPES["prompt_completion_text"], SHAPES["preference_text"],
+                                               SHAPES[second]])
+    field = {"preference_conversation": "chosen", "prompt_completion_messages": "prompt"}.get(second, second)
+    with pytest.raises(DataError, match=rf"^{path}:3: record is conversational \(field '{field}' holds chat "
+                                        rf"messages\) but {path}:1 is plain text \(field 'prompt' holds text\); "
+                                        "a dataset must use one format"):
+        load_examples(path)
+    with pytest.raises(DataError, match=r"^train_dataset: row 1: record is plain text .* but train_dataset: row 0 "
+                                        "is conversational"):
+        examples_from_records([SHAPES[second], SHAPES["prompt_completion_text"]])
+
+
+PLAIN_RECORDS = [  # boundaries that merge or not, a completion already ending with EOS, non-ASCII text
+    {"prompt": "Question: what is 2+2?\nAnswer:", "chosen": " 4", "rejected": " 5, I think"},
+    {"prompt": "Say hi ", "chosen": "hi there", "rejected": "\nno"},
+    {"prompt": "Translate 'café' to Japanese:", "chosen": " カフェ 😀", "rejected": " 喫茶店"},
+    {"prompt": "End:", "chosen": " done{eos}", "rejected": " no"},
+]
+
+
+def trl_dpo_ids(tok, records: list[dict[str, str]]) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) ids from TRL's own DPOTrainer dataset preparation (EOS added, tokenized, split),
+    run unbound: it reads only the tokenizer and these three settings."""
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    settings = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    prepared = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), datasets.Dataset.from_list(records), tok,
+                                           settings, "train")
+    return [(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in prepared]
+
+
+@pytest.mark.parametrize("name", ["tiny", "zephyr"])
+def test_plain_text_records_tokenize_as_trl_tokenizes_standard_data(name) -> None:
+    """TRL trains a "standard" (string) record as raw text: prompt + completion + EOS, with the tokenizer's own BOS,
+    no chat template. sapo's prompt, response and rejected ids are TRL's, for the tiny tokenizer (no template at
+    all) and a real SentencePiece one whose chat template must not be used."""
+    if name == "tiny":
+        tok = build_tokenizer()
+        tok.chat_template = None
+    else:
+        tok = real_tokenizer(name)
+    records = [{key: value.format(eos=tok.eos_token) for key, value in record.items()} for record in PLAIN_RECORDS]
+    expected = trl_dpo_ids(tok, records)
+    examples = examples_from_records(records, with_rejected=True)
+    assert all(example.text for example in examples)
+    got = tokenize_examples(tok, examples, max_length=4096, max_prompt_length=2048)
+    assert [(t.prompt_ids, t.response_ids, t.rejected_ids) for t in got] == expected
+    completions = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records]  # SFT's prompt-completion
+    got = tokenize_examples(tok, examples_from_records(completions), max_length=4096, max_prompt_length=2048)
+    assert [(t.prompt_ids, t.response_ids) for t in got] == [(p, c) for p, c, _ in expected]
+    assert tok.decode(got[0].prompt_ids + got[0].response_ids, skip_special_tokens=True) == records[0]["prompt"] + " 4"
 
 
 def test_prepare_tokenizer_keeps_an_existing_template(tok) -> None:
@@ -710,6 +785,9 @@ def test_mistral_common_backend_tokenizes_through_mistral_common() -> None:
     assert tokenized.prompt_ids == tok.apply_chat_template(example.prompt, add_generation_prompt=True)["input_ids"]
     with pytest.raises(DataError, match="takes no Jinja template"):
         prepare_tokenizer(tok, "chatml")
+    # plain text: the raw text, and the EOS id appended (mistral-common would spell "</s>" in text as characters)
+    plain = tokenize_example(tok, Example([msg("user", "2+2=")], msg("assistant", " 4"), text=True))
+    assert plain.prompt_ids + plain.response_ids == [*tok(text="2+2= 4")["input_ids"], tok.eos_token_id]
 
 
 def test_a_dataset_dict_is_named_by_its_splits() -> None:
@@ -743,6 +821,14 @@ def test_tokenizing_in_processes_gives_the_same_examples_and_warnings(caplog) ->
     assert logs[2] == logs[1]
     assert "4 record(s) (first: poems.jsonl:1, poems.jsonl:4, poems.jsonl:7)" in logs[2][0]
     assert "responses truncated" in logs[2][1]
+
+
+def test_plain_text_records_stay_plain_text_in_processes(tok) -> None:
+    """The workers get each record's format: plain text is not rendered through the tokenizer's chat template."""
+    examples = examples_from_records([{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(6)])
+    runs = [tokenize_examples(tok, examples, max_length=64, max_prompt_length=32, num_proc=n) for n in (1, 2)]
+    assert runs[1] == runs[0]
+    assert tok.decode(runs[1][2].prompt_ids + runs[1][2].response_ids) == "2+1=3" + tok.eos_token
 
 
 def test_in_processes_the_error_names_the_first_bad_record() -> None:

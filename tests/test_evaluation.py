@@ -10,7 +10,7 @@ from sapo import tasks, tiny
 from sapo.cli import eval as evaluation
 from sapo.cli.eval import format_table
 from sapo.errors import UsageError
-from sapo.judging import build_report, load_judge, win_rates
+from sapo.judging import build_report, load_judge, prompt_ids, win_rates
 
 # ------------------------------------------------------------------------------------------------
 # win rates
@@ -196,10 +196,13 @@ def test_eval_generates_with_real_models_and_a_length_judge(two_models, tmp_path
         assert [p["scores"][label] for p in report["per_prompt"]] == [float(len(r)) for r in responses]
         assert report["models"][label]["score"] == pytest.approx(sum(map(len, responses)) / 5)
         assert report["models"][label]["mean_length"] == report["models"][label]["score"]
-        # the same responses as generating directly with the loaded model
+        # the same responses as generating directly with the loaded model from the raw text of the plain-text
+        # prompts (as training renders these records), not from the chat template
         model, tokenizer = evaluation.load_model(label)
-        prompts = [[{"role": "user", "content": row["prompt"]}] for row in rows]
+        prompts = [row["prompt"] for row in rows]
         assert evaluation.generate_responses(model, tokenizer, prompts, max_new_tokens=6) == responses
+        chats = [[{"role": "user", "content": row["prompt"]}] for row in rows]
+        assert prompt_ids(tokenizer, prompts[0]) != prompt_ids(tokenizer, chats[0])
     a, b = two_models
     rates = report["win_rates"]
     assert rates[a][b]["wins"] + rates[a][b]["ties"] + rates[a][b]["losses"] == 5
@@ -262,3 +265,23 @@ def test_eval_accepts_prompt_only_records(two_models, tmp_path):
                             "4", "--output", str(output)]) == 0
     report = json.loads(output.read_text())
     assert len(report["per_prompt"]) == 2
+
+
+def test_eval_of_a_base_model_answers_plain_text_and_refuses_chats_before_the_weights(tmp_path):
+    """A tokenizer without a chat template: plain-text prompts are answered from the raw text; chat prompts are
+    refused with the fix, before the model's weights (garbage here) are read."""
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.chat_template = None
+    base = tmp_path / "base"
+    tiny.save_pair(tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0), tokenizer, base)
+    judge = tmp_path / "judge.py"
+    judge.write_text("def score(prompt, response, record):\n    return float(len(response))\n")
+    plain, chat = tmp_path / "plain.jsonl", tmp_path / "chat.jsonl"
+    plain.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1="}]}) + "\n")
+    options = ["--judge", f"{judge}:score", "--max_new_tokens", "3"]
+    assert evaluation.main([str(base), "--data", str(plain), *options]) == 0
+    (base / "model.safetensors").write_bytes(b"garbage" * 100)
+    with pytest.raises(UsageError, match=rf"^{base}: the tokenizer has no chat template to render the conversational "
+                                         r"prompts: pass --chat_template chatml"):
+        evaluation.main([str(base), "--data", str(chat), *options])

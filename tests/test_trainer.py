@@ -209,14 +209,37 @@ def as_format(record, shape):
 
 @pytest.mark.parametrize("shape", ["messages", "prompt_completion_text", "prompt_completion_messages",
                                    "preference_text", "preference_conversation"])
-def test_every_input_format_trains_on_the_same_tokens(tmp_path, tokenizer, tiny_model, suite, shape):
+def test_every_input_format_trains_on_the_tokens_of_its_format(tmp_path, tokenizer, tiny_model, suite, shape):
+    """Conversational shapes train on the chat template's tokens; the string-only ones on the raw text, as TRL
+    trains its "standard" format: the same tokens as `prompt + completion + EOS` (no BOS: this tokenizer adds none)."""
     records = [as_format(r, shape) for r in suite["train"][:8]]
     trainer = SAPOTrainer(model=tiny_model, args=config(tmp_path, max_steps=1), train_dataset=records,
                           processing_class=tokenizer)
-    reference = tokenized_dataset(suite["train"][:8], tokenizer, trainer.args, trainer.eos_token_ids)
-    assert trainer.train_dataset.examples == reference.examples
+    if shape.endswith("_text"):
+        for record, example in zip(suite["train"][:8], trainer.train_dataset.examples, strict=True):
+            prompt, answer = (m["content"] for m in record["messages"])
+            assert tokenizer.decode(example.prompt_ids) == prompt
+            assert tokenizer.decode(example.response_ids) == answer + tokenizer.eos_token
+    else:
+        reference = tokenized_dataset(suite["train"][:8], tokenizer, trainer.args, trainer.eos_token_ids)
+        assert trainer.train_dataset.examples == reference.examples
     trainer.train()
     assert len(trainer.recipe.buffer) == 4
+
+
+def test_chat_records_for_a_model_path_without_a_template_are_refused_before_its_weights(tmp_path, suite):
+    """The Python API as `sapo train`: the data is checked against the tokenizer before the (garbage) weights."""
+    from sapo import tiny
+    from sapo.errors import DataError
+
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.chat_template = None
+    base = tmp_path / "base"
+    tiny.save_pair(tiny.build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0), tokenizer, base)
+    (base / "model.safetensors").write_bytes(b"garbage" * 100)
+    with pytest.raises(DataError, match=r"^train_dataset: row 0: the record is conversational \(field 'messages' "
+                                        r"holds chat messages\) and the tokenizer \(.*\) has no chat template"):
+        SAPOTrainer(model=str(base), args=config(tmp_path, max_steps=1), train_dataset=suite["train"][:4])
 
 
 def test_generation_batch_size_queues_batches_into_larger_rounds(tmp_path, tokenizer, tiny_model, suite):

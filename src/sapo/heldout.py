@@ -33,6 +33,7 @@ from sapo.data import (
     Message,
     RawRecord,
     TokenizedDataset,
+    check_one_format,
     normalize_record,
     read_records,
     tokenize_examples,
@@ -58,7 +59,7 @@ class EvalSet:
     reads (aligned with each other; the tokenized ones may be fewer, after the length limits)."""
 
     data: TokenizedDataset
-    prompts: list[list[Message]] = field(default_factory=list)
+    prompts: list[list[Message] | str] = field(default_factory=list)  # a str: a plain-text prompt, sent as it is
     records: list[Any] = field(default_factory=list)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
@@ -150,18 +151,25 @@ def independent_rng(seed: int) -> Iterator[None]:
 def read_eval_records(source: str, split: str, *, skip_invalid: bool, with_rejected: bool) -> list[Any]:
     """The raw records of an eval file or dataset, each checked as training data is (errors name file:line and
     field); the raw records are kept because a judge reads their extra fields."""
-    records, problems = [], []
+    return [example.record for example in read_eval_examples(source, split, skip_invalid=skip_invalid,
+                                                             with_rejected=with_rejected)]
+
+
+def read_eval_examples(source: str, split: str, *, skip_invalid: bool, with_rejected: bool) -> list[Example]:
+    """`read_eval_records` as `Example`s (each keeps its raw record and file:line), all of one format (plain text
+    or conversational), so the data can be checked against the tokenizer before any weights load."""
+    examples, problems = [], []
     for raw in read_records(source, split):
         try:
-            _checked(raw, with_rejected)
-            records.append(raw.data)
+            examples.append(_checked(raw, with_rejected))
         except DataError as error:
             if not skip_invalid:
                 raise
             problems.append(str(error))
-    if not records:
+    if not examples:
         raise DataError(f"{source}: no valid eval record" + (f" (first problem: {problems[0]})" if problems else ""))
-    return records
+    check_one_format(examples, source)
+    return examples
 
 
 def _checked(raw: RawRecord, with_rejected: bool) -> Example:
@@ -205,10 +213,11 @@ def _one_set(dataset: Any, tokenizer: Any, args: Any, end_token_ids: set[int], o
             raise DataError(f"{example.location or f'{origin}: row {index}'}: field 'rejected' is missing (offline "
                             "preference recipes evaluate on the records' own pairs)")
         examples.append(example)
-        prompts.append(example.prompt)
+        prompts.append(example.prompt[-1]["content"] if example.text else example.prompt)
         records.append({"messages": [*example.prompt, example.response]} if isinstance(row, Example) else row)
     if not examples:
         raise DataError(f"{origin}: no valid eval record")
+    check_one_format(examples, origin)
     tokenized = tokenize_examples(tokenizer, examples, max_length=args.max_length,
                                   max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
                                   end_token_ids=end_token_ids)

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from sapo.data import Message, chat_ids
+from sapo.data import Message, chat_ids, plain_text_ids
 from sapo.errors import UsageError
 from sapo.generation import HFGenerateSampler, SamplingSettings, eos_token_ids_of
 
@@ -29,12 +29,15 @@ Judge = Callable[[str, str, dict[str, Any]], float]
 DEFAULT_JUDGE = "sapo.tasks:judge"
 
 
-def prompt_ids(tokenizer: Any, prompt: Sequence[Message]) -> list[int]:
-    """Token ids of a chat prompt ending with the generation prompt, as used in training."""
+def prompt_ids(tokenizer: Any, prompt: Sequence[Message] | str) -> list[int]:
+    """Token ids of a prompt as used in training: a chat prompt ending with the generation prompt, or a plain-text
+    prompt (a str) as the raw text."""
+    if isinstance(prompt, str):
+        return plain_text_ids(tokenizer, prompt)
     return chat_ids(tokenizer, prompt, generation_prompt=True)
 
 
-def generate_responses(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[Message]], *,
+def generate_responses(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[Message] | str], *,
                        max_new_tokens: int = 64, batch_size: int = 64,
                        settings: SamplingSettings | None = None, progress: bool = False) -> list[str]:
     """Decoded responses (greedy unless `settings` says otherwise), special tokens removed."""
@@ -51,7 +54,10 @@ def generate_responses(model: nn.Module, tokenizer: Any, prompts: Sequence[Seque
     return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
 
-def last_user_turn(prompt: Sequence[Message]) -> str:
+def last_user_turn(prompt: Sequence[Message] | str) -> str:
+    """What a judge is given as the prompt: the last user turn of a chat, or a plain-text prompt itself."""
+    if isinstance(prompt, str):
+        return prompt
     return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
@@ -199,7 +205,7 @@ def build_report(prompts: Sequence[Sequence[Message]], records: Sequence[Any],
             "per_prompt": per_prompt}
 
 
-def judge_scores(judge: Judge, judge_name: str, prompts: Sequence[Sequence[Message]], responses: Sequence[str],
+def judge_scores(judge: Judge, judge_name: str, prompts: Sequence[Sequence[Message] | str], responses: Sequence[str],
                  records: Sequence[Any]) -> list[float]:
     """The judge's score of each response (prompt `i` is `prompts[i]`, with raw record `records[i]`); a failing
     judge or a score that is not a finite number raises `sapo.errors.UsageError` naming the prompt."""
@@ -207,7 +213,7 @@ def judge_scores(judge: Judge, judge_name: str, prompts: Sequence[Sequence[Messa
             for index, (prompt, response, record) in enumerate(zip(prompts, responses, records, strict=True))]
 
 
-def _judge_one(judge: Judge, judge_name: str, index: int, prompt: Sequence[Message], response: str,
+def _judge_one(judge: Judge, judge_name: str, index: int, prompt: Sequence[Message] | str, response: str,
                record: Any) -> float:
     try:
         value = judge(last_user_turn(prompt), response, record)

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -260,29 +260,37 @@ def load_model(path: str, init_kwargs: dict[str, Any] | None = None, *, option: 
 def load_model_and_tokenizer(path: str, *, tokenizer_path: str | None = None, chat_template: str | None = None,
                              init_kwargs: dict[str, Any] | None = None, max_length: int | None = None,
                              option: str = "model_name_or_path",
-                             tokenizer_option: str = "tokenizer_name_or_path") -> tuple[nn.Module, Any]:
+                             tokenizer_option: str = "tokenizer_name_or_path",
+                             check_tokenizer: Callable[[Any], None] | None = None) -> tuple[nn.Module, Any]:
     """The checked model and its prepared tokenizer. The tokenizer is loaded first: its problems (an empty chat
-    template, too many tokens for the model's vocabulary) are reported before any weights are read."""
+    template, too many tokens for the model's vocabulary) and `check_tokenizer`'s (the data against it, e.g. chat
+    records for a tokenizer without a chat template) are reported before any weights are read."""
     trust = bool((init_kwargs or {}).get("trust_remote_code", False))
     check_model_source(path, option, trust_remote_code=trust)
     tokenizer = load_tokenizer(tokenizer_path or path, option=tokenizer_option if tokenizer_path else option,
                                chat_template=chat_template, init_kwargs=init_kwargs)
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer)
     return load_model(path, init_kwargs, option=option, tokenizer=tokenizer, max_length=max_length), tokenizer
 
 
 def load_policy(model: nn.Module | str, tokenizer: Any, *, chat_template: str | None,
-                init_kwargs: dict[str, Any] | None, max_length: int | None) -> tuple[nn.Module, Any]:
+                init_kwargs: dict[str, Any] | None, max_length: int | None,
+                check_tokenizer: Callable[[Any], None] | None = None) -> tuple[nn.Module, Any]:
     """`SAPOTrainer`'s policy and tokenizer: a path is loaded like `sapo train` loads it (tokenizer from the same
-    path unless given); an instance is checked against its tokenizer the same way."""
+    path unless given, `check_tokenizer` run on it before the weights); an instance is checked against its tokenizer
+    the same way."""
     if tokenizer is None and not isinstance(model, str):
         tokenizer = tokenizer_of_instance(model, init_kwargs, chat_template)
     if isinstance(model, str):
         if tokenizer is None:
             return load_model_and_tokenizer(model, chat_template=chat_template, init_kwargs=init_kwargs,
-                                            max_length=max_length, option="model")
+                                            max_length=max_length, option="model", check_tokenizer=check_tokenizer)
         from sapo.data import prepare_tokenizer
 
         tokenizer = prepare_tokenizer(tokenizer, chat_template)
+        if check_tokenizer is not None:
+            check_tokenizer(tokenizer)
         return load_model(model, init_kwargs, option="model", tokenizer=tokenizer, max_length=max_length), tokenizer
     from sapo.data import prepare_tokenizer
 
@@ -416,12 +424,12 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def load_policy_for_training(model: nn.Module | str, tokenizer: Any, chat_template: str | None, peft_config: Any,
-                             model_init_kwargs: dict[str, Any] | None,
-                             max_length: int | None = None) -> tuple[nn.Module, Any]:
+                             model_init_kwargs: dict[str, Any] | None, max_length: int | None = None,
+                             check_tokenizer: Callable[[Any], None] | None = None) -> tuple[nn.Module, Any]:
     """The policy and its prepared tokenizer, loaded and checked by `load_policy` (the loader `sapo train` and
     `sapo eval` use), then wrapped with LoRA when asked."""
     model, tokenizer = load_policy(model, tokenizer, chat_template=chat_template, init_kwargs=model_init_kwargs,
-                                   max_length=max_length)
+                                   max_length=max_length, check_tokenizer=check_tokenizer)
     if peft_config is not None:
         model = with_lora(model, peft_config)
     return model, tokenizer

@@ -32,6 +32,7 @@ from the ecosystem.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -47,7 +48,14 @@ from sapo import heldout_eval
 from sapo.callbacks import LogLines, _HeldOutPairsAtStart, _LiveProgress, _SAPOStepHooks
 from sapo.config import SAPOConfig
 from sapo.copies import SHARDS, ModelCopies
-from sapo.data import collate_examples, keep_legacy_flag, tokenized_dataset
+from sapo.data import (
+    TokenizedDataset,
+    collate_examples,
+    examples_from_records,
+    keep_legacy_flag,
+    require_chat_template,
+    tokenized_dataset,
+)
 from sapo.errors import UsageError
 from sapo.generation import SegmentSampler, checkpoint_sampling, eos_token_ids_of, make_sampler
 from sapo.heldout import (
@@ -136,8 +144,13 @@ class SAPOTrainer(Trainer):
         check_eval_data(args, eval_dataset)
         self.eval_judge = load_eval_judge(args.eval_judge)
         self.rejected_judge = load_eval_judge(args.rejected_judge, "rejected_judge")
-        model, processing_class = load_policy_for_training(model, processing_class, chat_template, peft_config,
-                                                           args.model_init_kwargs, args.max_length)
+        # records are read once, and checked against the tokenizer (a chat template for chats) before any weights load
+        examples = [] if isinstance(train_dataset, TokenizedDataset) else examples_from_records(
+            train_dataset, skip_invalid=args.skip_invalid, with_rejected=args.needs_rejected_data)
+        train_dataset = examples or train_dataset
+        model, processing_class = load_policy_for_training(
+            model, processing_class, chat_template, peft_config, args.model_init_kwargs, args.max_length,
+            check_tokenizer=functools.partial(require_chat_template, examples=examples))
         self._start_weights = StartWeights(model)  # before training changes an in-memory model's tensors
         if args.disable_dropout:
             disable_dropout(model)

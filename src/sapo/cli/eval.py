@@ -71,9 +71,10 @@ def format_table(report: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message]], list[Any]]:
-    """Prompts (chat messages before the final assistant turn) and raw records, from --data or --suite."""
-    from sapo.data import DataError, prompt_of_record, read_records
+def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message] | str], list[Any]]:
+    """Prompts (chat messages before the final assistant turn, or the prompt string of a plain-text record, answered
+    from the raw text as training renders that record) and raw records, from --data or --suite."""
+    from sapo.data import DataError, plain_text_prompt, prompt_of_record, read_records
 
     if (args.data is None) == (args.suite is None):
         raise UsageError("give exactly one of --data FILE and --suite {train,dev,heldout}")
@@ -91,19 +92,30 @@ def load_eval_records(args: argparse.Namespace) -> tuple[list[list[Message]], li
     for raw in read_records(args.data, args.split):
         if raw.error is not None:
             raise DataError(raw.error)
-        prompts.append(prompt_of_record(raw.data, raw.location))
+        prompt = plain_text_prompt(raw.data, raw.location)
+        prompts.append(prompt_of_record(raw.data, raw.location) if prompt is None else prompt)
         records.append(raw.data)
     if not prompts:
         raise DataError(f"{args.data}: no records")
     return prompts, records
 
 
-def load_model(path: str, *, device: str = "cpu", chat_template: str | None = None) -> tuple[nn.Module, Any]:
+def load_model(path: str, *, device: str = "cpu", chat_template: str | None = None,
+               chat_prompts: bool = True) -> tuple[nn.Module, Any]:
     """A model directory and its tokenizer, loaded and checked by `sapo.loading` (as `sapo train` loads them), in
-    eval mode on `device`."""
+    eval mode on `device`. With `chat_prompts` a tokenizer without a chat template is refused before the weights."""
     from sapo.loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(path, chat_template=chat_template, option="MODEL_DIR")
+    def check_tokenizer(tokenizer: Any) -> None:
+        from sapo.data import has_chat_template
+
+        if chat_prompts and not has_chat_template(tokenizer):
+            raise UsageError(f"{path}: the tokenizer has no chat template to render the conversational prompts: "
+                             "pass --chat_template chatml (or a Jinja template, or a file holding one), or give "
+                             "plain-text prompts (string 'prompt' fields, answered from the raw text)")
+
+    model, tokenizer = load_model_and_tokenizer(path, chat_template=chat_template, option="MODEL_DIR",
+                                                check_tokenizer=check_tokenizer)
     return model.to(device).eval(), tokenizer
 
 
@@ -205,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     responses_by_model: dict[str, list[str]] = {}
     for path in args.model_dirs:
         print(f"sapo eval: {path}: answering {len(prompts)} prompts", file=sys.stderr)
-        model, tokenizer = load_model(path, device=device, chat_template=args.chat_template)
+        model, tokenizer = load_model(path, device=device, chat_template=args.chat_template,
+                                      chat_prompts=any(not isinstance(prompt, str) for prompt in prompts))
         if args.sample:
             torch.manual_seed(args.seed)
         responses_by_model[path] = generate_responses(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,

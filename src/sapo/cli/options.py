@@ -13,7 +13,7 @@ import math
 import numbers
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +54,9 @@ class ModelArguments:
     eval_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name to evaluate on."})
     chat_template: str | None = field(
         default=None,
-        metadata={"help": "Chat template: a Jinja string, a file holding one, or 'chatml'; needed when the "
-                  "tokenizer has none."},
+        metadata={"help": "Chat template: a Jinja string, a file holding one, or 'chatml'; needed for "
+                  "conversational data (message lists) when the tokenizer has none. Plain-text data (strings) trains "
+                  "on the raw text and uses no template."},
     )
     dtype: str = field(
         default="auto", metadata={"help": "Weights dtype when loading: auto, float32, bfloat16 or float16."}
@@ -346,7 +347,7 @@ def model_init_kwargs(model_args: ModelArguments, from_config: dict[str, Any] | 
 
 
 def load_model_and_tokenizer(model_args: ModelArguments, init_kwargs: dict[str, Any] | None = None,
-                             max_length: int | None = None):
+                             max_length: int | None = None, check_tokenizer: Callable[[Any], None] | None = None):
     """`sapo train`'s model and prepared tokenizer, loaded by `sapo.loading` (the one loader) with `init_kwargs`
     (see `model_init_kwargs`) and the --trust_remote_code, --tokenizer_name_or_path and --chat_template options."""
     from sapo import loading
@@ -357,7 +358,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, init_kwargs: dict[str, 
     return loading.load_model_and_tokenizer(
         model_args.model_name_or_path, tokenizer_path=model_args.tokenizer_name_or_path,
         chat_template=model_args.chat_template, max_length=max_length,
-        init_kwargs={**init_kwargs, "trust_remote_code": model_args.trust_remote_code})
+        init_kwargs={**init_kwargs, "trust_remote_code": model_args.trust_remote_code}, check_tokenizer=check_tokenizer)
 
 
 def apply_lora(model: Any, model_args: ModelArguments) -> Any:

@@ -90,8 +90,8 @@ def _check_resume_path(resume: str | None) -> None:
 
 
 def run_train(argv: Sequence[str]) -> int:
-    from sapo.data import load_examples
-    from sapo.heldout import check_eval_data, read_eval_records
+    from sapo.data import load_examples, require_chat_template
+    from sapo.heldout import check_eval_data, read_eval_examples
     from sapo.run.lock import check_output_dir, first_missing, remove_if_created_empty
     from sapo.run.outdir import refuse_inputs_in_output_dir
     from sapo.trainer import SAPOTrainer
@@ -121,10 +121,17 @@ def run_train(argv: Sequence[str]) -> int:
     _check_report_to(config)
     examples = load_examples(model_args.dataset_name, model_args.dataset_split, skip_invalid=config.skip_invalid,
                              with_rejected=config.needs_rejected_data)
-    eval_records = None if model_args.eval_dataset_name is None else read_eval_records(
+    eval_examples = [] if model_args.eval_dataset_name is None else read_eval_examples(
         model_args.eval_dataset_name, model_args.eval_split, skip_invalid=config.skip_invalid,
         with_rejected=config.needs_rejected_data)
-    model, tokenizer = load_model_and_tokenizer(model_args, config.model_init_kwargs, config.max_length)
+    eval_records = [example.record for example in eval_examples] or None
+
+    def check_tokenizer(tokenizer: Any) -> None:  # the data against the tokenizer, before the weights are read
+        require_chat_template(tokenizer, examples, model_args.dataset_name)
+        require_chat_template(tokenizer, eval_examples, model_args.eval_dataset_name)
+
+    model, tokenizer = load_model_and_tokenizer(model_args, config.model_init_kwargs, config.max_length,
+                                                check_tokenizer)
     if model_args.use_peft:
         model = apply_lora(model, model_args)
     created = first_missing(out)

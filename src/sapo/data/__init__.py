@@ -18,7 +18,10 @@ from sapo.data.records import (  # noqa: F401
     Message,
     RawRecord,
     TokenizedExample,
+    check_one_format,
+    format_field,
     normalize_record,
+    plain_text_prompt,
     prompt_of_record,
 )
 from sapo.data.sources import (  # noqa: F401
@@ -33,9 +36,11 @@ from sapo.data.templates import (  # noqa: F401
     CHATML_TEMPLATE,
     NAMED_CHAT_TEMPLATES,
     check_chat_template,
+    has_chat_template,
     keep_legacy_flag,
     prepare_tokenizer,
     renders_with_mistral_common,
+    require_chat_template,
     resolve_chat_template,
     save_tokenizer,
 )
@@ -47,6 +52,7 @@ from sapo.data.tokenize import (  # noqa: F401
     collate_examples,
     default_num_proc,
     fit_lengths,
+    plain_text_ids,
     text_ids,
     tokenize_example,
     tokenize_examples,

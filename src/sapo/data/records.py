@@ -1,10 +1,13 @@
 """The record types (`RawRecord` as read, `Example` in chat form, `TokenizedExample`) and normalising a record of
-any accepted format (chat `messages`, `prompt`/`completion`, preference `chosen`/`rejected`) into an `Example`."""
+any accepted format (chat `messages`, `prompt`/`completion`, preference `chosen`/`rejected`) into an `Example`.
+
+As in TRL, a record is *conversational* when its fields hold lists of `{role, content}` messages (rendered with the
+chat template) and *plain text* ("standard" in TRL) when they hold strings (trained as the raw text, no template)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +31,18 @@ class RawRecord:
 
 @dataclass(frozen=True)
 class Example:
-    """A demonstration normalised to chat form: everything before the last assistant turn, and that turn."""
+    """A demonstration normalised to chat form: everything before the last assistant turn, and that turn.
+
+    `text`: the record was plain text (TRL's "standard" format: `prompt` and `completion`/`chosen`/`rejected` are
+    strings). Its prompt is then one user message holding the prompt string, and it is tokenized as TRL does, as the
+    raw text `prompt + response + EOS` with no chat template."""
 
     prompt: list[Message]
     response: Message
     rejected: Message | None = None  # only read for the offline preference baselines (dpo, orpo)
     location: str = field(default="", compare=False)  # where the record came from, for messages about it
     record: Any = field(default=None, compare=False, repr=False)  # the raw record, for a judge that reads its fields
+    text: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,46 @@ def normalize_record(record: Any, location: str, with_rejected: bool = False) ->
         if record.get("rejected") is None:
             raise DataError(f"{location}: field 'rejected' is missing (offline preference recipes need pairs)")
         rejected = _rejected(record["rejected"], location)
-    return Example(example.prompt, example.response, rejected, location)
+    text = example.text and (rejected is None or isinstance(record["rejected"], str))
+    return Example(example.prompt, example.response, rejected, location, record=record, text=text)
+
+
+def format_field(example: Example) -> str:
+    """The field whose value gives a record its format (for messages): 'messages' or the first field holding a list
+    of messages (conversational), or 'prompt' (plain text)."""
+    record = example.record if isinstance(example.record, Mapping) else {}
+    if "messages" in record and record["messages"] is not None:
+        return "messages"
+    if example.text:
+        return "prompt"
+    return next((name for name in ("prompt", "completion", "chosen", "rejected")
+                 if isinstance(record.get(name), list)), "prompt")
+
+
+def format_name(example: Example) -> str:
+    return "plain text" if example.text else "conversational"
+
+
+def check_one_format(examples: Sequence[Example], origin: str) -> None:
+    """Refuse a dataset that mixes plain-text and conversational records: they are rendered differently (raw text vs
+    the chat template), so the model would learn two prompt formats, and TRL decides the format from the first
+    record alone. The message names the first record of each format."""
+    if not examples:
+        return
+    first = examples[0]
+    other = next((e for e in examples if e.text != first.text), None)
+    if other is None:
+        return
+    raise DataError(
+        f"{other.location or origin}: record is {_described(other)} but {first.location or 'the first record'} is "
+        f"{_described(first)}; a dataset must use one format (plain-text records train on the raw text, "
+        "conversational ones through the chat template): write every record's fields as strings, or every one's as "
+        "lists of {role, content} messages")
+
+
+def _described(example: Example) -> str:
+    holds = "text" if example.text else "chat messages"
+    return f"{format_name(example)} (field '{format_field(example)}' holds {holds})"
 
 
 def prompt_of_record(record: Any, location: str) -> list[Message]:
@@ -77,6 +124,18 @@ def prompt_of_record(record: Any, location: str) -> list[Message]:
         elif "prompt" in fields and not {"completion", "chosen"} & set(fields):
             return _prompt(fields, location)
     return normalize_record(record, location).prompt
+
+
+def plain_text_prompt(record: Any, location: str) -> str | None:
+    """The prompt string of a plain-text record (or of a prompt-only one: `prompt` alone, a string), as it is
+    rendered (raw, no chat template); None for a conversational record. Refuses what `prompt_of_record` refuses."""
+    prompt = prompt_of_record(record, location)
+    fields = {key: value for key, value in record.items() if value is not None}
+    if "messages" in fields or not isinstance(fields.get("prompt"), str):
+        return None
+    if "completion" in fields or "chosen" in fields:
+        return prompt[-1]["content"] if normalize_record(record, location).text else None
+    return prompt[-1]["content"]
 
 
 def _rejected(value: Any, location: str) -> Message:
@@ -103,7 +162,8 @@ def _normalize_chosen(record: Any, location: str) -> Example:
         return _from_preference(record, location)
     if "completion" in record:
         prompt = _prompt(record, location)
-        return Example(prompt, _completion(record["completion"], location, "completion"))
+        text = isinstance(record["prompt"], str) and isinstance(record["completion"], str)
+        return Example(prompt, _completion(record["completion"], location, "completion"), text=text)
     raise DataError(
         f"{location}: record has none of the supported fields 'messages', 'prompt'+'completion', "
         f"'prompt'+'chosen' with a non-null value (found: {', '.join(map(str, fields)) or 'nothing'})"
@@ -141,7 +201,8 @@ def _from_preference(record: Mapping[str, Any], location: str) -> Example:
     )
     if is_conversation:
         return _split_conversation(_messages(chosen, location, "chosen"), location, "chosen")
-    return Example(_prompt(record, location), _completion(chosen, location, "chosen"))
+    text = isinstance(record.get("prompt"), str) and isinstance(chosen, str)
+    return Example(_prompt(record, location), _completion(chosen, location, "chosen"), text=text)
 
 
 def _prompt(record: Mapping[str, Any], location: str) -> list[Message]:

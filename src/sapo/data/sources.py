@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sapo.data.records import Example, RawRecord, normalize_record
+from sapo.data.records import Example, RawRecord, check_one_format, normalize_record
 from sapo.errors import DataError, describe_unusable_path
 
 logger = logging.getLogger(__name__)
@@ -248,6 +248,7 @@ def _checked_examples(examples: Sequence[Example], with_rejected: bool) -> list[
         if unpaired is not None:
             raise DataError(f"{unpaired.location or 'an example'}: field 'rejected' is missing (offline preference "
                             "recipes need pairs; load the data with with_rejected=True)")
+    check_one_format(examples, "train_dataset")
     return list(examples)
 
 
@@ -270,6 +271,7 @@ def _normalise_all(raws: Iterable[RawRecord], skip_invalid: bool, origin: str,
                        origin, len(examples), " | ".join(problems[:3]))
         if not examples:
             raise DataError(f"{origin}: every record is invalid ({len(problems)}); first: {problems[0]}")
+    check_one_format(examples, origin)
     return examples
 
 

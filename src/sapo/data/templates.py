@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sapo.data.records import Example, format_field
 from sapo.errors import DataError, describe_unusable_path
 
 logger = logging.getLogger(__name__)
@@ -77,7 +79,9 @@ def renders_with_mistral_common(tokenizer: Any) -> bool:
 
 
 def prepare_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
-    """Make a tokenizer usable for SAPO: a chat template and a pad token are required."""
+    """Make a tokenizer usable for SAPO: an EOS token is required, a pad token is set, and a chat template given (or
+    the tokenizer's own) is checked. No template is required here: plain-text data needs none (see
+    `require_chat_template`, which the data is checked with before any weights load)."""
     template = resolve_chat_template(chat_template)
     if template is not None and renders_with_mistral_common(tokenizer):
         raise DataError("chat_template: this tokenizer (MistralCommonBackend, from tekken.json) renders chats with "
@@ -94,13 +98,7 @@ def prepare_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
                             "prompt would render as no tokens; pass chat_template (CLI: --chat_template)")
         check_chat_template(tokenizer.chat_template, "the tokenizer's own chat template (pass --chat_template to "
                                                      "replace it)")
-    source = getattr(tokenizer, "name_or_path", None)
-    which = f"the tokenizer ({source})" if source else "the tokenizer"
-    if getattr(tokenizer, "chat_template", None) is None and not renders_with_mistral_common(tokenizer):
-        raise DataError(
-            f"{which} has no chat template: pass chat_template (CLI: --chat_template) as a Jinja string, "
-            "a file holding one, or the built-in name 'chatml'"
-        )
+    which = _tokenizer_name(tokenizer)
     if tokenizer.eos_token_id is None:
         raise DataError(f"{which} has no EOS token: set tokenizer.eos_token (CLI: use a tokenizer that has one, "
                         "e.g. set eos_token in its tokenizer_config.json)")
@@ -108,6 +106,32 @@ def prepare_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
         logger.warning("tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer can render chats: a Jinja template, or mistral-common's own rendering."""
+    return getattr(tokenizer, "chat_template", None) is not None or renders_with_mistral_common(tokenizer)
+
+
+def require_chat_template(tokenizer: Any, examples: Iterable[Example], origin: str = "the data") -> None:
+    """Refuse conversational records for a tokenizer without a chat template (a base model's, usually), naming the
+    first such record and the field that makes it conversational. Plain-text records need no template. Called on the
+    training and eval data as soon as the tokenizer is loaded, before any weights are read."""
+    if has_chat_template(tokenizer):
+        return
+    chat = next((example for example in examples if not example.text), None)
+    if chat is None:
+        return
+    raise DataError(
+        f"{chat.location or origin}: the record is conversational (field '{format_field(chat)}' holds chat "
+        f"messages) and {_tokenizer_name(tokenizer)} has no chat template to render it: pass --chat_template chatml "
+        "(or a Jinja template, or a file holding one; in Python chat_template=...), use a tokenizer that has a "
+        "template, or write the data as plain text (string 'prompt' and 'completion' fields, trained as raw text)")
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    source = getattr(tokenizer, "name_or_path", None)
+    return f"the tokenizer ({source})" if source else "the tokenizer"
 
 
 def save_tokenizer(tokenizer: Any, directory: str | os.PathLike) -> None:

@@ -1,5 +1,6 @@
-"""Tokenizing examples: prompt and response ids split at the chat template's boundary, lengths fitted to
-`max_length`, large datasets tokenized in worker processes, and the dataset and collator the trainer uses."""
+"""Tokenizing examples: prompt and response ids split at the chat template's boundary (conversational records) or
+as TRL splits raw text (plain-text records), lengths fitted to `max_length`, large datasets tokenized in worker
+processes, and the dataset and collator the trainer uses."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from sapo.data.records import Example, Message, TokenizedExample
 from sapo.data.sources import examples_from_records
-from sapo.data.templates import renders_with_mistral_common
+from sapo.data.templates import renders_with_mistral_common, require_chat_template
 from sapo.errors import DataError
 from sapo.packing import common_prefix_length
 
@@ -30,7 +31,8 @@ def tokenize_example(tokenizer: Any, example: Example,
     (SentencePiece adds a word-start marker, byte-level BPE merges a leading newline with the template's),
     so the conversation is tokenized once and split where its ids stop agreeing with the prompt's: prompt
     ids + response ids are exactly the conversation's ids, up to and including the final turn's end token.
-    Use `tokenize_examples` to also get the warning about records whose boundary token merged.
+    Use `tokenize_examples` to also get the warning about records whose boundary token merged. A plain-text example
+    (`Example.text`) is tokenized as raw text instead, exactly as TRL does (see `_plain_text_with_boundary`).
     """
     return _tokenize_with_boundary(tokenizer, example, end_token_ids)[0]
 
@@ -42,6 +44,8 @@ def _tokenize_with_boundary(tokenizer: Any, example: Example,
 
     ends = set(end_token_ids) if end_token_ids else {tokenizer.eos_token_id}
     answers = [example.response] if example.rejected is None else [example.response, example.rejected]
+    if example.text:
+        return _plain_text_with_boundary(tokenizer, example, answers)
     try:
         if renders_with_mistral_common(tokenizer):
             prompt_alone = chat_ids(tokenizer, example.prompt, generation_prompt=True)
@@ -58,6 +62,35 @@ def _tokenize_with_boundary(tokenizer: Any, example: Example,
     rejected = responses[1] if len(responses) > 1 else None
     tokenized = TokenizedExample(conversations[0][:boundary], responses[0], rejected)
     return tokenized, boundary != len(prompt_alone)
+
+
+def _plain_text_with_boundary(tokenizer: Any, example: Example,
+                              answers: Sequence[Message]) -> tuple[TokenizedExample, bool]:
+    """A plain-text record tokenized as TRL's DPOTrainer/SFTTrainer tokenize a "standard" one: EOS (as text) appended
+    to each response unless it ends with it, `tokenizer(prompt)` and `tokenizer(prompt + response)` with the
+    tokenizer's own special tokens (BOS where it adds one), and the response starting where the two stop agreeing.
+    No chat template is read, and the response is kept as it is (it ends with the EOS just appended). mistral-common
+    encodes "</s>" in text as characters, so there the EOS id is appended to the ids instead."""
+    eos = tokenizer.eos_token
+    prompt = example.prompt[-1]["content"]
+    prompt_alone = plain_text_ids(tokenizer, prompt)
+    if renders_with_mistral_common(tokenizer):
+        conversations = [[*plain_text_ids(tokenizer, prompt + answer["content"]), tokenizer.eos_token_id]
+                         for answer in answers]
+    else:
+        texts = [text if text.endswith(eos) else text + eos for text in (answer["content"] for answer in answers)]
+        conversations = [plain_text_ids(tokenizer, prompt + text) for text in texts]
+    boundary = common_prefix_length(prompt_alone, *conversations)
+    if boundary == 0:
+        raise DataError(f"{example.location or 'a record'}: the prompt tokenizes as no tokens before the response")
+    rejected = conversations[1][boundary:] if len(conversations) > 1 else None
+    return TokenizedExample(conversations[0][:boundary], conversations[0][boundary:], rejected), \
+        boundary != len(prompt_alone)
+
+
+def plain_text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Ids of plain text as TRL tokenizes a "standard" record (`tokenizer(text=...)`, special tokens added)."""
+    return list(tokenizer(text=text)["input_ids"])
 
 
 def chat_ids(tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool = False) -> list[int]:
@@ -188,6 +221,7 @@ def tokenize_examples(
     `num_proc` processes share the work (None: one per CPU core of this rank for large datasets, see
     `default_num_proc`); the result is the same list, and an error names the first bad record, as without them.
     """
+    require_chat_template(tokenizer, examples)
     workers = default_num_proc(len(examples)) if num_proc is None else num_proc
     if workers > 1:
         results = _tokenize_in_processes(tokenizer, examples, end_token_ids, workers, progress)
@@ -250,7 +284,8 @@ def _tokenize_in_processes(tokenizer: Any, examples: Sequence[Example], end_toke
     from datasets.fingerprint import generate_random_fingerprint
 
     columns = {"prompt": [e.prompt for e in examples], "response": [e.response for e in examples],
-               "rejected": [e.rejected for e in examples], "location": [e.location for e in examples]}
+               "rejected": [e.rejected for e in examples], "location": [e.location for e in examples],
+               "text": [e.text for e in examples]}
     ids = datasets.Sequence(datasets.Value("int32"))
     features = datasets.Features({"prompt_ids": ids, "response_ids": ids, "rejected_ids": ids,
                                   "merged": datasets.Value("bool"), "error": datasets.Value("string")})
@@ -291,11 +326,11 @@ def _tokenize_batch(batch: dict[str, list[Any]], tokenizer_pickle: bytes,
         _WORKER_TOKENIZER[:] = [tokenizer_pickle, pickle.loads(tokenizer_pickle)]
     tokenizer = _WORKER_TOKENIZER[1]
     out: dict[str, list[Any]] = {"prompt_ids": [], "response_ids": [], "rejected_ids": [], "merged": [], "error": []}
-    for prompt, response, rejected, location in zip(batch["prompt"], batch["response"], batch["rejected"],
-                                                    batch["location"], strict=True):
+    for prompt, response, rejected, location, text in zip(batch["prompt"], batch["response"], batch["rejected"],
+                                                          batch["location"], batch["text"], strict=True):
         try:
-            result, merged = _tokenize_with_boundary(tokenizer, Example(prompt, response, rejected, location),
-                                                     end_token_ids)
+            example = Example(prompt, response, rejected, location, text=text)
+            result, merged = _tokenize_with_boundary(tokenizer, example, end_token_ids)
             error = None
         except DataError as refused:
             result, merged, error = TokenizedExample([], []), False, str(refused)
