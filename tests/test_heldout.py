@@ -67,12 +67,12 @@ def test_eval_metrics_over_the_whole_set():
                       [-5.0, -5.0, -1.0])
     metrics = eval_metrics(rows, adds_nll=False)
     assert metrics["loss"] == pytest.approx(0.7)
-    assert metrics["rewards/real"] == pytest.approx(0.1 / 3) and metrics["rewards/rejected"] == pytest.approx(0.4 / 3)
+    assert metrics["rewards/chosen"] == pytest.approx(0.1 / 3) and metrics["rewards/rejected"] == pytest.approx(0.4 / 3)
     assert metrics["rewards/margins"] == pytest.approx(-0.1)
     assert metrics["rewards/ties"] == pytest.approx(1 / 3)  # the third pair: margin exactly 0
     assert metrics["rewards/accuracies"] == pytest.approx(1 / 2)  # of the two ranked pairs, one is right
-    assert metrics["logps/real"] == pytest.approx(-4.0) and metrics["logps/rejected"] == pytest.approx(-11 / 3)
-    assert metrics["logps/real_per_token"] == pytest.approx(-12.0 / 6)  # token-weighted, not a mean of means
+    assert metrics["logps/chosen"] == pytest.approx(-4.0) and metrics["logps/rejected"] == pytest.approx(-11 / 3)
+    assert metrics["logps/chosen_per_token"] == pytest.approx(-12.0 / 6)  # token-weighted, not a mean of means
     # ORPO adds the token-level NLL of the real responses to the mean pair loss
     assert eval_metrics(rows, adds_nll=True)["loss"] == pytest.approx(0.7 + 2.0)
 
@@ -81,7 +81,7 @@ def test_eval_metrics_without_pairs_is_the_nll():
     nan = float("nan")
     rows = statistics([nan, nan], [nan, nan], [nan, nan], [-3.0, -5.0], [1, 3], [nan, nan])
     assert eval_metrics(rows, adds_nll=False) == pytest.approx(
-        {"loss": 2.0, "logps/real": -4.0, "logps/real_per_token": -2.0})
+        {"loss": 2.0, "logps/chosen": -4.0, "logps/chosen_per_token": -2.0})
     with pytest.raises(ValueError, match="statistics"):
         eval_metrics(torch.zeros(0, len(STATISTICS)), adds_nll=False)
 
@@ -186,9 +186,9 @@ def test_metrics_are_the_training_loss_on_the_fixed_pairs(tmp_path, tokenizer, t
     assert metrics["eval_loss"] == pytest.approx(result.loss.item(), rel=1e-5)  # eval batches of 3: same number
     assert metrics["eval_rewards/margins"] == pytest.approx((real - rejected).mean().item(), rel=1e-4, abs=1e-7)
     assert metrics["eval_rewards/accuracies"] == pytest.approx((real > rejected).float().mean().item())
-    assert metrics["eval_rewards/real"] == pytest.approx(real.mean().item(), rel=1e-4, abs=1e-7)
+    assert metrics["eval_rewards/chosen"] == pytest.approx(real.mean().item(), rel=1e-4, abs=1e-7)
     per_token = (token_logps[:half] * mask[:half]).sum() / mask[:half].sum()
-    assert metrics["eval_logps/real_per_token"] == pytest.approx(per_token.item(), rel=1e-5)
+    assert metrics["eval_logps/chosen_per_token"] == pytest.approx(per_token.item(), rel=1e-5)
     assert metrics["eval_rewards/accuracies"] > 0  # the policy has learnt something against the start model
 
 
@@ -265,14 +265,14 @@ def test_named_sets_offline_pairs_and_sft(tmp_path, tokenizer, tiny_model, suite
     dpo = SAPOTrainer(model=tiny_model, args=config(tmp_path / "dpo", recipe="dpo"), train_dataset=suite["train"],
                       eval_dataset={"a": heldout[:3], "b": heldout[3:]}, processing_class=tokenizer)
     metrics = dpo.evaluate()
-    assert {"eval_a_loss", "eval_b_loss", "eval_a_rewards/margins", "eval_b_logps/real_per_token"} <= set(metrics)
+    assert {"eval_a_loss", "eval_b_loss", "eval_a_rewards/margins", "eval_b_logps/chosen_per_token"} <= set(metrics)
     assert set(eval_metric_names(dpo.args, ["a", "b"], judged=False)) == {
         name for name in metrics if name != "epoch" and not name.endswith("model_preparation_time")}
     assert dpo._eval_pairs["a"].rejected == [dpo._eval_sets["a"].data[i]["rejected_ids"] for i in range(3)]
     sft = SAPOTrainer(model=tiny_model, args=config(tmp_path / "sft", recipe="sft"), train_dataset=suite["train"],
                       eval_dataset=heldout, processing_class=tokenizer)
     metrics = sft.evaluate()
-    assert metrics["eval_loss"] == pytest.approx(-metrics["eval_logps/real_per_token"])
+    assert metrics["eval_loss"] == pytest.approx(-metrics["eval_logps/chosen_per_token"])
     assert "eval_rewards/margins" not in metrics
     with pytest.raises(UsageError, match="metric_for_best_model 'rewards/margins': evaluation logs no "
                                          "'eval_rewards/margins'; it logs eval_loss, "):
@@ -316,7 +316,7 @@ def test_cli_trains_with_evaluation_end_to_end(tmp_path, model_dir, capsys):
                  "--eval_steps", "2", "--eval_judge", "sapo.tasks:judge"]) == 0
     rows = eval_rows(out)
     assert [row["step"] for row in rows] == [2, 4]
-    assert {"eval_rewards/accuracies", "eval_logps/real_per_token", "eval_judge/score"} <= set(rows[0])
+    assert {"eval_rewards/accuracies", "eval_logps/chosen_per_token", "eval_judge/score"} <= set(rows[0])
     assert main(["plot", str(out)]) == 0
     assert (out / "plots" / "eval.png").is_file()
     capsys.readouterr()

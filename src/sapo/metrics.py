@@ -27,23 +27,90 @@ from sapo.run.publish import _write_durably, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-# The names of the metrics the trainer itself logs (the recipes, losses and scoring log theirs under the same
-# families: `rewards/*`, `logps/*`, `length/*`, `buffer/*`, `segment/*`, `pairs/*`, `spin/*`).
+# ------------------------------------------------------------------------------------------------
+# The registry of metric names. Every module that records or reads a metric names it through these constants
+# (tests/test_metrics.py fails on a metric-name string literal anywhere else in src/sapo).
+# ------------------------------------------------------------------------------------------------
+
+# TRL's names (DPOTrainer, ORPOTrainer, SFTTrainer of TRL 1.16), with TRL's definitions (docs/guides/outputs.md).
 LOSS = "loss"
 NLL_LOSS = "nll_loss"
+REWARDS_CHOSEN = "rewards/chosen"
+REWARDS_REJECTED = "rewards/rejected"
 REWARD_MARGINS = "rewards/margins"
 REWARD_ACCURACIES = "rewards/accuracies"
+LOGPS_CHOSEN = "logps/chosen"
+LOGPS_REJECTED = "logps/rejected"
+LOGITS_CHOSEN = "logits/chosen"
+LOGITS_REJECTED = "logits/rejected"
+ENTROPY = "entropy"
+MEAN_TOKEN_ACCURACY = "mean_token_accuracy"
+LOG_ODDS_RATIO = "log_odds_ratio"  # ORPO
+LOG_ODDS_CHOSEN = "log_odds_chosen"  # ORPO
+
+# SAPO's own names, for what TRL does not log.
+REWARD_TIES = "rewards/ties"
+LOGPS_CHOSEN_PER_TOKEN = "logps/chosen_per_token"  # evaluation
+LENGTH_CHOSEN = "length/chosen"
+LENGTH_REJECTED = "length/rejected"
 BUFFER_SIZE = "buffer/size"
+BUFFER_MEAN_TIMES_SAMPLED = "buffer/mean_times_sampled"
+PAIRS_DROPPED = "pairs/dropped"
+PAIRS_JUDGED_NOT_WORSE = "pairs/judged_not_worse"
+SEGMENT_IDENTICAL_FRACTION = "segment/identical_fraction"
+SEGMENT_REPLACED_LENGTH = "segment/replaced_length"
+SEGMENT_START = "segment/start"
+SPIN_ITERATION = "spin/iteration"
+SPIN_BETA = "spin/beta"
 NONFINITE_SKIPPED_STEPS = "nonfinite/skipped_steps"
 NO_SIGNAL_SKIPPED_STEPS = "steps/skipped_no_signal"
+REFERENCE_CACHED_FRACTION = "ref/cached_fraction"
 REFERENCE_REFRESHES = "ref/refreshes"  # recorded to count refreshes between logs; not logged itself
 GENERATION_SHARE = "time/generation_share"
 GENERATION_TOKENS_PER_SECOND = "generation/tokens_per_second"
-JUDGE_SCORE = "judge/score"
+JUDGE_SCORE = "judge/score"  # evaluation
+
+# Keys the Trainer itself writes into a row.
+STEP = "step"
+EPOCH = "epoch"
+GRAD_NORM = "grad_norm"
+LEARNING_RATE = "learning_rate"
+TRAIN_RUNTIME = "train_runtime"
+EVAL_PREFIX = "eval_"
+"""Evaluation metrics are logged as `eval_<name>`, or `eval_<set>_<name>` for named eval sets (`eval_name`)."""
+
+RENAMED = {"rewards/real": REWARDS_CHOSEN, "logps/real": LOGPS_CHOSEN, "length/real": LENGTH_CHOSEN,
+           "logps/real_per_token": LOGPS_CHOSEN_PER_TOKEN}
+"""Names sapo logged before it took TRL's (sapo <= 0.x: the dataset response was "real"): `read_metrics` reads them
+under the new names, so the runs of an older sapo plot and compare with new ones."""
 
 # What the training progress bar shows, by metric name.
 LIVE_METRICS = {LOSS: "loss", REWARD_MARGINS: "margin", REWARD_ACCURACIES: "acc", BUFFER_SIZE: "buffer",
                 GENERATION_TOKENS_PER_SECOND: "gen tok/s"}
+
+
+def eval_name(name: str, eval_set: str | None = None) -> str:
+    """An evaluation metric's key as the Trainer logs it: `eval_<name>`, or `eval_<set>_<name>` for a named set."""
+    return f"{EVAL_PREFIX}{'' if eval_set is None else f'{eval_set}_'}{name}"
+
+
+def current_name(key: str) -> str:
+    """`key` under today's name: a `RENAMED` name (bare, `eval_`, or `eval_<set>_` prefixed) becomes the new one."""
+    for old, new in RENAMED.items():
+        if key == old:
+            return new
+        if key.startswith(EVAL_PREFIX) and key.endswith(old) and (
+                len(key) == len(EVAL_PREFIX) + len(old) or key[-len(old) - 1] == "_"):
+            return key[: -len(old)] + new
+    return key
+
+
+def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row with every old name (`RENAMED`) read as its new one; a row already using the new name keeps it."""
+    upgraded = {current_name(key): value for key, value in row.items() if current_name(key) == key}
+    for key, value in row.items():
+        upgraded.setdefault(current_name(key), value)
+    return upgraded
 
 
 def append_metrics_rows(trainer: Any, records: list[dict[str, Any]]) -> None:
@@ -113,13 +180,14 @@ def _metrics_lines(path: Path) -> list[tuple[bytes, dict[str, Any]]]:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl, tolerating a torn last line."""
-    return [row for _, row in _metrics_lines(path)]
+    """The rows of a metrics.jsonl, tolerating a torn last line, with the names of an older sapo read as today's
+    (`upgrade_row`)."""
+    return [upgrade_row(row) for _, row in _metrics_lines(path)]
 
 
 def is_summary_row(row: Mapping[str, Any]) -> bool:
     """The Trainer's end-of-training row (runtime, mean loss), logged after the last step."""
-    return "train_runtime" in row
+    return TRAIN_RUNTIME in row
 
 
 def truncate_metrics(path: Path, keep_until_step: int, *, keep_summary: bool = False) -> None:
@@ -128,8 +196,8 @@ def truncate_metrics(path: Path, keep_until_step: int, *, keep_summary: bool = F
     row (unless `keep_summary`: the resumed run is already finished). 0 empties the file (a fresh run). The file is
     replaced atomically."""
     kept = [line for line, row in _metrics_lines(path) if keep_until_step > 0 and (
-        row.get("step", 0) < keep_until_step
-        or (row.get("step", 0) == keep_until_step and (keep_summary or not is_summary_row(row))))]
+        row.get(STEP, 0) < keep_until_step
+        or (row.get(STEP, 0) == keep_until_step and (keep_summary or not is_summary_row(row))))]
     atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in kept))
 
 
@@ -138,7 +206,7 @@ def save_metrics_rows(live: Path, target: Path, step: int) -> None:
     them even when metrics.jsonl was deleted or damaged meanwhile."""
     rows = _metrics_lines(live) if live.is_file() else []
     _write_durably(target, "".join(line.decode("utf-8") + "\n" for line, row in rows
-                                   if row.get("step", 0) <= step and not is_summary_row(row)))
+                                   if row.get(STEP, 0) <= step and not is_summary_row(row)))
 
 
 def restore_metrics(live: Path, saved: Path, step: int, *, keep_summary: bool = False) -> None:
@@ -150,10 +218,10 @@ def restore_metrics(live: Path, saved: Path, step: int, *, keep_summary: bool = 
             truncate_metrics(live, step, keep_summary=keep_summary)
         return
     kept = [line for line, _ in _metrics_lines(saved)]
-    present = [line for line, row in _metrics_lines(live) if row.get("step", 0) <= step] if live.is_file() else []
+    present = [line for line, row in _metrics_lines(live) if row.get(STEP, 0) <= step] if live.is_file() else []
     if [line for line in present if line in set(kept)] != kept:
         logger.warning("%s: %s; the %d rows up to step %d are restored from the checkpoint", live,
                        "missing" if not live.exists() else "rows were lost or damaged", len(kept), step)
     if keep_summary:
-        kept += [line for line in present if is_summary_row(json.loads(line)) and json.loads(line).get("step") == step]
+        kept += [line for line in present if is_summary_row(json.loads(line)) and json.loads(line).get(STEP) == step]
     atomic_write_text(live, "".join(line.decode("utf-8") + "\n" for line in kept))
