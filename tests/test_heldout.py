@@ -58,8 +58,14 @@ def eval_rows(run_dir):
 # ------------------------------------------------------------------------------------------------
 
 
-def statistics(pair_losses, real, rejected, logp_real, tokens, logp_rejected):
-    return torch.tensor(list(zip(pair_losses, real, rejected, logp_real, tokens, logp_rejected, strict=True)))
+def statistics(pair_losses, real, rejected, logp_real, tokens, logp_rejected, tokens_rejected=None,
+               token_sums=None):
+    """`STATISTICS` rows; `token_sums`: per example (logits_real, logits_rejected, entropy, top1_real), or NaN."""
+    tokens_rejected = tokens_rejected or [float("nan")] * len(tokens)
+    token_sums = token_sums or [(float("nan"),) * 4] * len(tokens)
+    return torch.tensor([[*row[:-1], *row[-1]] for row in zip(pair_losses, real, rejected, logp_real, tokens,
+                                                                logp_rejected, tokens_rejected, token_sums,
+                                                                strict=True)])
 
 
 def test_eval_metrics_over_the_whole_set():
@@ -75,6 +81,20 @@ def test_eval_metrics_over_the_whole_set():
     assert metrics["logps/chosen_per_token"] == pytest.approx(-12.0 / 6)  # token-weighted, not a mean of means
     # ORPO adds the token-level NLL of the real responses to the mean pair loss
     assert eval_metrics(rows, adds_nll=True)["loss"] == pytest.approx(0.7 + 2.0)
+    assert "entropy" not in metrics and "logits/chosen" not in metrics  # scored without token statistics
+
+
+def test_eval_token_metrics_are_token_weighted_over_the_set():
+    rows = statistics([0.5, 0.7, 0.9], [0.2, -0.1, 0.0], [0.1, 0.3, 0.0], [-4.0, -6.0, -2.0], [2, 3, 1],
+                      [-5.0, -5.0, -1.0], tokens_rejected=[1, 2, 1],
+                      token_sums=[(0.2, 0.4, 3.0, 1.0), (0.3, -0.2, 5.0, 2.0), (0.1, 0.2, 2.0, 0.0)])
+    metrics = eval_metrics(rows, adds_nll=False)
+    assert metrics["logits/chosen"] == pytest.approx(0.6 / 6) and metrics["logits/rejected"] == pytest.approx(0.4 / 4)
+    assert metrics["entropy"] == pytest.approx(10.0 / 10)  # over the tokens of both sides
+    assert metrics["mean_token_accuracy"] == pytest.approx(3 / 6)  # over the chosen tokens
+    # ORPO's logps are per-token means of each response (TRL's ORPOTrainer), DPO's sums
+    orpo = eval_metrics(rows, adds_nll=True, mean_logps=True)
+    assert orpo["logps/chosen"] == pytest.approx(-2.0) and orpo["logps/rejected"] == pytest.approx(-8.5 / 3)
 
 
 def test_eval_metrics_without_pairs_is_the_nll():
@@ -163,8 +183,8 @@ def test_metrics_are_the_training_loss_on_the_fixed_pairs(tmp_path, tokenizer, t
                           eval_dataset=heldout, processing_class=tokenizer, callbacks=[Integration()])
     trainer.train()
     packed_calls = []
-    packed = sapo.scoring.packed_response_token_logps
-    monkeypatch.setattr(sapo.scoring, "packed_response_token_logps",
+    packed = sapo.scoring.packed_response_token_scores
+    monkeypatch.setattr(sapo.scoring, "packed_response_token_scores",
                         lambda *args, **kwargs: packed_calls.append(1) or packed(*args, **kwargs))
     metrics = trainer.evaluate()
     assert packed_calls  # eval pairs are scored like training pairs: packed around their shared prefix
@@ -190,6 +210,8 @@ def test_metrics_are_the_training_loss_on_the_fixed_pairs(tmp_path, tokenizer, t
     per_token = (token_logps[:half] * mask[:half]).sum() / mask[:half].sum()
     assert metrics["eval_logps/chosen_per_token"] == pytest.approx(per_token.item(), rel=1e-5)
     assert metrics["eval_rewards/accuracies"] > 0  # the policy has learnt something against the start model
+    assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0 and metrics["eval_entropy"] > 0
+    assert {"eval_logits/chosen", "eval_logits/rejected"} <= set(metrics)
 
 
 def test_pairs_are_made_once_by_the_start_model_and_training_is_unchanged(tmp_path, tokenizer, suite, heldout):
