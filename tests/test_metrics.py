@@ -65,12 +65,29 @@ def test_old_names_are_read_as_the_new_ones(tmp_path):
 
 
 def test_read_metrics_has_one_torn_line_rule(tmp_path, caplog):
+    """A torn last line is dropped quietly; an unreadable line elsewhere (not a JSON object, not JSON, nested too
+    deep for the parser, not UTF-8) is dropped with a warning naming the file and line, and the rest is read."""
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1}\n[1]\n{"step": 3}\n{"step": 4, "lo')
+    damaged = [b"[1]", b"{x", b"[" * 100_000 + b"]" * 100_000, b"\xff"]
+    path.write_bytes(b"\n".join([b'{"step": 1}', *damaged, b'{"step": 6}', b'{"step": 7, "lo']))
     with caplog.at_level("INFO", logger="sapo.metrics"):
-        assert read_metrics(path) == [{"step": 1}, {"step": 3}]
-    assert "metrics.jsonl:2: dropping an unreadable line" in caplog.text
+        assert read_metrics(path) == [{"step": 1}, {"step": 6}]
+    for line in range(2, 6):
+        assert f"metrics.jsonl:{line}: dropping an unreadable line" in caplog.text
     assert "dropping a torn last line" in caplog.text
+
+
+def test_sapo_plot_draws_a_damaged_file_with_a_warning(tmp_path, capsys, caplog):
+    pytest.importorskip("matplotlib")
+    from sapo.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 1.0}\n\xff\n{"step": 2, "loss": 0.5}\n')
+    with caplog.at_level("WARNING", logger="sapo.metrics"):
+        assert main(["plot", str(run)]) == 0
+    assert str(run / "plots" / "loss.png") in capsys.readouterr().out
+    assert "metrics.jsonl:2: dropping an unreadable line" in caplog.text
 
 
 @pytest.mark.parametrize("recipe", ["dpo", "orpo", "sft"])

@@ -161,19 +161,21 @@ def reduced_metrics(trainer: Any) -> dict[str, float]:
 
 def _metrics_lines(path: Path) -> list[tuple[bytes, dict[str, Any]]]:
     """Each readable line with its row. A torn last line (a write cut short by a crash or a full disk) is dropped;
-    an unreadable line elsewhere is dropped with a warning."""
+    an unreadable line elsewhere (not UTF-8, not a JSON object, nested too deep) is dropped with a warning naming
+    it."""
     lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
     rows = []
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line.decode("utf-8"))
             if not isinstance(row, dict):
-                raise ValueError("not an object")
-        except ValueError:
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             if number == len(lines):
                 logger.info("%s: dropping a torn last line (a write cut short)", path)
             else:
-                logger.warning("%s:%d: dropping an unreadable line", path, number)
+                reason = " ".join(str(error).split())[:120] or type(error).__name__
+                logger.warning("%s:%d: dropping an unreadable line (%s)", path, number, reason)
             continue
         rows.append((line, row))
     return rows
