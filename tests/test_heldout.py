@@ -21,6 +21,7 @@ from sapo.errors import DataError, UsageError
 from sapo.heldout import (
     EVAL_PAIRS_FILE,
     STATISTICS,
+    check_metric_for_best_model,
     eval_metric_names,
     eval_metrics,
     independent_rng,
@@ -104,6 +105,14 @@ def test_eval_metrics_without_pairs_is_the_nll():
         {"loss": 2.0, "logps/chosen": -4.0, "logps/chosen_per_token": -2.0})
     with pytest.raises(ValueError, match="statistics"):
         eval_metrics(torch.zeros(0, len(STATISTICS)), adds_nll=False)
+
+
+def test_metric_for_best_model_with_an_old_name_is_told_the_new_one():
+    logged = ["eval_loss", "eval_logps/chosen_per_token"]
+    check_metric_for_best_model("logps/chosen_per_token", logged)
+    with pytest.raises(UsageError, match=r"evaluation logs no 'eval_logps/real_per_token' \(now named "
+                                         r"'eval_logps/chosen_per_token', TRL's name\)"):
+        check_metric_for_best_model("logps/real_per_token", logged)
 
 
 def test_segment_rejected_follows_the_training_rule():

@@ -132,7 +132,7 @@ def check_metric_for_best_model(metric: str | None, logged: Sequence[str]) -> No
         return
     name = metric if metric.startswith(m.EVAL_PREFIX) else m.eval_name(metric)
     if name not in logged:
-        renamed = f" (renamed {m.current_name(name)!r}, TRL's name)" if m.current_name(name) != name else ""
+        renamed = f" (now named {m.current_name(name)!r}, TRL's name)" if m.current_name(name) != name else ""
         raise UsageError(f"metric_for_best_model {metric!r}: evaluation logs no {name!r}{renamed}; it logs "
                          f"{', '.join(logged)}")
 
