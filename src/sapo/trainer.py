@@ -321,7 +321,7 @@ class SAPOTrainer(Trainer):
             token_logps, statistics = self.scoring.token_scores(model, inputs)
             loss = nll_from_logps(token_logps, mask)
             self._metrics[NLL_LOSS].append(loss.detach())
-            for name, value in token_metrics(statistics, mask, pairs=False).items():
+            for name, value in (token_metrics(statistics, mask, pairs=False) if statistics is not None else {}).items():
                 self._metrics[name].append(value)
             return (loss, None) if return_outputs else loss
         result = self.scoring.pair_loss(model, inputs)
