@@ -84,6 +84,8 @@ from typing import Any
 
 import torch
 
+from sapo import metrics as m
+
 RECIPES: tuple[str, ...] = ("sft", "dpo", "orpo", "spin", "sapo-dpo", "sapo-orpo", "sapo-rpo")
 SAPO_RECIPES = ("sapo-dpo", "sapo-orpo", "sapo-rpo")
 RECIPE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"sapo-rpo": ("sapo-dpo", {"nll_weight": 1.0})}
@@ -557,7 +559,7 @@ def train_start(settings: Settings, suite: dict[str, list[dict]], directory: Pat
     trainer.remove_callback(LogLines)
     trainer.train()
     trainer.save_model()
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    losses = [row[m.LOSS] for row in trainer.state.log_history if m.LOSS in row]
     meta = {"key": key, "dir": str(directory), "dev_curve": own.points, "new_dev_curve": new.points,
             "loss_first": losses[0], "loss_last": losses[-1], "seconds": own.training_seconds() - new.judging,
             "parameters": sum(p.numel() for p in model.parameters())}
@@ -600,8 +602,8 @@ def config_of(spec: RunSpec, settings: Settings, out: Path) -> Any:
     return SAPOConfig(**values)
 
 
-LOGGED = {"rewards/ties": "mean", "segment/identical_fraction": "mean", "pairs/judged_not_worse": "mean",
-          "pairs/dropped": "last", "steps/skipped_no_signal": "last", "segment/start": "mean"}
+LOGGED = {m.REWARD_TIES: "mean", m.SEGMENT_IDENTICAL_FRACTION: "mean", m.PAIRS_JUDGED_NOT_WORSE: "mean",
+          m.PAIRS_DROPPED: "last", m.NO_SIGNAL_SKIPPED_STEPS: "last", m.SEGMENT_START: "mean"}
 """Training metrics kept per run (sapo logs them; absent from older versions and from recipes without them)."""
 
 
@@ -1190,9 +1192,9 @@ def _score_table(result: dict[str, Any], labels: Sequence[str]) -> list[str]:
 
 MOVEMENT = (("real_change", "Δ real logp/token"), ("distance", "distance"), ("relative_distance", "relative"),
             ("margin", "fixed-ref margin"), ("accuracy", "accuracy"),
-            ("segment/identical_fraction", "identical (logged)"), ("rewards/ties", "ties"),
-            ("pairs/dropped", "pairs dropped"), ("pairs/judged_not_worse", "judged not worse"),
-            ("steps/skipped_no_signal", "steps skipped"))
+            (m.SEGMENT_IDENTICAL_FRACTION, "identical (logged)"), (m.REWARD_TIES, "ties"),
+            (m.PAIRS_DROPPED, "pairs dropped"), (m.PAIRS_JUDGED_NOT_WORSE, "judged not worse"),
+            (m.NO_SIGNAL_SKIPPED_STEPS, "steps skipped"))
 
 
 def _movement_table(summary: dict[str, Any]) -> list[str]:

@@ -34,6 +34,8 @@ from safetensors.torch import load_file
 
 from sapo import SAPOConfig, SAPOTrainer, tasks, tiny
 from sapo.config import RECIPES
+from sapo.metrics import LOSS, read_metrics
+from sapo.run.paths import METRICS_FILE
 
 STEPS = 6
 
@@ -63,9 +65,9 @@ def run_recipe(recipe: str, model_dir: Path, out: Path, suite: dict, settings: d
     trainer = SAPOTrainer(model=str(model_dir), args=args, train_dataset=suite["train"])
     trainer.train()
     trainer.save_model()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / METRICS_FILE)
     checkpoint = out / f"checkpoint-{STEPS}" / "sapo_state"
-    prints = {"losses": [r["loss"] for r in rows if "loss" in r],
+    prints = {"losses": [r[LOSS] for r in rows if LOSS in r],
               "policy": summarize(out / "model.safetensors")}
     if (out / "ema").is_dir():
         prints["ema"] = summarize(out / "ema" / "model.safetensors")

@@ -312,7 +312,7 @@ def test_windowed_and_alibi_models_train_as_with_separate_rows(model_type, tmp_p
         assert len(fallback_lines(text)) == (scoring == "shared_prefix"), text[-3000:]
         rows[scoring] = first_training_row(tmp_path / scoring)
         caplog.clear()
-    for key in ("logps/real", "logps/rejected", "grad_norm", "loss"):
+    for key in ("logps/chosen", "logps/rejected", "grad_norm", "loss"):
         assert rows["shared_prefix"][key] == pytest.approx(rows["separate"][key], abs=1e-5), key
 
 

@@ -880,12 +880,7 @@ PLOT_CASES = {
     "empty_metrics": (lambda s: ["plot", str(s.file("run/metrics.jsonl", "").parent)], "metrics.jsonl: is empty"),
     "no_training_rows": (lambda s: ["plot", str(s.file("run/metrics.jsonl", jsonl({"step": 1})).parent)],
                          "has no training rows"),
-    "invalid_line": (lambda s: ["plot", str(s.file("run/metrics.jsonl", jsonl(METRICS_ROW, "{x", METRICS_ROW)).parent)],
-                     "{tmp}/run/metrics.jsonl, line 2: not valid JSON"),
-    "deeply_nested_line": (lambda s: ["plot", str(s.file("run/metrics.jsonl", jsonl(
-        METRICS_ROW, "[" * 100_000 + "]" * 100_000, METRICS_ROW)).parent)], "metrics.jsonl, line 2: not valid JSON"),
-    "not_utf8": (lambda s: ["plot", str(s.file("run/metrics.jsonl", b'{"step": 1, "loss": 1}\n\xff\n').parent)],
-                 "{tmp}/run/metrics.jsonl, line 2: not valid UTF-8"),
+    # a damaged line is not refused: sapo.metrics.read_metrics drops it with a warning (tests/test_metrics.py)
     "out_is_a_file": (lambda s: ["plot", str(s.file("run/metrics.jsonl", jsonl(METRICS_ROW)).parent), "--out",
                                  str(s.data)], "--out {data}: is a file"),
     "out_under_a_file": (lambda s: ["plot", str(s.file("run/metrics.jsonl", jsonl(METRICS_ROW)).parent), "--out",

@@ -21,6 +21,7 @@ from sapo.errors import DataError, UsageError
 from sapo.heldout import (
     EVAL_PAIRS_FILE,
     STATISTICS,
+    check_metric_for_best_model,
     eval_metric_names,
     eval_metrics,
     independent_rng,
@@ -58,8 +59,14 @@ def eval_rows(run_dir):
 # ------------------------------------------------------------------------------------------------
 
 
-def statistics(pair_losses, real, rejected, logp_real, tokens, logp_rejected):
-    return torch.tensor(list(zip(pair_losses, real, rejected, logp_real, tokens, logp_rejected, strict=True)))
+def statistics(pair_losses, real, rejected, logp_real, tokens, logp_rejected, tokens_rejected=None,
+               token_sums=None):
+    """`STATISTICS` rows; `token_sums`: per example (logits_real, logits_rejected, entropy, top1_real), or NaN."""
+    tokens_rejected = tokens_rejected or [float("nan")] * len(tokens)
+    token_sums = token_sums or [(float("nan"),) * 4] * len(tokens)
+    return torch.tensor([[*row[:-1], *row[-1]] for row in zip(pair_losses, real, rejected, logp_real, tokens,
+                                                                logp_rejected, tokens_rejected, token_sums,
+                                                                strict=True)])
 
 
 def test_eval_metrics_over_the_whole_set():
@@ -67,23 +74,45 @@ def test_eval_metrics_over_the_whole_set():
                       [-5.0, -5.0, -1.0])
     metrics = eval_metrics(rows, nll_weight=0.0)
     assert metrics["loss"] == pytest.approx(0.7)
-    assert metrics["rewards/real"] == pytest.approx(0.1 / 3) and metrics["rewards/rejected"] == pytest.approx(0.4 / 3)
+    assert metrics["rewards/chosen"] == pytest.approx(0.1 / 3) and metrics["rewards/rejected"] == pytest.approx(0.4 / 3)
     assert metrics["rewards/margins"] == pytest.approx(-0.1)
     assert metrics["rewards/ties"] == pytest.approx(1 / 3)  # the third pair: margin exactly 0
     assert metrics["rewards/accuracies"] == pytest.approx(1 / 2)  # of the two ranked pairs, one is right
-    assert metrics["logps/real"] == pytest.approx(-4.0) and metrics["logps/rejected"] == pytest.approx(-11 / 3)
-    assert metrics["logps/real_per_token"] == pytest.approx(-12.0 / 6)  # token-weighted, not a mean of means
+    assert metrics["logps/chosen"] == pytest.approx(-4.0) and metrics["logps/rejected"] == pytest.approx(-11 / 3)
+    assert metrics["logps/chosen_per_token"] == pytest.approx(-12.0 / 6)  # token-weighted, not a mean of means
     # ORPO adds the token-level NLL of the real responses to the mean pair loss
     assert eval_metrics(rows, nll_weight=1.0)["loss"] == pytest.approx(0.7 + 2.0)
+    assert "entropy" not in metrics and "logits/chosen" not in metrics  # scored without token statistics
+
+
+def test_eval_token_metrics_are_token_weighted_over_the_set():
+    rows = statistics([0.5, 0.7, 0.9], [0.2, -0.1, 0.0], [0.1, 0.3, 0.0], [-4.0, -6.0, -2.0], [2, 3, 1],
+                      [-5.0, -5.0, -1.0], tokens_rejected=[1, 2, 1],
+                      token_sums=[(0.2, 0.4, 3.0, 1.0), (0.3, -0.2, 5.0, 2.0), (0.1, 0.2, 2.0, 0.0)])
+    metrics = eval_metrics(rows, nll_weight=0.0)
+    assert metrics["logits/chosen"] == pytest.approx(0.6 / 6) and metrics["logits/rejected"] == pytest.approx(0.4 / 4)
+    assert metrics["entropy"] == pytest.approx(10.0 / 10)  # over the tokens of both sides
+    assert metrics["mean_token_accuracy"] == pytest.approx(3 / 6)  # over the chosen tokens
+    # ORPO's logps are per-token means of each response (TRL's ORPOTrainer), DPO's sums
+    orpo = eval_metrics(rows, nll_weight=1.0, mean_logps=True)
+    assert orpo["logps/chosen"] == pytest.approx(-2.0) and orpo["logps/rejected"] == pytest.approx(-8.5 / 3)
 
 
 def test_eval_metrics_without_pairs_is_the_nll():
     nan = float("nan")
     rows = statistics([nan, nan], [nan, nan], [nan, nan], [-3.0, -5.0], [1, 3], [nan, nan])
     assert eval_metrics(rows, nll_weight=0.0) == pytest.approx(
-        {"loss": 2.0, "logps/real": -4.0, "logps/real_per_token": -2.0})
+        {"loss": 2.0, "logps/chosen": -4.0, "logps/chosen_per_token": -2.0})
     with pytest.raises(ValueError, match="statistics"):
         eval_metrics(torch.zeros(0, len(STATISTICS)), nll_weight=0.0)
+
+
+def test_metric_for_best_model_with_an_old_name_is_told_the_new_one():
+    logged = ["eval_loss", "eval_logps/chosen_per_token"]
+    check_metric_for_best_model("logps/chosen_per_token", logged)
+    with pytest.raises(UsageError, match=r"evaluation logs no 'eval_logps/real_per_token' \(now named "
+                                         r"'eval_logps/chosen_per_token', TRL's name\)"):
+        check_metric_for_best_model("logps/real_per_token", logged)
 
 
 def test_segment_rejected_follows_the_training_rule():
@@ -163,8 +192,8 @@ def test_metrics_are_the_training_loss_on_the_fixed_pairs(tmp_path, tokenizer, t
                           eval_dataset=heldout, processing_class=tokenizer, callbacks=[Integration()])
     trainer.train()
     packed_calls = []
-    packed = sapo.scoring.packed_response_token_logps
-    monkeypatch.setattr(sapo.scoring, "packed_response_token_logps",
+    packed = sapo.scoring.packed_response_token_scores
+    monkeypatch.setattr(sapo.scoring, "packed_response_token_scores",
                         lambda *args, **kwargs: packed_calls.append(1) or packed(*args, **kwargs))
     metrics = trainer.evaluate()
     assert packed_calls  # eval pairs are scored like training pairs: packed around their shared prefix
@@ -186,10 +215,12 @@ def test_metrics_are_the_training_loss_on_the_fixed_pairs(tmp_path, tokenizer, t
     assert metrics["eval_loss"] == pytest.approx(result.loss.item(), rel=1e-5)  # eval batches of 3: same number
     assert metrics["eval_rewards/margins"] == pytest.approx((real - rejected).mean().item(), rel=1e-4, abs=1e-7)
     assert metrics["eval_rewards/accuracies"] == pytest.approx((real > rejected).float().mean().item())
-    assert metrics["eval_rewards/real"] == pytest.approx(real.mean().item(), rel=1e-4, abs=1e-7)
+    assert metrics["eval_rewards/chosen"] == pytest.approx(real.mean().item(), rel=1e-4, abs=1e-7)
     per_token = (token_logps[:half] * mask[:half]).sum() / mask[:half].sum()
-    assert metrics["eval_logps/real_per_token"] == pytest.approx(per_token.item(), rel=1e-5)
+    assert metrics["eval_logps/chosen_per_token"] == pytest.approx(per_token.item(), rel=1e-5)
     assert metrics["eval_rewards/accuracies"] > 0  # the policy has learnt something against the start model
+    assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0 and metrics["eval_entropy"] > 0
+    assert {"eval_logits/chosen", "eval_logits/rejected"} <= set(metrics)
 
 
 def test_pairs_are_made_once_by_the_start_model_and_training_is_unchanged(tmp_path, tokenizer, suite, heldout):
@@ -265,14 +296,14 @@ def test_named_sets_offline_pairs_and_sft(tmp_path, tokenizer, tiny_model, suite
     dpo = SAPOTrainer(model=tiny_model, args=config(tmp_path / "dpo", recipe="dpo"), train_dataset=suite["train"],
                       eval_dataset={"a": heldout[:3], "b": heldout[3:]}, processing_class=tokenizer)
     metrics = dpo.evaluate()
-    assert {"eval_a_loss", "eval_b_loss", "eval_a_rewards/margins", "eval_b_logps/real_per_token"} <= set(metrics)
+    assert {"eval_a_loss", "eval_b_loss", "eval_a_rewards/margins", "eval_b_logps/chosen_per_token"} <= set(metrics)
     assert set(eval_metric_names(dpo.args, ["a", "b"], judged=False)) == {
         name for name in metrics if name != "epoch" and not name.endswith("model_preparation_time")}
     assert dpo._eval_pairs["a"].rejected == [dpo._eval_sets["a"].data[i]["rejected_ids"] for i in range(3)]
     sft = SAPOTrainer(model=tiny_model, args=config(tmp_path / "sft", recipe="sft"), train_dataset=suite["train"],
                       eval_dataset=heldout, processing_class=tokenizer)
     metrics = sft.evaluate()
-    assert metrics["eval_loss"] == pytest.approx(-metrics["eval_logps/real_per_token"])
+    assert metrics["eval_loss"] == pytest.approx(-metrics["eval_logps/chosen_per_token"])
     assert "eval_rewards/margins" not in metrics
     with pytest.raises(UsageError, match="metric_for_best_model 'rewards/margins': evaluation logs no "
                                          "'eval_rewards/margins'; it logs eval_loss, "):
@@ -316,7 +347,7 @@ def test_cli_trains_with_evaluation_end_to_end(tmp_path, model_dir, capsys):
                  "--eval_steps", "2", "--eval_judge", "sapo.tasks:judge"]) == 0
     rows = eval_rows(out)
     assert [row["step"] for row in rows] == [2, 4]
-    assert {"eval_rewards/accuracies", "eval_logps/real_per_token", "eval_judge/score"} <= set(rows[0])
+    assert {"eval_rewards/accuracies", "eval_logps/chosen_per_token", "eval_judge/score"} <= set(rows[0])
     assert main(["plot", str(out)]) == 0
     assert (out / "plots" / "eval.png").is_file()
     capsys.readouterr()

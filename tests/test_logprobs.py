@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -14,6 +16,7 @@ from sapo.logprobs import (
     sequence_logps,
     shared_prefix_scoring_is_exact,
     token_logps_from_logits,
+    token_statistics,
 )
 from sapo.recipes import pad_pairs
 
@@ -186,3 +189,17 @@ def test_packing_is_refused_where_a_custom_mask_cannot_be_exact(tokenizer):
                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
                          max_window_layers=1)
     assert "not all full attention" in packing_unsupported_reason(Qwen2ForCausalLM(config))
+
+
+def test_token_statistics_are_trls_per_token_entropy_mean_logit_and_argmax_hit():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [3.0, 1.0, float("-inf"), 1.0], [2.0, 5.0, 5.0, -1.0]],
+                          requires_grad=True)
+    labels = torch.tensor([1, 0, 2])
+    statistics = token_statistics(logits, labels)
+    assert not statistics.requires_grad  # logged only: no graph kept
+    expected_entropy = torch.distributions.Categorical(logits=logits.detach()).entropy()
+    torch.testing.assert_close(statistics[:, 0], expected_entropy)  # a -inf logit adds 0, not NaN
+    assert statistics[0, 0].item() == pytest.approx(math.log(4))
+    assert statistics[:2, 1].tolist() == [0.0, float("-inf")] and statistics[2, 1].item() == pytest.approx(2.75)
+    # the argmax is the first most likely token, as torch.argmax and TRL's fused head take it
+    assert statistics[:, 2].tolist() == [0.0, 1.0, 0.0]  # the last: label 2 ties with 1, which comes first

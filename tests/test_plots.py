@@ -19,8 +19,8 @@ PANEL_WIDTH_PX = 500  # figsize 5 inches per panel at dpi 100
 def dpo_row(step: int) -> dict:
     return {
         "step": step, "epoch": step / 100, "loss": 0.69 - 0.01 * step, "grad_norm": 1.0, "learning_rate": 5e-7,
-        "rewards/real": 0.01 * step, "rewards/rejected": -0.01 * step, "rewards/margins": 0.02 * step,
-        "rewards/accuracies": min(1.0, 0.5 + 0.05 * step), "logps/real": -20.0, "logps/rejected": -25.0,
+        "rewards/chosen": 0.01 * step, "rewards/rejected": -0.01 * step, "rewards/margins": 0.02 * step,
+        "rewards/accuracies": min(1.0, 0.5 + 0.05 * step), "logps/chosen": -20.0, "logps/rejected": -25.0,
         "buffer/size": min(64.0, 8.0 * step), "buffer/mean_times_sampled": 1.0 + 0.1 * step,
         "segment/replaced_length": 200.0 + step, "segment/start": 10.0, "segment/identical_fraction": 0.0,
         "time/generation_share": 0.6,
@@ -95,7 +95,7 @@ def test_resumed_run_keeps_the_last_value_per_step(tmp_path) -> None:
     assert plots._series(load_metrics(run), "loss") == ([1.0, 2.0, 3.0, 4.0], [1.0, 0.5, 0.5, 0.5])
 
 
-def test_errors_name_the_file(tmp_path) -> None:
+def test_errors_name_the_file(tmp_path, caplog) -> None:
     missing = tmp_path / "no-run"
     with pytest.raises(ValueError, match=r"no-run/metrics\.jsonl: no such file"):
         plot_runs([missing], tmp_path / "out")
@@ -109,8 +109,10 @@ def test_errors_name_the_file(tmp_path) -> None:
         load_metrics(summary_only)
     broken = tmp_path / "broken"
     write_metrics(broken, [{"step": 1, "loss": 1.0}], tail="{oops\n" + json.dumps({"step": 2, "loss": 1.0}) + "\n")
-    with pytest.raises(ValueError, match=r"broken/metrics\.jsonl, line 2: not valid JSON"):
-        load_metrics(broken)
+    # sapo.metrics' one rule for a damaged file: an unreadable line before the last is dropped with a warning
+    with caplog.at_level("WARNING", logger="sapo.metrics"):
+        assert [row["step"] for row in load_metrics(broken)] == [1, 2]
+    assert "broken/metrics.jsonl:2: dropping an unreadable line" in caplog.text
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -128,6 +130,20 @@ def test_main_default_out_dir(two_runs, capsys) -> None:
     assert printed == [str(two_runs[0] / "plots" / f"{n}.png")
                        for n in ("loss", "rewards", "accuracy", "buffer", "segment", "generation_share")]
     assert all(Path(p).is_file() for p in printed)
+
+
+def test_runs_of_an_older_sapo_plot_under_the_new_names(tmp_path) -> None:
+    """sapo logged `rewards/real` and `logps/real` before it took TRL's names: such a run reads as today's, and a
+    figure overlays old and new runs on the same panels."""
+    pytest.importorskip("matplotlib")
+    old_row = {"step": 1, "loss": 0.7, "rewards/real": 0.5, "logps/real": -3.0, "eval_dev_logps/real_per_token": -1.0}
+    old = write_metrics(tmp_path / "old", [old_row, {"step": 2, "loss": 0.6, "rewards/real": 0.25}])
+    new = write_metrics(tmp_path / "new", [{"step": 1, "loss": 0.7, "rewards/chosen": 0.1}])
+    rows = load_metrics(old)
+    assert rows[0] == {"step": 1, "loss": 0.7, "rewards/chosen": 0.5, "logps/chosen": -3.0,
+                       "eval_dev_logps/chosen_per_token": -1.0}
+    assert plots._series(rows, "rewards/chosen") == ([1.0, 2.0], [0.5, 0.25])
+    assert (tmp_path / "out" / "rewards.png") in plot_runs([old.parent, new.parent], tmp_path / "out")
 
 
 def test_main_usage_errors(tmp_path) -> None:

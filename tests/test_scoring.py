@@ -27,7 +27,7 @@ def test_shared_prefix_and_separate_scoring_train_alike(tmp_path, tokenizer, sui
         assert trainer.scoring.shared_prefix == (scoring == "shared_prefix")
         trainer.train()
         runs[scoring] = helpers.loss_rows(tmp_path / scoring / "out")
-    keys = ["loss", "rewards/margins", "rewards/real", "logps/real", "logps/rejected"]
+    keys = ["loss", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected"]
     for shared, separate in zip(runs["shared_prefix"], runs["separate"], strict=True):
         for key in keys:
             assert shared[key] == pytest.approx(separate[key], abs=1e-5), key
@@ -94,7 +94,7 @@ def test_remembered_reference_scores_train_like_fresh_ones_with_fewer_reference_
             else:  # step 6 refreshed the reference: nothing it scored before is kept
                 assert not scored
     for cached, fresh in zip(runs[True], runs[False], strict=True):
-        for key in ("loss", "rewards/margins", "rewards/real", "rewards/rejected"):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected"):
             assert cached[key] == pytest.approx(fresh[key], abs=1e-5), key
     assert sum(rows[False]) == 6 * 4  # every drawn pair, every step
     assert sum(rows[True]) < sum(rows[False])
@@ -122,7 +122,7 @@ def test_remembered_reference_scores_are_checkpointed_and_resume_exactly(tmp_pat
     saved = ReplayBuffer.load(checkpoint / "sapo_state" / "replay_buffer_rank0.safetensors").entries()
     assert any(e.reference_logps is not None for e in saved)
     _, rows = run(tmp_path / "resumed", 6, resume=str(checkpoint))
-    keys = ("loss", "grad_norm", "rewards/margins", "rewards/real", "rewards/rejected", "ref/cached_fraction")
+    keys = ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected", "ref/cached_fraction")
     resumed, whole = (helpers.loss_rows(tmp_path / name / "out")[-3:] for name in ("resumed", "whole"))
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in whole]  # bit for bit
     assert sum(rows) < 3 * 4  # the resumed steps reused the checkpointed scores

@@ -161,7 +161,7 @@ def test_end_to_end_margin_rises_and_outputs_load(tmp_path, tokenizer, model_dir
         assert before["eval_rewards/margins"] == 0.0  # the policy is its own reference at step 0
     assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.05, (before, after)
     assert after["eval_rewards/accuracies"] > 0.5, after
-    for key in ("rewards/real", "rewards/rejected", "rewards/accuracies", "buffer/size", "time/generation_share"):
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "buffer/size", "time/generation_share"):
         assert key in rows[-1]
     rounds = [index for index, row in enumerate(rows) if "segment/identical_fraction" in row]
     # The first batch at once, then a round once 3 batches wait (96 examples, 12 batches per epoch: the default
@@ -513,7 +513,7 @@ def test_step_metrics_stay_on_the_device_until_logged(tmp_path, tokenizer, tiny_
 
     trainer.add_callback(Peek())
     trainer.train()
-    assert all(isinstance(v, torch.Tensor) for v in kept["rewards/margins"] + kept["logps/real"])
+    assert all(isinstance(v, torch.Tensor) for v in kept["rewards/margins"] + kept["logps/chosen"])
     row = loss_rows(tmp_path / "out")[0]
     assert row["step"] == 2 and isinstance(row["rewards/margins"], float)
 

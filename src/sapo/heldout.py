@@ -12,7 +12,7 @@ the run scores the same pairs:
 
 Evaluation computes the training loss (`sapo.losses.pair_loss`, with the reference where the loss needs one) over
 the whole eval set, the implicit rewards, their margin and accuracy, and the mean per-token log-likelihood of the
-real responses (`logps/real_per_token`: it falls when a preference loss displaces the likelihood of the real
+real responses (`logps/chosen_per_token`: it falls when a preference loss displaces the likelihood of the real
 answers, the effect DPO is known for). The pure pieces here take tensors and token lists; the trainer wires them.
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sapo import metrics as m
 from sapo.data import (
     Example,
     Message,
@@ -40,7 +41,7 @@ from sapo.data import (
 )
 from sapo.errors import DataError, UsageError
 from sapo.judging import Judge, load_judge
-from sapo.logprobs import sequence_logps
+from sapo.logprobs import TOKEN_STATISTICS, sequence_logps
 from sapo.losses import PairLoss
 from sapo.run.resume import data_fingerprint
 from sapo.segments import Generate, rewrite_segments
@@ -48,8 +49,11 @@ from sapo.segments import Generate, rewrite_segments
 SINGLE = ""  # key of an eval set given as one dataset (named sets keep their names)
 EVAL_PAIRS_FILE = "eval_pairs.json"  # in a checkpoint's sapo_state: the rejected side of every eval pair
 EVAL_SEED_OFFSET = 7919  # eval generation seed = args.seed + this + rank, apart from any training stream
-STATISTICS = ("pair_loss", "reward_real", "reward_rejected", "logp_real", "tokens_real", "logp_rejected")
-"""Per-example columns gathered from every eval batch (NaN where a recipe has no pairs)."""
+STATISTICS = ("pair_loss", "reward_real", "reward_rejected", "logp_real", "tokens_real", "logp_rejected",
+              "tokens_rejected", "logits_real", "logits_rejected", "entropy", "top1_real")
+"""Per-example columns gathered from every eval batch (NaN where a recipe has no pairs): the last four are sums over
+the example's response tokens of `sapo.logprobs.TOKEN_STATISTICS` (mean logit of each side, entropy of both, argmax
+hits of the real one), so the token-level metrics are token-weighted over the whole set."""
 
 
 
@@ -113,13 +117,13 @@ def load_eval_judge(spec: str | None, setting: str = "eval_judge") -> Judge | No
 
 def eval_metric_names(args: Any, set_names: Sequence[str], judged: bool) -> list[str]:
     """Every metric an evaluation of these eval sets logs, as Trainer names them (`eval_loss`, `eval_dev_loss`)."""
-    metrics = ["loss", "logps/real", "logps/real_per_token"]
+    metrics = [m.LOSS, m.LOGPS_CHOSEN, m.LOGPS_CHOSEN_PER_TOKEN, m.ENTROPY, m.MEAN_TOKEN_ACCURACY]
     if rejected_source(args) is not None:
-        metrics += ["rewards/real", "rewards/rejected", "rewards/margins", "rewards/accuracies", "rewards/ties",
-                    "logps/rejected"]
-    metrics += ["judge/score"] if judged else []
-    metrics += ["runtime", "samples_per_second", "steps_per_second"]
-    return [f"eval{'' if name == SINGLE else f'_{name}'}_{metric}" for name in set_names for metric in metrics]
+        metrics += [m.REWARDS_CHOSEN, m.REWARDS_REJECTED, m.REWARD_MARGINS, m.REWARD_ACCURACIES, m.REWARD_TIES,
+                    m.LOGPS_REJECTED, m.LOGITS_CHOSEN, m.LOGITS_REJECTED]
+    metrics += [m.JUDGE_SCORE] if judged else []
+    metrics += ["runtime", "samples_per_second", "steps_per_second"]  # the Trainer's own
+    return [m.eval_name(metric, None if name == SINGLE else name) for name in set_names for metric in metrics]
 
 
 def check_metric_for_best_model(metric: str | None, logged: Sequence[str]) -> None:
@@ -127,9 +131,10 @@ def check_metric_for_best_model(metric: str | None, logged: Sequence[str]) -> No
     a KeyError at the first evaluation, hours into the run."""
     if metric is None:
         return
-    name = metric if metric.startswith("eval_") else f"eval_{metric}"
+    name = metric if metric.startswith(m.EVAL_PREFIX) else m.eval_name(metric)
     if name not in logged:
-        raise UsageError(f"metric_for_best_model {metric!r}: evaluation logs no {name!r}; it logs "
+        renamed = f" (now named {m.current_name(name)!r}, TRL's name)" if m.current_name(name) != name else ""
+        raise UsageError(f"metric_for_best_model {metric!r}: evaluation logs no {name!r}{renamed}; it logs "
                          f"{', '.join(logged)}")
 
 
@@ -277,40 +282,70 @@ def pair_statistics(result: PairLoss, mask: torch.Tensor) -> torch.Tensor:
     """Per-pair columns of `STATISTICS` from a batch scored as training scores it (real rows, then rejected)."""
     sums = result.sums.detach().float()
     half = sums.shape[0] // 2
-    tokens = mask[:half].sum(-1).float()
+    tokens = mask.sum(-1).float()
+    entropy, logits, top1 = _token_sums(result.token_statistics, mask, sums)
     return torch.stack([result.output.losses.detach().float(), result.output.real_rewards.float(),
-                        result.output.rejected_rewards.float(), sums[:half], tokens, sums[half:]], dim=1)
+                        result.output.rejected_rewards.float(), sums[:half], tokens[:half], sums[half:],
+                        tokens[half:], logits[:half], logits[half:], entropy[:half] + entropy[half:], top1[:half]],
+                       dim=1)
 
 
-def real_statistics(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def real_statistics(token_logps: torch.Tensor, mask: torch.Tensor,
+                    token_statistics: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example columns of `STATISTICS` for real responses alone (sft): no pair, so no loss or rewards."""
     sums, _ = sequence_logps(token_logps.detach().float(), mask)
     nan = torch.full_like(sums, float("nan"))
-    return torch.stack([nan, nan, nan, sums, mask.sum(-1).float(), nan], dim=1)
+    entropy, logits, top1 = _token_sums(token_statistics, mask, sums)
+    return torch.stack([nan, nan, nan, sums, mask.sum(-1).float(), nan, nan, logits, nan, entropy, top1], dim=1)
 
 
-def eval_metrics(rows: torch.Tensor, *, nll_weight: float) -> dict[str, float]:
+def _token_sums(token_statistics: torch.Tensor | None, mask: torch.Tensor, like: torch.Tensor
+                ) -> list[torch.Tensor]:
+    """Per row, the sums over its response tokens of each `TOKEN_STATISTICS` column (NaN without statistics)."""
+    if token_statistics is None:
+        return [torch.full_like(like, float("nan")) for _ in TOKEN_STATISTICS]
+    weighted = token_statistics.detach().float() * mask.unsqueeze(-1).float()
+    return list(weighted.sum(1).unbind(-1))
+
+
+def eval_metrics(rows: torch.Tensor, *, nll_weight: float, mean_logps: bool = False) -> dict[str, float]:
     """Metrics of a whole eval set from its per-example `STATISTICS` rows (names without the `eval_` prefix).
 
     `loss` is the training loss over the whole set: the mean pair loss plus, for losses that add it (ORPO at weight
     1, a reference loss at `nll_weight`) and for sft, the token-level NLL of the real responses, so it does not
     depend on the eval batch size.
-    `logps/real_per_token` is the mean log-likelihood per token of the real responses, over all their tokens.
+    `logps/chosen_per_token` is the mean log-likelihood per token of the real responses, over all their tokens.
+    `logps/*` are summed over each response (TRL's DPOTrainer), or with `mean_logps` (ORPO) per-token means
+    (TRL's ORPOTrainer); the token-level metrics (`sapo.losses.token_metrics`) are token-weighted over the set.
     """
     if rows.ndim != 2 or rows.shape[1] != len(STATISTICS) or rows.shape[0] == 0:
         raise ValueError(f"expected (examples, {len(STATISTICS)}) statistics, got {tuple(rows.shape)}")
     column = dict(zip(STATISTICS, rows.double().unbind(1), strict=True))
-    per_token = (column["logp_real"].sum() / column["tokens_real"].sum().clamp(min=1)).item()
-    metrics = {"logps/real": column["logp_real"].mean().item(), "logps/real_per_token": per_token}
+    tokens_real = column["tokens_real"].sum().clamp(min=1)
+    per_token = (column["logp_real"].sum() / tokens_real).item()
+    logps_real = column["logp_real"] / column["tokens_real"].clamp(min=1) if mean_logps else column["logp_real"]
+    metrics = {m.LOGPS_CHOSEN: logps_real.mean().item(), m.LOGPS_CHOSEN_PER_TOKEN: per_token}
+    has_statistics = not torch.isnan(column["entropy"]).any()
+    if has_statistics:
+        metrics[m.MEAN_TOKEN_ACCURACY] = (column["top1_real"].sum() / tokens_real).item()
     if torch.isnan(column["pair_loss"]).all():  # sft: the NLL of the real responses is the loss
-        return {"loss": -per_token, **metrics}
+        if has_statistics:
+            metrics[m.ENTROPY] = (column["entropy"].sum() / tokens_real).item()
+        return {m.LOSS: -per_token, **metrics}
     real, rejected = column["reward_real"], column["reward_rejected"]
+    tokens_rejected = column["tokens_rejected"]
+    logps_rejected = column["logp_rejected"] / tokens_rejected.clamp(min=1) if mean_logps else column["logp_rejected"]
     metrics.update({
-        "loss": column["pair_loss"].mean().item() - nll_weight * per_token,
-        "rewards/real": real.mean().item(), "rewards/rejected": rejected.mean().item(),
-        "rewards/margins": (real - rejected).mean().item(),
+        m.LOSS: column["pair_loss"].mean().item() - nll_weight * per_token,
+        m.REWARDS_CHOSEN: real.mean().item(), m.REWARDS_REJECTED: rejected.mean().item(),
+        m.REWARD_MARGINS: (real - rejected).mean().item(),
         # a tie (margin exactly 0: the rejected response is the real one) is reported apart from the ranked pairs
-        "rewards/ties": (real == rejected).double().mean().item(),
-        "rewards/accuracies": ((real > rejected).sum() / (real != rejected).sum().clamp(min=1)).item(),
-        "logps/rejected": column["logp_rejected"].mean().item()})
+        m.REWARD_TIES: (real == rejected).double().mean().item(),
+        m.REWARD_ACCURACIES: ((real > rejected).sum() / (real != rejected).sum().clamp(min=1)).item(),
+        m.LOGPS_REJECTED: logps_rejected.mean().item()})
+    if has_statistics:
+        metrics.update({
+            m.ENTROPY: (column["entropy"].sum() / (tokens_real + tokens_rejected.sum())).item(),
+            m.LOGITS_CHOSEN: (column["logits_real"].sum() / tokens_real).item(),
+            m.LOGITS_REJECTED: (column["logits_rejected"].sum() / tokens_rejected.sum().clamp(min=1)).item()})
     return metrics

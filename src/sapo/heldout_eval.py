@@ -34,7 +34,7 @@ from sapo.heldout import (
     segment_rejected,
     whole_rejected,
 )
-from sapo.losses import nll_from_logps, nll_term_weight
+from sapo.losses import LOSSES, nll_from_logps, nll_term_weight
 from sapo.metrics import JUDGE_SCORE
 
 logger = logging.getLogger("sapo.trainer")
@@ -142,8 +142,8 @@ def prediction_step(trainer: Any, model: nn.Module, inputs: dict[str, Any], pred
     mask = batch["loss_mask"][:, 1:]
     with torch.no_grad():
         if trainer.recipe.supervised:
-            token_logps = trainer.token_logps(model, batch)
-            loss, statistics = nll_from_logps(token_logps, mask), real_statistics(token_logps, mask)
+            token_logps, token_statistics = trainer.scoring.token_scores(model, batch)
+            loss, statistics = nll_from_logps(token_logps, mask), real_statistics(token_logps, mask, token_statistics)
         else:
             result = trainer.scoring.pair_loss(model, batch)
             loss, statistics = result.loss, pair_statistics(result, mask)
@@ -158,8 +158,10 @@ def evaluation_loop(trainer: Any, dataloader: Any, description: str, prediction_
     trainer._eval_statistics = []
     output = Trainer.evaluation_loop(trainer, dataloader, description, prediction_loss_only, ignore_keys,
                                      metric_key_prefix)
+    spec = LOSSES[trainer.args.loss_type]
     metrics = eval_metrics(torch.cat(trainer._eval_statistics),
-                           nll_weight=nll_term_weight(trainer.args.loss_type, trainer.args.nll_weight))
+                           nll_weight=nll_term_weight(trainer.args.loss_type, trainer.args.nll_weight),
+                           mean_logps=not spec.needs_reference)  # ORPO's logps are per-token means, as in TRL
     trainer._eval_statistics = []
     if trainer.eval_judge is not None and trainer._eval_active is not None:
         metrics[JUDGE_SCORE] = judged_score(trainer, trainer._eval_active.eval_set)

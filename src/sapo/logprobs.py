@@ -6,6 +6,10 @@ sequence alone are 1 GiB. The model is therefore run for its final hidden states
 in chunks, each chunk recomputed in the backward pass (activation checkpointing), so peak memory holds
 one chunk's logits instead of the whole batch's. Models whose logits are not a plain projection of the
 last hidden state (soft-capping, scaling) are detected once and scored through ordinary logits.
+
+The policy's scoring also returns TRL's per-token statistics (`TOKEN_STATISTICS`: entropy, mean logit, whether the
+label is the argmax) for its logged metrics. They are computed without gradient from each chunk's logits while
+they exist anyway (no second projection, no logits kept), so they cost one transient chunk of probabilities.
 """
 
 from __future__ import annotations
@@ -33,33 +37,77 @@ def token_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+TOKEN_STATISTICS = ("entropy", "mean_logit", "top1")
+"""Per-token columns of `token_statistics`, as TRL's fused head computes them: the entropy of the next-token
+distribution, the mean of its logits over the vocabulary, and 1.0 where the label is the most likely token."""
+
+
+def token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`TOKEN_STATISTICS` of each row of `logits` (N, vocab) given its label (N,), as an (N, 3) fp32 tensor without
+    gradient. The probabilities are one transient (N, vocab) tensor, freed on return; `xlogy` makes a token of
+    probability 0 contribute 0 to the entropy (not 0 * -inf = NaN)."""
+    with torch.no_grad():
+        z = logits.detach().float()
+        probs = (z - torch.logsumexp(z, dim=-1, keepdim=True)).exp_()
+        entropy = -probs.xlogy_(probs).sum(-1)
+        del probs
+        return torch.stack([entropy, z.mean(-1), (z.argmax(-1) == labels).float()], dim=-1)
+
+
 def _project_chunk(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+                   bias: torch.Tensor | None, with_statistics: bool = False
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     # Under mixed precision accelerate returns fp32 hidden states while the head stays bf16; the
     # projection runs outside autocast here, so match the head's dtype explicitly.
-    return token_logps_from_logits(F.linear(hidden.to(weight.dtype), weight, bias), labels)
+    logits = F.linear(hidden.to(weight.dtype), weight, bias)
+    logps = token_logps_from_logits(logits, labels)
+    # After the log-probs: a checkpoint's recompute stops once it has what the backward needs, before this.
+    return (logps, token_statistics(logits, labels)) if with_statistics else logps
 
 
-def chunked_token_logps(
-    hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_size: int
-) -> torch.Tensor:
-    """Log-probs of `labels` (N,) given final hidden states (N, d), `chunk_size` rows at a time.
+def chunked_token_scores(
+    hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_size: int, *,
+    with_statistics: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of `labels` (N,) given final hidden states (N, d), `chunk_size` rows at a time, and with
+    `with_statistics` their `token_statistics` (N, 3) from the same chunk logits (else None).
 
     Under autograd each chunk is checkpointed, so its (chunk, vocab) logits are freed after the
     forward and recomputed in the backward instead of being kept for the whole batch.
     """
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    pieces = []
+    pieces, statistics = [], []
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
         if needs_grad:
-            pieces.append(checkpoint(_project_chunk, h, y, weight, bias, use_reentrant=False))
+            scored = checkpoint(_project_chunk, h, y, weight, bias, with_statistics, use_reentrant=False)
         else:
-            pieces.append(_project_chunk(h, y, weight, bias))
+            scored = _project_chunk(h, y, weight, bias, with_statistics)
+        if with_statistics:
+            scored, chunk_statistics = scored
+            statistics.append(chunk_statistics)
+        pieces.append(scored)
     if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(pieces)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (hidden.new_zeros(0, len(TOKEN_STATISTICS), dtype=torch.float32) if with_statistics else None)
+    return torch.cat(pieces), (torch.cat(statistics) if with_statistics else None)
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_size: int
+) -> torch.Tensor:
+    """`chunked_token_scores` without the statistics."""
+    return chunked_token_scores(hidden, labels, lm_head, chunk_size)[0]
+
+
+def _statistics_of_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """`token_statistics` of logits that exist already (the full-logits path), `chunk_size` rows at a time so the
+    probabilities are one chunk's."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, len(TOKEN_STATISTICS), dtype=torch.float32)
+    return torch.cat([token_statistics(logits[start:start + chunk_size], labels[start:start + chunk_size])
+                      for start in range(0, logits.shape[0], chunk_size)])
 
 
 def output_projection(model: nn.Module) -> nn.Module:
@@ -101,6 +149,42 @@ def final_hidden_states(model: nn.Module, **inputs: Any) -> torch.Tensor:
     return captured[-1]
 
 
+def response_token_scores(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    use_hidden_states: bool = True,
+    with_statistics: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (batch, seq-1), zero outside the response tokens given by `loss_mask`, and with
+    `with_statistics` their `token_statistics` (batch, seq-1, 3), zero there too (else None)."""
+    labels, mask = shifted_targets(input_ids, loss_mask)
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=input_ids.device)
+    if use_hidden_states:
+        hidden = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)[:, :-1][mask]
+        picked, statistics = chunked_token_scores(hidden, labels[mask], output_projection(model), chunk_size,
+                                                  with_statistics=with_statistics)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        selected = logits[:, :-1][mask]
+        picked = token_logps_from_logits(selected, labels[mask])
+        statistics = _statistics_of_logits(selected, labels[mask], chunk_size) if with_statistics else None
+        del selected, logits
+    return out.masked_scatter(mask, picked), _scattered_statistics(statistics, mask)
+
+
+def _scattered_statistics(statistics: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """Per-token statistics of the masked positions (N, 3) laid out as (batch, seq-1, 3), zero elsewhere."""
+    if statistics is None:
+        return None
+    out = torch.zeros((*mask.shape, len(TOKEN_STATISTICS)), dtype=torch.float32, device=mask.device)
+    out[mask] = statistics
+    return out
+
+
 def response_token_logps(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -111,15 +195,8 @@ def response_token_logps(
     use_hidden_states: bool = True,
 ) -> torch.Tensor:
     """Per-token log-probs (batch, seq-1), zero outside the response tokens given by `loss_mask`."""
-    labels, mask = shifted_targets(input_ids, loss_mask)
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=input_ids.device)
-    if use_hidden_states:
-        hidden = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)[:, :-1][mask]
-        picked = chunked_token_logps(hidden, labels[mask], output_projection(model), chunk_size)
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        picked = token_logps_from_logits(logits[:, :-1][mask], labels[mask])
-    return out.masked_scatter(mask, picked)
+    return response_token_scores(model, input_ids, attention_mask, loss_mask, chunk_size=chunk_size,
+                                 use_hidden_states=use_hidden_states)[0]
 
 
 PACKABLE_ATTENTION = ("sdpa", "eager")
@@ -158,11 +235,28 @@ def packed_response_token_logps(
     chunk_size: int = 1024,
     use_hidden_states: bool = True,
 ) -> torch.Tensor:
+    """`packed_response_token_scores` without the statistics."""
+    return packed_response_token_scores(model, packed_input_ids, prefix_lengths, attention_mask, loss_mask,
+                                        chunk_size=chunk_size, use_hidden_states=use_hidden_states)[0]
+
+
+def packed_response_token_scores(
+    model: nn.Module,
+    packed_input_ids: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    use_hidden_states: bool = True,
+    with_statistics: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`response_token_logps` of a batch of pairs (real rows, then rejected rows; `attention_mask`, `loss_mask`
     (2B, W)), computed from one packed row per pair (see `sapo.packing`): the shared prefix runs once, and each
     packed token's log-prob is projected once and scattered to every row that holds it. Without hidden states
     (sharded engines, whose head only runs inside their forward), the packed rows' ordinary logits are read: still
-    one logit row per packed token, fewer than the two separate rows would produce."""
+    one logit row per packed token, fewer than the two separate rows would produce. With `with_statistics`, the
+    `token_statistics` of the same tokens (2B, W-1, 3), as `response_token_scores` gives them (else None)."""
     pairs, width = packed_input_ids.shape
     layout = packed_layout(width, prefix_lengths, attention_mask, loss_mask)
     inputs = {"input_ids": packed_input_ids, "position_ids": layout.position_ids,
@@ -172,14 +266,26 @@ def packed_response_token_logps(
     labels = packed_input_ids[layout.targets]
     if use_hidden_states:
         hidden = final_hidden_states(model, **inputs)
-        picked = chunked_token_logps(hidden.flatten(0, 1)[picked_rows], labels, output_projection(model), chunk_size)
+        picked, statistics = chunked_token_scores(hidden.flatten(0, 1)[picked_rows], labels,
+                                                  output_projection(model), chunk_size,
+                                                  with_statistics=with_statistics)
     else:
         logits = model(**inputs, use_cache=False).logits
-        picked = token_logps_from_logits(logits.flatten(0, 1)[picked_rows], labels)
+        selected = logits.flatten(0, 1)[picked_rows]
+        picked = token_logps_from_logits(selected, labels)
+        statistics = _statistics_of_logits(selected, labels, chunk_size) if with_statistics else None
+        del selected, logits
     packed = torch.zeros(layout.targets.shape, dtype=torch.float32, device=packed_input_ids.device)
     packed = packed.masked_scatter(layout.targets, picked)
     gathered = torch.cat([packed, packed]).gather(1, layout.source)
-    return torch.where(loss_mask[:, 1:].bool(), gathered, torch.zeros_like(gathered))
+    response = loss_mask[:, 1:].bool()
+    logps = torch.where(response, gathered, torch.zeros_like(gathered))
+    if statistics is None:
+        return logps, None
+    packed_statistics = _scattered_statistics(statistics, layout.targets)
+    source = layout.source.unsqueeze(-1).expand(-1, -1, len(TOKEN_STATISTICS))
+    unpacked = torch.cat([packed_statistics, packed_statistics]).gather(1, source)
+    return logps, unpacked * response.unsqueeze(-1)
 
 
 def hidden_state_scoring_is_exact(model: nn.Module, probe_ids: Any, atol: float = 1e-3) -> bool:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sapo import metrics as m
 from sapo.logprobs import sequence_logps
 
 
@@ -244,6 +245,8 @@ class PairLoss:
     output: PreferenceLossOutput  # per-pair losses and rewards
     nll: Tensor | None  # the real responses' NLL where the loss adds it (ORPO, nll_weight), unweighted; else None
     sums: Tensor  # summed response log-probs of every row (real rows, then rejected rows)
+    means: Tensor | None = None  # mean per-token response log-probs of every row
+    token_statistics: Tensor | None = None  # the policy's `sapo.logprobs.token_statistics`, (2 * pairs, seq, 3)
 
 
 def pair_loss(
@@ -255,13 +258,15 @@ def pair_loss(
     beta: float,
     label_smoothing: float = 0.0,
     nll_weight: float = 0.0,
+    token_statistics: Tensor | None = None,
 ) -> PairLoss:
     """The loss of a batch of pairs, laid out as the trainer scores them: ``(2 * pairs, seq)`` per-token log-probs,
     real rows first, then the rejected rows in the same order; ``mask`` marks response tokens.
 
     ``nll_weight`` adds that multiple of the real responses' NLL to a reference loss (RPO, Pang et al. 2024;
     TRL's ``loss_type=[sigmoid, sft]``): a pure margin loss can lower both sides' likelihood, and the NLL term
-    keeps the real answers' likelihood rising. ORPO already carries its own NLL at weight 1."""
+    keeps the real answers' likelihood rising. ORPO already carries its own NLL at weight 1.
+    ``token_statistics`` (the policy's, for the logged metrics) is only passed through."""
     spec = LOSSES[check_loss_type(loss_type)]
     weight = nll_term_weight(loss_type, nll_weight)
     if spec.needs_reference and ref_token_logps is None:
@@ -278,31 +283,61 @@ def pair_loss(
         output = orpo_loss(policy[:half], policy[half:], beta=beta)
     loss = output.losses.mean()
     nll = nll_from_logps(token_logps[:half], mask[:half]) if weight else None
-    return PairLoss(loss if nll is None else weight * nll + loss, output, nll, sums)
+    return PairLoss(loss if nll is None else weight * nll + loss, output, nll, sums, means, token_statistics)
 
 
 def pair_metrics(result: PairLoss, mask: Tensor, identical: Sequence[bool] | None = None) -> dict[str, Tensor]:
-    """What preference trainers log for a batch of pairs (see :func:`pair_loss`): implicit rewards, their margin,
-    summed log-probs and response lengths of each side, and how the pairs are ranked.
+    """What TRL's preference trainers log for a batch of pairs (see :func:`pair_loss`), under TRL's names: implicit
+    rewards, their margin and accuracy, the log-probs of each side (summed, as DPOTrainer logs them; per-token means
+    for ORPO, as ORPOTrainer does), and with the policy's token statistics the token-level ones
+    (:func:`token_metrics`); plus SAPO's own: response lengths, ties, and ORPO's log-odds.
 
     `identical` (host-side, one flag per pair): pairs whose rejected response is the real one. Such a tie has a zero
     margin whatever the weights, so it is reported apart (`rewards/ties`) and `rewards/accuracies` is the fraction
-    of the other pairs ranked right (absent when every pair is a tie); without flags, every pair counts."""
+    of the other pairs ranked right (absent when every pair is a tie); without flags, every pair counts (TRL's)."""
     sums = result.sums.detach()
     half = sums.shape[0] // 2
+    log_odds_difference = result.output.log_odds_ratio  # set by ORPO only
+    logged = result.means.detach() if log_odds_difference is not None and result.means is not None else sums
     real, rejected = result.output.real_rewards.float(), result.output.rejected_rewards.float()
     lengths = mask.sum(-1).float()
     metrics = {
-        "rewards/real": real.mean(), "rewards/rejected": rejected.mean(), "rewards/margins": (real - rejected).mean(),
-        "logps/real": sums[:half].mean(), "logps/rejected": sums[half:].mean(),
-        "length/real": lengths[:half].mean(), "length/rejected": lengths[half:].mean(),
+        m.REWARDS_CHOSEN: real.mean(), m.REWARDS_REJECTED: rejected.mean(), m.REWARD_MARGINS: (real - rejected).mean(),
+        m.LOGPS_CHOSEN: logged[:half].mean(), m.LOGPS_REJECTED: logged[half:].mean(),
+        m.LENGTH_CHOSEN: lengths[:half].mean(), m.LENGTH_REJECTED: lengths[half:].mean(),
     }
+    if log_odds_difference is not None:  # TRL's ORPOTrainer: the mean log-odds difference, and of its logsigmoid
+        metrics[m.LOG_ODDS_CHOSEN] = log_odds_difference.float().mean()
+        metrics[m.LOG_ODDS_RATIO] = F.logsigmoid(log_odds_difference.float()).mean()
+    if result.token_statistics is not None:
+        metrics.update(token_metrics(result.token_statistics, mask, pairs=True))
     ties = [False] * half if identical is None else list(identical)
     decided = [i for i, tie in enumerate(ties) if not tie]
-    metrics["rewards/ties"] = torch.tensor(1.0 - len(decided) / max(1, half))
+    metrics[m.REWARD_TIES] = torch.tensor(1.0 - len(decided) / max(1, half))
     if len(decided) == half:
-        metrics["rewards/accuracies"] = (real > rejected).float().mean()
+        metrics[m.REWARD_ACCURACIES] = (real > rejected).float().mean()
     elif decided:
         index = torch.tensor(decided, device=real.device)
-        metrics["rewards/accuracies"] = (real[index] > rejected[index]).float().mean()
+        metrics[m.REWARD_ACCURACIES] = (real[index] > rejected[index]).float().mean()
+    return metrics
+
+
+def token_metrics(token_statistics: Tensor, mask: Tensor, *, pairs: bool) -> dict[str, Tensor]:
+    """TRL's token-level metrics from per-token `sapo.logprobs.token_statistics` (rows, seq, 3) over the response
+    tokens `mask` (rows, seq), each a mean over tokens (not over sequences), as TRL's DPOTrainer computes them:
+    `entropy` over every response token, `mean_token_accuracy` (label = argmax) over the chosen ones, and for
+    `pairs` (real rows, then rejected rows) `logits/chosen` and `logits/rejected`, the mean logit over the
+    vocabulary averaged over each side's tokens. Without pairs (sft) every row is a chosen row, as in SFTTrainer."""
+    weights = mask.to(token_statistics.dtype)
+    entropy, mean_logit, top1 = token_statistics.detach().unbind(-1)
+    chosen = weights[: weights.shape[0] // 2] if pairs else weights
+    half = chosen.shape[0]
+
+    def mean(values: Tensor, w: Tensor) -> Tensor:
+        return (values * w).sum() / w.sum().clamp(min=1)
+
+    metrics = {m.ENTROPY: mean(entropy, weights), m.MEAN_TOKEN_ACCURACY: mean(top1[:half], chosen)}
+    if pairs:
+        metrics[m.LOGITS_CHOSEN] = mean(mean_logit[:half], chosen)
+        metrics[m.LOGITS_REJECTED] = mean(mean_logit[half:], weights[half:])
     return metrics

@@ -28,34 +28,101 @@ from sapo.run.publish import _write_durably, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-# The names of the metrics the trainer itself logs (the recipes, losses and scoring log theirs under the same
-# families: `rewards/*`, `logps/*`, `length/*`, `buffer/*`, `segment/*`, `pairs/*`, `spin/*`).
+# ------------------------------------------------------------------------------------------------
+# The registry of metric names. Every module that records or reads a metric names it through these constants
+# (tests/test_metrics.py fails on a metric-name string literal anywhere else in src/sapo).
+# ------------------------------------------------------------------------------------------------
+
+# TRL's names (DPOTrainer, ORPOTrainer, SFTTrainer of TRL 1.16), with TRL's definitions (docs/guides/outputs.md).
 LOSS = "loss"
 NLL_LOSS = "nll_loss"
+REWARDS_CHOSEN = "rewards/chosen"
+REWARDS_REJECTED = "rewards/rejected"
 REWARD_MARGINS = "rewards/margins"
 REWARD_ACCURACIES = "rewards/accuracies"
+LOGPS_CHOSEN = "logps/chosen"
+LOGPS_REJECTED = "logps/rejected"
+LOGITS_CHOSEN = "logits/chosen"
+LOGITS_REJECTED = "logits/rejected"
+ENTROPY = "entropy"
+MEAN_TOKEN_ACCURACY = "mean_token_accuracy"
+LOG_ODDS_RATIO = "log_odds_ratio"  # ORPO
+LOG_ODDS_CHOSEN = "log_odds_chosen"  # ORPO
+
+# SAPO's own names, for what TRL does not log.
+REWARD_TIES = "rewards/ties"
+LOGPS_CHOSEN_PER_TOKEN = "logps/chosen_per_token"  # evaluation
+LENGTH_CHOSEN = "length/chosen"
+LENGTH_REJECTED = "length/rejected"
 BUFFER_SIZE = "buffer/size"
+BUFFER_MEAN_TIMES_SAMPLED = "buffer/mean_times_sampled"
+PAIRS_DROPPED = "pairs/dropped"
+PAIRS_JUDGED_NOT_WORSE = "pairs/judged_not_worse"
+SEGMENT_IDENTICAL_FRACTION = "segment/identical_fraction"
+SEGMENT_REPLACED_LENGTH = "segment/replaced_length"
+SEGMENT_START = "segment/start"
+SPIN_ITERATION = "spin/iteration"
+SPIN_BETA = "spin/beta"
 NONFINITE_SKIPPED_STEPS = "nonfinite/skipped_steps"
 NO_SIGNAL_SKIPPED_STEPS = "steps/skipped_no_signal"
+REFERENCE_CACHED_FRACTION = "ref/cached_fraction"
 REFERENCE_REFRESHES = "ref/refreshes"  # recorded to count refreshes between logs; not logged itself
 GENERATION_SHARE = "time/generation_share"
 GENERATION_TOKENS_PER_SECOND = "generation/tokens_per_second"
-JUDGE_SCORE = "judge/score"
+JUDGE_SCORE = "judge/score"  # evaluation
+
+# Keys the Trainer itself writes into a row.
+STEP = "step"
+EPOCH = "epoch"
+GRAD_NORM = "grad_norm"
+LEARNING_RATE = "learning_rate"
+TRAIN_RUNTIME = "train_runtime"
+EVAL_PREFIX = "eval_"
+"""Evaluation metrics are logged as `eval_<name>`, or `eval_<set>_<name>` for named eval sets (`eval_name`)."""
+
+RENAMED = {"rewards/real": REWARDS_CHOSEN, "logps/real": LOGPS_CHOSEN, "length/real": LENGTH_CHOSEN,
+           "logps/real_per_token": LOGPS_CHOSEN_PER_TOKEN}
+"""Names sapo logged before it took TRL's (sapo <= 0.x: the dataset response was "real"): `read_metrics` reads them
+under the new names, so the runs of an older sapo plot and compare with new ones."""
 
 # What the training progress bar shows, by metric name.
 LIVE_METRICS = {LOSS: "loss", REWARD_MARGINS: "margin", REWARD_ACCURACIES: "acc", BUFFER_SIZE: "buffer",
                 GENERATION_TOKENS_PER_SECOND: "gen tok/s"}
 
 
+def eval_name(name: str, eval_set: str | None = None) -> str:
+    """An evaluation metric's key as the Trainer logs it: `eval_<name>`, or `eval_<set>_<name>` for a named set."""
+    return f"{EVAL_PREFIX}{'' if eval_set is None else f'{eval_set}_'}{name}"
+
+
+def current_name(key: str) -> str:
+    """`key` under today's name: a `RENAMED` name (bare, `eval_`, or `eval_<set>_` prefixed) becomes the new one."""
+    for old, new in RENAMED.items():
+        if key == old:
+            return new
+        if key.startswith(EVAL_PREFIX) and key.endswith(old) and (
+                len(key) == len(EVAL_PREFIX) + len(old) or key[-len(old) - 1] == "_"):
+            return key[: -len(old)] + new
+    return key
+
+
+def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row with every old name (`RENAMED`) read as its new one; a row already using the new name keeps it."""
+    upgraded = {current_name(key): value for key, value in row.items() if current_name(key) == key}
+    for key, value in row.items():
+        upgraded.setdefault(current_name(key), value)
+    return upgraded
+
+
 # What a log line shows when the progress bar is off (`disable_tqdm`), in this order; metrics.jsonl keeps them all.
 LINE_METRICS = (LOSS, NLL_LOSS, REWARD_MARGINS, REWARD_ACCURACIES, BUFFER_SIZE, GENERATION_TOKENS_PER_SECOND,
-                "grad_norm", "learning_rate")
-EVAL_LINE_METRICS = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/real_per_token",
-                     "eval_judge/score")
+                GRAD_NORM, LEARNING_RATE)
+EVAL_LINE_METRICS = tuple(eval_name(name) for name in (LOSS, REWARD_MARGINS, REWARD_ACCURACIES, LOGPS_CHOSEN_PER_TOKEN,
+                                                       JUDGE_SCORE))
 END_LINE_METRICS = ("train_runtime", "train_loss", "train_steps_per_second")
 # Counts, logged as their mean since the last log (over steps and ranks): shown as whole numbers
 COUNT_METRICS = {BUFFER_SIZE, GENERATION_TOKENS_PER_SECOND}
-SHORT_NAMES = {"learning_rate": "lr"}
+SHORT_NAMES = {LEARNING_RATE: "lr"}
 
 
 def log_line(logs: Mapping[str, Any], step: int, max_steps: int) -> str:
@@ -75,7 +142,7 @@ def log_line(logs: Mapping[str, Any], step: int, max_steps: int) -> str:
 def _number(name: str, value: float) -> str:
     if name in COUNT_METRICS or isinstance(value, numbers.Integral):
         return str(round(value))
-    if name == "learning_rate":
+    if name == LEARNING_RATE:
         return f"{value:.1e}"
     if name == "train_runtime":
         return f"{value:.1f} s"
@@ -130,32 +197,35 @@ def reduced_metrics(trainer: Any) -> dict[str, float]:
 
 def _metrics_lines(path: Path) -> list[tuple[bytes, dict[str, Any]]]:
     """Each readable line with its row. A torn last line (a write cut short by a crash or a full disk) is dropped;
-    an unreadable line elsewhere is dropped with a warning."""
+    an unreadable line elsewhere (not UTF-8, not a JSON object, nested too deep) is dropped with a warning naming
+    it."""
     lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
     rows = []
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line.decode("utf-8"))
             if not isinstance(row, dict):
-                raise ValueError("not an object")
-        except ValueError:
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             if number == len(lines):
                 logger.info("%s: dropping a torn last line (a write cut short)", path)
             else:
-                logger.warning("%s:%d: dropping an unreadable line", path, number)
+                reason = " ".join(str(error).split())[:120] or type(error).__name__
+                logger.warning("%s:%d: dropping an unreadable line (%s)", path, number, reason)
             continue
         rows.append((line, row))
     return rows
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl, tolerating a torn last line."""
-    return [row for _, row in _metrics_lines(path)]
+    """The rows of a metrics.jsonl, tolerating a torn last line, with the names of an older sapo read as today's
+    (`upgrade_row`)."""
+    return [upgrade_row(row) for _, row in _metrics_lines(path)]
 
 
 def is_summary_row(row: Mapping[str, Any]) -> bool:
     """The Trainer's end-of-training row (runtime, mean loss), logged after the last step."""
-    return "train_runtime" in row
+    return TRAIN_RUNTIME in row
 
 
 def truncate_metrics(path: Path, keep_until_step: int, *, keep_summary: bool = False) -> None:
@@ -164,8 +234,8 @@ def truncate_metrics(path: Path, keep_until_step: int, *, keep_summary: bool = F
     row (unless `keep_summary`: the resumed run is already finished). 0 empties the file (a fresh run). The file is
     replaced atomically."""
     kept = [line for line, row in _metrics_lines(path) if keep_until_step > 0 and (
-        row.get("step", 0) < keep_until_step
-        or (row.get("step", 0) == keep_until_step and (keep_summary or not is_summary_row(row))))]
+        row.get(STEP, 0) < keep_until_step
+        or (row.get(STEP, 0) == keep_until_step and (keep_summary or not is_summary_row(row))))]
     atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in kept))
 
 
@@ -174,7 +244,7 @@ def save_metrics_rows(live: Path, target: Path, step: int) -> None:
     them even when metrics.jsonl was deleted or damaged meanwhile."""
     rows = _metrics_lines(live) if live.is_file() else []
     _write_durably(target, "".join(line.decode("utf-8") + "\n" for line, row in rows
-                                   if row.get("step", 0) <= step and not is_summary_row(row)))
+                                   if row.get(STEP, 0) <= step and not is_summary_row(row)))
 
 
 def restore_metrics(live: Path, saved: Path, step: int, *, keep_summary: bool = False) -> None:
@@ -186,10 +256,10 @@ def restore_metrics(live: Path, saved: Path, step: int, *, keep_summary: bool = 
             truncate_metrics(live, step, keep_summary=keep_summary)
         return
     kept = [line for line, _ in _metrics_lines(saved)]
-    present = [line for line, row in _metrics_lines(live) if row.get("step", 0) <= step] if live.is_file() else []
+    present = [line for line, row in _metrics_lines(live) if row.get(STEP, 0) <= step] if live.is_file() else []
     if [line for line in present if line in set(kept)] != kept:
         logger.warning("%s: %s; the %d rows up to step %d are restored from the checkpoint", live,
                        "missing" if not live.exists() else "rows were lost or damaged", len(kept), step)
     if keep_summary:
-        kept += [line for line in present if is_summary_row(json.loads(line)) and json.loads(line).get("step") == step]
+        kept += [line for line in present if is_summary_row(json.loads(line)) and json.loads(line).get(STEP) == step]
     atomic_write_text(live, "".join(line.decode("utf-8") + "\n" for line in kept))

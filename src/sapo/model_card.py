@@ -22,6 +22,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from sapo import metrics as m
 from sapo.run.paths import EMA_DIR
 
 logger = logging.getLogger(__name__)
@@ -126,18 +127,18 @@ def describe_data(dataset: Any) -> str | None:
 
 def final_metrics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The last logged training row (the one with a loss), without bookkeeping keys."""
-    rows = [row for row in log_history if "loss" in row]
+    rows = [row for row in log_history if m.LOSS in row]
     if not rows:
         return {}
-    return {key: value for key, value in rows[-1].items() if key not in ("epoch",)}
+    return {key: value for key, value in rows[-1].items() if key != m.EPOCH}
 
 
 def final_eval_metrics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The last evaluation row (keys `eval_*`), when the run evaluated."""
-    rows = [row for row in log_history if any(key.startswith("eval_") for key in row)]
+    rows = [row for row in log_history if any(key.startswith(m.EVAL_PREFIX) for key in row)]
     if not rows:
         return {}
-    return {key: value for key, value in rows[-1].items() if key.startswith("eval_") or key == "step"}
+    return {key: value for key, value in rows[-1].items() if key.startswith(m.EVAL_PREFIX) or key == m.STEP}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,12 +28,13 @@ from sapo.copies import ModelCopies
 from sapo.logprobs import (
     hidden_state_scoring_is_exact,
     output_projection,
-    packed_response_token_logps,
+    packed_response_token_scores,
     packing_unsupported_reason,
-    response_token_logps,
+    response_token_scores,
     shared_prefix_scoring_is_exact,
 )
 from sapo.losses import LOSSES, PairLoss, pair_loss
+from sapo.metrics import REFERENCE_CACHED_FRACTION
 from sapo.recipes import Recipe
 from sapo.sharding import any_rank, global_shape
 
@@ -114,15 +115,22 @@ class PairScoring:
 
     def token_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Per-token log-probs of the batch's response tokens (real rows, then rejected rows for pairs)."""
+        return self.token_scores(model, batch, with_statistics=False)[0]
+
+    def token_scores(self, model: nn.Module, batch: dict[str, Any], *, with_statistics: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`token_logps` and, for the policy's logged metrics, the same tokens' `sapo.logprobs.token_statistics`
+        (entropy, mean logit, argmax hit), from the logits of the same forward."""
         with self.autocast():
             if self.shared_prefix and "packed_input_ids" in batch:
-                return packed_response_token_logps(model, batch["packed_input_ids"], batch["prefix_lengths"],
-                                                   batch["attention_mask"], batch["loss_mask"],
-                                                   chunk_size=self.args.logprob_chunk_size,
-                                                   use_hidden_states=self.use_hidden_states)
-            return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                        chunk_size=self.args.logprob_chunk_size,
-                                        use_hidden_states=self.use_hidden_states)
+                return packed_response_token_scores(model, batch["packed_input_ids"], batch["prefix_lengths"],
+                                                    batch["attention_mask"], batch["loss_mask"],
+                                                    chunk_size=self.args.logprob_chunk_size,
+                                                    use_hidden_states=self.use_hidden_states,
+                                                    with_statistics=with_statistics)
+            return response_token_scores(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                         chunk_size=self.args.logprob_chunk_size,
+                                         use_hidden_states=self.use_hidden_states, with_statistics=with_statistics)
 
     def pair_loss(self, model: nn.Module, batch: dict[str, Any]) -> PairLoss:
         """The run's preference loss of a batch of pairs (real rows, then rejected rows), for training and eval."""
@@ -132,9 +140,10 @@ class PairScoring:
         ref_token_logps = None
         if LOSSES[self.args.loss_type].needs_reference:
             ref_token_logps = self.reference_token_logps(model, batch)
-        return pair_loss(self.args.loss_type, self.token_logps(model, batch), batch["loss_mask"][:, 1:],
-                         ref_token_logps, beta=self.recipe.beta, label_smoothing=self.args.label_smoothing,
-                         nll_weight=self.args.nll_weight)
+        token_logps, statistics = self.token_scores(model, batch)
+        return pair_loss(self.args.loss_type, token_logps, batch["loss_mask"][:, 1:], ref_token_logps,
+                         beta=self.recipe.beta, label_smoothing=self.args.label_smoothing,
+                         nll_weight=self.args.nll_weight, token_statistics=statistics)
 
     def reference_token_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """The reference's per-token log-probs of a batch of pairs. Replay-buffer pairs (`entry_ids`) whose scores
@@ -149,7 +158,7 @@ class PairScoring:
             return forward(batch)
         cached = self.recipe.cached_reference_logps(entry_ids)
         missing = [i for i, scores in enumerate(cached) if scores is None]
-        self.record("ref/cached_fraction", 1.0 - len(missing) / len(entry_ids))
+        self.record(REFERENCE_CACHED_FRACTION, 1.0 - len(missing) / len(entry_ids))
         run = bool(missing)
         if self.copies.reference_forward_is_collective and self.args.world_size > 1:
             run = any_rank(run, self.args.device)

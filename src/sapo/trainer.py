@@ -77,13 +77,15 @@ from sapo.loading import (  # noqa: F401  (load_policy, load_reference, warn_unl
     load_run_reference,
     warn_unless_loaded_with,
 )
-from sapo.losses import nll_from_logps, pair_metrics
+from sapo.losses import nll_from_logps, pair_metrics, token_metrics
 from sapo.metrics import (
+    EPOCH,
     LOSS,
     NLL_LOSS,
     NO_SIGNAL_SKIPPED_STEPS,
     NONFINITE_SKIPPED_STEPS,
     REFERENCE_REFRESHES,
+    STEP,
     append_metrics_rows,
     reduced_metrics,
 )
@@ -333,8 +335,11 @@ class SAPOTrainer(Trainer):
                      num_items_in_batch: Any = None):
         mask = inputs["loss_mask"][:, 1:]
         if self.recipe.supervised:
-            loss = nll_from_logps(self.token_logps(model, inputs), mask)
+            token_logps, statistics = self.scoring.token_scores(model, inputs)
+            loss = nll_from_logps(token_logps, mask)
             self._metrics[NLL_LOSS].append(loss.detach())
+            for name, value in (token_metrics(statistics, mask, pairs=False) if statistics is not None else {}).items():
+                self._metrics[name].append(value)
             return (loss, None) if return_outputs else loss
         result = self.scoring.pair_loss(model, inputs)
         if inputs.get("placeholder"):  # stand-in pairs (nothing to draw yet): they take part in the step, train nothing
@@ -389,7 +394,7 @@ class SAPOTrainer(Trainer):
             logs.update(reduced_metrics(self))
         super().log(logs, start_time)
         if self.is_world_process_zero():
-            record = {"step": self.state.global_step, "epoch": self.state.epoch, **logs}
+            record = {STEP: self.state.global_step, EPOCH: self.state.epoch, **logs}
             if not self.is_in_train and self.state.global_step == 0:  # evaluate() before train(): see _ResumeStart
                 self._rows_before_training.append(record)
                 return

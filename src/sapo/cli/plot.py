@@ -5,6 +5,8 @@ Rows with a `loss` are training rows, rows with `eval_*` keys evaluation rows (h
 `sapo.heldout`); they are plotted against `step`, one PNG per group of metrics, with the runs overlaid
 (legend: run directory name, and the eval set's name for runs evaluated on several named sets). A run
 resumed from a checkpoint appends rows for steps it already logged; the row written last wins for each step.
+Files are read by `sapo.metrics.read_metrics` (its torn-line rule, and the metric names of an older sapo read as
+today's, so old and new runs overlay).
 
 matplotlib is optional (`pip install 'sapo-align[plot]'`) and only imported when plotting; figures are drawn
 with the Agg canvas directly, so pyplot's global state and the user's backend are never touched.
@@ -13,7 +15,6 @@ with the Agg canvas directly, so pyplot's global state and the user's backend ar
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -22,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sapo import metrics as m
 from sapo.errors import UsageError
+from sapo.metrics import EVAL_PREFIX, eval_name, read_metrics
 from sapo.run.paths import METRICS_FILE
 
 __all__ = ["FIGURES", "FigureSpec", "load_metrics", "main", "plot_runs"]
-
-
 
 @dataclass(frozen=True)
 class FigureSpec:
@@ -39,28 +40,35 @@ class FigureSpec:
 
 
 FIGURES: tuple[FigureSpec, ...] = (
-    FigureSpec("loss", "Training loss", (("loss", "loss"), ("nll_loss", "NLL of the real response (ORPO)"))),
-    FigureSpec("rewards", "Implicit rewards", (("rewards/real", "real"), ("rewards/rejected", "rejected"),
-                                               ("rewards/margins", "margin (real - rejected)"))),
+    FigureSpec("loss", "Training loss", ((m.LOSS, "loss"), (m.NLL_LOSS, "NLL of the real response (ORPO, sft)"))),
+    FigureSpec("rewards", "Implicit rewards", ((m.REWARDS_CHOSEN, "chosen (the real response)"),
+                                               (m.REWARDS_REJECTED, "rejected"),
+                                               (m.REWARD_MARGINS, "margin (chosen - rejected)"))),
     FigureSpec("accuracy", "Reward accuracy",
-               (("rewards/accuracies", "fraction with reward(real) > reward(rejected), ties apart"),
-                ("rewards/ties", "fraction of ties (rejected = real)"))),
-    FigureSpec("buffer", "Replay buffer", (("buffer/size", "fill (entries)"),
-                                           ("buffer/mean_times_sampled", "sample reuse (mean times sampled)"))),
+               ((m.REWARD_ACCURACIES, "fraction with reward(chosen) > reward(rejected), ties apart"),
+                (m.REWARD_TIES, "fraction of ties (rejected = chosen)"))),
+    FigureSpec("tokens", "Token statistics of the policy",
+               ((m.LOGITS_CHOSEN, "mean logit, chosen"), (m.LOGITS_REJECTED, "mean logit, rejected"),
+                (m.ENTROPY, "entropy (nats per token)"),
+                (m.MEAN_TOKEN_ACCURACY, "chosen tokens that are the argmax"))),
+    FigureSpec("buffer", "Replay buffer", ((m.BUFFER_SIZE, "fill (entries)"),
+                                           (m.BUFFER_MEAN_TIMES_SAMPLED, "sample reuse (mean times sampled)"))),
     FigureSpec("segment", "Regenerated segment",
-               (("segment/replaced_length", "replaced length (tokens)"),
-                ("segment/identical_fraction", "fraction identical to the real"),
-                ("pairs/dropped", "rewrites dropped without signal (total)"),
-                ("steps/skipped_no_signal", "steps skipped without signal (total)"))),
+               ((m.SEGMENT_REPLACED_LENGTH, "replaced length (tokens)"),
+                (m.SEGMENT_IDENTICAL_FRACTION, "fraction identical to the real"),
+                (m.PAIRS_DROPPED, "rewrites dropped without signal (total)"),
+                (m.NO_SIGNAL_SKIPPED_STEPS, "steps skipped without signal (total)"))),
     FigureSpec("generation_share", "Generation time",
-               (("time/generation_share", "share of step time spent generating"),)),
+               ((m.GENERATION_SHARE, "share of step time spent generating"),)),
     FigureSpec("eval", "Held-out evaluation (eval pairs fixed for the run)",
-               (("eval_loss", "loss"), ("eval_rewards/margins", "margin (real - rejected)"),
-                ("eval_rewards/accuracies", "fraction with reward(real) > reward(rejected)"),
-                ("eval_logps/real_per_token", "log-likelihood per token of the real responses"),
-                ("eval_judge/score", "judge score"))),
+               ((eval_name(m.LOSS), "loss"), (eval_name(m.REWARD_MARGINS), "margin (chosen - rejected)"),
+                (eval_name(m.REWARD_ACCURACIES), "fraction with reward(chosen) > reward(rejected)"),
+                (eval_name(m.LOGPS_CHOSEN_PER_TOKEN), "log-likelihood per token of the real responses"),
+                (eval_name(m.JUDGE_SCORE), "judge score"))),
 )
-EVAL_PREFIX = "eval_"
+FRACTIONS = {m.REWARD_ACCURACIES, m.REWARD_TIES, m.MEAN_TOKEN_ACCURACY, m.SEGMENT_IDENTICAL_FRACTION,
+             m.GENERATION_SHARE, eval_name(m.REWARD_ACCURACIES)}
+"""Metrics in [0, 1]: their panels get a fixed axis."""
 
 
 def _metrics_path(run: Path) -> Path:
@@ -69,34 +77,17 @@ def _metrics_path(run: Path) -> Path:
 
 def load_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Training rows (those with a `loss`) and evaluation rows (`eval_*` keys) of a run directory's metrics.jsonl,
-    or of that file itself.
+    or of that file itself, read by `sapo.metrics.read_metrics`.
 
-    Raises ValueError naming the file when it is missing, empty, has neither training nor evaluation rows
-    or holds a malformed line; an incomplete last line (a run still writing) is ignored.
+    Raises ValueError naming the file when it is missing, empty, or has neither training nor evaluation rows.
     """
     path = _metrics_path(Path(run))
     if not path.is_file():
         raise ValueError(f"{path}: no such file (a SAPO output_dir has metrics.jsonl after its first log step)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not valid UTF-8 (not a metrics.jsonl written by sapo?)") from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError) as error:  # syntax, nesting too deep, an integer too long
-            if number == len(lines) and isinstance(error, json.JSONDecodeError):
-                break  # being written right now
-            raise ValueError(f"{path}, line {number}: not valid JSON "
-                             f"({' '.join(str(error).split()) or type(error).__name__})") from None
-        if isinstance(row, dict) and ("loss" in row or any(str(key).startswith(EVAL_PREFIX) for key in row)):
-            rows.append(row)
+    rows = [row for row in read_metrics(path)
+            if m.LOSS in row or any(str(key).startswith(EVAL_PREFIX) for key in row)]
     if not rows:
-        what = "is empty" if not any(line.strip() for line in lines) else \
+        what = "is empty" if not path.read_bytes().strip() else \
             "has no training rows (with 'loss') and no evaluation rows (with 'eval_' keys)"
         raise ValueError(f"{path}: {what}")
     return rows
@@ -106,7 +97,7 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list
     """(steps, values) of one metric, sorted by step, the last row winning for a repeated step."""
     by_step: dict[float, float] = {}
     for row in rows:
-        step, value = row.get("step"), row.get(key)
+        step, value = row.get(m.STEP), row.get(key)
         if _is_number(step) and _is_number(value):
             by_step[float(step)] = float(value)
     steps = sorted(by_step)
@@ -190,8 +181,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.Path
 
 def _fraction_metric(key: str, series: Sequence[tuple[str, list[float], list[float]]]) -> bool:
     """Fractions in [0, 1] get a fixed axis so runs and time ranges compare at a glance."""
-    if key not in ("rewards/accuracies", "rewards/ties", "segment/identical_fraction", "time/generation_share",
-                   "eval_rewards/accuracies"):
+    if key not in FRACTIONS:
         return False
     values = [v for _, _, vs in series for v in vs if not math.isnan(v)]
     return all(0.0 <= v <= 1.0 for v in values)

@@ -10,10 +10,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sapo import metrics as m
 from sapo.cli.options import apply_lora, load_model_and_tokenizer, model_init_kwargs, parse_train_args
 from sapo.errors import USER_ERRORS, UsageError
 from sapo.errors import one_paragraph as _one_paragraph
 from sapo.loading import check_model_source
+from sapo.metrics import eval_name
+from sapo.run.paths import METRICS_FILE
 
 
 def check_output_location(out: Path, *, needed_bytes: int = 0, largest_file: int = 0) -> None:
@@ -156,10 +159,12 @@ def run_train(argv: Sequence[str]) -> int:
     return 0
 
 
-SUMMARY_METRICS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "accuracy",
-                   "logps/real": "log p(real)", "nll_loss": "nll"}
-EVAL_METRICS = {"eval_loss": "loss", "eval_rewards/margins": "margin", "eval_rewards/accuracies": "accuracy",
-                "eval_logps/real_per_token": "log p(real)/token", "eval_judge/score": "judge"}
+SUMMARY_METRICS = {m.LOSS: "loss", m.REWARD_MARGINS: "margin", m.REWARD_ACCURACIES: "accuracy",
+                   m.LOGPS_CHOSEN: "log p(chosen)", m.NLL_LOSS: "nll", m.MEAN_TOKEN_ACCURACY: "token acc"}
+EVAL_METRICS = {eval_name(m.LOSS): "loss", eval_name(m.REWARD_MARGINS): "margin",
+                eval_name(m.REWARD_ACCURACIES): "accuracy", eval_name(m.LOGPS_CHOSEN_PER_TOKEN): "log p(chosen)/token",
+                eval_name(m.JUDGE_SCORE): "judge"}
+EVAL_LOSS = eval_name(m.LOSS)
 
 
 def _brief(row: Mapping[str, Any], names: Mapping[str, str]) -> str:
@@ -180,7 +185,7 @@ def show_bar_and_summary(trainer: Any) -> None:
 
     class BarAndEvaluations(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs and "eval_loss" in logs:
+            if state.is_world_process_zero and self.training_bar is not None and logs and EVAL_LOSS in logs:
                 self.training_bar.write(f"step {state.global_step} eval: {_brief(logs, EVAL_METRICS)}")
 
     if trainer.pop_callback(ProgressCallback) is not None:
@@ -190,16 +195,16 @@ def show_bar_and_summary(trainer: Any) -> None:
 def run_summary(log_history: Sequence[Mapping[str, Any]], out: Path, has_ema: bool) -> str:
     """What a finished `sapo train` prints: steps and time, the last logged training (and evaluation) metrics, and
     where the outputs are."""
-    train_rows = [row for row in log_history if "loss" in row and "eval_loss" not in row]
-    eval_rows = [row for row in log_history if "eval_loss" in row]
-    end = next((row for row in reversed(log_history) if "train_runtime" in row), {})
-    lines = [f"sapo: trained {log_history[-1].get('step', 0) if log_history else 0} steps"
-             + (f" in {end['train_runtime']:.1f} s" if "train_runtime" in end else "")]
+    train_rows = [row for row in log_history if m.LOSS in row and EVAL_LOSS not in row]
+    eval_rows = [row for row in log_history if EVAL_LOSS in row]
+    end = next((row for row in reversed(log_history) if m.TRAIN_RUNTIME in row), {})
+    lines = [f"sapo: trained {log_history[-1].get(m.STEP, 0) if log_history else 0} steps"
+             + (f" in {end[m.TRAIN_RUNTIME]:.1f} s" if m.TRAIN_RUNTIME in end else "")]
     if train_rows:
         last = train_rows[-1]
-        lines.append(f"  last training row (step {last.get('step')}): {_brief(last, SUMMARY_METRICS)}")
+        lines.append(f"  last training row (step {last.get(m.STEP)}): {_brief(last, SUMMARY_METRICS)}")
     if eval_rows:
-        lines.append(f"  last evaluation (step {eval_rows[-1].get('step')}): {_brief(eval_rows[-1], EVAL_METRICS)}")
+        lines.append(f"  last evaluation (step {eval_rows[-1].get(m.STEP)}): {_brief(eval_rows[-1], EVAL_METRICS)}")
     lines.append(f"  policy: {out}" + (f"   EMA model: {out / 'ema'}" if has_ema else ""))
-    lines.append(f"  every logged value: {out / 'metrics.jsonl'} (curves: sapo plot {out})")
+    lines.append(f"  every logged value: {out / METRICS_FILE} (curves: sapo plot {out})")
     return "\n".join(lines)

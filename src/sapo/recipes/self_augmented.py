@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sapo import metrics as m
 from sapo.buffer import ReplayBuffer, ReplayEntry
 from sapo.copies import EMA  # which copy generates
 from sapo.losses import REFERENCE_LOSS_TYPES
@@ -82,14 +83,14 @@ class SelfAugmented(Recipe):
             self.epoch_position = 0
             if self.services.any_rank(bool(self.pending)):
                 self.flush()
-        self.services.record("buffer/size", float(len(self.buffer)))
-        self.services.record("pairs/dropped", float(self.dropped))
+        self.services.record(m.BUFFER_SIZE, float(len(self.buffer)))
+        self.services.record(m.PAIRS_DROPPED, float(self.dropped))
         self.drew_nothing = len(self.buffer) == 0
         if self.drew_nothing:  # every rewrite so far was dropped: stand-in pairs, which train nothing
             return [ReplayEntry(list(p), list(y), list(y), 0, 0) for p, y in zip(
                 inputs["prompt_ids"], inputs["response_ids"], strict=True)]
         replayed = self.buffer.sample(self.args.per_device_train_batch_size)
-        self.services.record("buffer/mean_times_sampled", self.buffer.stats()["mean_times_sampled"])
+        self.services.record(m.BUFFER_MEAN_TIMES_SAMPLED, self.buffer.stats()["mean_times_sampled"])
         return replayed
 
     def _queue_for_augmentation(self, inputs: dict[str, list[Any]]) -> None:
@@ -115,7 +116,7 @@ class SelfAugmented(Recipe):
         indices = list(indices) if indices is not None else [None] * len(prompts)
         rewrites = self._rewrite(prompts, responses, self.args.responses_per_prompt)
         for rewrite in rewrites:
-            self.services.record("segment/identical_fraction", float(rewrite.rejected == responses[rewrite.example]))
+            self.services.record(m.SEGMENT_IDENTICAL_FRACTION, float(rewrite.rejected == responses[rewrite.example]))
         usable = self._usable(rewrites, responses, indices, record=True)
         mode = self.args.identical_rejected
         kept = [r for r, ok in zip(rewrites, usable, strict=True) if ok or mode == "keep"]
@@ -129,8 +130,8 @@ class SelfAugmented(Recipe):
                                r.replaced) for r in kept]
         self.buffer.extend(entries)
         for entry in entries:
-            self.services.record("segment/replaced_length", float(entry.segment_length))
-            self.services.record("segment/start", float(entry.segment_start))
+            self.services.record(m.SEGMENT_REPLACED_LENGTH, float(entry.segment_length))
+            self.services.record(m.SEGMENT_START, float(entry.segment_start))
         return entries
 
     def _rewrite(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
@@ -158,7 +159,7 @@ class SelfAugmented(Recipe):
                            [r.rejected for r in judged]) if judged else [])
         usable = [d and next(worse) for d in differs]
         if record and judged:
-            self.services.record("pairs/judged_not_worse", 1.0 - sum(usable) / len(judged))
+            self.services.record(m.PAIRS_JUDGED_NOT_WORSE, 1.0 - sum(usable) / len(judged))
         return usable
 
     def reference_refresh(self, step: int, period: int) -> str | None:

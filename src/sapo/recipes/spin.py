@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sapo import metrics as m
 from sapo.buffer import ReplayEntry
 from sapo.copies import REFERENCE  # which copy generates
 from sapo.generation import SamplingSettings
@@ -135,8 +136,8 @@ class Spin(Recipe):
             if self.args.spin_reset_optimizer and self.services.reset_optimizer is not None:
                 self.services.reset_optimizer()
         self.iteration, self.rejected = iteration, {}
-        self.services.record("spin/iteration", float(iteration))
-        self.services.record("spin/beta", float(self.beta))
+        self.services.record(m.SPIN_ITERATION, float(iteration))
+        self.services.record(m.SPIN_BETA, float(self.beta))
 
     def _ended(self, sample: list[int], real: Sequence[int], room: int) -> list[int]:
         """With spin_end_with_eos, a response that stops without an end token (cut at its budget) gets the one the
