@@ -96,7 +96,7 @@ transformers.__version__, '| trl', trl.__version__, '| datasets', datasets.__ver
     || exit 2
 
 SPEED=("$PYTHON" benchmarks/speed.py --config gpu --jsonl "$RESULTS" "${DRY[@]}" "${FAIL[@]}")
-part cuda_tests 100 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -rs -k cuda tests/test_generation.py \
+part cuda_tests 100 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -rs -k cuda tests/generation/test_generation.py \
     tests/test_trainer.py
 wanted cuda_tests && "$PYTHON" benchmarks/benchlog.py --pytest cuda_tests "$LOGS/cuda_tests.log" "$last_status" "$RESULTS"
 part ratio 240 "${SPEED[@]}" --phases trl,sapo --gen_after_sapo --gen_modes sampled,greedy --gen_engines static,hf \

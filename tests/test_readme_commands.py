@@ -47,12 +47,12 @@ RUN = {
 }
 
 EXAMPLE_RUN = "tests/test_examples.py::test_example_trains_on_a_cpu_with_tiny_sizes"
-DEMO_RUN = "tests/test_demo.py::test_demo_pipeline_in_miniature"
-SPEED_RUN = "tests/test_speed_benchmark.py::test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share"
+DEMO_RUN = "tests/cli/test_demo.py::test_demo_pipeline_in_miniature"
+SPEED_RUN = "tests/benchmarks/test_speed_benchmark.py::test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share"
 
 # Commands another test runs at tiny size: command -> that test.
 COVERED = {
-    "sapo --version": "tests/test_cli.py::test_sapo_version_prints_the_installed_version",
+    "sapo --version": "tests/cli/test_cli.py::test_sapo_version_prints_the_installed_version",
     "make demo": DEMO_RUN,  # `make demo` is `sapo demo --output_dir runs/demo` after an install
     "sapo demo --output_dir runs/demo": DEMO_RUN,
     "sapo train --config examples/lora-single-gpu.yaml": EXAMPLE_RUN,
@@ -62,8 +62,8 @@ COVERED = {
     # the benchmark runs README's figures cite (an hour of CPU each), run end to end at tiny shapes
     "benchmarks/speed.py --config cpu --phases sapo,trl --repeats 2": SPEED_RUN,
     "benchmarks/speed.py --config cpu --repeats 2": SPEED_RUN,
-    "benchmarks/memory.py --json memory.json": "tests/test_memory_benchmark.py::test_copy_bytes_of_every_option",
-    "benchmarks/quality.py --full": "tests/test_quality_benchmark.py::test_benchmark_writes_tables_json_and_png",
+    "benchmarks/memory.py --json memory.json": "tests/benchmarks/test_memory_benchmark.py::test_copy_bytes_of_every_option",
+    "benchmarks/quality.py --full": "tests/benchmarks/test_quality_benchmark.py::test_benchmark_writes_tables_json_and_png",
 }
 
 EIGHT_GPUS = "needs 8 GPUs; the accelerate config is read by tests/test_examples.py and the engine runs on 2 CPU " \
@@ -80,7 +80,7 @@ EXCLUDED = {
     ".venv/bin/python -m pytest -m slow": "is the suite itself (its slow-marked part)",
     ".venv/bin/python -m pytest -m distributed": "is the suite itself (its distributed-marked part)",
     ".venv/bin/python -m pytest -m benchmark": "is the suite itself (its benchmark-marked part)",
-    "python -m pytest -q -p no:cacheprovider --ignore=tests/test_losses.py --ignore=tests/test_speed_benchmark.py":
+    "python -m pytest -q -p no:cacheprovider --ignore=tests/test_losses.py --ignore=tests/benchmarks/test_speed_benchmark.py":
         "is the suite itself, on the dependency floors (a dated record in getting-started)",
     "accelerate launch --config_file examples/accelerate/zero3-8gpu.yaml -m sapo.cli train --config run.yaml":
         EIGHT_GPUS,

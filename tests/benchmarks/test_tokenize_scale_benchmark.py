@@ -16,7 +16,7 @@ from sapo.data import examples_from_records
 
 pytestmark = pytest.mark.benchmark  # a benchmark script at tiny size; `-m "not benchmark"` skips these
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenize_scale.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tokenize_scale.py"
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ def test_top_level_usage(capsys):
     assert "train" in capsys.readouterr().out
 
 
-CONFIG_REFERENCE_PAGE = Path(__file__).parents[1] / "docs" / "guides" / "config.md"
+CONFIG_REFERENCE_PAGE = Path(__file__).parents[2] / "docs" / "guides" / "config.md"
 
 
 def test_docs_config_reference_matches_the_dataclasses():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import benchlog  # noqa: E402
 
@@ -38,7 +38,7 @@ def test_each_measurement_is_appended_as_one_json_line_and_summarised(tmp_path, 
 
 def test_a_test_part_becomes_one_row_of_counts(tmp_path):
     log = tmp_path / "cuda_tests.log"
-    log.write_text("sss.\nSKIPPED [3] tests/test_generation.py:511: needs CUDA\n"
+    log.write_text("sss.\nSKIPPED [3] tests/generation/test_generation.py:511: needs CUDA\n"
                    "1 passed, 3 skipped, 9 deselected in 4.20s\n")
     results = tmp_path / "results.jsonl"
     assert benchlog.main(["--pytest", "cuda_tests", str(log), "0", str(results)]) == 0

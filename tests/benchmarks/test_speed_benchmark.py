@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.benchmark  # a benchmark script at tiny size; `-m "not benchmark"` skips these
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
 
 def test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.benchmark  # a benchmark script at tiny size; `-m "not benchmark"` skips these
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "reference_reuse.py"
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "reference_reuse.py"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.benchmark  # a benchmark script at tiny size; `-m "not benchmark"` skips these
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pair_scoring.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pair_scoring.py"
 
 
 @pytest.mark.parametrize("config", ["cpu", "gpu"])
