@@ -62,8 +62,10 @@ COVERED = {
     # the benchmark runs README's figures cite (an hour of CPU each), run end to end at tiny shapes
     "benchmarks/speed.py --config cpu --phases sapo,trl --repeats 2": SPEED_RUN,
     "benchmarks/speed.py --config cpu --repeats 2": SPEED_RUN,
-    "benchmarks/memory.py --json memory.json": "tests/benchmarks/test_memory_benchmark.py::test_copy_bytes_of_every_option",
-    "benchmarks/quality.py --full": "tests/benchmarks/test_quality_benchmark.py::test_benchmark_writes_tables_json_and_png",
+    "benchmarks/memory.py --json memory.json":
+        "tests/benchmarks/test_memory_benchmark.py::test_copy_bytes_of_every_option",
+    "benchmarks/quality.py --full":
+        "tests/benchmarks/test_quality_benchmark.py::test_benchmark_writes_tables_json_and_png",
 }
 
 EIGHT_GPUS = "needs 8 GPUs; the accelerate config is read by tests/test_examples.py and the engine runs on 2 CPU " \
@@ -80,7 +82,7 @@ EXCLUDED = {
     ".venv/bin/python -m pytest -m slow": "is the suite itself (its slow-marked part)",
     ".venv/bin/python -m pytest -m distributed": "is the suite itself (its distributed-marked part)",
     ".venv/bin/python -m pytest -m benchmark": "is the suite itself (its benchmark-marked part)",
-    "python -m pytest -q -p no:cacheprovider --ignore=tests/test_losses.py --ignore=tests/benchmarks/test_speed_benchmark.py":
+    "python -m pytest -q -p no:cacheprovider --ignore=tests/test_losses.py --ignore=tests/test_speed_benchmark.py":
         "is the suite itself, on the dependency floors (a dated record in getting-started)",
     "accelerate launch --config_file examples/accelerate/zero3-8gpu.yaml -m sapo.cli train --config run.yaml":
         EIGHT_GPUS,
