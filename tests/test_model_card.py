@@ -121,6 +121,8 @@ def test_snippets_load_the_ema_through_its_subfolder():
     assert 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("org/sft"), "org/run", subfolder="ema")' \
         in adapters and "ema.generate(" in adapters
     assert "ema" not in loading_snippet(facts(has_ema=False))
+    raw = loading_snippet(facts(chat=False))  # a model trained on raw text, whose tokenizer has no chat template
+    assert "apply_chat_template" not in raw and 'inputs = tokenizer("Write a haiku' in raw
 
 
 def test_a_directory_without_ema_gets_a_card_that_does_not_mention_it(tmp_path):

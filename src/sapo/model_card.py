@@ -66,6 +66,7 @@ class CardFacts:
     model_name: str | None = None
     tags: Sequence[str] = ()
     extra_metadata: Mapping[str, Any] = field(default_factory=dict)  # e.g. license, language from push_to_hub
+    chat: bool = True  # the tokenizer has a chat template (else the model was trained on raw text, and is prompted so)
 
 
 def hub_id(name: str | None) -> str | None:
@@ -192,7 +193,8 @@ def _local_base_model_tag(tag: str) -> bool:
 
 def loading_snippet(facts: CardFacts, generate_with: str = "model") -> str:
     """Python that loads the policy `model` (and the EMA model `ema`, when there is one) from `facts.location` and
-    answers one chat prompt with `generate_with`; it imports only transformers (and peft for adapters)."""
+    answers one prompt with `generate_with` (through the chat template, or as raw text for a model trained on raw
+    text, whose tokenizer has none); it imports only transformers (and peft for adapters)."""
     where = json.dumps(facts.location)
     lines = ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
     if facts.adapter:
@@ -208,11 +210,15 @@ def loading_snippet(facts: CardFacts, generate_with: str = "model") -> str:
                   f"model = AutoModelForCausalLM.from_pretrained({where})"]
         if facts.has_ema:
             lines.append(f'ema = AutoModelForCausalLM.from_pretrained({where}, subfolder="ema")')
-    lines += ["",
-              f"messages = [{{\"role\": \"user\", \"content\": {json.dumps(EXAMPLE_PROMPT)}}}]",
-              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-              "return_dict=True)",
-              f"output = {generate_with}.generate(**inputs, max_new_tokens=64)",
+    if facts.chat:
+        lines += ["",
+                  f"messages = [{{\"role\": \"user\", \"content\": {json.dumps(EXAMPLE_PROMPT)}}}]",
+                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+                  "return_dict=True)"]
+    else:
+        lines += ["", f"inputs = tokenizer({json.dumps(EXAMPLE_PROMPT)}, return_tensors=\"pt\")  # raw text: no chat "
+                  "template"]
+    lines += [f"output = {generate_with}.generate(**inputs, max_new_tokens=64)",
               "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]
     return "\n".join(lines)
 

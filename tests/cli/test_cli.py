@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -414,6 +415,10 @@ def test_plain_text_data_trains_on_the_raw_text_without_a_chat_template(tmp_path
         assert texts[prompt] == real  # exactly the raw text, EOS appended
         assert not any(marker in prompt + real for marker in ("<s>", "<|user|>", "<|assistant|>"))
         assert entry.rejected[:entry.segment_start] == entry.real[:entry.segment_start]
+    (snippet,) = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), flags=re.DOTALL)
+    assert "apply_chat_template" not in snippet  # the card prompts a raw-text model with raw text, and that runs
+    run = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_python_dash_m_sapo_runs_the_command():

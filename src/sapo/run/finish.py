@@ -125,7 +125,8 @@ def card_facts(trainer: Any, location: str, *, model_name: str | None = None, da
         ema_beta=trainer.args.ema_beta if trainer.copies.ema is not None else None,
         settings=card_settings(trainer.args, [f.name for f in sapo_fields()]), metrics=final_metrics(history),
         eval_metrics=final_eval_metrics(history), command=trainer.command, model_name=model_name, tags=tuple(tags),
-        extra_metadata=extra_metadata or {})
+        extra_metadata=extra_metadata or {},
+        chat=bool(getattr(trainer.processing_class, "chat_template", None)))
 
 
 def write_model_directory(trainer: Any, model_context: Any, directory: str) -> None:
