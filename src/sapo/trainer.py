@@ -149,6 +149,7 @@ class SAPOTrainer(Trainer):
         # records are read once, and checked against the tokenizer (a chat template for chats) before any weights load
         examples = [] if isinstance(train_dataset, TokenizedDataset) else examples_from_records(
             train_dataset, skip_invalid=args.skip_invalid, with_rejected=args.needs_rejected_data)
+        data_description = describe_data(train_dataset)  # the card's words for data passed in memory
         train_dataset = examples or train_dataset
         model, processing_class = load_policy_for_training(
             model, processing_class, chat_template, peft_config, args.model_init_kwargs, args.max_length,
@@ -210,7 +211,7 @@ class SAPOTrainer(Trainer):
         self.nonfinite_steps = 0
         self._stop_reason: tuple[str, int] | None = None
         self.data_source: str | None = None  # shown in the model card; the CLI sets both
-        self.data_description = describe_data(train_dataset)  # the card's words for data passed in memory
+        self.data_description = data_description
         self.command: str | None = None
         self.add_callback(_SAPOStepHooks(self))
         self.add_callback(_LiveProgress(self))
