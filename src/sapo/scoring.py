@@ -33,8 +33,8 @@ from sapo.logprobs import (
     response_token_scores,
     shared_prefix_scoring_is_exact,
 )
-from sapo.losses import LOSSES, PairLoss, pair_loss
-from sapo.metrics import REFERENCE_CACHED_FRACTION
+from sapo.losses import LOSSES, PairLoss, nll_from_logps, pair_loss, token_metrics
+from sapo.metrics import NLL_LOSS, REFERENCE_CACHED_FRACTION
 from sapo.recipes import Recipe
 from sapo.sharding import any_rank, global_shape
 
@@ -131,6 +131,16 @@ class PairScoring:
             return response_token_scores(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                                          chunk_size=self.args.logprob_chunk_size,
                                          use_hidden_states=self.use_hidden_states, with_statistics=with_statistics)
+
+    def nll_loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The supervised loss (sft): the token-level NLL of the real responses, and what is logged with it."""
+        mask = batch["loss_mask"][:, 1:]
+        token_logps, statistics = self.token_scores(model, batch)
+        loss = nll_from_logps(token_logps, mask)
+        logged = {NLL_LOSS: loss.detach()}
+        if statistics is not None:
+            logged.update(token_metrics(statistics, mask, pairs=False))
+        return loss, logged
 
     def pair_loss(self, model: nn.Module, batch: dict[str, Any]) -> PairLoss:
         """The run's preference loss of a batch of pairs (real rows, then rejected rows), for training and eval."""

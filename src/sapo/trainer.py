@@ -77,7 +77,7 @@ from sapo.loading import (  # noqa: F401  (load_policy, load_reference, warn_unl
     load_run_reference,
     warn_unless_loaded_with,
 )
-from sapo.losses import nll_from_logps, pair_metrics, token_metrics
+from sapo.losses import pair_metrics
 from sapo.metrics import (
     EPOCH,
     LOSS,
@@ -96,7 +96,12 @@ from sapo.run import start as run_start
 from sapo.run import state as run_state
 from sapo.run.lock import OutputDirLock, first_missing
 from sapo.run.paths import STATE_DIR
-from sapo.run.start import refuse_an_uncoordinated_launch, remove_created_output_dir
+from sapo.run.start import (
+    refuse_a_dropped_engine,
+    refuse_an_uncoordinated_launch,
+    remove_created_output_dir,
+    will_shard,
+)
 from sapo.run.start_weights import StartWeights
 from sapo.schedules import restarting_scheduler
 from sapo.scoring import PairScoring
@@ -182,8 +187,8 @@ class SAPOTrainer(Trainer):
                          eval_dataset=trainer_eval_dataset(self), processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers)
         self.model_accepts_loss_kwargs = False  # our loss is a per-pair mean; Trainer divides by accumulation steps
-        self._refuse_a_dropped_engine()
-        if self.eval_judge is not None and self._will_shard():
+        refuse_a_dropped_engine(self)
+        if self.eval_judge is not None and will_shard(self):
             remove_created_output_dir(self)
             raise UsageError("eval_judge generates with the policy, which FSDP/ZeRO-3 shards; with those engines "
                              "judge saved checkpoints with `sapo eval` instead")
@@ -191,7 +196,7 @@ class SAPOTrainer(Trainer):
         self._reference_weights = None if ref_model is None else StartWeights(ref_model)
         self.copies = ModelCopies(
             self.policy, need_ema=args.self_augmenting, need_reference=args.uses_reference,
-            reference_moves=self._reference_moves(), is_peft=is_peft_model(self.model), sharded=self._will_shard(),
+            reference_moves=self._reference_moves(), is_peft=is_peft_model(self.model), sharded=will_shard(self),
             offload=args.offload_copies, dtype=args.copies_dtype, device=args.device, ref_model=ref_model)
         if not self.copies.params:
             raise ValueError("the model has no trainable parameters")
@@ -234,14 +239,6 @@ class SAPOTrainer(Trainer):
                             self.eos_token_ids, batch_size=args.generation_rows, device=args.device,
                             generation_config=getattr(self.policy, "generation_config", None), **shapes)
 
-    def _refuse_a_dropped_engine(self) -> None:
-        """An engine asked for must be the one accelerate set up: it silently trains plain DDP instead of FSDP on CPU
-        processes. Checked before anything is written."""
-        if self.args.fsdp and not self.is_fsdp_enabled:
-            remove_created_output_dir(self)
-            raise UsageError(f"FSDP was asked for but accelerate set up {self.accelerator.distributed_type.value} "
-                             "(FSDP needs GPUs; drop --fsdp on a CPU machine)")
-
     def _services(self) -> StepServices:
         sharded = self.copies.sharded
         return StepServices(
@@ -273,16 +270,6 @@ class SAPOTrainer(Trainer):
     def policy(self) -> nn.Module:
         """The policy without DDP/accelerate wrappers (peft wrapper kept)."""
         return self.accelerator.unwrap_model(self.model)
-
-    def _will_shard(self) -> bool:
-        """Whether the engine will shard the policy's parameters (FSDP2, ZeRO-3), known before it does."""
-        if self.is_fsdp_enabled:
-            if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-                raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (or "
-                                 "fsdp_config={'fsdp_version': 2}); see examples/accelerate/fsdp2-8gpu.yaml")
-            return True
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
     def _reference_moves(self) -> bool:
         """Whether the reference ever changes (SPIN opponents, refreshed SAPO references)."""
@@ -334,23 +321,20 @@ class SAPOTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
-        mask = inputs["loss_mask"][:, 1:]
         if self.recipe.supervised:
-            token_logps, statistics = self.scoring.token_scores(model, inputs)
-            loss = nll_from_logps(token_logps, mask)
-            self._metrics[NLL_LOSS].append(loss.detach())
-            for name, value in (token_metrics(statistics, mask, pairs=False) if statistics is not None else {}).items():
-                self._metrics[name].append(value)
-            return (loss, None) if return_outputs else loss
-        result = self.scoring.pair_loss(model, inputs)
-        if inputs.get("placeholder"):  # stand-in pairs (nothing to draw yet): they take part in the step, train nothing
-            loss = result.loss * 0.0
-            return (loss, result.output) if return_outputs else loss
-        if result.nll is not None:
-            self._metrics[NLL_LOSS].append(result.nll.detach())
-        for name, value in pair_metrics(result, mask, inputs.get("identical")).items():
-            self._metrics[name].append(value)
-        loss, output = result.loss, result.output
+            loss, logged = self.scoring.nll_loss(model, inputs)
+            output = None
+        else:
+            result = self.scoring.pair_loss(model, inputs)
+            loss, output = result.loss, result.output
+            if inputs.get("placeholder"):  # stand-in pairs (nothing to draw yet): in the step, training nothing
+                loss, logged = loss * 0.0, {}
+            else:
+                logged = pair_metrics(result, inputs["loss_mask"][:, 1:], inputs.get("identical"))
+                if result.nll is not None:
+                    logged[NLL_LOSS] = result.nll.detach()
+        for name, value in logged.items():
+            self._record(name, value)
         return (loss, output) if return_outputs else loss
 
     # ---- Once per optimizer step -------------------------------------------------------------------------------------

@@ -181,3 +181,23 @@ def refuse_an_uncoordinated_launch(args: Any) -> None:
         raise UsageError(f"the launcher started {launched} processes but accelerate joined {args.world_size} of them "
                          "into this job (DeepSpeed needs GPUs; on a machine without GPUs use plain DDP: torchrun "
                          "--nproc_per_node N -m sapo.cli train ...)")
+
+
+def refuse_a_dropped_engine(trainer: Any) -> None:
+    """An engine asked for must be the one accelerate set up: it silently trains plain DDP instead of FSDP on CPU
+    processes. Checked before anything is written."""
+    if trainer.args.fsdp and not trainer.is_fsdp_enabled:
+        remove_created_output_dir(trainer)
+        raise UsageError(f"FSDP was asked for but accelerate set up {trainer.accelerator.distributed_type.value} "
+                         "(FSDP needs GPUs; drop --fsdp on a CPU machine)")
+
+
+def will_shard(trainer: Any) -> bool:
+    """Whether the engine will shard the policy's parameters (FSDP2, ZeRO-3), known before it does."""
+    if trainer.is_fsdp_enabled:
+        if getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (or "
+                             "fsdp_config={'fsdp_version': 2}); see examples/accelerate/fsdp2-8gpu.yaml")
+        return True
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
