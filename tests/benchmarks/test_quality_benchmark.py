@@ -63,7 +63,7 @@ def test_benchmark_writes_tables_json_and_png(quality, result):
     saved = json.loads((out / "results.json").read_text())
     assert [p["step"] for p in saved["sft"]["dev_curve"]] == [2, 4]
     assert [p["step"] for p in saved["sft"]["new_dev_curve"]] == [2, 4]
-    assert len(saved["grid"]) == 1 + 2 + 2 + 2  # sft has no beta; a one-lr grid has no edge to widen
+    assert len(saved["grid"]) == 2 + 2 + 2  # 2 betas per preference recipe; sft (no beta, one lr) needs no dev run
     for run in saved["runs"]:
         assert [p["step"] for p in run["curve"]] == [0, 1, 2]
         assert run["curve"][0]["overall"] == saved["start"]["overall"]  # every curve starts at the checkpoint
