@@ -319,7 +319,9 @@ def jsonl_error(tmp_path: Path, bad: Any) -> str:
         ({"prompt": 3, "completion": "x"}, "field 'prompt' must be a list of messages, got int"),
         ({"prompt": [USER, ANSWER], "completion": "x"}, "field 'prompt' ends with an assistant turn"),
         ({"completion": "x"}, "field 'prompt' is missing"),
-        ({"chosen": "x", "rejected": "y"}, "field 'prompt' is missing"),
+        ({"chosen": "x"}, "field 'prompt' is missing .*this record has no 'rejected'"),
+        ({"chosen": "x", "rejected": "y"}, "'chosen' and 'rejected' share, .* here they share no beginning, so the "
+                                           "prompt is empty"),
         ({"prompt": "hi", "chosen": [USER, {"role": "critic", "content": "x"}]}, r"'chosen\[1\].role' has unknown"),
         ({"prompt": "hi", "chosen": [USER]}, "field 'chosen' has no assistant turn"),
     ],
