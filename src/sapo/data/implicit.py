@@ -47,15 +47,16 @@ def _first_difference(chosen: Sequence[Any], rejected: Sequence[Any]) -> int | N
     return next((index for index in range(min(len(chosen), len(rejected))) if chosen[index] != rejected[index]), None)
 
 
-def split_text(chosen: str, rejected: str, location: str) -> tuple[str, str, str]:
-    """(prompt, chosen response, rejected response) of a plain-text record without `prompt`, as TRL splits it."""
+def split_text(chosen: str, rejected: str, location: str, with_rejected: bool) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of a plain-text record without `prompt`, as TRL splits it,
+    checked to leave a response (`rejected`'s only with `with_rejected`)."""
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if not value:
             raise DataError(f"{location}: field '{name}' is empty")
     length = trl_prompt_length(chosen, rejected)
     if length <= 0 or not chosen[:length].strip():
         _refuse_empty_prompt(location, chosen, rejected)
-    for name, value in (("chosen", chosen), ("rejected", rejected)):
+    for name, value in (("chosen", chosen), ("rejected", rejected))[:2 if with_rejected else 1]:
         if not value[length:].strip():
             raise DataError(f"{location}: field '{name}' is an empty response once the implicit prompt (the first "
                             f"{length} characters, {RULE}) is taken off: {value[length:]!r}")

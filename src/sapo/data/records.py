@@ -217,7 +217,7 @@ def _from_implicit_prompt(record: Mapping[str, Any], location: str, with_rejecte
     if isinstance(chosen, str) and isinstance(rejected, str):
         _check_text(chosen, location, "chosen")
         _check_text(rejected, location, "rejected")
-        prompt, response, other = implicit.split_text(chosen, rejected, location)
+        prompt, response, other = implicit.split_text(chosen, rejected, location, with_rejected)
         return Example([{"role": "user", "content": prompt}], {"role": "assistant", "content": response},
                        {"role": "assistant", "content": other} if with_rejected else None, text=True)
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
