@@ -34,6 +34,7 @@ from sapo.data import (
     fit_lengths,
     load_examples,
     normalize_record,
+    plain_text_prompt,
     prepare_tokenizer,
     read_records,
     require_chat_template,
@@ -554,7 +555,8 @@ def test_implicit_prompt_length_is_trl_extract_prompt_on_every_short_string_and_
 @pytest.mark.parametrize("record", IMPLICIT_TEXT_RECORDS + IMPLICIT_CHAT_RECORDS)
 def test_implicit_prompt_record_splits_as_trl_maybe_extract_prompt(record) -> None:
     """The prompt, chosen and rejected TRL reads from a record without `prompt` (or with capybara's text one beside
-    chat lists); plain text stays plain text. The sapo recipes, which ignore `rejected`, get the same prompt."""
+    chat lists); plain text stays plain text. The sapo recipes, which ignore `rejected`, get the same prompt, and
+    `sapo eval` the same prompt string."""
     from trl.data_utils import maybe_extract_prompt
 
     expected = maybe_extract_prompt(dict(record))
@@ -568,6 +570,7 @@ def test_implicit_prompt_record_splits_as_trl_maybe_extract_prompt(record) -> No
         assert (example.prompt, [example.response], [example.rejected]) == (
             expected["prompt"], expected["chosen"], expected["rejected"])
     assert normalize_record(record, "x") == dataclasses.replace(example, rejected=None)
+    assert plain_text_prompt(record, "x") == (expected["prompt"] if example.text else None)  # what `sapo eval` asks
 
 
 @pytest.mark.parametrize("name", ["tiny", "zephyr"])

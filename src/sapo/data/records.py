@@ -221,9 +221,9 @@ def _from_implicit_prompt(record: Mapping[str, Any], location: str, with_rejecte
         return Example([{"role": "user", "content": prompt}], {"role": "assistant", "content": response},
                        {"role": "assistant", "content": other} if with_rejected else None, text=True)
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise DataError(f"{location}: the record has no 'prompt' field, so its prompt is the beginning 'chosen' and "
-                        f"'rejected' share, but 'chosen' holds {_kind(chosen)} and 'rejected' {_kind(rejected)}; "
-                        "write both as text or both as lists of messages")
+        raise DataError(f"{location}: the record's prompt is implicit (the beginning 'chosen' and 'rejected' share, "
+                        f"as in TRL), but 'chosen' holds {_kind(chosen)} and 'rejected' {_kind(rejected)}; write "
+                        "both as text or both as lists of messages")
     chosen_messages = _messages(chosen, location, "chosen")
     rejected_messages = _messages(rejected, location, "rejected")
     length = implicit.conversation_prompt_length(chosen, rejected, location, with_rejected)
