@@ -34,6 +34,7 @@ from sapo.data import (
     fit_lengths,
     load_examples,
     normalize_record,
+    plain_text_prompt,
     prepare_tokenizer,
     read_records,
     require_chat_template,
@@ -319,7 +320,9 @@ def jsonl_error(tmp_path: Path, bad: Any) -> str:
         ({"prompt": 3, "completion": "x"}, "field 'prompt' must be a list of messages, got int"),
         ({"prompt": [USER, ANSWER], "completion": "x"}, "field 'prompt' ends with an assistant turn"),
         ({"completion": "x"}, "field 'prompt' is missing"),
-        ({"chosen": "x", "rejected": "y"}, "field 'prompt' is missing"),
+        ({"chosen": "x"}, "field 'prompt' is missing .*this record has no 'rejected'"),
+        ({"chosen": "x", "rejected": "y"}, "'chosen' and 'rejected' share, .* here they share no beginning, so the "
+                                           "prompt is empty"),
         ({"prompt": "hi", "chosen": [USER, {"role": "critic", "content": "x"}]}, r"'chosen\[1\].role' has unknown"),
         ({"prompt": "hi", "chosen": [USER]}, "field 'chosen' has no assistant turn"),
     ],
@@ -506,6 +509,149 @@ def test_plain_text_records_tokenize_as_trl_tokenizes_standard_data(name) -> Non
     got = tokenize_examples(tok, examples_from_records(completions), max_length=4096, max_prompt_length=2048)
     assert [(t.prompt_ids, t.response_ids) for t in got] == [(p, c) for p, c, _ in expected]
     assert tok.decode(got[0].prompt_ids + got[0].response_ids, skip_special_tokens=True) == records[0]["prompt"] + " 4"
+
+
+# Preference records with an implicit prompt: no `prompt`, the beginning `chosen` and `rejected` share (TRL's
+# `extract_prompt`, as DPOTrainer and `maybe_extract_prompt` apply it)
+
+LATER_USER = {"role": "user", "content": "And 3+3?"}
+IMPLICIT_TEXT_RECORDS = [  # where the two part: after a space, inside a word, after a newline, inside whitespace
+    {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4",
+     "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5, I think"},
+    {"chosen": "The sky is blue", "rejected": "The sky is black"},
+    {"chosen": "Say hi\nhi there", "rejected": "Say hi\n\nno"},
+    {"chosen": "Q: hi\nA:   yes", "rejected": "Q: hi\nA:   no"},
+    {"chosen": "Count: 1 2 3", "rejected": "Count: 1 2 3 4"},  # no difference before the shorter ends
+    {"chosen": "Translate 'café': カフェ 😀", "rejected": "Translate 'café': 喫茶店"},
+    {"chosen": "End: done{eos}", "rejected": "End: no"},
+]
+IMPLICIT_CHAT_RECORDS = [
+    {"chosen": [USER, ANSWER], "rejected": [USER, WRONG]},
+    {"chosen": [SYSTEM, USER, ANSWER, LATER_USER, {"role": "assistant", "content": "6"}],
+     "rejected": [SYSTEM, USER, ANSWER, LATER_USER, WRONG]},
+    {"chosen": [USER, ANSWER], "rejected": [USER, ANSWER]},  # identical: TRL keeps the last turn as the response
+    {"prompt": USER["content"], "chosen": [USER, ANSWER], "rejected": [USER, WRONG]},  # capybara's text prompt
+]
+
+
+def test_implicit_prompt_length_is_trl_extract_prompt_on_every_short_string_and_list() -> None:
+    """Every pair of strings of up to 3 characters over 'a', 'b', ' ' (and the same as message lists): sapo's
+    prompt length slices out exactly TRL's prompt, chosen and rejected, its quirks included (a space before the
+    first difference goes to the responses; with no difference the shorter's last element is its response)."""
+    import itertools
+
+    from trl.data_utils import extract_prompt
+
+    from sapo.data.implicit import trl_prompt_length
+
+    strings = ["".join(chars) for size in (1, 2, 3) for chars in itertools.product("ab ", repeat=size)]
+    lists = [[{"role": "user", "content": char} for char in text] for text in strings]
+    for chosen, rejected in [*itertools.product(strings, repeat=2), *itertools.product(lists, repeat=2)]:
+        length = trl_prompt_length(chosen, rejected)
+        expected = extract_prompt({"chosen": chosen, "rejected": rejected})
+        assert (chosen[:length], chosen[length:], rejected[length:]) == tuple(expected.values()), (chosen, rejected)
+
+
+@pytest.mark.parametrize("record", IMPLICIT_TEXT_RECORDS + IMPLICIT_CHAT_RECORDS)
+def test_implicit_prompt_record_splits_as_trl_maybe_extract_prompt(record) -> None:
+    """The prompt, chosen and rejected TRL reads from a record without `prompt` (or with capybara's text one beside
+    chat lists); plain text stays plain text. The sapo recipes, which ignore `rejected`, get the same prompt, and
+    `sapo eval` the same prompt string."""
+    from trl.data_utils import maybe_extract_prompt
+
+    expected = maybe_extract_prompt(dict(record))
+    example = normalize_record(record, "x", with_rejected=True)
+    if isinstance(record["chosen"], str):
+        assert example == Example([{"role": "user", "content": expected["prompt"]}],
+                                  {"role": "assistant", "content": expected["chosen"]},
+                                  {"role": "assistant", "content": expected["rejected"]}, text=True)
+    else:
+        assert not example.text
+        assert (example.prompt, [example.response], [example.rejected]) == (
+            expected["prompt"], expected["chosen"], expected["rejected"])
+    assert normalize_record(record, "x") == dataclasses.replace(example, rejected=None)
+    assert plain_text_prompt(record, "x") == (expected["prompt"] if example.text else None)  # what `sapo eval` asks
+
+
+@pytest.mark.parametrize("name", ["tiny", "zephyr"])
+def test_implicit_prompt_records_tokenize_as_trl_dpo_trains_them(name) -> None:
+    """TRL's DPOTrainer, given records without `prompt`, extracts it and tokenizes the result; sapo's prompt,
+    response and rejected ids are the same, for plain text (tiny tokenizer, and a real SentencePiece one where the
+    mid-word boundaries merge) and for conversations (the tiny chat template)."""
+    tok = build_tokenizer() if name == "tiny" else real_tokenizer(name)  # (a shared instance: not modified)
+    records = [{key: value.format(eos=tok.eos_token) for key, value in r.items()} for r in IMPLICIT_TEXT_RECORDS]
+    batches = [records, [r for r in IMPLICIT_CHAT_RECORDS if "prompt" not in r]] if name == "tiny" else [records]
+    for batch in batches:
+        expected = trl_dpo_ids(tok, batch)
+        got = tokenize_examples(tok, examples_from_records(batch, with_rejected=True), max_length=4096,
+                                max_prompt_length=2048)
+        assert [(t.prompt_ids, t.response_ids, t.rejected_ids) for t in got] == expected
+        sapo_only = tokenize_examples(tok, examples_from_records(batch), max_length=4096, max_prompt_length=2048)
+        assert [(t.prompt_ids, t.response_ids) for t in sapo_only] == [(p, c) for p, c, _ in expected]
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ({"chosen": " yes", "rejected": " no"}, "here they share only ' ', so the prompt is empty"),
+        ({"chosen": "Q: A: ", "rejected": "Q: A: no"}, r"field 'chosen' is an empty response once the implicit "
+                                                      r"prompt \(the first 5 characters"),
+        ({"chosen": [USER, ANSWER], "rejected": [SYSTEM, USER, WRONG]}, "here they share no beginning"),
+        ({"chosen": [USER], "rejected": [USER, WRONG]}, r"share only the 1 message\(s\) of the shorter"),
+        ({"chosen": [USER, ANSWER, LATER_USER, ANSWER], "rejected": [USER, WRONG]},
+         r"field 'chosen' continues after the implicit prompt \(its first 1 message\(s\), the beginning 'chosen' "
+         r"and 'rejected' share, split as TRL's extract_prompt splits it\) with 3 message\(s\) \(assistant, user, "
+         r"assistant\); the response must be a single assistant message"),
+        ({"chosen": "x", "rejected": [USER, WRONG]}, "'chosen' holds text and 'rejected' messages"),
+        ({"chosen": [USER, ANSWER], "rejected": [USER, {"role": "bot", "content": "5"}]},
+         r"'rejected\[1\].role' has unknown role"),
+    ],
+)
+def test_implicit_prompt_errors_name_file_line_and_field(tmp_path: Path, bad: Any, expected: str) -> None:
+    message = jsonl_error(tmp_path, bad)
+    assert message.startswith(f"{tmp_path / 'd.jsonl'}:3: ") and re.search(expected, message), message
+
+
+def test_implicit_prompt_empty_rejected_response_is_refused_only_where_rejected_is_read(tmp_path: Path) -> None:
+    """'Q: y' is the prompt and ' ' rejected's response: nothing for dpo/orpo to score, but the sapo recipes,
+    which ignore `rejected`, train on the chosen 'es'."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"chosen": "Q: yes", "rejected": "Q: y "}])
+    with pytest.raises(DataError, match=rf"^{path}:1: field 'rejected' is an empty response once the implicit"):
+        load_examples(path, with_rejected=True)
+    assert load_examples(path)[0].response == {"role": "assistant", "content": "es"}
+
+
+def test_sapo_train_on_implicit_prompt_records_trains_on_the_chosen_completions(tmp_path, model_dir) -> None:
+    """`sapo train` on a JSONL file of HH-RLHF-style plain-text records: the run trains, and every real response in
+    the replay buffer is a record's chosen completion (+ EOS) after the prompt TRL would extract."""
+    from transformers import AutoTokenizer
+    from trl.data_utils import maybe_extract_prompt
+
+    from sapo.cli import main
+    from sapo.cli.inspect import load_entries
+    from sapo.demo_kit import tasks
+
+    rows = []
+    for record in tasks.make_suite(8, 0, seed=2)["train"]:
+        question = f"Human: {record['messages'][0]['content']}\nAssistant:"
+        rows.append({"chosen": f"{question} {record['messages'][1]['content']}",
+                     "rejected": f"{question} {record['rejected']}"})
+    out = tmp_path / "out"
+    assert main(["train", "--model_name_or_path", str(model_dir), "--dataset_name",
+                 str(write_jsonl(tmp_path / "hh.jsonl", rows)), "--output_dir", str(out), "--max_steps", "3",
+                 "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--token_generate_length", "4",
+                 "--max_length", "96", "--max_prompt_length", "64", "--use_cpu", "true", "--report_to", "none",
+                 "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3",
+                 "--disable_tqdm", "true"]) == 0
+    losses = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([loss for loss in losses if loss is not None]) == 3
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    extracted = [maybe_extract_prompt(row) for row in rows]
+    chosen = {row["prompt"]: row["chosen"] + tokenizer.eos_token for row in extracted}
+    entries = load_entries(out)
+    assert entries
+    for entry in entries:
+        assert chosen[tokenizer.decode(entry.prompt)] == tokenizer.decode(entry.real)
 
 
 def test_prepare_tokenizer_keeps_an_existing_template(tok) -> None:

@@ -5,7 +5,8 @@ SAPO only needs (prompt, real response) pairs. Users arrive with chat `messages`
 normalised to (prompt messages, final assistant message) here, with errors that name the file, the
 line and the field, because a traceback from deep inside `datasets` tells a user nothing.
 
-The package: `records` (the types, normalising a record), `sources` (reading files, directories, saved and Hub
+The package: `records` (the types, normalising a record), `implicit` (the prompt of a preference record
+without one, split as TRL splits it), `sources` (reading files, directories, saved and Hub
 datasets), `templates` (chat templates, preparing and saving tokenizers), `tokenize` (ids, lengths, the dataset
 the trainer uses). Every name is re-exported here, so `from sapo.data import load_examples` keeps working.
 """

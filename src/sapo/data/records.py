@@ -1,5 +1,6 @@
 """The record types (`RawRecord` as read, `Example` in chat form, `TokenizedExample`) and normalising a record of
-any accepted format (chat `messages`, `prompt`/`completion`, preference `chosen`/`rejected`) into an `Example`.
+any accepted format (chat `messages`, `prompt`/`completion`, preference `chosen`/`rejected`, with or without a
+`prompt`: see `sapo.data.implicit`) into an `Example`.
 
 As in TRL, a record is *conversational* when its fields hold lists of `{role, content}` messages (rendered with the
 chat template) and *plain text* ("standard" in TRL) when they hold strings (trained as the raw text, no template)."""
@@ -11,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sapo.data import implicit
 from sapo.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -62,11 +64,12 @@ class TokenizedExample:
 def normalize_record(record: Any, location: str, with_rejected: bool = False) -> Example:
     """Turn any supported record shape into an `Example`; raise `DataError` naming the bad field.
 
-    `rejected` is only parsed (and required) with `with_rejected`: SAPO itself ignores it.
+    `rejected` is only parsed (and required) with `with_rejected`: SAPO itself ignores it, except to find the
+    prompt of a record that has none (the beginning `chosen` and `rejected` share, as TRL reads it).
     """
-    example = _normalize_chosen(record, location)
-    rejected = None
-    if with_rejected:
+    example = _normalize_chosen(record, location, with_rejected)
+    rejected = example.rejected
+    if with_rejected and rejected is None:
         if record.get("rejected") is None:
             raise DataError(f"{location}: field 'rejected' is missing (offline preference recipes need pairs)")
         rejected = _rejected(record["rejected"], location)
@@ -81,7 +84,7 @@ def format_field(example: Example) -> str:
     if "messages" in record and record["messages"] is not None:
         return "messages"
     if example.text:
-        return "prompt"
+        return "prompt" if record.get("prompt") is not None else "chosen"
     return next((name for name in ("prompt", "completion", "chosen", "rejected")
                  if isinstance(record.get(name), list)), "prompt")
 
@@ -131,11 +134,11 @@ def plain_text_prompt(record: Any, location: str) -> str | None:
     rendered (raw, no chat template); None for a conversational record. Refuses what `prompt_of_record` refuses."""
     prompt = prompt_of_record(record, location)
     fields = {key: value for key, value in record.items() if value is not None}
-    if "messages" in fields or not isinstance(fields.get("prompt"), str):
+    if "messages" in fields:
         return None
     if "completion" in fields or "chosen" in fields:
         return prompt[-1]["content"] if normalize_record(record, location).text else None
-    return prompt[-1]["content"]
+    return prompt[-1]["content"] if isinstance(fields["prompt"], str) else None
 
 
 def _rejected(value: Any, location: str) -> Message:
@@ -144,7 +147,7 @@ def _rejected(value: Any, location: str) -> Message:
     return _completion(value, location, "rejected")
 
 
-def _normalize_chosen(record: Any, location: str) -> Example:
+def _normalize_chosen(record: Any, location: str, with_rejected: bool = False) -> Example:
     if not isinstance(record, Mapping):
         raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
     # Parquet and `datasets` store a column for every field, so a record lacking a field reads back with None.
@@ -159,7 +162,7 @@ def _normalize_chosen(record: Any, location: str) -> Example:
         raise DataError(f"{location}: record has both 'chosen' and 'completion', two responses to train on; keep "
                         "one of them")
     if "chosen" in record:
-        return _from_preference(record, location)
+        return _from_preference(record, location, with_rejected)
     if "completion" in record:
         prompt = _prompt(record, location)
         text = isinstance(record["prompt"], str) and isinstance(record["completion"], str)
@@ -194,15 +197,42 @@ def _check_other_fields_agree(record: Mapping[str, Any], location: str, example:
                         "they disagree about the conversation to train on; keep one format")
 
 
-def _from_preference(record: Mapping[str, Any], location: str) -> Example:
+def _from_preference(record: Mapping[str, Any], location: str, with_rejected: bool = False) -> Example:
     chosen = record["chosen"]
-    is_conversation = isinstance(chosen, list) and any(
-        isinstance(m, Mapping) and m.get("role") != "assistant" for m in chosen
-    )
-    if is_conversation:
+    if implicit.has_implicit_prompt(record):
+        return _from_implicit_prompt(record, location, with_rejected)
+    if implicit.is_conversation(chosen):
         return _split_conversation(_messages(chosen, location, "chosen"), location, "chosen")
+    if "prompt" not in record:
+        raise DataError(f"{location}: field 'prompt' is missing (without it, the prompt is the beginning 'chosen' "
+                        "shares with 'rejected', as in TRL, and this record has no 'rejected')")
     text = isinstance(record.get("prompt"), str) and isinstance(chosen, str)
     return Example(_prompt(record, location), _completion(chosen, location, "chosen"), text=text)
+
+
+def _from_implicit_prompt(record: Mapping[str, Any], location: str, with_rejected: bool) -> Example:
+    """A record whose prompt is the beginning `chosen` and `rejected` share (`sapo.data.implicit`): both are read,
+    as text or as message lists, and split where TRL splits them."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        _check_text(chosen, location, "chosen")
+        _check_text(rejected, location, "rejected")
+        prompt, response, other = implicit.split_text(chosen, rejected, location, with_rejected)
+        return Example([{"role": "user", "content": prompt}], {"role": "assistant", "content": response},
+                       {"role": "assistant", "content": other} if with_rejected else None, text=True)
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise DataError(f"{location}: the record's prompt is implicit (the beginning 'chosen' and 'rejected' share, "
+                        f"as in TRL), but 'chosen' holds {_kind(chosen)} and 'rejected' {_kind(rejected)}; write "
+                        "both as text or both as lists of messages")
+    chosen_messages = _messages(chosen, location, "chosen")
+    rejected_messages = _messages(rejected, location, "rejected")
+    length = implicit.conversation_prompt_length(chosen, rejected, location, with_rejected)
+    return Example(chosen_messages[:length], chosen_messages[length],
+                   rejected_messages[length] if with_rejected else None)
+
+
+def _kind(value: Any) -> str:
+    return "text" if isinstance(value, str) else "messages" if isinstance(value, list) else type(value).__name__
 
 
 def _prompt(record: Mapping[str, Any], location: str) -> list[Message]:
