@@ -66,6 +66,7 @@ def curve_callback(records: Sequence[dict], settings: Settings, every: int, mode
 
 
 def quiet_libraries() -> None:
+    """Transformers' warnings and progress bars off: the benchmark's log is its own lines."""
     from transformers.utils import logging as hf_logging
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
