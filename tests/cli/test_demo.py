@@ -4,6 +4,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,19 +41,27 @@ def test_demo_pipeline_in_miniature(tmp_path, capsys):
 
 
 def _next_commands(printed: str) -> list[list[str]]:
-    """The commands under "Next:" as argv lists without the leading `sapo`."""
+    """The commands under "Next:" as argv lists, each starting with the program the demo found for `sapo` (this
+    Python's `sapo` script, named `sapo` only where the PATH finds that one)."""
     tail = printed[printed.index("\nNext:\n"):].splitlines()[2:]
     commands = [shlex.split(line) for line in tail if line.strip() and not line.strip().startswith("#")]
-    assert all(argv[0] == "sapo" for argv in commands), commands
-    return [argv[1:] for argv in commands]
+    program = Path(sys.executable).with_name("sapo")
+    found = shutil.which("sapo")
+    expected = "sapo" if found and os.path.samefile(found, program) else str(program.absolute())
+    assert all(argv[0] == expected for argv in commands), (expected, commands)
+    return commands
+
+
+def _checkout_env() -> dict[str, str]:
+    """The environment with this checkout's sapo first on the Python path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(sapo.__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def _console(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`sapo ARGV` as a user runs it, with this checkout's sapo first on the path."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(sapo.__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return subprocess.run([sys.executable, "-m", "sapo.cli", *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "sapo.cli", *argv], cwd=cwd, env=_checkout_env(),
+                          capture_output=True, text=True, timeout=600)
 
 
 def _run_demo_console(tmp_path: Path) -> list[list[str]]:
@@ -67,7 +76,7 @@ def _run_demo_console(tmp_path: Path) -> list[list[str]]:
     assert re.search(r"^overall +12 +[01]\.\d{3} +[01]\.\d{3} +[+-]\d\.\d{3} +\d\.\d{3}  \w", printed, re.M), printed
     assert "SAPO policy vs SFT: " in printed
     commands = _next_commands(printed)
-    assert [argv[0] for argv in commands] == ["plot", "inspect", "eval"]
+    assert [argv[1] for argv in commands] == ["plot", "inspect", "eval"]
     return commands
 
 
@@ -88,16 +97,27 @@ def test_demo_console_then_its_next_commands(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for argv in commands:
         capsys.readouterr()
-        assert sapo_main(argv) == 0, argv
-        _check_outputs(argv[0], capsys.readouterr().out, tmp_path)
+        assert sapo_main(argv[1:]) == 0, argv
+        _check_outputs(argv[1], capsys.readouterr().out, tmp_path)
 
 
 @pytest.mark.slow
 def test_demo_console_then_its_next_commands_each_spawned(tmp_path):
-    for argv in _run_demo_console(tmp_path):
-        result = _console(argv, tmp_path)
+    for argv in _run_demo_console(tmp_path):  # exactly as printed: the program too
+        result = subprocess.run(argv, cwd=tmp_path, env=_checkout_env(), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, (argv, result.stderr[-3000:])
-        _check_outputs(argv[0], result.stdout, tmp_path)
+        _check_outputs(argv[1], result.stdout, tmp_path)
+
+
+def test_the_printed_program_is_sapo_only_where_the_path_finds_this_one(tmp_path, monkeypatch):
+    """After `make demo` the venv is not activated: its `sapo` is printed by path, relative under the working
+    directory (`.venv/bin/sapo`)."""
+    script = Path(sys.executable).with_name("sapo")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sapo on it
+    assert report.runnable_sapo(tmp_path) == str(script.absolute())
+    assert report.runnable_sapo(script.parents[1]) == f"{script.parent.name}/sapo"
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert report.runnable_sapo(tmp_path) == "sapo"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,3 +216,11 @@ def test_progress_eta_unknown_before_the_first_step_and_durations_read_at_a_glan
     assert [format_duration(s) for s in (0, 59.6, 61, 3725)] == ["0:00", "1:00", "1:01", "1:02:05"]
     with pytest.raises(ValueError, match="total must be >= 1"):
         StageProgress("SFT", 0, "steps")
+
+
+def test_demo_help_says_what_each_flag_sets_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optimizer steps of the SFT warm-up (default: 600)" in text
+    assert "tokens the EMA model rewrites per response (segment G) (default: 6)" in text

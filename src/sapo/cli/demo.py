@@ -69,6 +69,21 @@ class DemoSettings:
     num_threads: int = 1
 
 
+FLAG_HELP = {
+    "output_dir": "where the SFT checkpoint (sft/), the SAPO run (sapo/), the data and demo_results.json go",
+    "seed": "seed of the suite, the models and training", "n_train": "training demonstrations of the task suite",
+    "n_heldout": "held-out prompts judged before and after", "hidden_size": "width of the tiny Llama",
+    "num_layers": "layers of the tiny Llama", "sft_steps": "optimizer steps of the SFT warm-up",
+    "sft_batch_size": "SFT batch size", "sft_learning_rate": "SFT peak learning rate",
+    "sapo_steps": "optimizer steps of SAPO", "sapo_batch_size": "SAPO batch size",
+    "sapo_learning_rate": "SAPO peak learning rate", "sapo_warmup_steps": "SAPO warm-up steps",
+    "sapo_lr_scheduler": "SAPO learning-rate schedule", "loss_type": "SAPO's loss (sigmoid: SAPO-DPO)",
+    "beta": "the loss's beta", "token_generate_length": "tokens the EMA model rewrites per response (segment G)",
+    "eval_ema": "also judge the EMA model after SAPO", "num_threads": "torch threads (1: faster on shared cores)",
+}
+"""`sapo demo --help`: what each DemoSettings field sets."""
+
+
 def sft_warmup(model: torch.nn.Module, tokenizer, records: Sequence[dict], directory: Path, *, steps: int,
                batch_size: int, learning_rate: float, seed: int,
                callbacks: Sequence[TrainerCallback] = ()) -> list[float]:
@@ -226,7 +241,8 @@ def print_summary(summary: dict) -> None:
     print(f"\nSFT checkpoint: {summary['sft_dir']}\nSAPO policy:    {summary['sapo_dir']}  "
           f"(EMA model in {summary['sapo_dir']}/ema)\nwall time: {summary['seconds']:.0f} s ({phases})\n")
     commands = report.next_commands(sft_dir=Path(summary["sft_dir"]), sapo_dir=Path(summary["sapo_dir"]),
-                                    heldout=Path(summary["heldout"]), max_new_tokens=EVAL_MAX_NEW_TOKENS)
+                                    heldout=Path(summary["heldout"]), max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                                    program=report.runnable_sapo())
     print(report.format_next(commands), flush=True)
 
 
@@ -242,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(prog="sapo demo", description=__doc__.splitlines()[0])
     for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name}", type=_parse_bool if isinstance(value, bool) else type(value), default=value)
+        parser.add_argument(f"--{name}", type=_parse_bool if isinstance(value, bool) else type(value), default=value,
+                            help=f"{FLAG_HELP[name]} (default: {value})")
     parsed = parser.parse_args(list(argv or []))
     logging.getLogger("transformers").setLevel(logging.ERROR)
     run(DemoSettings(**vars(parsed)))

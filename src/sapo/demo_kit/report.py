@@ -10,7 +10,10 @@ guess whether 0.501 -> 0.497 means anything.
 from __future__ import annotations
 
 import math
+import os
 import shlex
+import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,15 +108,31 @@ def conclusion(change: Mapping[str, float], name: str, baseline: str) -> str:
     return f"{name} vs {baseline}: {mean:+.3f} ({words})."
 
 
-def next_commands(*, sft_dir: Path, sapo_dir: Path, heldout: Path,
-                  max_new_tokens: int) -> list[tuple[str, str]]:
+def runnable_sapo(cwd: Path | None = None) -> str:
+    """How to call this installation's `sapo` from the demo's shell: `sapo` when that is what the PATH finds, else
+    the script next to this Python (`.venv/bin/sapo` after `make demo`, which installs into a venv it does not
+    activate; relative to `cwd` when under it), else `python -m sapo`."""
+    script = Path(sys.executable).with_name("sapo")
+    found = shutil.which("sapo")
+    if found and script.exists() and os.path.samefile(found, script):
+        return "sapo"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m sapo"
+    try:
+        return shlex.quote(str(script.absolute().relative_to((cwd or Path.cwd()).absolute())))
+    except ValueError:
+        return shlex.quote(str(script.absolute()))
+
+
+def next_commands(*, sft_dir: Path, sapo_dir: Path, heldout: Path, max_new_tokens: int,
+                  program: str = "sapo") -> list[tuple[str, str]]:
     """(command, what it shows) for `sapo plot`, `sapo inspect` and `sapo eval` on the demo's outputs, paths as the
-    demo was given them, so each runs as printed from the same directory."""
+    demo was given them and `program` as `runnable_sapo` finds it, so each runs as printed from the same directory."""
     q = shlex.quote
     return [
-        (f"sapo plot {q(str(sapo_dir))}", f"training curves as PNG files in {sapo_dir / 'plots'}"),
-        (f"sapo inspect {q(str(sapo_dir))}", "replay-buffer pairs: the segment the EMA model rewrote in each"),
-        (f"sapo eval {q(str(sft_dir))} {q(str(sapo_dir))} --data {q(str(heldout))} --max_new_tokens "
+        (f"{program} plot {q(str(sapo_dir))}", f"training curves as PNG files in {sapo_dir / 'plots'}"),
+        (f"{program} inspect {q(str(sapo_dir))}", "replay-buffer pairs: the segment the EMA model rewrote in each"),
+        (f"{program} eval {q(str(sft_dir))} {q(str(sapo_dir))} --data {q(str(heldout))} --max_new_tokens "
          f"{max_new_tokens}", "the held-out scores again from the saved models, with per-prompt win rates"),
     ]
 
