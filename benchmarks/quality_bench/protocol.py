@@ -13,7 +13,7 @@ from .diagnostics import census_mean
 from .evaluation import quiet_libraries
 from .report import markdown_table, plot_curves, plot_diagnostics
 from .runs import run_all
-from .settings import BASE, RECIPES, SPLIT_RULES, RunSpec, Settings, ablation_settings
+from .settings import RECIPES, SAPO_RECIPES, SPLIT_RULES, RunSpec, Settings, ablation_settings
 from .start import check_signal, start_census, start_scores, train_start
 from .suite import suite_of
 from .summary import summarise
@@ -26,9 +26,10 @@ def main_specs(settings: Settings, chosen: dict[str, tuple[float, float]]) -> li
 
 
 def ablation_specs(settings: Settings, chosen: dict[str, tuple[float, float]]) -> list[RunSpec]:
-    if BASE not in chosen:
+    base = settings.ablation_base
+    if base not in chosen:
         return []
-    return [RunSpec("ablation", name, BASE, seed, *chosen[BASE], "heldout",
+    return [RunSpec("ablation", name, base, seed, *chosen[base], "heldout",
                     tuple(sorted(ablation_settings(name, settings).items())))
             for seed in settings.ablation_seeds or settings.seeds for name in settings.ablations]
 
@@ -40,6 +41,9 @@ def check(settings: Settings) -> None:
         raise ValueError(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
     for name in settings.ablations:
         ablation_settings(name, settings)
+    if settings.ablations and settings.ablation_base not in set(SAPO_RECIPES) & set(settings.recipes):
+        raise ValueError(f"ablation_base {settings.ablation_base!r} must be a SAPO recipe the run trains: one of "
+                         f"{', '.join(r for r in settings.recipes if r in SAPO_RECIPES)}")
     recipe_grids(settings)
     if settings.split_rule not in SPLIT_RULES:
         raise ValueError(f"unknown split_rule {settings.split_rule!r}; choose from {', '.join(SPLIT_RULES)}")

@@ -33,7 +33,9 @@ def markdown_table(result: dict[str, Any]) -> str:
                        + (f" (at the grid's {result['at_edge'][r]} edge)" if result["at_edge"].get(r) else "")
                        + (" (pinned, not tuned here)" if r in pinned_here and result["grid"] else "")
                        for r, (lr, b) in result["chosen"].items())
-    base = next((label for label, row in summary.items() if row["group"] == "main" and row["name"] == BASE), None)
+    ablation_base = s.get("ablation_base", BASE)
+    base = next((label for label, row in summary.items() if row["group"] == "main" and row["name"] == ablation_base),
+                None)
     ablations = [label for label, row in summary.items() if row["group"] == "ablation"]
     lines = [*_start_text(result), "",
              f"Held-out judge score ({s['n_heldout']} new-side prompts, greedy, partial credit) after {s['steps']} "
@@ -46,7 +48,7 @@ def markdown_table(result: dict[str, Any]) -> str:
              "Recipes:", "", *_score_table(result, [label for label, row in summary.items() if row["group"] == "main"])]
     if ablations:
         seeds = s["ablation_seeds"] or s["seeds"]
-        lines += ["", f"Ablations of {BASE} (its chosen setting; seeds {', '.join(map(str, seeds))}):", "",
+        lines += ["", f"Ablations of {ablation_base} (its chosen setting; seeds {', '.join(map(str, seeds))}):", "",
                   *_score_table(result, ([base] if base else []) + ablations)]
     lines += ["", "Movement and signal (mean over seeds): the real answers' per-token log-likelihood change on "
               f"{s['diagnostic_per_family']} new training records per family; the parameter distance from the "

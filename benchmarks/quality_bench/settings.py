@@ -30,6 +30,7 @@ class Settings:
     ablation_seeds: tuple[int, ...] = (0, 1)  # () = the same seeds as the recipes (3 seeds: about 12 min more)
     recipes: tuple[str, ...] = RECIPES
     ablations: tuple[str, ...] = ("keep", "keep-skip", "no-skip", "whole", "no-ema", "T0.3", "T1", "judge")
+    ablation_base: str = BASE  # the SAPO recipe the ablations change one part of (at its chosen setting)
     families: tuple[str, ...] = ("chain", "listing", "profile", "format")
     split_rule: str = "harder"  # how the recipes' new demonstrations differ from the start's (SPLIT_RULES)
     n_start: int = 6000  # the start's demonstrations

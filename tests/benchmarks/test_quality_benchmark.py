@@ -347,3 +347,15 @@ def test_a_recipe_grid_of_its_own_or_a_pinned_setting(quality, tmp_path):
     for bad in ("kto=1e-4", "sft=", "sft=fast"):
         with pytest.raises(ValueError, match="recipe_learning_rates entry"):
             quality.check(dataclasses.replace(settings, recipe_learning_rates=(bad,)))
+
+
+def test_ablations_can_start_from_another_sapo_recipe(quality, tmp_path):
+    """`--ablation_base`: the ablations change one part of the named SAPO recipe, at its chosen setting."""
+    settings = tiny_settings(quality, tmp_path, recipes=("sft", "sapo-dpo", "sapo-orpo"), ablation_base="sapo-orpo")
+    chosen = {"sft": (1e-3, 0.1), "sapo-dpo": (3e-5, 0.1), "sapo-orpo": (9e-4, 0.05)}
+    specs = quality.ablation_specs(settings, chosen)
+    assert specs and {(s.recipe, s.learning_rate, s.beta) for s in specs} == {("sapo-orpo", 9e-4, 0.05)}
+    assert {s.name for s in specs} == set(ABLATIONS)
+    for base in ("sft", "sapo-rpo"):  # not a SAPO recipe; not one this run trains
+        with pytest.raises(ValueError, match="ablation_base"):
+            quality.check(dataclasses.replace(settings, ablation_base=base))
