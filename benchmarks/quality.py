@@ -2,8 +2,8 @@
 peers on a disjoint split of NEW demonstrations of the same families, with ablations of SAPO's parts.
 
     python benchmarks/quality.py --quick            # the same protocol, reduced: about 4 CPU-minutes
-    python benchmarks/quality.py --full             # docs/results/quality.md's protocol (hours on 2 CPU cores; that page's
-                                                    # run gives each grid a start, --recipe_learning_rates)
+    python benchmarks/quality.py --full             # docs/results/quality.md's protocol: hours on 2 CPU cores
+                                                    # (that page's run starts each grid: --recipe_learning_rates)
     python benchmarks/quality.py --full --out DIR   # outputs elsewhere (default runs/quality, runs/quality-quick)
 
 Protocol (identical for every run, so that only the recipe or the ablated part differs):
