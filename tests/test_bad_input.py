@@ -155,8 +155,11 @@ DATA_CASES = {
     "two_assistant_turns_at_the_end": (jsonl(GOOD, GOOD, GOOD, GOOD, {"messages": [USER, ANSWER, ANSWER]}),
                                        "data.jsonl:5: field 'messages[2]' is a second assistant turn in a row "
                                        "(after 'messages[1]')"),
-    "chosen_ending_in_two_assistant_turns": (jsonl({"chosen": [USER, ANSWER, ANSWER], "rejected": "x"}),
-                                             "data.jsonl:1: field 'chosen[2]' is a second assistant turn"),
+    "chosen_ending_in_two_assistant_turns": (
+        jsonl({"chosen": [USER, ANSWER, ANSWER], "rejected": [USER, ANSWER, {"role": "assistant", "content": "x"}]}),
+        "data.jsonl:1: field 'chosen[1]' is an assistant turn that ends the implicit prompt"),
+    "chosen_messages_rejected_text": (jsonl({"chosen": [USER, ANSWER], "rejected": "x"}),
+                                      "data.jsonl:1: the record's prompt is implicit"),
     "record_is_a_list": (jsonl(GOOD, [1, 2]), "data.jsonl:2: expected a JSON object, got list"),
     "record_is_a_string": (jsonl(GOOD, '"just text"'), "data.jsonl:2: expected a JSON object, got str"),
     "message_without_content": (jsonl({"messages": [{"role": "user"}, ANSWER]}),

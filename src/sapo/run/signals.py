@@ -23,12 +23,13 @@ def on_stop_signals(request_stop: Callable[[str, int], None],
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum, frame):
-        name = signal.Signals(signum).name
-        logger.warning("%s received: %s (send again to kill)", name, doing)
-        request_stop(f"{name} received", 128 + signum)
+        # disarmed first: a second signal sent once the message below is seen must kill, not request the stop again
         for sig, old in previous.items():  # Python's own SIGINT handler would raise KeyboardInterrupt: a traceback,
             # and cleanup that may take long (a thread pool hashing a checkpoint finishes first), not a kill
             signal.signal(sig, signal.SIG_DFL if old in (signal.default_int_handler, None) else old)
+        name = signal.Signals(signum).name
+        logger.warning("%s received: %s (send again to kill)", name, doing)
+        request_stop(f"{name} received", 128 + signum)
 
     for sig in previous:
         signal.signal(sig, handler)
