@@ -43,7 +43,7 @@ def save_model(trainer: Any, output_dir: str | None = None, _internal_call: bool
     owns_lock = directory.resolve() == Path(trainer.args.output_dir).resolve()
     try:
         with on_stop_signals(lambda reason, code: setattr(trainer, "_stop_reason", (reason, code)),
-                             "finishing the final save first"):
+                             "finishing the final save first", armed=trainer._stop_reason is None):
             if owns_lock:
                 check_output_dir_still_ours(trainer)
                 take_output_lock(trainer, directory)  # held since train(), unless save_model is called alone

@@ -11,30 +11,41 @@ from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
+
+def _kill_on(old: object) -> object:
+    """The disposition a second signal gets: the default action (a kill, no KeyboardInterrupt traceback) where
+    Python's own SIGINT handler or none was installed, else the handler that was there."""
+    return signal.SIG_DFL if old in (signal.default_int_handler, None) else old
+
+
 @contextlib.contextmanager
 def on_stop_signals(request_stop: Callable[[str, int], None],
-                    doing: str = "saving a checkpoint after the current step") -> Iterator[None]:
+                    doing: str = "saving a checkpoint after the current step", *, armed: bool = True) -> Iterator[None]:
     """While training (or saving): SIGINT/SIGTERM call `request_stop(reason, exit_code)` so the run can finish its
-    step (or save) and make it durable; the handlers are then removed, so a second signal kills at once. Only the
-    main thread can install handlers; elsewhere this does nothing."""
+    step (or save) and make it durable; the handlers are then removed, so a second signal kills at once, also after
+    the block. `armed=False` (a stage after a stop was requested, e.g. the final save) installs no handler: a signal
+    kills. Only the main thread can install handlers; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    fired = not armed
 
     def handler(signum, frame):
+        nonlocal fired
+        fired = True
         # disarmed first: a second signal sent once the message below is seen must kill, not request the stop again
         for sig, old in previous.items():  # Python's own SIGINT handler would raise KeyboardInterrupt: a traceback,
             # and cleanup that may take long (a thread pool hashing a checkpoint finishes first), not a kill
-            signal.signal(sig, signal.SIG_DFL if old in (signal.default_int_handler, None) else old)
+            signal.signal(sig, _kill_on(old))
         name = signal.Signals(signum).name
         logger.warning("%s received: %s (send again to kill)", name, doing)
         request_stop(f"{name} received", 128 + signum)
 
-    for sig in previous:
-        signal.signal(sig, handler)
+    for sig, old in previous.items():
+        signal.signal(sig, handler if armed else _kill_on(old))
     try:
         yield
     finally:
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            signal.signal(sig, _kill_on(old) if fired else old)
