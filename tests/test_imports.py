@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sapo"
 ALGORITHM = {"segments", "batching", "buffer", "ema", "losses", "packing", "logprobs", "generation", "sharding", "data",
              "layout", "errors", "checkpoint", "copies", "recipes", "tasks", "tiny", "demo_kit", "judging", "heldout",
              "metrics", "decode_attention", "decode_state", "topk_sampling", "scoring", "loading", "fserrors", "outdir",
-             "start_weights"}
+             "start_weights", "pair_attention"}
 # The run directory's primitives (paths, lock, durable publishing, resume records, signals): no trainer either.
 ALGORITHM |= {"run.paths", "run.lock", "run.publish", "run.resume", "run.signals", "run.outdir", "run.fserrors",
               "run.start_weights", "run"}

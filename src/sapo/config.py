@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 from sapo.config_checks import check_choice, has_accelerator, init_kwargs, validate_trainer_fields, validate_types
 from sapo.generation import ENGINE_CHOICES, SamplingSettings
 from sapo.losses import LOSS_TYPES, LOSSES, REFERENCE_FREE_LOSS_TYPES, nll_term_weight
+from sapo.pair_attention import PAIR_ATTENTIONS
 from sapo.recipes import RECIPES as RECIPE_CLASSES
 from sapo.recipes import Recipe
 from sapo.trl_compat import one_loss_type
@@ -226,6 +227,14 @@ class SAPOConfig(TrainingArguments):
                   "rounding; shared_prefix falls back to separate (logged once) where the model cannot take it "
                   "(flash-attention, sliding windows)."},
     )
+    pair_attention: str = field(
+        default="auto",
+        metadata={"help": "How packed pairs (pair_scoring shared_prefix) attend: 'flex' through FlexAttention's "
+                  "block mask (empty blocks skipped, grouped KV heads not copied), 'dense' through SDPA with a "
+                  "dense boolean mask, 'auto' flex on CUDA and dense elsewhere (torch has no FlexAttention backward "
+                  "on a CPU). Same attention either way; flex needs an sdpa model that supports FlexAttention, and "
+                  "falls back to dense (logged once) where it cannot run."},
+    )
     cache_reference_logps: bool = field(
         default=True,
         metadata={"help": "Remember the reference's log-probs of each replay-buffer pair until the reference next "
@@ -408,6 +417,7 @@ class SAPOConfig(TrainingArguments):
         check_choice("generation_engine", self.generation_engine, ENGINE_CHOICES)
         check_choice("copies_dtype", self.copies_dtype, COPY_DTYPES)
         check_choice("pair_scoring", self.pair_scoring, PAIR_SCORINGS)
+        check_choice("pair_attention", self.pair_attention, PAIR_ATTENTIONS)
         check_choice("identical_rejected", self.identical_rejected, IDENTICAL_REJECTED_MODES)
         if self.token_generate_length is None:
             self.token_generate_length = min(PAPER_TOKEN_GENERATE_LENGTH, self.max_length)

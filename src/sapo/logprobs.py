@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from sapo.packing import limited_attention, packed_layout
+from sapo.packing import PackedLayout, limited_attention, packed_layout
+from sapo.pair_attention import FLEX_ATTENTIONS, PAIR_ATTENTION, flex_runs_here, pair_block_mask
 
 
 def shifted_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,9 +200,10 @@ def response_token_logps(
                                  use_hidden_states=use_hidden_states)[0]
 
 
-PACKABLE_ATTENTION = ("sdpa", "eager")
-"""Attention implementations that take a custom 4-D mask as given (transformers' masking_utils returns a 4-D mask
-as-is): sdpa as booleans, eager as an additive float mask. Flash-attention takes none."""
+PACKABLE_ATTENTION = ("sdpa", "eager", *FLEX_ATTENTIONS)
+"""Attention implementations that take a packed row's mask as given (transformers' masking_utils returns a 4-D mask
+or a BlockMask as-is): sdpa a boolean mask, eager an additive float mask, FlexAttention a BlockMask
+(`sapo.pair_attention`). Flash-attention takes none."""
 
 
 def packing_unsupported_reason(model: nn.Module) -> str | None:
@@ -215,10 +217,16 @@ def packing_unsupported_reason(model: nn.Module) -> str | None:
     return limited_attention(config)
 
 
-def _attention_mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
-    """The 4-D mask in the form the model's attention implementation adds or applies."""
+def _attention_mask_for(model: nn.Module, layout: PackedLayout) -> Any:
+    """The packed rows' mask in the form the model's attention implementation takes: a BlockMask for FlexAttention
+    where it runs (`sapo.pair_attention`), a boolean mask for SDPA, an additive float mask for eager attention."""
     inner = inner_model(model)
-    if inner.config._attn_implementation == "sdpa":
+    implementation = inner.config._attn_implementation
+    device = layout.prefix.device
+    if implementation == "flex_attention" or (implementation == PAIR_ATTENTION and flex_runs_here(device)):
+        return pair_block_mask(layout.prefix, layout.real_end, layout.end, layout.width)
+    allowed = layout.dense_mask()
+    if implementation in ("sdpa", PAIR_ATTENTION):
         return allowed
     dtype = inner.get_input_embeddings().weight.dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
@@ -260,7 +268,7 @@ def packed_response_token_scores(
     pairs, width = packed_input_ids.shape
     layout = packed_layout(width, prefix_lengths, attention_mask, loss_mask)
     inputs = {"input_ids": packed_input_ids, "position_ids": layout.position_ids,
-              "attention_mask": _attention_mask_for(model, layout.allowed)}
+              "attention_mask": _attention_mask_for(model, layout)}
     rows = torch.arange(pairs, device=packed_input_ids.device)[:, None] * width
     picked_rows = (rows + layout.predecessors)[layout.targets]
     labels = packed_input_ids[layout.targets]

@@ -50,21 +50,38 @@ class PackedLayout:
     """How to run and read a batch of packed pair rows (B pairs, packed width P, unshared width W)."""
 
     position_ids: torch.Tensor  # (B, P): restart at the prefix length for the rejected suffix
-    allowed: torch.Tensor  # (B, 1, P, P) bool: query i may attend to key j
+    prefix: torch.Tensor  # (B,): shared prefix lengths
+    real_end: torch.Tensor  # (B,): where each real suffix ends (the real row's length)
+    end: torch.Tensor  # (B,): where each rejected suffix ends (the packed row's length)
     targets: torch.Tensor  # (B, P) bool: packed tokens whose log-prob some row needs
     predecessors: torch.Tensor  # (B, P): the position whose hidden state predicts each packed token
     source: torch.Tensor  # (2B, W-1): for each (row, shifted position) of the unshared layout, its packed token
 
+    @property
+    def width(self) -> int:
+        return self.position_ids.shape[1]
+
+    def dense_mask(self) -> torch.Tensor:
+        """(B, 1, P, P) bool: query i may attend to key j (`pair_attention_mask`)."""
+        return pair_attention_mask(self.prefix, self.real_end, self.end, self.width)
+
+
+def allowed_attention(query: torch.Tensor, key: torch.Tensor, prefix: torch.Tensor, real_end: torch.Tensor,
+                      end: torch.Tensor) -> torch.Tensor:
+    """Whether the packed row's `query` position may attend to its `key` position (broadcasting tensors): causal
+    within `prefix + real suffix`; a rejected-suffix query sees the prefix and the rejected suffix up to itself; a
+    padding query sees only itself (a fully masked row would give NaN). The one rule of the dense mask and of
+    FlexAttention's block mask (`sapo.pair_attention`)."""
+    causal = key <= query
+    rejected_query = causal & ((key < prefix) | (key >= real_end))
+    return torch.where(query < real_end, causal, torch.where(query < end, rejected_query, query == key))
+
 
 def pair_attention_mask(prefix: torch.Tensor, real_end: torch.Tensor, end: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, 1, width, width) bool: causal within `prefix + real suffix`; a rejected-suffix query sees the prefix and
-    the rejected suffix up to itself; a padding query sees only itself (a fully masked row would give NaN)."""
+    """(B, 1, width, width) bool, by `allowed_attention`."""
     positions = torch.arange(width, device=prefix.device)
-    i, j = positions[None, :, None], positions[None, None, :]
-    c, r, e = prefix[:, None, None], real_end[:, None, None], end[:, None, None]
-    causal = j <= i
-    rejected_query = causal & ((j < c) | (j >= r))
-    allowed = torch.where(i < r, causal, torch.where(i < e, rejected_query, i == j))
+    allowed = allowed_attention(positions[None, :, None], positions[None, None, :], prefix[:, None, None],
+                                real_end[:, None, None], end[:, None, None])
     return allowed[:, None]
 
 
@@ -92,8 +109,7 @@ def packed_layout(packed_width: int, prefix: torch.Tensor, attention_mask: torch
                       scored.long().view(2, pairs, -1).transpose(0, 1).reshape(pairs, -1))
     targets = hits > 0
     targets[:, 0] = False  # position 0 is never predicted (it only received the unscored entries)
-    return PackedLayout(position_ids, pair_attention_mask(prefix, real_end, end, packed_width), targets,
-                        predecessors, source)
+    return PackedLayout(position_ids, prefix, real_end, end, targets, predecessors, source)
 
 
 # -- which models a block mask describes ------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from sapo.buffer import ReplayEntry
 from sapo.copies import ModelCopies
 from sapo.logprobs import (
     hidden_state_scoring_is_exact,
+    inner_model,
     output_projection,
     packed_response_token_scores,
     packing_unsupported_reason,
@@ -35,6 +36,13 @@ from sapo.logprobs import (
 )
 from sapo.losses import LOSSES, PairLoss, nll_from_logps, pair_loss, token_metrics
 from sapo.metrics import NLL_LOSS, REFERENCE_CACHED_FRACTION
+from sapo.pair_attention import (
+    attend_pairs_densely,
+    attend_pairs_with_flex,
+    attends_pairs_with_flex,
+    flex_runs_here,
+    flex_wanted,
+)
 from sapo.recipes import Recipe
 from sapo.sharding import any_rank, global_shape
 
@@ -81,16 +89,41 @@ class PairScoring:
         if self.args.pair_scoring != "shared_prefix" or self.recipe.supervised:
             return False
         models = [policy] + ([self.copies.reference_module] if checks_reference else [])
+        self._choose_pair_attention([policy, self.copies.reference_module])
         for model in models:
-            if self.copies.sharded:
-                reason = packing_unsupported_reason(model)
-            else:
-                reason = shared_prefix_refusal(model, self.pad_token_id, use_hidden_states=self.use_hidden_states)
+            reason = packing_unsupported_reason(model) if self.copies.sharded else self._shared_prefix_refusal(model)
             if reason is not None:
                 logger.info("pair_scoring shared_prefix: %s (%s); scoring pairs as separate rows", reason,
                             type(model).__name__)
                 return False
         return None if self.copies.sharded else True
+
+    def _choose_pair_attention(self, models: list[nn.Module | None]) -> None:
+        """Packed pairs attend through FlexAttention's block mask where `pair_attention` asks for it and the model
+        can switch to it (`sapo.pair_attention`); the packing probe then checks that path."""
+        if not flex_wanted(self.args.pair_attention, self.args.device):
+            return
+        for model in filter(None, models):
+            reason = attend_pairs_with_flex(inner_model(model))
+            if reason is not None:
+                logger.info("pair_attention flex: %s; packed pairs attend through a dense mask", reason)
+
+    def _shared_prefix_refusal(self, model: nn.Module) -> str | None:
+        """`shared_prefix_refusal`, where a failing FlexAttention path is first replaced by the dense mask."""
+        reason = shared_prefix_refusal(model, self.pad_token_id, use_hidden_states=self.use_hidden_states)
+        if reason is not None and attends_pairs_with_flex(inner_model(model)):
+            attend_pairs_densely(inner_model(model))
+            logger.info("pair_attention flex: %s; packed pairs attend through a dense mask", reason)
+            reason = shared_prefix_refusal(model, self.pad_token_id, use_hidden_states=self.use_hidden_states)
+        return reason
+
+    @property
+    def layout(self) -> str:
+        """How pairs are scored, for logs and benchmarks: 'separate', 'packed (dense mask)' or 'packed (flex)'."""
+        if not self.shared_prefix:
+            return "separate"
+        flex = attends_pairs_with_flex(inner_model(self.copies.policy)) and flex_runs_here(self.args.device)
+        return "packed (flex)" if flex else "packed (dense mask)"
 
     def _packing_probe_failure(self, model: nn.Module, half_precision: bool = False) -> str | None:
         return packing_probe_failure(model, self.pad_token_id, use_hidden_states=self.use_hidden_states,

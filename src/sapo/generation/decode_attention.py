@@ -41,8 +41,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from sapo.pair_attention import PAIR_ATTENTION, base_model, can_switch_attention
+
 DECODE_ATTENTION = "sapo_gqa_decode"
-REPLACED = ("sdpa",)  # implementations this path computes exactly (eager, flash and custom ones are left alone)
+# Implementations this path computes exactly (eager, flash and other custom ones are left alone): SDPA, and the
+# packed pairs' dispatcher, which is SDPA for every mask but a packed row's BlockMask.
+REPLACED = ("sdpa", PAIR_ATTENTION)
 
 
 def _packs(module: nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
@@ -125,25 +129,15 @@ AttentionInterface.register(DECODE_ATTENTION, gqa_decode_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # through peft wrappers
-
-
-def _can_switch(model: nn.Module) -> bool:
-    """Models written against `AttentionInterface` can switch implementations at run time (others only warn)."""
-    can = getattr(model, "_can_set_attn_implementation", None)
-    return hasattr(model, "set_attn_implementation") and can is not None and bool(can())
-
-
 @contextmanager
 def decode_attention(model: nn.Module) -> Iterator[bool]:
     """`model` attends with `gqa_decode_attention` inside the block (yields True) when it attends through SDPA and
     can switch implementations; otherwise it is left as it is (yields False). The implementation is restored on
     exit."""
-    base = _base_model(model)
+    base = base_model(model)
     config = getattr(base, "config", None)
     original = getattr(config, "_attn_implementation", None)
-    if original not in REPLACED or not _can_switch(base):
+    if original not in REPLACED or not can_switch_attention(base):
         yield False
         return
     base.set_attn_implementation(DECODE_ATTENTION)
