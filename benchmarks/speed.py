@@ -382,7 +382,7 @@ def sapo_config(shape: Shape, options: dict[str, Any], **extra: Any):
         max_length=shape.max_length, max_prompt_length=shape.prompt_len,
         token_generate_length=shape.token_generate_length, generation_engine=options["sampler"],
         generation_batch_size=options["generation_batch_size"], **PAPER_SAMPLING, report_to="none",
-        cache_reference_logps=options["reference_cache"] == "on",
+        cache_reference_logps=options["reference_cache"] == "on", pair_attention=options["pair_attention"],
         bf16=options["autocast"], **checkpointing(shape), seed=0, disable_tqdm=True, dataloader_num_workers=0,
         **extra)
 
@@ -468,7 +468,8 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
     rounds = sampler.round_seconds
     result.update(meter.peak())
     result.update({
-        "sampler": options["sampler"], "generation_batch_size": round_size, "generation_period_steps": period,
+        "sampler": options["sampler"], "pair_attention": options["pair_attention"],
+        "generation_batch_size": round_size, "generation_period_steps": period,
         "warmup_steps": warmup, "warmup_s": sum(walls[:warmup]),
         "generation_share": timed_generation / sum(walls[warmup:]),
         "generation_rounds": sampler.rounds, "generated_tokens": sampler.tokens,
@@ -479,6 +480,7 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
         "device": str(device),
         "ema_update_ms": 1000 * statistics.mean(ema_seconds) if ema_seconds else float("nan"),
         "reference_reused": statistics.fmean([share for step, share in reused if step >= warmup] or [0.0]),
+        "pair_layout": trainer.scoring.layout,
         **engine_description(sampler.inner, device),
         "compile": watch.report(device, meant_to_compile(sampler.inner, device),
                                 getattr(sampler.inner, "compile_error", None)),
@@ -631,6 +633,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SAPO's segment length G (default: the config's, 256 as SAPOConfig; on the cpu config "
                              "G = min(256, 128) rewrites whole responses; 64 gives the gpu config's G/len of 1/2)")
     parser.add_argument("--check_every", type=int, default=16, help="static sampler: steps between EOS checks")
+    parser.add_argument("--pair_attention", choices=("auto", "flex", "dense"), default="auto",
+                        help="how packed pairs attend (sapo's pair_attention; auto: FlexAttention on CUDA)")
     parser.add_argument("--reference_cache", choices=("on", "off"), default="on",
                         help="SAPOConfig.cache_reference_logps (default on, as `sapo train`): off runs the reference "
                              "on every drawn pair")
@@ -697,7 +701,8 @@ def shape_of(args: argparse.Namespace) -> Shape:
 
 def options_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("sampler", "generation_batch_size", "compile", "check_every", "steps", "warmup", "gen_repeats",
-            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast", "reference_cache", "jsonl",
+            "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast", "reference_cache", "pair_attention",
+            "jsonl",
             "gen_round_sizes")
     return {key: getattr(args, key) for key in keys}
 
@@ -902,6 +907,8 @@ def report(args: argparse.Namespace, shape: Shape, results: dict[str, Any], env:
                          f"first full (compiles when compiled) {r['full_round_s']:.2f} s, "
                          f"later full rounds {r['steady_round_s']:.2f} s each")
             lines.append(f"SAPO compile{suffix}: {benchlog.compile_cell(r.get('compile'))}")
+            lines.append(f"SAPO pair scoring{suffix}: {r.get('pair_layout', 'not recorded')} "
+                         f"(pair_attention {r.get('pair_attention', 'auto')})")
             lines.append(f"SAPO EMA update{suffix}: {r['ema_update_ms']:.2f} ms per optimizer step, "
                          f"{r['ema_update_share'] * 100:.2f}% of the mean step")
             parts = r["breakdown_s"]

@@ -29,6 +29,7 @@ from sapo.logprobs import (
     packed_response_token_logps,
     response_token_logps,
 )
+from sapo.pair_attention import attend_pairs_densely, attend_pairs_with_flex, flex_refusal
 from sapo.recipes import pad_pair_sequences
 from sapo.scoring import shared_prefix_refusal
 
@@ -195,6 +196,16 @@ def test_shared_prefix_scoring_is_exact_where_used(model_type):
     assert packed_grads.keys() == separate_grads.keys()
     for name, grad in separate_grads.items():  # summed over ~100 tokens: a relative term for the rounding
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    if flex_refusal(model) is None:  # the same rows through FlexAttention's block mask (a CPU: no gradients)
+        assert attend_pairs_with_flex(model) is None
+        try:
+            with torch.no_grad():
+                flex = packed_response_token_logps(model, batch["packed_input_ids"], batch["prefix_lengths"],
+                                                   batch["attention_mask"], batch["loss_mask"],
+                                                   use_hidden_states=hidden)
+        finally:
+            attend_pairs_densely(model)
+        torch.testing.assert_close(flex, separate, atol=1e-5, rtol=0)
 
 
 # -- `sapo train` on each architecture ------------------------------------------------------------------------------

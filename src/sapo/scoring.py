@@ -36,13 +36,7 @@ from sapo.logprobs import (
 )
 from sapo.losses import LOSSES, PairLoss, nll_from_logps, pair_loss, token_metrics
 from sapo.metrics import NLL_LOSS, REFERENCE_CACHED_FRACTION
-from sapo.pair_attention import (
-    attend_pairs_densely,
-    attend_pairs_with_flex,
-    attends_pairs_with_flex,
-    flex_runs_here,
-    flex_wanted,
-)
+from sapo.pair_attention import attend_pairs_densely, attend_pairs_with_flex, attends_pairs_with_flex, flex_wanted
 from sapo.recipes import Recipe
 from sapo.sharding import any_rank, global_shape
 
@@ -66,6 +60,7 @@ class PairScoring:
         self.pad_token_id, self.autocast, self.record = pad_token_id, autocast, record
         self.use_hidden_states = not copies.sharded and self._hidden_state_scoring_works(policy, probe_token_id)
         self.shared_prefix: bool | None = self._check_shared_prefix(policy, checks_reference)
+        logger.info("pair scoring: %s", self.layout)
 
     # -- the choices ----------------------------------------------------------------------------
 
@@ -89,12 +84,15 @@ class PairScoring:
         if self.args.pair_scoring != "shared_prefix" or self.recipe.supervised:
             return False
         models = [policy] + ([self.copies.reference_module] if checks_reference else [])
-        self._choose_pair_attention([policy, self.copies.reference_module])
+        switched = [policy, self.copies.reference_module]
+        self._choose_pair_attention(switched)
         for model in models:
             reason = packing_unsupported_reason(model) if self.copies.sharded else self._shared_prefix_refusal(model)
             if reason is not None:
                 logger.info("pair_scoring shared_prefix: %s (%s); scoring pairs as separate rows", reason,
                             type(model).__name__)
+                for other in filter(None, switched):  # no packed rows: no block masks
+                    attend_pairs_densely(inner_model(other))
                 return False
         return None if self.copies.sharded else True
 
@@ -119,11 +117,16 @@ class PairScoring:
 
     @property
     def layout(self) -> str:
-        """How pairs are scored, for logs and benchmarks: 'separate', 'packed (dense mask)' or 'packed (flex)'."""
+        """How pairs are scored, in words (logged at the start, reported by the speed benchmark)."""
+        if self.shared_prefix is None:
+            return "decided at the first scoring (a sharded engine probes packing there)"
         if not self.shared_prefix:
-            return "separate"
-        flex = attends_pairs_with_flex(inner_model(self.copies.policy)) and flex_runs_here(self.args.device)
-        return "packed (flex)" if flex else "packed (dense mask)"
+            return "separate rows"
+        if not attends_pairs_with_flex(inner_model(self.copies.policy)):
+            return "packed pairs, dense mask"
+        if self.args.device.type == "cpu":  # torch has no FlexAttention backward on a CPU
+            return "packed pairs, FlexAttention without gradients, dense mask with them"
+        return "packed pairs, FlexAttention"
 
     def _packing_probe_failure(self, model: nn.Module, half_precision: bool = False) -> str | None:
         return packing_probe_failure(model, self.pad_token_id, use_hidden_states=self.use_hidden_states,

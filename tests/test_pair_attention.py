@@ -1,0 +1,277 @@
+"""FlexAttention for packed pairs: one mask rule, a dispatcher that changes nothing but packed rows, the choice.
+
+The CPU tests check the block mask and the uncompiled FlexAttention forward (torch has no CPU backward: gradients
+there take the dense mask, also checked); the `cuda` tests (run by benchmarks/gpu_check.sh) check the compiled
+kernels' log-probs and gradients against separate rows, and that a new packed width does not recompile forever.
+"""
+
+import logging
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from sapo import pair_attention
+from sapo.batching import pad_pair_sequences
+from sapo.config import SAPOConfig
+from sapo.logprobs import _attention_mask_for, packed_response_token_logps, response_token_logps
+from sapo.packing import packed_layout, pair_attention_mask
+from sapo.pair_attention import (
+    PAIR_ATTENTION,
+    attend_pairs_densely,
+    attend_pairs_with_flex,
+    dense_mask_of,
+    flex_refusal,
+    flex_wanted,
+    pair_attention_forward,
+    pair_block_mask,
+)
+from sapo.tiny import build_tokenizer
+from sapo.trainer import SAPOTrainer
+
+pytestmark = pytest.mark.skipif(not pair_attention.flex_available(), reason="this torch has no FlexAttention")
+
+
+def random_bounds(generator: random.Random, pairs: int, width: int) -> tuple[torch.Tensor, ...]:
+    """Packed rows' (prefix, real_end, end) with 1 <= prefix <= real_end <= end <= width (padding after end)."""
+    rows = []
+    for _ in range(pairs):
+        end = generator.randint(2, width)
+        real_end = generator.randint(1, end)
+        rows.append((generator.randint(1, real_end), real_end, end))
+    return tuple(torch.tensor(column) for column in zip(*rows, strict=True))
+
+
+@pytest.mark.parametrize("width", [7, 64, 130, 300])
+def test_the_block_mask_is_the_dense_mask(width):
+    generator = random.Random(width)
+    for _ in range(5):
+        prefix, real_end, end = random_bounds(generator, 3, width)
+        dense = pair_attention_mask(prefix, real_end, end, width)
+        assert torch.equal(dense_mask_of(pair_block_mask(prefix, real_end, end, width)), dense)
+
+
+def test_the_block_mask_skips_the_blocks_no_query_attends():
+    """A 512-token row: prefix 128, real suffix to 384, rejected suffix to 512. The rejected queries (block 3) skip
+    the real suffix's blocks (1, 2), and no query block reads a block after it: 6 of 16 blocks are computed less
+    the skipped ones, where the dense mask's kernel computes all 16."""
+    block_mask = pair_block_mask(torch.tensor([128]), torch.tensor([384]), torch.tensor([512]), 512)
+    blocks = block_mask.to_dense()[0, 0].int()  # (query block, key block): 1 where any pair is allowed
+    assert blocks.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+
+
+def tiny_model(config_class=Qwen2Config, **overrides):
+    """Three query heads per KV head (not a power of two, as Qwen2-0.5B's seven)."""
+    torch.manual_seed(0)
+    settings = {"vocab_size": 100, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 6, "num_key_value_heads": 2, "attn_implementation": "sdpa", **overrides}
+    return AutoModelForCausalLM.from_config(config_class(**settings)).eval()
+
+
+def pairs_batch() -> dict[str, torch.Tensor]:
+    ids = [(11 * i + 5) % 93 + 7 for i in range(90)]
+    return pad_pair_sequences([(ids[:12], ids[12:40], ids[12:22] + ids[50:66]), (ids[:6], ids[40:70], ids[66:80]),
+                               (ids[:3], ids[70:75], ids[70:75])], pad_token_id=0)
+
+
+def packed(model, batch):
+    return packed_response_token_logps(model, batch["packed_input_ids"], batch["prefix_lengths"],
+                                       batch["attention_mask"], batch["loss_mask"])
+
+
+def separate(model, batch):
+    return response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+
+
+class FlexCalls:
+    """Counts FlexAttention calls through the dispatcher (the real function runs)."""
+
+    def __init__(self, monkeypatch):
+        self.count, real = 0, pair_attention.flex_attention
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pair_attention, "flex_attention", counted)
+
+
+@pytest.mark.parametrize("config_class", [Qwen2Config, LlamaConfig])
+def test_flex_packed_rows_score_as_separate_rows(config_class, monkeypatch):
+    model, batch = tiny_model(config_class), pairs_batch()
+    with torch.no_grad():
+        expected = separate(model, batch)
+        assert attend_pairs_with_flex(model) is None and model.config._attn_implementation == PAIR_ATTENTION
+        calls = FlexCalls(monkeypatch)
+        got = packed(model, batch)
+        assert calls.count == model.config.num_hidden_layers  # every layer attended through FlexAttention
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        # unpacked rows never meet a BlockMask: the dispatcher is SDPA for them, to the bit
+        assert torch.equal(separate(model, batch), expected)
+        assert calls.count == model.config.num_hidden_layers
+
+
+def test_gradients_on_a_cpu_take_the_dense_mask_and_equal_separate_rows(monkeypatch):
+    model, batch = tiny_model(), pairs_batch()
+    weights = None
+    grads = {}
+    for name, score in (("separate", separate), ("packed", packed)):
+        if name == "packed":
+            attend_pairs_with_flex(model)
+            calls = FlexCalls(monkeypatch)
+        model.zero_grad()
+        logps = score(model, batch)
+        weights = torch.linspace(0.5, 1.5, logps.numel()).view_as(logps) if weights is None else weights
+        (logps * weights).sum().backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert calls.count == 0  # no FlexAttention backward on a CPU
+    for name, grad in grads["separate"].items():
+        torch.testing.assert_close(grads["packed"][name], grad, atol=1e-5, rtol=1e-5)
+
+
+def test_the_mask_follows_the_implementation_and_the_grad_mode():
+    model, batch = tiny_model(), pairs_batch()
+    layout = packed_layout(batch["packed_input_ids"].shape[1], batch["prefix_lengths"], batch["attention_mask"],
+                           batch["loss_mask"])
+    assert _attention_mask_for(model, layout).dtype == torch.bool  # sdpa: the dense mask
+    attend_pairs_with_flex(model)
+    with torch.no_grad():
+        assert isinstance(_attention_mask_for(model, layout), pair_attention.BlockMask)
+    assert _attention_mask_for(model, layout).dtype == torch.bool  # gradients on a CPU
+    attend_pairs_densely(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_dispatcher_runs_what_flex_cannot_through_the_same_dense_mask(monkeypatch):
+    """Attention dropout, soft-capping, biases: SDPA with the block mask's own rule, not FlexAttention."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 40, 8), torch.randn(2, 2, 40, 8), torch.randn(2, 2, 40, 8)
+    prefix, real_end, end = torch.tensor([5, 10]), torch.tensor([20, 30]), torch.tensor([33, 40])
+    block_mask = pair_block_mask(prefix, real_end, end, 40)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    calls = FlexCalls(monkeypatch)
+    with torch.no_grad():
+        flex, _ = pair_attention_forward(module, query, key, value, block_mask)
+        assert calls.count == 1
+        torch.manual_seed(1)
+        dropped, _ = pair_attention_forward(module, query, key, value, block_mask, dropout=0.5)
+        assert calls.count == 1
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1),
+        attn_mask=pair_attention_mask(prefix, real_end, end, 40)).transpose(1, 2)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
+    assert not torch.allclose(dropped, dense)  # dropout was applied, by SDPA
+
+
+def test_models_that_cannot_take_flex_say_why():
+    assert "not sdpa" in flex_refusal(tiny_model(attn_implementation="eager"))
+    assert flex_refusal(tiny_model()) is None
+
+
+def test_auto_means_cuda_and_names_are_checked():
+    assert flex_wanted("auto", torch.device("cuda")) and not flex_wanted("auto", torch.device("cpu"))
+    assert flex_wanted("flex", torch.device("cpu")) and not flex_wanted("dense", torch.device("cuda"))
+    with pytest.raises(ValueError, match="pair_attention"):
+        flex_wanted("sparse", torch.device("cpu"))
+
+
+def trainer_for(tmp_path, setting: str, model=None) -> SAPOTrainer:
+    tokenizer = build_tokenizer()
+    model = model or tiny_model(LlamaConfig, vocab_size=len(tokenizer))
+    records = [{"messages": [{"role": "user", "content": f"say {word}"}, {"role": "assistant", "content": word * 3}]}
+               for word in ("abc", "de", "fgh", "ij")]
+    args = SAPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, max_steps=1,
+                      token_generate_length=4, max_length=48, max_prompt_length=32, report_to="none",
+                      save_strategy="no", pair_attention=setting)
+    return SAPOTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize(("setting", "layout"), [
+    ("auto", "packed pairs, dense mask"), ("dense", "packed pairs, dense mask"),
+    ("flex", "packed pairs, FlexAttention without gradients, dense mask with them")])
+def test_the_trainer_chooses_the_pair_attention(tmp_path, setting, layout, caplog):
+    with caplog.at_level(logging.INFO, logger="sapo"):
+        trainer = trainer_for(tmp_path, setting)
+    assert trainer.scoring.layout == layout
+    assert f"pair scoring: {layout}" in caplog.text
+    switched = trainer.copies.policy.config._attn_implementation == PAIR_ATTENTION
+    assert switched == (setting == "flex")
+    trainer.train()  # a step packs, and the reference's no-grad forward takes the block mask where switched
+
+
+def test_a_model_flex_cannot_serve_is_packed_with_the_dense_mask(tmp_path, caplog):
+    tokenizer = build_tokenizer()
+    model = tiny_model(LlamaConfig, vocab_size=len(tokenizer), attn_implementation="eager")
+    with caplog.at_level(logging.INFO, logger="sapo"):
+        trainer = trainer_for(tmp_path, "flex", model)
+    assert trainer.scoring.layout == "packed pairs, dense mask"
+    assert "pair_attention flex: attention implementation 'eager' is not sdpa" in caplog.text
+
+
+# -- on CUDA: the compiled kernels ------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_cuda_flex_packed_scores_and_gradients_equal_separate_rows():
+    model = tiny_model(hidden_size=256, num_attention_heads=14, num_key_value_heads=2, intermediate_size=256)
+    model = model.cuda().float()
+    batch = {name: tensor.cuda() for name, tensor in pairs_batch().items()}
+    results = {}
+    for name, score in (("separate", separate), ("packed", packed)):
+        if name == "packed":
+            attend_pairs_with_flex(model)
+        model.zero_grad()
+        logps = score(model, batch)
+        (logps * torch.linspace(0.5, 1.5, logps.numel(), device="cuda").view_as(logps)).sum().backward()
+        results[name] = logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(results["packed"][0], results["separate"][0], atol=1e-4, rtol=0)
+    for name, grad in results["separate"][1].items():
+        torch.testing.assert_close(results["packed"][1][name], grad, atol=1e-4, rtol=1e-3)
+
+
+@cuda
+def test_cuda_flex_compiles_once_for_new_widths_and_batch_sizes():
+    """A packed width differs at almost every batch: after one recompile (to dynamic shapes) none follow, and the
+    compiled FlexAttention has no graph break."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model().cuda()
+    attend_pairs_with_flex(model)
+    ids = [(7 * i + 3) % 93 + 7 for i in range(400)]
+    compiles: list[str] = []
+    torch._dynamo.callback_handler.register_end_callback(
+        lambda args: compiles.append(str(args.compile_id)) if "DYNAMO" in str(args.callback_trigger) else None)
+    breaks = sum(counters["graph_break"].values())
+    for pairs, length in ((2, 40), (3, 90), (2, 150), (4, 230), (1, 310)):
+        batch = pad_pair_sequences([(ids[:8], ids[8:length], ids[8:12] + ids[length:length + 30])] * pairs, 0)
+        batch = {name: tensor.cuda() for name, tensor in batch.items()}
+        packed(model, batch).sum().backward()
+    recompiles = [cid for cid in compiles if not cid.rstrip("]").endswith("/0")]
+    assert compiles and len(recompiles) <= 2, compiles
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+
+
+def test_a_switched_model_still_decodes_with_the_gqa_step():
+    """Generation replaces the dispatcher like SDPA (it is SDPA for every mask a decode step builds), then puts it
+    back."""
+    from sapo.generation.decode_attention import DECODE_ATTENTION, decode_attention
+
+    model = tiny_model()
+    attend_pairs_with_flex(model)
+    with decode_attention(model) as replaced:
+        assert replaced and model.config._attn_implementation == DECODE_ATTENTION
+    assert model.config._attn_implementation == PAIR_ATTENTION
+
+
+def test_a_model_whose_pairs_are_not_packed_is_not_switched(tmp_path):
+    """Sliding windows: separate rows, so the flex switch is undone."""
+    tokenizer = build_tokenizer()
+    model = tiny_model(Qwen2Config, vocab_size=len(tokenizer), use_sliding_window=True, sliding_window=8,
+                       max_window_layers=0)
+    trainer = trainer_for(tmp_path, "flex", model)
+    assert trainer.scoring.layout == "separate rows"
+    assert trainer.copies.policy.config._attn_implementation == "sdpa"
