@@ -111,7 +111,8 @@ def compile_cell(report: dict[str, Any] | None) -> str:
 
 SUMMARY_KEYS = ("exit_status", "passed", "failed", "error", "skipped", "rows", "step_mean_s", "step_ratio", "cpu_ratio",
                 "peak_memory_ratio", "tokens_per_s", "first_call_s", "peak_mib", "memory_kind", "copies_device_bytes",
-                "engine", "generation_tokens_per_s", "full_round_s", "steady_round_s")
+                "engine", "generation_tokens_per_s", "full_round_s", "steady_round_s", "ratio_to_separate",
+                "max_logp_difference")
 
 
 def summary_line(row: dict[str, Any]) -> str:

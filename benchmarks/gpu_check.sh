@@ -10,15 +10,17 @@
 #    missing requirements) into a fresh scratch folder, offline, ahead of the machine's own packages;
 # 2. runs the parts below in order of value, each under its own time limit, all of them within BUDGET, so that a
 #    slow part costs the parts after it, never the ones before it:
-#    cuda_tests  every test that skips without CUDA ("cuda" in its name);
+#    cuda_tests  every test that skips without CUDA ("cuda" in its name), FlexAttention's pair kernels included;
 #    ratio       benchmarks/speed.py --config gpu, phases trl then sapo: SAPO-DPO vs TRL's DPOTrainer step and peak
 #                memory ratios (what `sapo train` does: generation_engine auto, default rounds), then, in the sapo
 #                phase's warm process (its compiled decode step reused), generation alone at one round's 64 rows,
 #                sampled and greedy, both engines;
 #    gen256      sampled generation alone at 256 rows (static engine, then generate): the 50k tokens/s target;
+#    pairs       benchmarks/pair_scoring.py: one step's pair scoring as separate rows, packed under the dense mask,
+#                packed under FlexAttention's block mask (what `ratio` used: pair_attention auto);
 #    memory      benchmarks/memory.py, the copies' memory options, most telling first.
 # Every measurement is printed (RESULT {...}) and appended to LOG_DIR/results.jsonl the moment it is taken, so a
-# part cut by its limit keeps what it measured; each part's log is LOG_DIR/<part>.log (5 files in all, within the
+# part cut by its limit keeps what it measured; each part's log is LOG_DIR/<part>.log (6 files in all, within the
 # device's 8 files back). All parts share one inductor cache (a scratch folder under /tmp), so kernels compiled by
 # one process are loaded, not rebuilt, by the next. The
 # summary prints every measured row. Exit status: 0 if every part ran and passed.
@@ -45,7 +47,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATAS
 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d /tmp/sapo-inductor.XXXXXX)} || exit 2
 export TORCHINDUCTOR_CACHE_DIR
 BUDGET=${BUDGET:-540}  # seconds for every part together: a 10-minute command with a minute's margin
-PARTS=${PARTS:-cuda_tests,ratio,gen256,memory}
+PARTS=${PARTS:-cuda_tests,ratio,gen256,pairs,memory}
 failed=0
 last_status=0
 
@@ -97,13 +99,14 @@ transformers.__version__, '| trl', trl.__version__, '| datasets', datasets.__ver
 
 SPEED=("$PYTHON" benchmarks/speed.py --config gpu --jsonl "$RESULTS" "${DRY[@]}" "${FAIL[@]}")
 part cuda_tests 100 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -rs -k cuda tests/generation/test_generation.py \
-    tests/test_trainer.py
+    tests/test_trainer.py tests/test_pair_attention.py
 wanted cuda_tests && "$PYTHON" benchmarks/benchlog.py --pytest cuda_tests "$LOGS/cuda_tests.log" "$last_status" "$RESULTS"
 part ratio 240 "${SPEED[@]}" --phases trl,sapo --gen_after_sapo --gen_modes sampled,greedy --gen_engines static,hf \
     --gen_repeats 2
-part gen256 100 "${SPEED[@]}" --phases gen --gen_round_sizes 256 --gen_modes sampled --gen_engines static,hf \
+part gen256 90 "${SPEED[@]}" --phases gen --gen_round_sizes 256 --gen_modes sampled --gen_engines static,hf \
     --gen_repeats 1
-part memory 100 "$PYTHON" benchmarks/memory.py --jsonl "$RESULTS" "${DRY[@]}" \
+part pairs 50 "$PYTHON" benchmarks/pair_scoring.py --config gpu --repeats 5 --jsonl "$RESULTS" "${DRY[@]}"
+part memory 80 "$PYTHON" benchmarks/memory.py --jsonl "$RESULTS" "${DRY[@]}" \
     --options default,bf16,policy-only,offload,lora,bf16+offload
 
 echo "=== summary (${SECONDS} s): every measured row of $RESULTS"

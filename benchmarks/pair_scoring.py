@@ -4,12 +4,16 @@
     python benchmarks/pair_scoring.py --config gpu            # Qwen2-0.5B shape, bf16 (needs a GPU)
     python benchmarks/pair_scoring.py --config gpu --dry_run  # same code path, speed.py's tiny dry-run shapes
 
-One training step's scoring work is timed for each layout: the policy's forward and backward with gradients plus
-the reference's forward without (the model serves as its own reference: same cost), on one batch of SAPO pairs
-built as the trainer builds them (truncation points drawn by `sapo.segments`, the segment rewritten with random
-tokens). Layouts alternate, `--repeats` times each after a warm-up; medians of wall and process CPU time are
-printed (on a shared CPU machine the CPU time of a single-threaded run varies much less), with the tokens each
-layout runs (with and without padding) and the largest difference between the two layouts' log-probs.
+Layouts (`--layouts`): separate rows; packed rows under SDPA's dense mask; packed rows under FlexAttention's block
+mask (`sapo.pair_attention`; on a CPU only the reference's no-grad forward runs FlexAttention, uncompiled, since torch
+has no CPU backward). One training step's scoring work is timed for each layout: the policy's forward and backward
+with gradients plus the reference's forward without (the model serves as its own reference: same cost), on one batch
+of SAPO pairs built as the trainer builds them (truncation points drawn by `sapo.segments`, the segment rewritten with
+random tokens). Layouts alternate, `--repeats` times each after a first call each; medians of wall and process CPU
+time are printed (on a shared CPU machine the CPU time of a single-threaded run varies much less), with the tokens
+each layout runs (with and without padding) and each layout's largest log-prob difference to separate rows. Each
+layout's row is also a JSON line (`--jsonl`, `benchmarks/benchlog.py`), with the first call's time (FlexAttention's
+compile) and, for packed-flex, dynamo's frames, recompiles and graph breaks.
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ import torch
 
 from sapo.buffer import ReplayEntry
 from sapo.logprobs import packed_response_token_logps, response_token_logps
+from sapo.pair_attention import attend_pairs_densely, attend_pairs_with_flex
 from sapo.recipes import pad_pairs
 from sapo.segments import sample_truncation_point, splice_rejected
 from sapo.tiny import build_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlog  # noqa: E402 (a sibling script, found through the path line above)
 
 
 def speed_module():
@@ -55,6 +63,22 @@ def make_pairs(shape, vocab_low: int, vocab_high: int, seed: int = 0) -> list[Re
     return entries
 
 
+LAYOUTS = ("separate", "packed-dense", "packed-flex")
+"""Separate rows; packed rows under SDPA's dense mask; packed rows under FlexAttention's block mask (on a CPU only
+the reference's no-grad forward can use it: torch has no CPU backward)."""
+
+
+def use_layout(model, layout: str) -> bool:
+    """Put `model` in the layout's attention; returns whether pairs are packed."""
+    if layout == "packed-flex":
+        reason = attend_pairs_with_flex(model)
+        if reason is not None:
+            raise SystemExit(f"packed-flex: {reason}")
+    else:
+        attend_pairs_densely(model)
+    return layout != "separate"
+
+
 def score(model, batch, packed: bool, chunk_size: int = 1024) -> torch.Tensor:
     if packed:
         return packed_response_token_logps(model, batch["packed_input_ids"], batch["prefix_lengths"],
@@ -63,8 +87,9 @@ def score(model, batch, packed: bool, chunk_size: int = 1024) -> torch.Tensor:
                                 chunk_size=chunk_size)
 
 
-def timed_step(model, batch, packed: bool) -> tuple[float, float]:
+def timed_step(model, batch, layout: str) -> tuple[float, float]:
     """Policy forward + backward, then the reference forward, as in one training step: (wall, process CPU) s."""
+    packed = use_layout(model, layout)
     sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
     sync()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -80,8 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated subset of {','.join(LAYOUTS)}")
     parser.add_argument("--dry_run", action="store_true", help="benchmarks/speed.py's tiny shapes (CPU ok)")
+    parser.add_argument("--jsonl", default=None, help="append each layout's row to this file as it is measured")
     options = parser.parse_args(argv)
+    layouts = [name for name in options.layouts.split(",") if name]
+    if unknown := set(layouts) - set(LAYOUTS):
+        parser.error(f"unknown layouts: {', '.join(sorted(unknown))}")
     speed = speed_module()
     shape = speed.CONFIGS[options.config]
     if options.dry_run:
@@ -96,26 +126,40 @@ def main(argv: list[str] | None = None) -> None:
         model.activation_checkpointing_enable()
     entries = make_pairs(shape, len(tokenizer.get_vocab()) // 2, len(tokenizer))
     batch = {name: t.to(device) for name, t in pad_pairs(entries, tokenizer.pad_token_id).items()}
-    with torch.no_grad():
-        difference = (score(model, batch, True) - score(model, batch, False)).abs().max().item()
-    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
-    for packed in (False, True):  # warm-up
-        timed_step(model, batch, packed)
-    for _ in range(options.repeats):
-        for packed in (False, True):
-            times[packed].append(timed_step(model, batch, packed))
-    separate, shared = (statistics.median(t[0] for t in times[p]) for p in (False, True))
-    cpu_separate, cpu_shared = (statistics.median(t[1] for t in times[p]) for p in (False, True))
     rows = int(batch["attention_mask"].sum())
     packed_rows = rows - int(batch["prefix_lengths"].sum())
-    print(f"config {options.config}: {shape.batch} pairs, prompt {shape.prompt_len} + response {shape.response_len}, "
-          f"mean shared prefix {batch['prefix_lengths'].float().mean():.1f} tokens")
-    print(f"tokens run: separate {rows} ({batch['input_ids'].numel()} padded), shared_prefix {packed_rows} "
+    print(f"config {options.config}{' (dry run)' if options.dry_run else ''}: {shape.batch} pairs, prompt "
+          f"{shape.prompt_len} + response {shape.response_len}, mean shared prefix "
+          f"{batch['prefix_lengths'].float().mean():.1f} tokens, {shape.heads}/{shape.kv_heads} heads, {device}")
+    print(f"tokens run: separate {rows} ({batch['input_ids'].numel()} padded), packed {packed_rows} "
           f"({batch['packed_input_ids'].numel()} padded): {1 - packed_rows / rows:.1%} fewer")
-    print(f"policy fwd+bwd + reference fwd, median of {options.repeats}: separate {separate * 1e3:.1f} ms, "
-          f"shared_prefix {shared * 1e3:.1f} ms ({shared / separate:.2f}x); process CPU time: separate "
-          f"{cpu_separate * 1e3:.1f} ms, shared_prefix {cpu_shared * 1e3:.1f} ms ({cpu_shared / cpu_separate:.2f}x)")
-    print(f"largest log-prob difference between the layouts: {difference:.2e}")
+    with torch.no_grad():
+        use_layout(model, "separate")
+        reference = score(model, batch, False)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in layouts}
+    first: dict[str, float] = {}
+    watch = benchlog.CompileWatch()
+    for name in layouts:  # the first step of each layout: its compile, if any
+        first[name] = timed_step(model, batch, name)[0]
+    for _ in range(options.repeats):
+        for name in layouts:
+            times[name].append(timed_step(model, batch, name))
+    compiled = watch.report(device, "packed-flex" in layouts and device.type == "cuda")
+    base = statistics.median(t[0] for t in times[layouts[0]])
+    for name in layouts:
+        with torch.no_grad():
+            difference = (score(model, batch, use_layout(model, name)) - reference).abs().max().item()
+        wall = statistics.median(t[0] for t in times[name])
+        cpu = statistics.median(t[1] for t in times[name])
+        row = {"layout": name, "step_mean_s": wall, "cpu_s": cpu, "first_call_s": first[name],
+               f"ratio_to_{layouts[0]}": wall / base, "max_logp_difference": difference, "device": str(device),
+               "repeats": options.repeats, "compile": compiled if name == "packed-flex" else None}
+        benchlog.emit(f"pairs-{options.config}/{name}", row, options.jsonl)
+        print(f"{name:<13} policy fwd+bwd + reference fwd, median of {options.repeats}: {wall * 1e3:.1f} ms wall "
+              f"({wall / base:.2f}x {layouts[0]}), {cpu * 1e3:.1f} ms CPU; first call {first[name]:.2f} s; "
+              f"largest log-prob difference to separate rows {difference:.2e}")
+    if "packed-flex" in layouts:
+        print(f"compile (all layouts): {benchlog.compile_cell(compiled)}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class PairScoring:
         """`autocast`: the accelerator's, so the policy, its reference and the head projection that runs outside the
         prepared forward share one precision policy. `record`: a metric value for the next log.
         `checks_reference`: a `ref_model=` was given, which is probed like the policy."""
-        self.args, self.copies, self.recipe = args, copies, recipe
+        self.args, self.policy, self.copies, self.recipe = args, policy, copies, recipe
         self.pad_token_id, self.autocast, self.record = pad_token_id, autocast, record
         self.use_hidden_states = not copies.sharded and self._hidden_state_scoring_works(policy, probe_token_id)
         self.shared_prefix: bool | None = self._check_shared_prefix(policy, checks_reference)
@@ -122,7 +122,7 @@ class PairScoring:
             return "decided at the first scoring (a sharded engine probes packing there)"
         if not self.shared_prefix:
             return "separate rows"
-        if not attends_pairs_with_flex(inner_model(self.copies.policy)):
+        if not attends_pairs_with_flex(inner_model(self.policy)):
             return "packed pairs, dense mask"
         if self.args.device.type == "cpu":  # torch has no FlexAttention backward on a CPU
             return "packed pairs, FlexAttention without gradients, dense mask with them"

@@ -1,5 +1,7 @@
-"""benchmarks/pair_scoring.py on speed.py's dry-run shapes: both layouts run and agree, and the report says so."""
+"""benchmarks/pair_scoring.py on speed.py's dry-run shapes: every layout runs, agrees with separate rows, and is
+reported as it is measured (printed and appended as a JSON line)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -13,12 +15,24 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pair_scoring.py"
 
 
 @pytest.mark.parametrize("config", ["cpu", "gpu"])
-def test_dry_run_reports_tokens_times_and_agreement(config):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--config", config, "--dry_run", "--repeats", "1"],
-                            capture_output=True, text=True, timeout=600)
+def test_dry_run_reports_tokens_times_and_agreement(config, tmp_path):
+    results = tmp_path / "results.jsonl"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--config", config, "--dry_run", "--repeats", "1",
+                             "--jsonl", str(results)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    fewer = re.search(r"shared_prefix (\d+) \(\d+ padded\): ([\d.]+)% fewer", result.stdout)
+    fewer = re.search(r"packed (\d+) \(\d+ padded\): ([\d.]+)% fewer", result.stdout)
     assert fewer and float(fewer.group(2)) > 0
-    assert re.search(r"process CPU time: separate [\d.]+ ms, shared_prefix [\d.]+ ms", result.stdout)
-    difference = float(re.search(r"log-prob difference between the layouts: ([\d.e+-]+)", result.stdout).group(1))
-    assert difference < (5e-2 if config == "gpu" else 1e-4)  # the gpu shape runs in bf16
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [row["layout"] for row in rows] == ["separate", "packed-dense", "packed-flex"]
+    assert [row["name"] for row in rows] == [f"pairs-{config}/{row['layout']}" for row in rows]
+    for row in rows:
+        assert row["max_logp_difference"] < (5e-2 if config == "gpu" else 1e-4)  # the gpu shape runs in bf16
+        assert row["step_mean_s"] > 0 and f"{row['layout']:<13} policy fwd+bwd" in result.stdout
+    assert rows[0]["max_logp_difference"] == 0.0 and rows[0]["ratio_to_separate"] == 1.0
+    assert rows[2]["compile"]["graph_breaks"] == 0
+
+
+def test_an_unknown_layout_is_named():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--dry_run", "--layouts", "separate,sparse"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "unknown layouts: sparse" in result.stderr
