@@ -365,3 +365,26 @@ def test_configs_that_limit_attention_are_refused_before_any_probe(model_type, f
     config = CONFIG_MAPPING[model_type](**fields)
     assert reason in limited_attention(config)
     assert limited_attention(CONFIG_MAPPING["llama"]()) is None
+
+
+def test_sapo_train_with_flex_pair_attention_trains_as_with_the_dense_mask(tmp_path, dataset_file, capsys, caplog):
+    """`sapo train --pair_attention flex` (the console script) on a CPU: the reference's no-grad forward attends
+    through FlexAttention, the policy's through the dense mask; at learning rate 0 the first step's log-probs,
+    rewards and loss are the dense mask's."""
+    model_dir = saved_model("llama", tmp_path / "model")
+    rows = {}
+    for setting in ("flex", "dense"):
+        arguments = train_arguments(model_dir, dataset_file, tmp_path / setting, "--pair_attention", setting,
+                                    "--learning_rate", "0", "--seed", "3")
+        if setting == "flex":
+            result = sapo_train(*arguments)
+            assert result.returncode == 0, result.stderr[-3000:]
+            text = result.stdout + result.stderr
+            assert "pair scoring: packed pairs, FlexAttention without gradients, dense mask with them" in text
+        else:
+            code, text = train_in_process(arguments, capsys, caplog)
+            assert code == 0, text[-3000:]
+            assert "pair scoring: packed pairs, dense mask" in text
+        rows[setting] = first_training_row(tmp_path / setting)
+    for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "loss"):
+        assert rows["flex"][key] == pytest.approx(rows["dense"][key], abs=1e-5), key
