@@ -85,13 +85,14 @@ def separate(model, batch):
 
 
 class FlexCalls:
-    """Counts FlexAttention calls through the dispatcher (the real function runs)."""
+    """Counts FlexAttention calls through the dispatcher, with their inputs' dtypes (the real function runs)."""
 
     def __init__(self, monkeypatch):
-        self.count, real = 0, pair_attention.flex_attention
+        self.count, self.dtypes, real = 0, set(), pair_attention.flex_attention
 
         def counted(*args, **kwargs):
             self.count += 1
+            self.dtypes.add(tuple(tensor.dtype for tensor in args[:3]))
             return real(*args, **kwargs)
 
         monkeypatch.setattr(pair_attention, "flex_attention", counted)
@@ -110,6 +111,19 @@ def test_flex_packed_rows_score_as_separate_rows(config_class, monkeypatch):
         # unpacked rows never meet a BlockMask: the dispatcher is SDPA for them, to the bit
         assert torch.equal(separate(model, batch), expected)
         assert calls.count == model.config.num_hidden_layers
+
+
+def test_under_autocast_flex_gets_the_dtype_sdpa_gets(monkeypatch):
+    """bf16 autocast casts SDPA's inputs but not FlexAttention's, and rotary embeddings leave query and key in fp32
+    beside a bf16 value: the dispatcher casts all three to the autocast dtype (compiled kernels refuse mixed ones)."""
+    model, batch = tiny_model(LlamaConfig), pairs_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = packed(model, batch)
+        attend_pairs_with_flex(model)
+        calls = FlexCalls(monkeypatch)
+        flex = packed(model, batch)
+    assert calls.dtypes == {(torch.bfloat16,) * 3}
+    torch.testing.assert_close(flex, dense, atol=2e-3, rtol=0)
 
 
 def test_gradients_on_a_cpu_take_the_dense_mask_and_equal_separate_rows(monkeypatch):
@@ -231,6 +245,20 @@ def test_cuda_flex_packed_scores_and_gradients_equal_separate_rows():
     torch.testing.assert_close(results["packed"][0], results["separate"][0], atol=1e-4, rtol=0)
     for name, grad in results["separate"][1].items():
         torch.testing.assert_close(results["packed"][1][name], grad, atol=1e-4, rtol=1e-3)
+
+
+@cuda
+def test_cuda_flex_under_bf16_autocast_scores_and_trains():
+    """Mixed precision as `--bf16` runs it: fp32 weights, bf16 autocast."""
+    model = tiny_model(hidden_size=256, num_attention_heads=14, num_key_value_heads=2, intermediate_size=256).cuda()
+    batch = {name: tensor.cuda() for name, tensor in pairs_batch().items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = separate(model, batch).detach()
+        attend_pairs_with_flex(model)
+        logps = packed(model, batch)
+    logps.sum().backward()
+    torch.testing.assert_close(logps.detach(), expected, atol=3e-2, rtol=1e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @cuda

@@ -96,8 +96,17 @@ def _compiled_flex_attention() -> Any:
     return torch.compile(flex_attention)
 
 
+def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inputs in one dtype, as SDPA gets them: under autocast its dtype (autocast casts SDPA's inputs, not
+    FlexAttention's, and rotary embeddings leave query and key in fp32 beside a half-precision value)."""
+    device_type = tensors[0].device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else tensors[0].dtype
+    return tuple(tensor.to(dtype) for tensor in tensors)
+
+
 def _flex_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
                scaling: float | None) -> torch.Tensor:
+    query, key, value = _common_dtype(query, key, value)
     # The main kernel even for short rows: the decoding kernel needs a power-of-two count of query heads per KV head.
     options = {"FORCE_USE_FLEX_ATTENTION": True}
     if query.device.type == "cpu":  # uncompiled (no gradients here, see flex_runs_here): torch warns of that
@@ -105,8 +114,10 @@ def _flex_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bloc
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
             return flex_attention(query, key, value, block_mask=block_mask, scale=scaling,
                                   enable_gqa=query.shape[1] != key.shape[1], kernel_options=options)
-    return _compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scaling,
-                                      enable_gqa=query.shape[1] != key.shape[1], kernel_options=options)
+    # Inside a compiled model (torch_compile=True) dynamo compiles the plain function with the rest of the graph.
+    flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
+    return flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+                kernel_options=options)
 
 
 def pair_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
