@@ -98,12 +98,12 @@ transformers.__version__, '| trl', trl.__version__, '| datasets', datasets.__ver
     || exit 2
 
 SPEED=("$PYTHON" benchmarks/speed.py --config gpu --jsonl "$RESULTS" "${DRY[@]}" "${FAIL[@]}")
-part cuda_tests 100 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -rs -k cuda tests/generation/test_generation.py \
+part cuda_tests 120 "$PYTHON" -m pytest -v -p no:cacheprovider -o addopts="" -rs -k cuda tests/generation/test_generation.py \
     tests/test_trainer.py tests/test_pair_attention.py
 wanted cuda_tests && "$PYTHON" benchmarks/benchlog.py --pytest cuda_tests "$LOGS/cuda_tests.log" "$last_status" "$RESULTS"
 part ratio 240 "${SPEED[@]}" --phases trl,sapo --gen_after_sapo --gen_modes sampled,greedy --gen_engines static,hf \
     --gen_repeats 2
-part gen256 90 "${SPEED[@]}" --phases gen --gen_round_sizes 256 --gen_modes sampled --gen_engines static,hf \
+part gen256 80 "${SPEED[@]}" --phases gen --gen_round_sizes 256 --gen_modes sampled --gen_engines static,hf \
     --gen_repeats 1
 part pairs 50 "$PYTHON" benchmarks/pair_scoring.py --config gpu --repeats 5 --jsonl "$RESULTS" "${DRY[@]}"
 part memory 80 "$PYTHON" benchmarks/memory.py --jsonl "$RESULTS" "${DRY[@]}" \
@@ -112,6 +112,7 @@ part memory 80 "$PYTHON" benchmarks/memory.py --jsonl "$RESULTS" "${DRY[@]}" \
 echo "=== summary (${SECONDS} s): every measured row of $RESULTS"
 "$PYTHON" benchmarks/benchlog.py "$RESULTS"
 echo "--- CUDA tests"
-tail -n 3 "$LOGS/cuda_tests.log" 2>/dev/null
+grep -E "(FAILED|ERROR)( |$)" "$LOGS/cuda_tests.log" 2>/dev/null | grep -v "^=" | head -n 20  # each failing test, named
+tail -n 1 "$LOGS/cuda_tests.log" 2>/dev/null
 echo "targets (issue 14): sapo/trl step ratio <= 1.0, generation >= 50k new tokens/s at 256 rows, peak memory <= 1.3x TRL"
 exit $failed
