@@ -424,7 +424,9 @@ def phase_sapo(shape: Shape, options: dict[str, Any]) -> dict[str, Any]:
     # full round (it may compile the decode step), then time whole periods only.
     warmup = max(options["warmup"], 1 + period if period > 1 else 1)
     max_steps = warmup + timed
-    records = make_records(shape, batch * max_steps)
+    # A dataset of at least 4 rounds: the trainer caps a round at a quarter of an epoch (a short dataset still gets
+    # several rounds), which at 17 steps' worth of records halved the default round (32 rows every 4 steps).
+    records = make_records(shape, max(batch * max_steps, 4 * round_size))
     check_lengths(tokenizer, shape, records[0])
     meter = MemoryMeter(device)
     meter.start()
