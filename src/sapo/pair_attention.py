@@ -16,9 +16,10 @@ transformers never writes the implementation into a saved config.
 
 Where FlexAttention cannot run a call (attention dropout, soft-capping, position biases, attention sinks; gradients
 on a CPU, where torch has no FlexAttention backward), the dispatcher materialises the same mask and runs SDPA.
-`pair_attention="auto"` chooses FlexAttention on CUDA only: on a CPU the compiled FlexAttention forward measured
-slower than SDPA with the dense mask (0.10 s against 0.05 s for one 14-head, 2-KV-head layer on 8 rows of 512
-tokens, 2 threads, after a 27 s compile), and without compiling it materialises every score. Asked for by name on a
+`pair_attention="auto"` chooses FlexAttention on CUDA only: on a CPU the compiled FlexAttention forward was slower
+than SDPA with the dense mask in a one-off check (0.10 s against 0.05 s for one 14-head, 2-KV-head layer on 8 rows
+of 512 tokens, 2 threads, after a 27 s compile), and without compiling it materialises every score
+(`benchmarks/pair_scoring.py --config cpu`). Asked for by name on a
 CPU, it runs uncompiled without gradients (reference and evaluation forwards), and the dense mask elsewhere.
 """
 
