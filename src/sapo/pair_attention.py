@@ -25,7 +25,6 @@ CPU, it runs uncompiled without gradients (reference and evaluation forwards), a
 
 from __future__ import annotations
 
-import logging
 import warnings
 from functools import cache
 from typing import Any
@@ -42,8 +41,6 @@ try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 except ImportError:  # pragma: no cover - older torch: the dense mask everywhere
     BlockMask = create_block_mask = create_mask = flex_attention = None
-
-logger = logging.getLogger(__name__)
 
 PAIR_ATTENTION = "sapo_pair_attention"
 """The implementation name of the dispatcher (SDPA, with FlexAttention for block masks)."""
