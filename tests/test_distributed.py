@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed  # two-process torchrun runs; `-m "not distributed"` skips these
+SLOW = pytest.mark.slow  # beyond the default suite's core (DDP, FSDP2, ZeRO-3, torchrun of the CLI): `-m distributed`
+# runs every test of this file
 
 WORKER = Path(__file__).parent / "workers" / "distributed_train.py"
 SHARDED = {"fsdp2", "fsdp2-keep-gathered", "zero3", "zero3-by-path"}
@@ -123,6 +125,7 @@ def test_sharded_engines_match_ddp_and_resume_from_per_rank_shards(engine, ddp_r
         assert resumed[rank]["buffer"][:len(first[rank]["buffer"])] == first[rank]["buffer"]
 
 
+@SLOW
 @pytest.mark.parametrize("engine", ["zero2", "fsdp2-keep-gathered"])
 def test_more_engine_settings_match_ddp(engine, ddp_run, tmp_path):
     """ZeRO-2; FSDP2 keeping weights gathered after forward (the reference must not see the policy's)."""
@@ -131,6 +134,7 @@ def test_more_engine_settings_match_ddp(engine, ddp_run, tmp_path):
     assert_close_to(out, ddp_run[0], atol=SCORING_PATHS_ATOL)
 
 
+@SLOW
 def test_zero3_model_loaded_by_path_is_partitioned_as_it_loads_and_trains_the_same(ddp_run, tmp_path):
     out = tmp_path / "run"
     reports = torchrun("zero3-by-path", out, 4)
@@ -139,12 +143,14 @@ def test_zero3_model_loaded_by_path_is_partitioned_as_it_loads_and_trains_the_sa
     assert_close_to(out, ddp_run[0], atol=SCORING_PATHS_ATOL)
 
 
+@SLOW
 def test_offloaded_bf16_copies_train_like_full_precision_ones(ddp_run, tmp_path):
     out = tmp_path / "run"
     check_run(torchrun("ddp-offload", out, 4), "ddp-offload", bf16_copies=True)
     assert_close_to(out, ddp_run[0], atol=5e-3)
 
 
+@SLOW
 def test_spin_under_sharded_engines_trains_like_ddp(tmp_path):
     """SPIN's opponent (the reference) generates whole responses: gathered like the EMA, refreshed per iteration."""
     runs = {}
@@ -196,6 +202,7 @@ def test_torchrun_of_the_cli_on_cpus_is_one_coordinated_job(tmp_path, model_dir)
     assert (out / "model.safetensors").exists() and (out / "ema" / "model.safetensors").exists()
 
 
+@SLOW
 def test_fsdp_asked_for_on_cpus_is_refused_before_anything_is_written(tmp_path, model_dir):
     result = torchrun_cli(tmp_path, model_dir, "--fsdp", "full_shard", "--fsdp_config", '{"fsdp_version": 2}')
     assert result.returncode != 0
@@ -204,6 +211,7 @@ def test_fsdp_asked_for_on_cpus_is_refused_before_anything_is_written(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@SLOW
 def test_deepspeed_on_cpus_is_refused_as_an_uncoordinated_launch(tmp_path, model_dir):
     """Accelerate counts one process for DeepSpeed without GPUs: two lone writers, refused on every rank."""
     config = '{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}'
@@ -213,6 +221,7 @@ def test_deepspeed_on_cpus_is_refused_as_an_uncoordinated_launch(tmp_path, model
     assert not (tmp_path / "out").exists()
 
 
+@SLOW
 @pytest.mark.parametrize("mode,skipped", [("one", 0), ("none", 3)])
 def test_a_step_without_signal_is_skipped_on_every_rank_together_or_on_none(tmp_path, mode, skipped):
     """Rank 0's generator reproduces its data (every pair dropped: it trains on stand-ins); rank 1's writes real

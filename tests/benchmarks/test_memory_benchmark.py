@@ -43,6 +43,7 @@ def lora_adapter_numel(shape: dict, rank: int) -> int:
     return per_layer * shape["layers"]
 
 
+@pytest.mark.slow  # the dry run takes about 50 s: `-m slow` or `-m benchmark`
 def test_copy_bytes_of_every_option(memory, dry_run):
     data, _ = dry_run
     r = data["results"]
@@ -92,6 +93,7 @@ def test_copy_bytes_of_every_option(memory, dry_run):
         assert len(result["all_steps_s"]) == data["settings"]["steps"] and result["steps_timed"] == 1, name
 
 
+@pytest.mark.slow  # the dry run takes about 50 s: `-m slow` or `-m benchmark`
 def test_printed_table_and_ratios(memory, dry_run):
     data, stdout = dry_run
     lines = stdout.splitlines()

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.benchmark  # a benchmark script at tiny size; `-m "not 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
 
+@pytest.mark.slow  # about 30 s: `-m slow` or `-m benchmark`
 def test_cpu_dry_run_reports_ratio_generation_warmup_and_ema_share(tmp_path):
     results = tmp_path / "results.jsonl"
     result = subprocess.run([sys.executable, str(SCRIPT), "--config", "cpu", "--dry_run", "--jsonl", str(results),

@@ -32,6 +32,7 @@ def test_records_are_seeded_demonstrations(tokenize_scale):
     assert all(example.response["content"] for example in examples)
 
 
+@pytest.mark.slow  # about 15 s: `-m slow` or `-m benchmark`
 def test_command_reports_every_record_kept():
     result = subprocess.run([sys.executable, str(SCRIPT), "--records", "40", "--num_proc", "2"], capture_output=True,
                             text=True, timeout=600)

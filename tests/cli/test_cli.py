@@ -321,7 +321,12 @@ def chat_ids_of(tokenizer):
     return chat_ids(tokenizer, CHAT)
 
 
-@pytest.mark.parametrize("name", ["zephyr", "qwen2-chatml", "llama3-instruct", "llama-legacy", "mistral-nemo-native"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", [  # two in the default suite (ChatML, a legacy sentencepiece Llama); all with -m slow
+    pytest.param("zephyr", marks=SLOW), "qwen2-chatml", pytest.param("llama3-instruct", marks=SLOW), "llama-legacy",
+    pytest.param("mistral-nemo-native", marks=SLOW)])
 def test_sapo_train_command_on_a_real_checkpoint_in_bf16(tmp_path, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
