@@ -224,6 +224,29 @@ def test_a_model_flex_cannot_serve_is_packed_with_the_dense_mask(tmp_path, caplo
     assert "pair_attention flex: attention implementation 'eager' is not sdpa" in caplog.text
 
 
+def test_a_switched_model_still_decodes_with_the_gqa_step():
+    """Generation replaces the dispatcher like SDPA (it is SDPA for every mask a decode step builds), then puts it
+    back."""
+    from sapo.generation.decode_attention import DECODE_ATTENTION, decode_attention
+
+    model = tiny_model()
+    attend_pairs_with_flex(model)
+    with decode_attention(model) as replaced:
+        assert replaced and model.config._attn_implementation == DECODE_ATTENTION
+    assert model.config._attn_implementation == PAIR_ATTENTION
+
+
+def test_a_model_whose_pairs_are_not_packed_is_not_switched(tmp_path):
+    """Sliding windows: separate rows, so the flex switch is undone."""
+    tokenizer = build_tokenizer()
+    model = tiny_model(Qwen2Config, vocab_size=len(tokenizer), use_sliding_window=True, sliding_window=8,
+                       max_window_layers=0)
+    trainer = trainer_for(tmp_path, "flex", model)
+    assert trainer.scoring.layout == "separate rows"
+    assert trainer.copies.policy.config._attn_implementation == "sdpa"
+
+
+
 # -- on CUDA: the compiled kernels ------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -279,3 +302,39 @@ def test_cuda_flex_under_bf16_autocast_scores_and_trains():
     logps.sum().backward()
     torch.testing.assert_close(logps.detach(), expected, atol=3e-2, rtol=1e-2)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_backward_that_fails_through_packed_rows_is_an_answer_not_a_crash():
+    """FlexAttention's backward kernel compiles at the first training step; on a GPU the trainer runs one backward
+    through the probe's packed rows at the start (`flex_backward_failure`), so that a kernel that cannot compile is
+    replaced by the dense mask there. Here a backward that raises stands for such a kernel; the probe's gradients
+    are cleared either way."""
+    from sapo.scoring import flex_backward_failure
+
+    model = tiny_model()
+    assert flex_backward_failure(model, 0, use_hidden_states=True) is None
+    assert all(p.grad is None for p in model.parameters())
+
+    def fail(module, grad_input, grad_output):
+        raise RuntimeError("triton: out of resources\nmore detail")
+
+    model.model.layers[0].self_attn.register_full_backward_hook(fail)
+    reason = flex_backward_failure(model, 0, use_hidden_states=True)
+    assert reason == "a backward through packed rows fails (RuntimeError: triton: out of resources)"
+    assert all(p.grad is None for p in model.parameters())
+    frozen = tiny_model().requires_grad_(False)
+    assert flex_backward_failure(frozen, 0, use_hidden_states=True) is None  # a reference: no backward to check
+
+
+@cuda
+def test_cuda_the_trainer_attends_packed_pairs_through_flex_by_default(tmp_path):
+    tokenizer = build_tokenizer()
+    model = tiny_model(LlamaConfig, vocab_size=len(tokenizer), hidden_size=256, num_attention_heads=4,
+                       num_key_value_heads=2)
+    args = SAPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, token_generate_length=4,
+                      max_length=48, max_prompt_length=32, report_to="none", save_strategy="no", bf16=True)
+    records = [{"messages": [{"role": "user", "content": f"say {word}"}, {"role": "assistant", "content": word * 3}]}
+               for word in ("abc", "de", "fgh", "ij")]
+    trainer = SAPOTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
+    assert trainer.scoring.layout == "packed pairs, FlexAttention"
+    trainer.train()

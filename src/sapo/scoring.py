@@ -109,6 +109,9 @@ class PairScoring:
     def _shared_prefix_refusal(self, model: nn.Module) -> str | None:
         """`shared_prefix_refusal`, where a failing FlexAttention path is first replaced by the dense mask."""
         reason = shared_prefix_refusal(model, self.pad_token_id, use_hidden_states=self.use_hidden_states)
+        if reason is None and attends_pairs_with_flex(inner_model(model)) and self.args.device.type != "cpu":
+            with self.autocast():  # the kernels training compiles: its precision
+                reason = flex_backward_failure(model, self.pad_token_id, use_hidden_states=self.use_hidden_states)
         if reason is not None and attends_pairs_with_flex(inner_model(model)):
             attend_pairs_densely(inner_model(model))
             logger.info("pair_attention flex: %s; packed pairs attend through a dense mask", reason)
@@ -280,6 +283,27 @@ def packing_probe_failure(model: nn.Module, pad_token_id: int, *, use_hidden_sta
         first_line = next(iter(str(error).splitlines()), "")
         return f"the packing probe cannot run ({type(error).__name__}: {first_line})"
     return None if exact else "packed rows do not reproduce the separate rows' log-probs"
+
+
+def flex_backward_failure(model: nn.Module, pad_token_id: int, *, use_hidden_states: bool) -> str | None:
+    """Why a backward through the packing probe's packed rows fails (None when it runs): FlexAttention's backward
+    kernel is compiled at the first training step, which the no-grad probe never reaches, so a kernel that cannot
+    compile is found here, at the start (and the dense mask taken), rather than as a crash at step one. Frozen
+    models (a reference) never run a backward and are not checked."""
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        return None
+    batch = packing_probe(model, pad_token_id)
+    try:
+        logps = packed_response_token_scores(model, batch["packed_input_ids"], batch["prefix_lengths"],
+                                             batch["attention_mask"], batch["loss_mask"],
+                                             use_hidden_states=use_hidden_states)[0]
+        logps.sum().backward()
+    except Exception as error:  # a kernel that fails to compile or run: the answer, not a crash
+        first_line = next(iter(str(error).splitlines()), "")
+        return f"a backward through packed rows fails ({type(error).__name__}: {first_line})"
+    finally:
+        model.zero_grad(set_to_none=True)  # the probe's gradients must not reach the first optimizer step
+    return None
 
 
 def shared_prefix_refusal(model: nn.Module, pad_token_id: int, *, use_hidden_states: bool) -> str | None:
