@@ -704,8 +704,7 @@ def shape_of(args: argparse.Namespace) -> Shape:
 def options_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("sampler", "generation_batch_size", "compile", "check_every", "steps", "warmup", "gen_repeats",
             "gen_warmup", "gen_modes", "gen_engines", "use_cpu", "autocast", "reference_cache", "pair_attention",
-            "jsonl",
-            "gen_round_sizes")
+            "jsonl", "gen_round_sizes")
     return {key: getattr(args, key) for key in keys}
 
 

@@ -271,6 +271,11 @@ def packing_probe(model: nn.Module, pad_token_id: int) -> dict[str, torch.Tensor
     return {name: t.to(device) for name, t in pad_pairs(entries, pad_token_id).items()}
 
 
+def _error_line(error: Exception) -> str:
+    """`Type: first line` of an error, for a one-line log of why a probe failed."""
+    return f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
+
+
 def packing_probe_failure(model: nn.Module, pad_token_id: int, *, use_hidden_states: bool,
                           half_precision: bool = False) -> str | None:
     """Why packed pair rows do not score like separate rows on `model` (None when they do): the probe pairs differ,
@@ -280,8 +285,7 @@ def packing_probe_failure(model: nn.Module, pad_token_id: int, *, use_hidden_sta
         exact = shared_prefix_scoring_is_exact(model, packing_probe(model, pad_token_id),
                                                half_precision=half_precision, use_hidden_states=use_hidden_states)
     except Exception as error:  # any model code may fail on a packed row: that is the answer, not a crash
-        first_line = next(iter(str(error).splitlines()), "")
-        return f"the packing probe cannot run ({type(error).__name__}: {first_line})"
+        return f"the packing probe cannot run ({_error_line(error)})"
     return None if exact else "packed rows do not reproduce the separate rows' log-probs"
 
 
@@ -299,8 +303,7 @@ def flex_backward_failure(model: nn.Module, pad_token_id: int, *, use_hidden_sta
                                              use_hidden_states=use_hidden_states)[0]
         logps.sum().backward()
     except Exception as error:  # a kernel that fails to compile or run: the answer, not a crash
-        first_line = next(iter(str(error).splitlines()), "")
-        return f"a backward through packed rows fails ({type(error).__name__}: {first_line})"
+        return f"a backward through packed rows fails ({_error_line(error)})"
     finally:
         model.zero_grad(set_to_none=True)  # the probe's gradients must not reach the first optimizer step
     return None
